@@ -1,0 +1,101 @@
+"""Opening the backend: the listed backends in order, the first that connects.
+
+Each attempt is bounded by the connect timeout (``Deferred.addTimeout``
+cancels the endpoint's attempt, which closes its socket), and cancelling the
+whole dial cancels the attempt in flight: a client that leaves while its
+backend is still connecting leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IReactorTime, IStreamClientEndpoint
+from twisted.python.failure import Failure
+
+
+@attrs.frozen
+class Backend:
+    """A configured backend: what the user wrote and the endpoint it became."""
+
+    name: str
+    endpoint: IStreamClientEndpoint
+
+
+@attrs.frozen
+class Dialed:
+    """A connected backend and the protocol its connection was given."""
+
+    backend: Backend
+    protocol: IProtocol
+
+
+class BackendsUnavailable(Exception):
+    """No backend accepted the connection; ``errors`` says why, per backend."""
+
+    def __init__(self, errors: Sequence[tuple[Backend, str]]) -> None:
+        self.errors = list(errors)
+        super().__init__("; ".join(f"{backend.name}: {why}" for backend, why in self.errors))
+
+    @property
+    def timed_out(self) -> bool:
+        """True when the last backend tried did not answer in time."""
+        return bool(self.errors) and self.errors[-1][1].startswith("connect timeout")
+
+
+def _why(failure: Failure, timeout: float) -> str:
+    if failure.check(TimeoutError):
+        return f"connect timeout ({timeout:g} s)"
+    return failure.getErrorMessage()
+
+
+class Dialer:
+    """Connects to the first reachable backend of an ordered list."""
+
+    def __init__(
+        self, backends: Sequence[Backend], clock: IReactorTime, connect_timeout: float
+    ) -> None:
+        if not backends:
+            raise ValueError("at least one backend is needed")
+        self.backends = tuple(backends)
+        self.clock = clock
+        self.connect_timeout = connect_timeout
+
+    def dial(self, factory: IProtocolFactory) -> Deferred[Dialed]:
+        """Try each backend in turn; fail with :class:`BackendsUnavailable`."""
+        current: list[Deferred[IProtocol]] = []
+        errors: list[tuple[Backend, str]] = []
+        cancelled = False
+
+        def cancel(_: Deferred[Dialed]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            if current:
+                current[0].cancel()
+
+        result: Deferred[Dialed] = Deferred(cancel)
+
+        def attempt(index: int) -> None:
+            if index == len(self.backends):
+                result.errback(BackendsUnavailable(errors))
+                return
+            backend = self.backends[index]
+            connecting = backend.endpoint.connect(factory)
+            connecting.addTimeout(self.connect_timeout, self.clock)
+            current[:] = [connecting]
+
+            def connected(protocol: IProtocol) -> None:
+                result.callback(Dialed(backend, protocol))
+
+            def failed(failure: Failure) -> None:
+                if cancelled or failure.check(CancelledError):
+                    return
+                errors.append((backend, _why(failure, self.connect_timeout)))
+                attempt(index + 1)
+
+            connecting.addCallbacks(connected, failed)
+
+        attempt(0)
+        return result

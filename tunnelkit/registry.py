@@ -1,0 +1,94 @@
+"""The set of live tunnels: the connection limit and the drain on shutdown.
+
+A stranger controls how many connections arrive, so admission is capped (a
+refused connection is closed at once by the listening port and counted). On
+shutdown the service stops listening, waits for the live tunnels to end by
+themselves for up to the drain timeout, then aborts the rest.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from tunnelkit.relay import Tunnel
+
+log = Logger(namespace="tunnelkit.registry")
+
+
+class TunnelRegistry:
+    """Live tunnels, with a cap on how many may exist at once."""
+
+    def __init__(self, clock: IReactorTime, max_tunnels: int) -> None:
+        self.clock = clock
+        self.max_tunnels = max_tunnels
+        self.active: set[Tunnel] = set()
+        self.accepted = 0
+        self.refused = 0
+        self._empty: list[Deferred[None]] = []
+        self._warned_full = False
+
+    def admit(self, tunnel: Tunnel) -> bool:
+        """Add ``tunnel`` unless the cap is reached (then log once per burst)."""
+        if len(self.active) >= self.max_tunnels:
+            self.refused += 1
+            if not self._warned_full:
+                self._warned_full = True
+                log.warn(
+                    "connection limit of {max_tunnels} tunnels reached; refusing new clients",
+                    event="connection_limit",
+                    max_tunnels=self.max_tunnels,
+                )
+            return False
+        self.accepted += 1
+        self.active.add(tunnel)
+        return True
+
+    def discard(self, tunnel: Tunnel) -> None:
+        """Forget an ended tunnel; fire :meth:`wait_empty` waiters when none is left."""
+        self.active.discard(tunnel)
+        if len(self.active) < self.max_tunnels:
+            self._warned_full = False
+        if not self.active:
+            waiters, self._empty = self._empty, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def wait_empty(self) -> Deferred[None]:
+        """A Deferred that fires once no tunnel is live."""
+        if not self.active:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._empty.append(waiter)
+        return waiter
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Let live tunnels finish for ``timeout`` seconds, then abort the rest."""
+        if not self.active:
+            return succeed(None)
+        log.info(
+            "draining {count} tunnels for up to {timeout:g} s",
+            event="drain_started",
+            count=len(self.active),
+            timeout=timeout,
+        )
+        done = self.wait_empty()
+
+        def deadline() -> None:
+            log.warn(
+                "drain deadline reached; aborting {count} tunnels",
+                event="drain_deadline",
+                count=len(self.active),
+            )
+            for tunnel in list(self.active):
+                tunnel.abort(f"shutdown: drain deadline ({timeout:g} s)")
+
+        timer = self.clock.callLater(timeout, deadline)
+
+        def finished(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return done.addBoth(finished)

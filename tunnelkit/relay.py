@@ -1,0 +1,333 @@
+"""The relay: two connected transports joined into one full-duplex tunnel.
+
+A :class:`Tunnel` owns two :class:`Leg` protocols, the client's and the
+backend's. It knows nothing of modes: a mode builds the client leg, opens the
+backend however it likes and hands the connected backend leg to
+:meth:`Tunnel.join`. From then on the relay promises:
+
+* **Backpressure both ways.** Each transport is the other's streaming
+  producer, so a slow reader pauses the fast writer's socket and user-space
+  memory stays near two read sizes per direction.
+* **Half-close.** Both legs provide ``IHalfCloseableProtocol``: EOF from one
+  side becomes ``loseWriteConnection`` on the other, whose reply still flows
+  back; the tunnel closes when both directions are done or the fin timer fires.
+* **Abortive closes stay abortive.** A reset on one leg aborts the other (RST),
+  unless that leg had already finished sending, in which case its data is
+  complete and the other side gets a clean close instead.
+* **Nothing left open.** A client that leaves while the backend connect is
+  pending cancels it; timers are cancelled when the tunnel ends; each tunnel
+  ends exactly once and reports one :class:`TunnelRecord`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+
+class Side(enum.Enum):
+    """Which end of the tunnel a leg faces."""
+
+    CLIENT = "client"
+    BACKEND = "backend"
+    PROXY = "proxy"
+
+
+class CloseKind(enum.Enum):
+    """How the tunnel started to close."""
+
+    FIN = "FIN"
+    RST = "RST"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+@attrs.frozen
+class Timeouts:
+    """Time limits of one tunnel, in seconds; ``None`` disables a limit.
+
+    ``close_grace`` bounds a graceful close: a leg still holding unsent data
+    that long after ``loseConnection`` (its reader is stalled) is aborted, as
+    Twisted's ``HTTPChannel`` does with its ``abortTimeout``.
+    """
+
+    idle: float | None = 3600.0
+    fin: float | None = 60.0
+    close_grace: float = 5.0
+
+
+@attrs.frozen
+class TunnelRecord:
+    """What one tunnel did; logged once when it ends (see docs/logging.md)."""
+
+    client: str
+    backend: str
+    backend_address: str | None
+    bytes_up: int
+    bytes_down: int
+    duration: float
+    connect_time: float | None
+    closed_by: Side
+    close_kind: CloseKind
+    reason: str
+
+
+def describe(address: Any) -> str:
+    """``host:port`` (``[v6]:port``) for IP addresses, the path for UNIX ones."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return str(address)
+
+
+@implementer(IHalfCloseableProtocol)
+class Leg(Protocol):
+    """One connection of a tunnel; moves what it reads to the other leg.
+
+    Before the tunnel is joined, bytes read here are held (the client leg is
+    paused, so at most one read's worth) and written first once joined.
+    """
+
+    def __init__(self, tunnel: Tunnel, side: Side) -> None:
+        self.tunnel = tunnel
+        self.side = side
+        self.received = 0
+        self.address = "-"
+        self.read_done = False
+        self.lost = False
+        self._held: list[bytes] = []
+        self._forward: Callable[[bytes], None] = self._held.append
+        self._now = tunnel.clock.seconds
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.bufferSize = self.tunnel.read_size
+        self.address = describe(transport.getPeer())
+        self.tunnel.leg_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        self.tunnel.last_moved = self._now()
+        self._forward(data)
+
+    def start_forwarding(self, write: Callable[[bytes], None]) -> None:
+        """Send what was held, then send everything read from now on to ``write``."""
+        for chunk in self._held:
+            write(chunk)
+        self._held.clear()
+        self._forward = write
+
+    def readConnectionLost(self) -> None:
+        # Twisted may report EOF again if the socket is resumed after it: once.
+        if not self.read_done:
+            self.read_done = True
+            self.tunnel.leg_eof(self)
+
+    def writeConnectionLost(self) -> None:
+        """Our FIN towards this side has been sent; nothing more to do."""
+
+    def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
+        self.lost = True
+        self.tunnel.leg_lost(self, reason)
+
+
+class Tunnel:
+    """The state of one client-backend pair and the rules that close it.
+
+    ``clock`` drives every timer (a ``Clock`` in tests); ``on_end`` receives the
+    :class:`TunnelRecord` exactly once.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeouts: Timeouts,
+        on_end: Callable[[Tunnel, TunnelRecord], None],
+        read_size: int,
+        backend_name: str = "",
+    ) -> None:
+        self.clock = clock
+        self.timeouts = timeouts
+        self.read_size = read_size
+        self.backend_name = backend_name
+        self.client = Leg(self, Side.CLIENT)
+        self.backend: Leg | None = None
+        self.started = clock.seconds()
+        self.last_moved = self.started
+        self.connect_time: float | None = None
+        self.pending: Deferred[Any] | None = None
+        self.on_client_connected: Callable[[Tunnel], None] | None = None
+        self._on_end = on_end
+        self._first: tuple[Side, CloseKind, str] | None = None
+        self._timers: dict[str, IDelayedCall] = {}
+        self._ended = False
+
+    # -- set-up ------------------------------------------------------------
+
+    def leg_connected(self, leg: Leg) -> None:
+        """The client leg pauses until a backend is joined; the mode opens one."""
+        if leg is self.client:
+            leg.transport.pauseProducing()  # type: ignore[attr-defined]
+            if self.on_client_connected is not None:
+                self.on_client_connected(self)
+
+    def backend_leg(self) -> Leg:
+        """A fresh backend leg for the mode's outbound connection attempt."""
+        return Leg(self, Side.BACKEND)
+
+    def join(self, backend: Leg) -> None:
+        """Start relaying between the client leg and a connected backend leg."""
+        self.pending = None
+        if self.client.lost:
+            backend.transport.loseConnection()  # type: ignore[attr-defined]
+            return
+        self.backend = backend
+        self.connect_time = self.clock.seconds() - self.started
+        client_transport: Any = self.client.transport
+        backend_transport: Any = backend.transport
+        client_transport.registerProducer(backend_transport, True)
+        backend_transport.registerProducer(client_transport, True)
+        backend.start_forwarding(client_transport.write)
+        self.client.start_forwarding(backend_transport.write)
+        self.last_moved = self.clock.seconds()
+        if self.timeouts.idle:
+            self._arm("idle", self.timeouts.idle, self._check_idle)
+        client_transport.resumeProducing()
+
+    def fail(self, reason: str, kind: CloseKind = CloseKind.ERROR) -> None:
+        """The backend could not be opened: close the client and say why."""
+        self.pending = None
+        self._note(Side.PROXY, kind, reason)
+        if not self.client.lost:
+            self.client.transport.loseConnection()  # type: ignore[attr-defined]
+
+    # -- closing -----------------------------------------------------------
+
+    def _peer(self, leg: Leg) -> Leg | None:
+        return self.backend if leg is self.client else self.client
+
+    def _note(self, side: Side, kind: CloseKind, reason: str) -> None:
+        if self._first is None:
+            self._first = (side, kind, reason)
+
+    def leg_eof(self, leg: Leg) -> None:
+        """EOF from ``leg``: pass it on as a half-close and keep the other way open."""
+        self._note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
+        peer = self._peer(leg)
+        if peer is None or peer.lost:
+            leg.transport.loseConnection()  # type: ignore[attr-defined]
+            return
+        peer_transport: Any = peer.transport
+        peer_transport.unregisterProducer()
+        peer_transport.loseWriteConnection()
+        if peer.read_done:
+            self._close_both()
+        elif self.timeouts.fin:
+            self._arm("fin", self.timeouts.fin, self._fin_expired)
+
+    def leg_lost(self, leg: Leg, reason: Failure) -> None:
+        """``leg`` is closed: close the other one the same way, then end."""
+        if reason.check(ConnectionDone):
+            self._note(leg.side, CloseKind.FIN, f"{leg.side.value} closed")
+        elif not reason.check(ConnectionAborted):
+            self._note(leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}")
+        if leg is self.client and self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._note(Side.CLIENT, CloseKind.FIN, "client left before the backend connected")
+            pending.cancel()
+        peer = self._peer(leg)
+        if peer is not None and not peer.lost:
+            peer_transport: Any = peer.transport
+            if leg.read_done or reason.check(ConnectionDone):
+                peer_transport.loseConnection()
+                self._arm("grace", self.timeouts.close_grace, self._abort_both)
+            else:
+                peer_transport.abortConnection()
+        if self.pending is None and (peer is None or peer.lost):
+            self._end()
+
+    def _close_both(self) -> None:
+        for leg in (self.client, self.backend):
+            if leg is not None and not leg.lost:
+                leg.transport.loseConnection()  # type: ignore[attr-defined]
+        self._arm("grace", self.timeouts.close_grace, self._abort_both)
+
+    def _abort_both(self) -> None:
+        for leg in (self.client, self.backend):
+            if leg is not None and not leg.lost:
+                leg.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def abort(self, reason: str, kind: CloseKind = CloseKind.SHUTDOWN) -> None:
+        """Cut the tunnel now (RST both ways): its data may be incomplete."""
+        self._note(Side.PROXY, kind, reason)
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+        self._abort_both()
+
+    # -- timers ------------------------------------------------------------
+
+    def _arm(self, name: str, seconds: float, action: Callable[[], None]) -> None:
+        if self._ended or name in self._timers:
+            return
+
+        def fire() -> None:
+            del self._timers[name]
+            action()
+
+        self._timers[name] = self.clock.callLater(seconds, fire)
+
+    def _check_idle(self) -> None:
+        idle = self.timeouts.idle
+        assert idle is not None
+        quiet = self.clock.seconds() - self.last_moved
+        if quiet >= idle:
+            self._note(Side.PROXY, CloseKind.TIMEOUT, f"idle timeout ({idle:g} s without data)")
+            self._close_both()
+        else:
+            self._arm("idle", idle - quiet, self._check_idle)
+
+    def _fin_expired(self) -> None:
+        fin = self.timeouts.fin
+        self._note(Side.PROXY, CloseKind.TIMEOUT, f"fin timeout ({fin:g} s half-closed)")
+        self._abort_both()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        side, kind, reason = self._first or (Side.PROXY, CloseKind.ERROR, "unknown")
+        backend = self.backend
+        self._on_end(
+            self,
+            TunnelRecord(
+                client=self.client.address,
+                backend=self.backend_name,
+                backend_address=backend.address if backend is not None else None,
+                bytes_up=self.client.received,
+                bytes_down=backend.received if backend is not None else 0,
+                duration=self.clock.seconds() - self.started,
+                connect_time=self.connect_time,
+                closed_by=side,
+                close_kind=kind,
+                reason=reason,
+            ),
+        )

@@ -1,0 +1,111 @@
+"""Listening, and stopping gracefully.
+
+Listening happens when the service is made, before ``twistd`` daemonizes, so a
+port already in use is a one-line error and a non-zero exit in the shell that
+started it rather than a traceback in a log file. On stop (SIGTERM, SIGINT)
+the service stops accepting at once and drains live tunnels (see
+:meth:`TunnelRegistry.drain`); ``twistd`` waits for that before it exits.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tunnelkit.registry import TunnelRegistry
+from tunnelkit.relay import describe
+from tunnelkit.sockopts import SocketOptions
+
+log = Logger(namespace="tunnelkit.service")
+
+#: File descriptors kept back from the tunnel budget for listeners, logs and
+#: Twisted's own use (its EMFILE accept guard reserves one).
+FD_RESERVE = 64
+
+
+class ListenError(Exception):
+    """A listener could not be started; the message is for the command line."""
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as HAProxy does; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def default_max_tunnels(fd_limit: int) -> int:
+    """Every tunnel holds two descriptors; keep :data:`FD_RESERVE` for the rest."""
+    return max(1, (fd_limit - FD_RESERVE) // 2)
+
+
+class TunnelService(Service):
+    """Owns the listening ports and the registry of the tunnels they accept."""
+
+    def __init__(
+        self,
+        listeners: Sequence[tuple[str, IStreamServerEndpoint]],
+        factory_for: Callable[[str], IProtocolFactory],
+        registry: TunnelRegistry,
+        socket_options: SocketOptions,
+        drain_timeout: float,
+    ) -> None:
+        self.listeners = list(listeners)
+        self.factory_for = factory_for
+        self.registry = registry
+        self.socket_options = socket_options
+        self.drain_timeout = drain_timeout
+        self.ports: list[IListeningPort] = []
+
+    def listen(self) -> None:
+        """Start every listener now; raise :class:`ListenError` on the first failure."""
+        for name, endpoint in self.listeners:
+            outcome: list[Any] = []
+            endpoint.listen(self.factory_for(name)).addBoth(outcome.append)
+            if not outcome:
+                raise ListenError(f"listener {name!r} did not start synchronously")
+            if isinstance(outcome[0], Failure):
+                self._close_ports()
+                raise ListenError(f"cannot listen on {name}: {outcome[0].getErrorMessage()}")
+            port: IListeningPort = outcome[0]
+            self.ports.append(port)
+            sock = getattr(port, "socket", None)
+            if sock is not None:
+                try:
+                    self.socket_options.apply(sock)
+                except OSError as e:
+                    self._close_ports()
+                    raise ListenError(f"cannot set socket options on {name}: {e}") from None
+            log.info(
+                "listening on {address} ({listener})",
+                event="listening",
+                listener=name,
+                address=describe(port.getHost()),
+            )
+
+    def _close_ports(self) -> None:
+        for port in self.ports:
+            port.stopListening()
+        self.ports.clear()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop accepting, then drain (see :meth:`TunnelRegistry.drain`)."""
+        super().stopService()
+        stopping = [maybeDeferred(port.stopListening) for port in self.ports]
+        self.ports.clear()
+        done: Deferred[Any] = gatherResults(stopping)
+        done.addBoth(lambda _: self.registry.drain(self.drain_timeout))
+        return done

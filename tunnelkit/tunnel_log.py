@@ -1,0 +1,38 @@
+"""The one structured log event each tunnel emits when it ends.
+
+Every field is documented in docs/logging.md; the event name ``tunnel_closed``
+and the field names are a stable interface for log pipelines (``twistd
+--logger`` with ``twisted.logger.jsonFileLogObserver`` gives JSON lines).
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from tunnelkit.relay import TunnelRecord
+
+log = Logger(namespace="tunnelkit.tunnel")
+
+_FORMAT = (
+    "{client} -> {backend} ({backend_address}) {close_kind} by {closed_by}"
+    " after {duration:.3f}s: up {bytes_up} B, down {bytes_down} B; {reason}"
+)
+
+
+def log_tunnel_closed(record: TunnelRecord, listener: str) -> None:
+    """Emit ``tunnel_closed`` for ``record``, seen on ``listener``."""
+    log.info(
+        _FORMAT,
+        event="tunnel_closed",
+        listener=listener,
+        client=record.client,
+        backend=record.backend or "-",
+        backend_address=record.backend_address or "-",
+        bytes_up=record.bytes_up,
+        bytes_down=record.bytes_down,
+        duration=round(record.duration, 6),
+        connect_time=None if record.connect_time is None else round(record.connect_time, 6),
+        closed_by=record.closed_by.value,
+        close_kind=record.close_kind.value,
+        reason=record.reason,
+    )

@@ -1,0 +1,15 @@
+"""twistd plugin entry: ``twistd tunnelkit ...``.
+
+Twisted imports every plugin file on each ``twistd --help``, so this stays a
+single lazy ``ServiceMaker``: ``tunnelkit.tap`` is imported only when the
+``tunnelkit`` subcommand is actually used.
+"""
+
+from twisted.application.service import ServiceMaker
+
+tunnelkit = ServiceMaker(
+    "tunnelkit",
+    "tunnelkit.tap",
+    "Port forwarder and tunnel: TCP/TLS/UNIX listeners relayed to backends.",
+    "tunnelkit",
+)
