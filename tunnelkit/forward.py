@@ -22,7 +22,7 @@ class _BackendLegFactory(Factory):
     def __init__(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
 
-    def buildProtocol(self, addr: IAddress) -> Leg:
+    def buildProtocol(self, addr: IAddress | None) -> Leg:
         return self.tunnel.backend_leg()
 
 
@@ -48,7 +48,7 @@ class ForwardFactory(Factory):
         self.timeouts = timeouts
         self.read_size = read_size
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) when full."""
         tunnel = Tunnel(self.clock, self.timeouts, self._ended, self.read_size)
         if not self.registry.admit(tunnel):

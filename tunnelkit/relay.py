@@ -102,6 +102,10 @@ class Leg(Protocol):
     paused, so at most one read's worth) and written first once joined.
     """
 
+    # A TCP/UNIX transport or a TLS wrapper: all provide the producer/consumer
+    # and half-close methods the relay calls, which ITransport does not declare.
+    transport: Any
+
     def __init__(self, tunnel: Tunnel, side: Side) -> None:
         self.tunnel = tunnel
         self.side = side
@@ -114,9 +118,8 @@ class Leg(Protocol):
         self._now = tunnel.clock.seconds
 
     def connectionMade(self) -> None:
-        transport: Any = self.transport
-        transport.bufferSize = self.tunnel.read_size
-        self.address = describe(transport.getPeer())
+        self.transport.bufferSize = self.tunnel.read_size
+        self.address = describe(self.transport.getPeer())
         self.tunnel.leg_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -181,7 +184,7 @@ class Tunnel:
     def leg_connected(self, leg: Leg) -> None:
         """The client leg pauses until a backend is joined; the mode opens one."""
         if leg is self.client:
-            leg.transport.pauseProducing()  # type: ignore[attr-defined]
+            leg.transport.pauseProducing()
             if self.on_client_connected is not None:
                 self.on_client_connected(self)
 
@@ -193,12 +196,12 @@ class Tunnel:
         """Start relaying between the client leg and a connected backend leg."""
         self.pending = None
         if self.client.lost:
-            backend.transport.loseConnection()  # type: ignore[attr-defined]
+            backend.transport.loseConnection()
             return
         self.backend = backend
         self.connect_time = self.clock.seconds() - self.started
-        client_transport: Any = self.client.transport
-        backend_transport: Any = backend.transport
+        client_transport = self.client.transport
+        backend_transport = backend.transport
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
         backend.start_forwarding(client_transport.write)
@@ -213,7 +216,7 @@ class Tunnel:
         self.pending = None
         self._note(Side.PROXY, kind, reason)
         if not self.client.lost:
-            self.client.transport.loseConnection()  # type: ignore[attr-defined]
+            self.client.transport.loseConnection()
 
     # -- closing -----------------------------------------------------------
 
@@ -229,9 +232,9 @@ class Tunnel:
         self._note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
         peer = self._peer(leg)
         if peer is None or peer.lost:
-            leg.transport.loseConnection()  # type: ignore[attr-defined]
+            leg.transport.loseConnection()
             return
-        peer_transport: Any = peer.transport
+        peer_transport = peer.transport
         peer_transport.unregisterProducer()
         peer_transport.loseWriteConnection()
         if peer.read_done:
@@ -244,14 +247,16 @@ class Tunnel:
         if reason.check(ConnectionDone):
             self._note(leg.side, CloseKind.FIN, f"{leg.side.value} closed")
         elif not reason.check(ConnectionAborted):
-            self._note(leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}")
+            self._note(
+                leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}"
+            )
         if leg is self.client and self.pending is not None:
             pending, self.pending = self.pending, None
             self._note(Side.CLIENT, CloseKind.FIN, "client left before the backend connected")
             pending.cancel()
         peer = self._peer(leg)
         if peer is not None and not peer.lost:
-            peer_transport: Any = peer.transport
+            peer_transport = peer.transport
             if leg.read_done or reason.check(ConnectionDone):
                 peer_transport.loseConnection()
                 self._arm("grace", self.timeouts.close_grace, self._abort_both)
@@ -263,13 +268,13 @@ class Tunnel:
     def _close_both(self) -> None:
         for leg in (self.client, self.backend):
             if leg is not None and not leg.lost:
-                leg.transport.loseConnection()  # type: ignore[attr-defined]
+                leg.transport.loseConnection()
         self._arm("grace", self.timeouts.close_grace, self._abort_both)
 
     def _abort_both(self) -> None:
         for leg in (self.client, self.backend):
             if leg is not None and not leg.lost:
-                leg.transport.abortConnection()  # type: ignore[attr-defined]
+                leg.transport.abortConnection()
 
     def abort(self, reason: str, kind: CloseKind = CloseKind.SHUTDOWN) -> None:
         """Cut the tunnel now (RST both ways): its data may be incomplete."""

@@ -103,7 +103,7 @@ class TunnelService(Service):
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, then drain (see :meth:`TunnelRegistry.drain`)."""
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]
         self.ports.clear()
         done: Deferred[Any] = gatherResults(stopping)

@@ -68,7 +68,7 @@ def _tuned_client_class(options: SocketOptions) -> type[tcp.Client]:
         """A TCP client transport whose socket is tuned before it connects."""
 
         def createInternetSocket(self) -> socket.socket:
-            sock: socket.socket = super().createInternetSocket()
+            sock: socket.socket = super().createInternetSocket()  # type: ignore[no-untyped-call]
             options.apply(sock)
             return sock
 

@@ -78,17 +78,32 @@ class Options(usage.Options):
         ["mss", None, None, "TCP_MAXSEG, the TCP segment size for both legs, bytes.", _bytes],
         ["read-size", None, DEFAULT_READ_SIZE, "Bytes read per event on each leg.", _bytes],
         ["connect-timeout", None, 10.0, "Seconds to connect to a backend.", _positive_seconds],
-        ["idle-timeout", None, 3600.0, "Close a tunnel that moved no byte this long (0: never).",
-         _seconds],
-        ["fin-timeout", None, 60.0, "Longest a half-closed tunnel may linger (0: no limit).",
-         _seconds],
+        [
+            "idle-timeout",
+            None,
+            3600.0,
+            "Close a tunnel that moved no byte this long (0: never).",
+            _seconds,
+        ],
+        [
+            "fin-timeout",
+            None,
+            60.0,
+            "Longest a half-closed tunnel may linger (0: no limit).",
+            _seconds,
+        ],
         ["drain-timeout", None, 30.0, "On SIGTERM, seconds to let tunnels finish.", _seconds],
-        ["max-connections", None, None,
-         "Most tunnels at once (default: what the file-descriptor limit allows).", _count],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most tunnels at once (default: what the file-descriptor limit allows).",
+            _count,
+        ],
     ]
 
     def __init__(self, reactor: Any = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
         self["listen"] = []
         self["to"] = []
@@ -106,7 +121,7 @@ class Options(usage.Options):
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         try:
-            super().parseOptions(options)
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
             raise SystemExit(f"tunnelkit: error: {e} (see --help)") from None
 
@@ -132,12 +147,16 @@ class Options(usage.Options):
         self.listeners = [(text, self._server_endpoint(text)) for text in self["listen"]]
         outbound = tuned_reactor(self.reactor, self.socket_options)
         types = client_endpoint_types()
-        self.backends = [Backend(text, self._client_endpoint(outbound, text, types))
-                         for text in self["to"]]
+        self.backends = [
+            Backend(text, self._client_endpoint(outbound, text, types)) for text in self["to"]
+        ]
 
     def _server_endpoint(self, text: str) -> IStreamServerEndpoint:
         try:
-            return serverFromString(self.reactor, listen_description(text))
+            endpoint: IStreamServerEndpoint = serverFromString(
+                self.reactor, listen_description(text)
+            )
+            return endpoint
         except Exception as e:
             raise usage.UsageError(f"--listen {text!r}: {e}") from None
 
@@ -150,7 +169,8 @@ class Options(usage.Options):
                 return HostnameEndpoint(
                     outbound, address.host, address.port, timeout=self["connect-timeout"]
                 )
-            return clientFromString(outbound, address)
+            client: IStreamClientEndpoint = clientFromString(outbound, address)
+            return client
         except Exception as e:
             raise usage.UsageError(f"--to {text!r}: {e}") from None
 
@@ -187,5 +207,5 @@ def makeService(config: Options) -> IService:
         print(f"tunnelkit: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     top = MultiService()
-    tunnels.setServiceParent(top)
+    tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

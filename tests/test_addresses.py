@@ -1,0 +1,74 @@
+"""Short forms of --listen and --to."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunnelkit.addresses import (
+    SHORT_FORM_BACKLOG,
+    AddressError,
+    HostPort,
+    backend_address,
+    listen_description,
+)
+
+TYPES = frozenset({"tcp", "ssl", "unix", "tls"})
+B = SHORT_FORM_BACKLOG
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8888", f"tcp:8888:backlog={B}"),
+        ("127.0.0.1:8888", f"tcp:8888:interface=127.0.0.1:backlog={B}"),
+        ("localhost:8888", f"tcp:8888:interface=127.0.0.1:backlog={B}"),
+        ("[::1]:8888", f"tcp6:8888:interface=\\:\\:1:backlog={B}"),
+        ("tcp:8443:interface=127.0.0.1", "tcp:8443:interface=127.0.0.1"),
+        ("unix:/run/tk.sock", "unix:/run/tk.sock"),
+        ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ],
+)
+def test_listen_forms(text: str, expected: str) -> None:
+    """Short listen forms become TCP endpoint strings; endpoint strings pass through."""
+    assert listen_description(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "70000", "[zz::1]:80", "127.0.0.1:65536"])
+def test_listen_rejects(text: str) -> None:
+    """Empty input, bad ports and bad IPv6 literals are refused with a reason."""
+    with pytest.raises(AddressError):
+        listen_description(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("backend.example:80", HostPort("backend.example", 80)),
+        ("127.0.0.1:6379", HostPort("127.0.0.1", 6379)),
+        ("[::1]:80", HostPort("::1", 80)),
+        ("tls:db.internal:5433", "tls:db.internal:5433"),
+        ("tcp:127.0.0.1:80", "tcp:127.0.0.1:80"),
+        ("unix:/run/app.sock", "unix:/run/app.sock"),
+    ],
+)
+def test_backend_forms(text: str, expected: object) -> None:
+    """host:port and [v6]:port are short forms; endpoint strings pass through."""
+    assert backend_address(text, TYPES) == expected
+
+
+def test_endpoint_type_is_never_a_host_name() -> None:
+    """``tcp:80`` is the tcp endpoint type, not a host called tcp."""
+    assert backend_address("tcp:80", TYPES) == "tcp:80"
+
+
+@pytest.mark.parametrize("text", ["", "backend", "host:0", "host:65536", "bogus:x:1", "[1:2"])
+def test_backend_rejects(text: str) -> None:
+    """Unusable backends are refused with a reason."""
+    with pytest.raises(AddressError):
+        backend_address(text, TYPES)
+
+
+def test_hostport_renders_v6_in_brackets() -> None:
+    """IPv6 backends print as [addr]:port."""
+    assert str(HostPort("::1", 80)) == "[::1]:80"
+    assert str(HostPort("a.example", 80)) == "a.example:80"

@@ -1,0 +1,100 @@
+"""In-memory tests of backend dialing: order, timeouts, cancellation."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from tunnelkit.dialer import Backend, BackendsUnavailable, Dialed, Dialer
+
+
+@implementer(IStreamClientEndpoint)
+class ControlledEndpoint:
+    """An endpoint whose connection attempts the test completes or fails by hand."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Deferred[Protocol]] = []
+        self.cancelled = 0
+
+    def connect(self, factory: Factory) -> Deferred[Protocol]:
+        def cancel(d: Deferred[Protocol]) -> None:
+            self.cancelled += 1
+
+        attempt: Deferred[Protocol] = Deferred(cancel)
+        self.attempts.append(attempt)
+        return attempt
+
+
+def make(count: int, timeout: float = 5.0) -> tuple[Clock, list[ControlledEndpoint], Dialer]:
+    clock = Clock()
+    endpoints = [ControlledEndpoint() for _ in range(count)]
+    backends = [Backend(f"b{i}", ep) for i, ep in enumerate(endpoints)]
+    return clock, endpoints, Dialer(backends, clock, timeout)
+
+
+class DialerTests(SynchronousTestCase):
+    """The dialer tries backends in order and leaves nothing pending."""
+
+    def test_first_backend_that_connects_wins(self) -> None:
+        """The first listed backend is used when it connects."""
+        _, endpoints, dialer = make(2)
+        results: list[Dialed] = []
+        dialer.dial(Factory()).addCallback(results.append)
+        proto = Protocol()
+        endpoints[0].attempts[0].callback(proto)
+        self.assertEqual([(r.backend.name, r.protocol) for r in results], [("b0", proto)])
+        self.assertEqual(endpoints[1].attempts, [])
+
+    def test_next_backend_after_refusal(self) -> None:
+        """A refused backend makes the dialer try the next one."""
+        _, endpoints, dialer = make(2)
+        results: list[Dialed] = []
+        dialer.dial(Factory()).addCallback(results.append)
+        endpoints[0].attempts[0].errback(ConnectionRefusedError())
+        endpoints[1].attempts[0].callback(Protocol())
+        self.assertEqual([r.backend.name for r in results], ["b1"])
+
+    def test_connect_timeout_cancels_attempt_and_moves_on(self) -> None:
+        """An attempt that takes longer than the connect timeout is cancelled; the next is tried."""
+        clock, endpoints, dialer = make(2, timeout=5.0)
+        dialer.dial(Factory())
+        clock.advance(4.9)
+        self.assertEqual(endpoints[0].cancelled, 0)
+        clock.advance(0.1)
+        self.assertEqual(endpoints[0].cancelled, 1)
+        self.assertEqual(len(endpoints[1].attempts), 1)
+
+    def test_all_failing_reports_each_reason(self) -> None:
+        """When every backend fails, the error names each backend and why."""
+        clock, endpoints, dialer = make(2, timeout=5.0)
+        failures: list[BackendsUnavailable] = []
+        dialer.dial(Factory()).addErrback(lambda f: failures.append(f.value))
+        endpoints[0].attempts[0].errback(ConnectionRefusedError())
+        clock.advance(5)
+        [error] = failures
+        self.assertEqual([b.name for b, _ in error.errors], ["b0", "b1"])
+        self.assertIn("refused", error.errors[0][1].lower())
+        self.assertEqual(error.errors[1][1], "connect timeout (5 s)")
+        self.assertTrue(error.timed_out)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_cancels_attempt_in_flight_and_stops(self) -> None:
+        """Cancelling the dial cancels the pending attempt and tries no other backend."""
+        clock, endpoints, dialer = make(2)
+        dialing = dialer.dial(Factory())
+        errors: list[type] = []
+        dialing.addErrback(lambda f: errors.append(f.type))
+        dialing.cancel()
+        self.assertEqual(endpoints[0].cancelled, 1)
+        self.assertEqual(endpoints[1].attempts, [])
+        self.assertEqual(errors, [CancelledError])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_needs_a_backend(self) -> None:
+        """A dialer with no backend is a programming error."""
+        self.assertRaises(ValueError, Dialer, [], Clock(), 1.0)

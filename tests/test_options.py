@@ -1,0 +1,89 @@
+"""Command-line options of the twistd plugin, parsed in memory."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.testing import MemoryReactorClock
+
+from tunnelkit.sockopts import DEFAULT_READ_SIZE
+from tunnelkit.tap import Options, build_service
+
+
+def parse(*argv: str) -> Options:
+    options = Options(reactor=MemoryReactorClock())
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults() -> None:
+    """Defaults: nodelay on, documented timeouts, the default read size."""
+    o = parse("--listen", "8888", "--to", "backend.example:80")
+    assert o.socket_options.nodelay is True
+    assert o.socket_options.read_size == DEFAULT_READ_SIZE
+    assert (o["connect-timeout"], o["idle-timeout"], o["fin-timeout"], o["drain-timeout"]) == (
+        10.0,
+        3600.0,
+        60.0,
+        30.0,
+    )
+    assert [name for name, _ in o.listeners] == ["8888"]
+    [backend] = o.backends
+    assert isinstance(backend.endpoint, HostnameEndpoint)
+
+
+def test_socket_options_parsed() -> None:
+    """Socket flags become SocketOptions for both legs."""
+    o = parse(
+        "--listen", "8888", "--to", "h:1", "--no-nodelay", "--keepalive", "30",
+        "--sndbuf", "1000000", "--rcvbuf", "2000000", "--mss", "1200", "--read-size", "65536",
+    )  # fmt: skip
+    s = o.socket_options
+    assert (s.nodelay, s.keepalive, s.sndbuf, s.rcvbuf, s.mss, s.read_size) == (
+        False, 30, 1000000, 2000000, 1200, 65536,
+    )  # fmt: skip
+
+
+def test_repeatable_listen_and_to_keep_order() -> None:
+    """Several --listen and --to are kept in the order given."""
+    o = parse("--listen", "1", "--listen", "unix:/tmp/x.sock", "--to", "a:1", "--to", "tls:b:2")
+    assert [n for n, _ in o.listeners] == ["1", "unix:/tmp/x.sock"]
+    assert [b.name for b in o.backends] == ["a:1", "tls:b:2"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--to", "a:1"], "--listen is required"),
+        (["--listen", "1"], "--to is required"),
+        (["--listen", "1", "--to", "nohost"], "--to 'nohost'"),
+        (["--listen", "bogus:1:2", "--to", "a:1"], "--listen 'bogus:1:2'"),
+        (["--listen", "1", "--to", "a:1", "--idle-timeout", "soon"], "not a number of seconds"),
+        (["--listen", "1", "--to", "a:1", "--mss", "0"], "below 1"),
+        (["--listen", "1", "--to", "a:1", "--nodelay", "--no-nodelay"], "contradict"),
+        (["--bogus"], "--bogus not recognized"),
+    ],
+)
+def test_errors_are_one_line(argv: list[str], message: str) -> None:
+    """A bad command line ends with a single 'tunnelkit: error:' line, not a usage dump."""
+    with pytest.raises(SystemExit) as caught:
+        parse(*argv)
+    text = str(caught.value.code)
+    assert text.startswith("tunnelkit: error:")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_zero_disables_idle_and_fin_timeouts() -> None:
+    """--idle-timeout 0 and --fin-timeout 0 mean no limit."""
+    o = parse("--listen", "1", "--to", "a:1", "--idle-timeout", "0", "--fin-timeout", "0")
+    service = build_service(o)
+    factory = service.factory_for("1")
+    assert factory.timeouts.idle is None
+    assert factory.timeouts.fin is None
+
+
+def test_max_connections_reaches_registry() -> None:
+    """--max-connections caps the registry."""
+    o = parse("--listen", "1", "--to", "a:1", "--max-connections", "7")
+    assert build_service(o).registry.max_tunnels == 7
