@@ -1,0 +1,303 @@
+"""Run ``twistd``, ``twist`` and the ``tunnelkit`` script as real processes, for end-to-end tests.
+
+Every wait here is bounded, output is collected line by line while the process
+runs (so a test can wait for a log line), and :class:`Process` kills what it
+started when its ``with`` block ends, whatever happened inside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+#: The scripts of the interpreter running the tests (a venv's ``bin``).
+BIN = Path(sys.executable).parent
+
+#: Longest wait for a process to start listening or to exit.
+START_TIMEOUT = 20.0
+EXIT_TIMEOUT = 20.0
+
+T = TypeVar("T")
+
+_LISTENING = re.compile(r"\[tunnelkit\.service#info\] listening on (\S+) \(")
+_TUNNEL_CLOSED = re.compile(
+    r"\[tunnelkit\.tunnel#info\] (?P<client>\S*) -> (?P<backend>\S+) \((?P<backend_address>\S+)\)"
+    r" (?P<close_kind>\S+) by (?P<closed_by>\S+) after (?P<duration>[\d.]+)s:"
+    r" up (?P<bytes_up>\d+) B, down (?P<bytes_down>\d+) B; (?P<reason>.*)$"
+)
+
+
+def executable(name: str) -> str:
+    """The script ``name`` next to ``sys.executable`` (twistd, twist, tunnelkit)."""
+    path = BIN / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} is not installed next to {sys.executable}")
+    return str(path)
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child: ours, unbuffered, with no stray Python path."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just gave out for ``host`` (bound to port 0, then released)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``127.0.0.1:80`` or ``[::1]:80`` as a (host, port) pair."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _json_events(text: str) -> list[dict[str, Any]]:
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def listening_addresses(text: str) -> list[str]:
+    """Addresses of the ``listening`` events in a text or JSON (``twist``) log."""
+    found = [m[1] for m in _LISTENING.finditer(text)]
+    found += [e["address"] for e in _json_events(text) if e.get("event") == "listening"]
+    return found
+
+
+def tunnel_closed_events(text: str) -> list[dict[str, Any]]:
+    """The ``tunnel_closed`` events of a text or JSON log, with the fields of docs/logging.md."""
+    events: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if m := _TUNNEL_CLOSED.search(line):
+            event: dict[str, Any] = m.groupdict()
+            event["bytes_up"] = int(event["bytes_up"])
+            event["bytes_down"] = int(event["bytes_down"])
+            events.append(event)
+    events += [e for e in _json_events(text) if e.get("event") == "tunnel_closed"]
+    return events
+
+
+class Process:
+    """A command running in the background, its stdout and stderr collected as it goes."""
+
+    def __init__(self, argv: Sequence[str], cwd: Path) -> None:
+        self.argv = list(argv)
+        self._changed = threading.Condition()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._readers = [
+            threading.Thread(target=self._collect, args=(self.proc.stdout, self._out), daemon=True),
+            threading.Thread(target=self._collect, args=(self.proc.stderr, self._err), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, pipe: IO[bytes], into: list[str]) -> None:
+        for line in iter(pipe.readline, b""):
+            with self._changed:
+                into.append(line.decode("utf-8", "replace"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def __enter__(self) -> Process:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def stdout(self) -> str:
+        with self._changed:
+            return "".join(self._out)
+
+    @property
+    def stderr(self) -> str:
+        with self._changed:
+            return "".join(self._err)
+
+    @property
+    def output(self) -> str:
+        """Everything written so far, stdout then stderr, for assertion messages."""
+        return f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}"
+
+    def _ended(self) -> bool:
+        return self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)
+
+    def wait_for(
+        self, found: Callable[[str], T | None], what: str, timeout: float = START_TIMEOUT
+    ) -> T:
+        """Wait until ``found(stdout + stderr)`` is truthy and return it; fail on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                result = found("".join(self._out) + "".join(self._err))
+                if result:
+                    return result
+                if self._ended():
+                    raise AssertionError(
+                        f"{what}: {self.argv} exited with {self.proc.returncode}\n{self.output}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{what}: not within {timeout:g} s\n{self.output}")
+                self._changed.wait(min(remaining, 0.1))
+
+    def wait_listening(self, count: int = 1, timeout: float = START_TIMEOUT) -> list[str]:
+        """The bound addresses, once ``count`` listeners have logged ``listening``."""
+
+        def enough(text: str) -> list[str] | None:
+            found = listening_addresses(text)
+            return found if len(found) >= count else None
+
+        return self.wait_for(enough, f"{count} listening event(s)", timeout)
+
+    def send_signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """The exit status (``-N`` for signal N) once the process and its output have ended."""
+        returncode = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return returncode
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = EXIT_TIMEOUT) -> int:
+        """Send ``sig`` and return the exit status."""
+        self.send_signal(sig)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the process if it still runs; close its pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(EXIT_TIMEOUT)
+        finally:
+            for reader in self._readers:
+                reader.join(5)
+            for pipe in (self.proc.stdout, self.proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+
+def start(argv: Sequence[str], cwd: Path) -> Process:
+    """Start ``argv`` in ``cwd`` (which also holds ``twistd.pid`` for ``twistd -n``)."""
+    return Process(argv, cwd)
+
+
+def twistd(*args: str, cwd: Path) -> Process:
+    """``twistd -n tunnelkit ARGS`` in the foreground, logging to stdout."""
+    return start([executable("twistd"), "-n", "tunnelkit", *args], cwd)
+
+
+def twist(*args: str, cwd: Path) -> Process:
+    """``twist tunnelkit ARGS`` (logs JSON lines to stdout when that is not a tty)."""
+    return start([executable("twist"), "tunnelkit", *args], cwd)
+
+
+def tunnelkit(*args: str, cwd: Path) -> Process:
+    """The ``tunnelkit ARGS`` console script."""
+    return start([executable("tunnelkit"), *args], cwd)
+
+
+def run(
+    argv: Sequence[str], cwd: Path, timeout: float = EXIT_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion; stdout and stderr interleaved in ``.stdout``."""
+    return subprocess.run(
+        list(argv),
+        cwd=cwd,
+        env=child_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# -- daemons: not our children once twistd has forked, so tracked by pid file --
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie left for a non-reaping init counts as ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = START_TIMEOUT) -> T:
+    """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def read_text(path: Path) -> str:
+    """The file's text, or ``""`` while it does not exist yet."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL a daemon we started, if it still runs, and wait (bounded) for it to go."""
+    if pid_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        wait_until(lambda: not pid_alive(pid), f"pid {pid} to die", EXIT_TIMEOUT)
