@@ -9,5 +9,6 @@ def main() -> None:
     """Run ``twist tunnelkit`` with this command's arguments."""
     from twisted.application.twist._twist import Twist
 
-    sys.argv = ["twist", "tunnelkit", *sys.argv[1:]]
-    Twist.main()
+    # Twist.main's default argv is bound at import time to the original list,
+    # so the rewritten command line must be passed explicitly.
+    Twist.main(["twist", "tunnelkit", *sys.argv[1:]])

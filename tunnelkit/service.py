@@ -9,6 +9,7 @@ the service stops accepting at once and drains live tunnels (see
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,28 @@ def raise_fd_limit() -> int:
     return soft
 
 
+def claim_unix_lock(port: IListeningPort) -> None:
+    """Make a ``unix:`` listener's lock file name this process.
+
+    tunnelkit listens before ``twistd`` daemonizes, so that errors reach the
+    shell, but Twisted's lock file then holds the pid of the process that
+    exits at the fork: the lock looks stale to a second instance, which would
+    take the path of a live daemon, and our own unlock on stop would refuse a
+    lock that is not ours. The link is replaced atomically (rename), so there
+    is no moment without a lock.
+    """
+    lock = getattr(port, "lockFile", None)
+    if lock is None:
+        return
+    name = os.fsencode(lock.name)
+    pid = str(os.getpid()).encode()
+    if os.readlink(name) == pid:
+        return
+    temporary = name + b"." + pid
+    os.symlink(pid, temporary)
+    os.replace(temporary, name)
+
+
 def default_max_tunnels(fd_limit: int) -> int:
     """Every tunnel holds two descriptors; keep :data:`FD_RESERVE` for the rest."""
     return max(1, (fd_limit - FD_RESERVE) // 2)
@@ -62,6 +85,8 @@ class TunnelService(Service):
         registry: TunnelRegistry,
         socket_options: SocketOptions,
         drain_timeout: float,
+        *,
+        reactor: Any = None,
     ) -> None:
         self.listeners = list(listeners)
         self.factory_for = factory_for
@@ -69,6 +94,7 @@ class TunnelService(Service):
         self.socket_options = socket_options
         self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
+        self.reactor = reactor
 
     def listen(self) -> None:
         """Start every listener now; raise :class:`ListenError` on the first failure."""
@@ -101,11 +127,29 @@ class TunnelService(Service):
             port.stopListening()
         self.ports.clear()
 
+    def startService(self) -> None:
+        """Runs after ``twistd`` has daemonized: claim the UNIX socket locks."""
+        super().startService()  # type: ignore[no-untyped-call]
+        for port in self.ports:
+            claim_unix_lock(port)
+
     def stopService(self) -> Deferred[None]:
-        """Stop accepting, then drain (see :meth:`TunnelRegistry.drain`)."""
+        """Stop accepting, drain (see :meth:`TunnelRegistry.drain`), exit 0.
+
+        ``twistd`` and ``twist`` re-raise the signal that stopped them once
+        shutdown is done, so the parent sees "killed by SIGTERM". A drain that
+        ran its course is a successful stop, as for nginx and HAProxy, so the
+        remembered signal is cleared and the process exits with status 0.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]
         self.ports.clear()
         done: Deferred[Any] = gatherResults(stopping)
         done.addBoth(lambda _: self.registry.drain(self.drain_timeout))
+        done.addCallback(self._forget_exit_signal)
         return done
+
+    def _forget_exit_signal(self, result: None) -> None:
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
+        return result

@@ -194,7 +194,12 @@ def build_service(config: Options) -> TunnelService:
         )
 
     return TunnelService(
-        config.listeners, factory_for, registry, config.socket_options, config["drain-timeout"]
+        config.listeners,
+        factory_for,
+        registry,
+        config.socket_options,
+        config["drain-timeout"],
+        reactor=reactor,
     )
 
 
