@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from twisted.internet.address import HostnameAddress
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -17,13 +18,16 @@ from tunnelkit.dialer import Backend, BackendsUnavailable, Dialed, Dialer
 class ControlledEndpoint:
     """An endpoint whose connection attempts the test completes or fails by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel_error: Exception | None = None) -> None:
         self.attempts: list[Deferred[Protocol]] = []
         self.cancelled = 0
+        self.cancel_error = cancel_error
 
     def connect(self, factory: Factory) -> Deferred[Protocol]:
         def cancel(d: Deferred[Protocol]) -> None:
             self.cancelled += 1
+            if self.cancel_error is not None:
+                d.errback(self.cancel_error)
 
         attempt: Deferred[Protocol] = Deferred(cancel)
         self.attempts.append(attempt)
@@ -68,6 +72,18 @@ class DialerTests(SynchronousTestCase):
         clock.advance(0.1)
         self.assertEqual(endpoints[0].cancelled, 1)
         self.assertEqual(len(endpoints[1].attempts), 1)
+
+    def test_timeout_is_reported_as_such_whatever_the_cancel_error(self) -> None:
+        """Twisted's endpoints fail a cancelled attempt with ConnectingCancelledError: still a timeout."""
+        clock = Clock()
+        endpoint = ControlledEndpoint(ConnectingCancelledError(HostnameAddress(b"b0", 80)))
+        dialer = Dialer([Backend("b0", endpoint)], clock, 2.0)
+        failures: list[BackendsUnavailable] = []
+        dialer.dial(Factory()).addErrback(lambda f: failures.append(f.value))
+        clock.advance(2.0)
+        [error] = failures
+        self.assertTrue(error.timed_out)
+        self.assertEqual(str(error), "b0: connect timeout (2 s)")
 
     def test_all_failing_reports_each_reason(self) -> None:
         """When every backend fails, the error names each backend and why."""

@@ -1,7 +1,7 @@
 """Opening the backend: the listed backends in order, the first that connects.
 
-Each attempt is bounded by the connect timeout (``Deferred.addTimeout``
-cancels the endpoint's attempt, which closes its socket), and cancelling the
+Each attempt is bounded by the connect timeout (the dialer cancels the
+endpoint's attempt, which closes its socket), and cancelling the
 whole dial cancels the attempt in flight: a client that leaves while its
 backend is still connecting leaves nothing behind.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet import error
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -50,8 +51,11 @@ class BackendsUnavailable(Exception):
         return bool(self.errors) and self.errors[-1][1].startswith("connect timeout")
 
 
-def _why(failure: Failure, timeout: float) -> str:
-    if failure.check(TimeoutError):
+def _why(failure: Failure, timeout: float, timed_out: bool) -> str:
+    # Endpoints fail a cancelled attempt with ConnectingCancelledError, which
+    # addTimeout does not turn into a TimeoutError: the dialer's own flag
+    # says whether its deadline did the cancelling.
+    if timed_out or failure.check(TimeoutError, error.TimeoutError):
         return f"connect timeout ({timeout:g} s)"
     return failure.getErrorMessage()
 
@@ -88,16 +92,26 @@ class Dialer:
                 return
             backend = self.backends[index]
             connecting = backend.endpoint.connect(factory)
-            connecting.addTimeout(self.connect_timeout, self.clock)
             current[:] = [connecting]
+            timed_out = False
+
+            def deadline() -> None:
+                nonlocal timed_out
+                timed_out = True
+                connecting.cancel()
+
+            timer = self.clock.callLater(self.connect_timeout, deadline)
 
             def connected(protocol: IProtocol) -> None:
+                timer.cancel()
                 result.callback(Dialed(backend, protocol))
 
             def failed(failure: Failure) -> None:
-                if cancelled or failure.check(CancelledError):
+                if timer.active():
+                    timer.cancel()
+                if cancelled:
                     return
-                errors.append((backend, _why(failure, self.connect_timeout)))
+                errors.append((backend, _why(failure, self.connect_timeout, timed_out)))
                 attempt(index + 1)
 
             connecting.addCallbacks(connected, failed)
