@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from tunnelkit.dialer import BackendsUnavailable, Dialed, Dialer
-from tunnelkit.registry import TunnelRegistry
-from tunnelkit.relay import CloseKind, Leg, Timeouts, Tunnel, TunnelRecord
-from tunnelkit.tunnel_log import log_tunnel_closed
+from tunnelkit.listener import TunnelFactory
+from tunnelkit.relay import CloseKind, Leg, Tunnel
 
 
 class _BackendLegFactory(Factory):
@@ -26,55 +26,40 @@ class _BackendLegFactory(Factory):
         return self.tunnel.backend_leg()
 
 
-class ForwardFactory(Factory):
+def dial_backend(tunnel: Tunnel, dialer: Dialer) -> Deferred[Dialed]:
+    """Dial a backend leg for ``tunnel``; the client leaving cancels the attempt."""
+    dialing = dialer.dial(_BackendLegFactory(tunnel))
+    tunnel.pending = dialing
+    return dialing
+
+
+def join_dialed(tunnel: Tunnel, dialed: Dialed) -> None:
+    """Relay between the client and the backend leg that ``dialed`` connected."""
+    tunnel.backend_name = tunnel.backend_name or dialed.backend.name
+    leg: Any = dialed.protocol
+    tunnel.join(leg)
+
+
+def why_not_connected(failure: Failure) -> tuple[str, CloseKind]:
+    """The log reason and close kind for a failed dial."""
+    error = failure.value
+    if isinstance(error, BackendsUnavailable):
+        kind = CloseKind.TIMEOUT if error.timed_out else CloseKind.ERROR
+        return f"no backend connected: {error}", kind
+    return f"backend connect failed: {failure.getErrorMessage()}", CloseKind.ERROR
+
+
+class ForwardFactory(TunnelFactory):
     """Accepts clients on one listener and forwards each to a backend."""
 
-    noisy = False
-
-    def __init__(
-        self,
-        *,
-        listener: str,
-        dialer: Dialer,
-        registry: TunnelRegistry,
-        clock: IReactorTime,
-        timeouts: Timeouts,
-        read_size: int,
-    ) -> None:
-        self.listener = listener
+    def __init__(self, *, dialer: Dialer, **common: Any) -> None:
+        super().__init__(**common)
         self.dialer = dialer
-        self.registry = registry
-        self.clock = clock
-        self.timeouts = timeouts
-        self.read_size = read_size
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        """A new client leg, or ``None`` (the port closes the socket) when full."""
-        tunnel = Tunnel(self.clock, self.timeouts, self._ended, self.read_size)
-        if not self.registry.admit(tunnel):
-            return None
-        tunnel.on_client_connected = self._open_backend
-        return tunnel.client
-
-    def _open_backend(self, tunnel: Tunnel) -> None:
-        dialing = self.dialer.dial(_BackendLegFactory(tunnel))
-        tunnel.pending = dialing
-
-        def connected(dialed: Dialed) -> None:
-            tunnel.backend_name = dialed.backend.name
-            leg: Any = dialed.protocol
-            tunnel.join(leg)
-
+    def start(self, tunnel: Tunnel) -> None:
         def failed(failure: Failure) -> None:
-            error = failure.value
-            if isinstance(error, BackendsUnavailable):
-                kind = CloseKind.TIMEOUT if error.timed_out else CloseKind.ERROR
-                tunnel.fail(f"no backend connected: {error}", kind)
-            else:
-                tunnel.fail(f"backend connect failed: {failure.getErrorMessage()}")
+            tunnel.fail(*why_not_connected(failure))
 
-        dialing.addCallbacks(connected, failed)
-
-    def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:
-        self.registry.discard(tunnel)
-        log_tunnel_closed(record, self.listener)
+        dial_backend(tunnel, self.dialer).addCallbacks(
+            lambda dialed: join_dialed(tunnel, dialed), failed
+        )

@@ -80,6 +80,7 @@ class TunnelRecord:
     closed_by: Side
     close_kind: CloseKind
     reason: str
+    details: dict[str, object] = attrs.field(factory=dict)
 
 
 def describe(address: Any) -> str:
@@ -127,8 +128,26 @@ class Leg(Protocol):
         self.tunnel.last_moved = self._now()
         self._forward(data)
 
+    def intercept(self, handler: Callable[[bytes], None]) -> None:
+        """Until the tunnel is joined, give what is read to ``handler`` instead of holding it.
+
+        A mode that must read a request first (CONNECT, SOCKS) parses it here,
+        then passes whatever followed the request to :meth:`hold` for the backend.
+        """
+        self._forward = handler
+
+    def hold(self, data: bytes) -> None:
+        """Keep ``data`` for the backend: it is sent first, once joined."""
+        if data:
+            self._held.append(data)
+
     def start_forwarding(self, write: Callable[[bytes], None]) -> None:
-        """Send what was held, then send everything read from now on to ``write``."""
+        """Send what was held, then send everything read from now on to ``write``.
+
+        From here on :attr:`received` counts relayed bytes only: a request a
+        mode consumed before the join is not part of the tunnel's traffic.
+        """
+        self.received = sum(map(len, self._held))
         for chunk in self._held:
             write(chunk)
         self._held.clear()
@@ -174,6 +193,8 @@ class Tunnel:
         self.connect_time: float | None = None
         self.pending: Deferred[Any] | None = None
         self.on_client_connected: Callable[[Tunnel], None] | None = None
+        #: Mode-specific facts for the log record (CONNECT target, user, status).
+        self.details: dict[str, object] = {}
         self._on_end = on_end
         self._first: tuple[Side, CloseKind, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
@@ -334,5 +355,6 @@ class Tunnel:
                 closed_by=side,
                 close_kind=kind,
                 reason=reason,
+                details=self.details,
             ),
         )

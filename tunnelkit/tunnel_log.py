@@ -20,7 +20,11 @@ _FORMAT = (
 
 
 def log_tunnel_closed(record: TunnelRecord, listener: str) -> None:
-    """Emit ``tunnel_closed`` for ``record``, seen on ``listener``."""
+    """Emit ``tunnel_closed`` for ``record``, seen on ``listener``.
+
+    A mode's :attr:`TunnelRecord.details` (CONNECT's target, status and user)
+    become fields of their own.
+    """
     log.info(
         _FORMAT,
         event="tunnel_closed",
@@ -35,4 +39,5 @@ def log_tunnel_closed(record: TunnelRecord, listener: str) -> None:
         closed_by=record.closed_by.value,
         close_kind=record.close_kind.value,
         reason=record.reason,
+        **record.details,
     )

@@ -1,0 +1,298 @@
+"""CONNECT mode in memory: request to join, every refusal, one lookup, cancellation."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from test_relay import HalfCloseTransport
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
+from tunnelkit.registry import TunnelRegistry
+from tunnelkit.relay import Timeouts, TunnelRecord
+from tunnelkit.resolver import IPAddress, ResolveError
+from tunnelkit.target_policy import TargetPolicy
+
+#: A globally routable address (documentation ranges are not "global"); only
+#: ever handed to a memory reactor, never dialled.
+PUBLIC = ipaddress.ip_address("93.184.216.34")
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+class Harness:
+    """A CONNECT listener on a memory reactor with a scripted resolver and authenticator."""
+
+    def __init__(
+        self,
+        policy: TargetPolicy | None = None,
+        *,
+        auth: bool = False,
+        resolve_error: Exception | None = None,
+        resolve_hangs: bool = False,
+    ) -> None:
+        self.reactor = MemoryReactorClock()
+        self.records: list[TunnelRecord] = []
+        self.lookups: list[tuple[str, int]] = []
+        self.answers: list[list[IPAddress]] = [[PUBLIC], [LOOPBACK]]
+        self.auth_checks: list[tuple[str, str]] = []
+        self.pending_auth: Deferred[bool] | None = None
+        self.resolve_error = resolve_error
+        self.resolve_hangs = resolve_hangs
+        self.registry = TunnelRegistry(self.reactor, 10)
+        settings = ConnectSettings(
+            policy=policy or TargetPolicy(),
+            resolve=self.resolve,
+            outbound=self.reactor,
+            connect_timeout=5.0,
+            header_timeout=10.0,
+            authenticate=self.authenticate if auth else None,
+        )
+        self.factory = ConnectFactory(
+            settings=settings,
+            listener="test",
+            registry=self.registry,
+            clock=self.reactor,
+            timeouts=Timeouts(idle=None, fin=None),
+            read_size=65536,
+        )
+        self.factory._ended = self._ended  # type: ignore[method-assign]
+        self.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "198.51.100.5", 5000))
+        self.leg: Any = self.factory.buildProtocol(self.client.getPeer())
+        self.leg.makeConnection(self.client)
+
+    def _ended(self, tunnel: Any, record: TunnelRecord) -> None:
+        self.registry.discard(tunnel)
+        self.records.append(record)
+
+    def resolve(self, host: str, port: int) -> Deferred[list[IPAddress]]:
+        self.lookups.append((host, port))
+        if self.resolve_hangs:
+            return Deferred()
+        if self.resolve_error is not None:
+            return fail(self.resolve_error)
+        return succeed(self.answers.pop(0))
+
+    def authenticate(self, user: str, password: str) -> Deferred[bool]:
+        self.auth_checks.append((user, password))
+        self.pending_auth = Deferred()
+        return self.pending_auth
+
+    def send(self, data: bytes) -> None:
+        self.leg.dataReceived(data)
+
+    def connect_backend(self) -> HalfCloseTransport:
+        """Complete the outbound connection the proxy started; return its transport."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[-1]
+        transport = HalfCloseTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        transport.protocol = protocol
+        return transport
+
+    def response(self) -> bytes:
+        return bytes(self.client.value())
+
+
+class ConnectModeTests(SynchronousTestCase):
+    """The CONNECT session from request head to join or refusal."""
+
+    def test_pipelined_bytes_reach_target_after_200(self) -> None:
+        """Bytes after the header in the same read go to the target exactly once, after the 200."""
+        h = Harness(TargetPolicy.from_options(allow=["example.org"]))
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\nHELLO")
+        self.assertEqual(h.response(), b"")
+        self.assertEqual(h.client.producerState, "paused")
+        backend = h.connect_backend()
+        self.assertEqual(h.response(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertEqual(backend.value(), b"HELLO")
+        self.assertEqual(h.client.producerState, "producing")
+        h.send(b" WORLD")
+        self.assertEqual(backend.value(), b"HELLO WORLD")
+
+    def test_header_byte_by_byte(self) -> None:
+        """A header arriving one byte at a time still yields one tunnel to the named target."""
+        h = Harness()
+        for byte in b"CONNECT example.org:443 HTTP/1.0\r\n\r\n":
+            h.send(bytes([byte]))
+        self.assertEqual(h.lookups, [("example.org", 443)])
+        self.assertEqual(h.reactor.tcpClients[-1][:2], (str(PUBLIC), 443))
+
+    def test_one_lookup_and_connect_to_the_checked_address(self) -> None:
+        """DNS rebinding: the name is resolved once and the checked public address is dialled."""
+        h = Harness()
+        h.send(b"CONNECT rebind.example:443 HTTP/1.1\r\n\r\n")
+        h.connect_backend()
+        self.assertEqual(h.lookups, [("rebind.example", 443)])
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [(str(PUBLIC), 443)])
+
+    def test_name_resolving_to_loopback_is_refused(self) -> None:
+        """A name whose lookup answers 127.0.0.1 gets 403 and no connection attempt."""
+        h = Harness()
+        h.answers = [[LOOPBACK]]
+        h.send(b"CONNECT evil.example:22 HTTP/1.1\r\n\r\n")
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 403 Forbidden\r\n"))
+        self.assertEqual(h.reactor.tcpClients, [])
+        self.assertTrue(h.client.disconnecting)
+
+    def test_unresolvable_name_is_502(self) -> None:
+        """A lookup failure answers 502 Bad Gateway and closes."""
+        h = Harness(resolve_error=ResolveError("cannot resolve 'nowhere.invalid'"))
+        h.send(b"CONNECT nowhere.invalid:443 HTTP/1.1\r\n\r\n")
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 502 Bad Gateway\r\n"))
+        self.assertTrue(h.client.disconnecting)
+        self.assertEqual(h.reactor.tcpClients, [])
+
+    def test_slow_lookup_is_504(self) -> None:
+        """A lookup that outlives the connect timeout answers 504."""
+        h = Harness(resolve_hangs=True)
+        h.send(b"CONNECT slow.example:443 HTTP/1.1\r\n\r\n")
+        h.reactor.advance(5.0)
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n"))
+
+    def test_refused_target_is_502_and_timeout_is_504(self) -> None:
+        """A refused connection answers 502; one that times out answers 504."""
+        for advance, status in ((None, b"502"), (5.0, b"504")):
+            h = Harness()
+            h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+            connector = h.reactor.connectors[-1]
+            if advance is None:
+                _host, _port, factory, _t, _b = h.reactor.tcpClients[-1]
+                factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+            else:
+                h.reactor.advance(advance)
+            self.assertTrue(h.response().startswith(b"HTTP/1.1 " + status), h.response())
+            self.assertTrue(h.client.disconnecting)
+
+    def test_numeric_loopback_refused_without_lookup(self) -> None:
+        """127.1 is the loopback address: refused by the default policy, never resolved."""
+        h = Harness()
+        h.send(b"CONNECT 127.1:80 HTTP/1.1\r\n\r\n")
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 403 "))
+        self.assertEqual(h.lookups, [])
+
+    def test_bad_request_then_smuggled_request_gets_one_answer(self) -> None:
+        """A refused head followed by another request in the same read: one response, then close."""
+        h = Harness()
+        h.send(b"GET http://x/ HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
+        answer = h.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n"))
+        self.assertIn(b"\r\nAllow: CONNECT\r\n", answer)
+        self.assertEqual(answer.count(b"HTTP/1.1"), 1)
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+        self.assertEqual(h.response(), answer)
+        self.assertTrue(h.client.disconnecting)
+
+    def test_header_deadline_answers_408(self) -> None:
+        """An incomplete head at the header deadline answers 408 and closes."""
+        h = Harness()
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\nX-Slow: 1")
+        h.reactor.advance(9.9)
+        self.assertEqual(h.response(), b"")
+        h.reactor.advance(0.2)
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
+        self.assertTrue(h.client.disconnecting)
+
+    def test_complete_head_cancels_header_deadline(self) -> None:
+        """Once the head is complete the header deadline no longer applies."""
+        h = Harness()
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+        h.connect_backend()
+        h.reactor.advance(60)
+        self.assertEqual(h.response(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertFalse(h.client.disconnecting)
+
+    def test_auth_required_407(self) -> None:
+        """With users configured, a request without credentials answers 407 with the Basic realm."""
+        h = Harness(auth=True)
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+        answer = h.response()
+        self.assertTrue(answer.startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n"))
+        self.assertIn(b'\r\nProxy-Authenticate: Basic realm="tunnelkit"\r\n', answer)
+        self.assertEqual(h.auth_checks, [])
+
+    def test_auth_checked_then_connects(self) -> None:
+        """Credentials are checked (asynchronously) before any lookup; a match proceeds."""
+        h = Harness(auth=True)
+        h.send(
+            b"CONNECT example.org:443 HTTP/1.1\r\n"
+            b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
+        )
+        self.assertEqual(h.auth_checks, [("user", "s3cret")])
+        self.assertEqual(h.lookups, [])
+        assert h.pending_auth is not None
+        h.pending_auth.callback(True)
+        backend = h.connect_backend()
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 200 "))
+        h.leg.connectionLost(Failure(ConnectionDone()))
+        backend.protocol.connectionLost(Failure(ConnectionDone()))
+        [record] = h.records
+        self.assertEqual(record.details["user"], "user")
+        self.assertNotIn("s3cret", repr(record))
+
+    def test_wrong_password_407(self) -> None:
+        """A failed check answers 407 and never resolves the target."""
+        h = Harness(auth=True)
+        h.send(
+            b"CONNECT example.org:443 HTTP/1.1\r\n"
+            b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
+        )
+        assert h.pending_auth is not None
+        h.pending_auth.callback(False)
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 407 "))
+        self.assertEqual(h.lookups, [])
+
+    def test_client_leaving_during_auth_cancels_everything(self) -> None:
+        """A client gone while its credentials are checked: no lookup, no dial, one record."""
+        h = Harness(auth=True)
+        h.send(
+            b"CONNECT example.org:443 HTTP/1.1\r\n"
+            b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
+        )
+        h.leg.connectionLost(Failure(ConnectionDone()))
+        assert h.pending_auth is not None
+        self.assertTrue(h.pending_auth.called)
+        self.assertEqual((h.lookups, h.reactor.tcpClients), ([], []))
+        self.assertEqual(len(h.records), 1)
+        self.assertEqual(h.records[0].details["user"], "user")
+
+    def test_client_leaving_during_dial_cancels_it(self) -> None:
+        """A client gone while the target connects: the attempt is cancelled, one record."""
+        h = Harness()
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\n")
+        connector = h.reactor.connectors[-1]
+        h.leg.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(connector.stoppedConnecting)
+        self.assertEqual(len(h.records), 1)
+        self.assertEqual(h.records[0].details["target"], "example.org:443")
+
+    def test_record_has_target_status_and_tunnel_bytes(self) -> None:
+        """The record names the target and status, and counts only bytes after the head."""
+        h = Harness()
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\nabc")
+        backend = h.connect_backend()
+        h.send(b"defg")
+        h.leg.connectionLost(Failure(ConnectionDone()))
+        backend.protocol.connectionLost(Failure(ConnectionDone()))
+        [record] = h.records
+        self.assertEqual(
+            record.details, {"mode": "connect", "target": "example.org:443", "status": 200}
+        )
+        self.assertEqual(record.bytes_up, 7)
+        self.assertEqual(record.backend_address, f"{PUBLIC}:443")
+
+    def test_full_registry_answers_503(self) -> None:
+        """At the connection cap a new client gets 503 and a close."""
+        h = Harness()
+        h.registry.max_tunnels = 1
+        late = HalfCloseTransport()
+        protocol = h.factory.buildProtocol(IPv4Address("TCP", "198.51.100.6", 5001))
+        assert protocol is not None
+        protocol.makeConnection(late)
+        self.assertTrue(late.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
+        self.assertTrue(late.disconnecting)

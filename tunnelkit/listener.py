@@ -1,0 +1,85 @@
+"""What every listener does with a new client, whatever its mode.
+
+A :class:`TunnelFactory` admits or refuses the client (client policy, the
+connection cap), makes its :class:`Tunnel`, hands it to the mode's
+:meth:`TunnelFactory.start` and logs the record when it ends. Modes only say
+how the backend is found: forward dials the configured backends, CONNECT
+reads a request first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from tunnelkit.registry import TunnelRegistry
+from tunnelkit.relay import Timeouts, Tunnel, TunnelRecord
+from tunnelkit.target_policy import ClientPolicy
+from tunnelkit.tunnel_log import log_tunnel_closed
+
+log = Logger(namespace="tunnelkit.listener")
+
+
+class TunnelFactory(Factory):
+    """Accepts clients on one listener; subclasses implement :meth:`start`."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        listener: str,
+        registry: TunnelRegistry,
+        clock: IReactorTime,
+        timeouts: Timeouts,
+        read_size: int,
+        clients: ClientPolicy | None = None,
+    ) -> None:
+        self.listener = listener
+        self.registry = registry
+        self.clock = clock
+        self.timeouts = timeouts
+        self.read_size = read_size
+        self.clients = clients or ClientPolicy()
+        self.refused_clients = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        """A new client leg, or ``None`` (the port closes the socket) if refused."""
+        if not self.client_allowed(addr):
+            return None
+        tunnel = Tunnel(self.clock, self.timeouts, self._ended, self.read_size)
+        if not self.registry.admit(tunnel):
+            return self.overloaded()
+        tunnel.on_client_connected = self.start
+        return tunnel.client
+
+    def client_allowed(self, addr: IAddress | None) -> bool:
+        """``--allow-client``/``--deny-client`` for IP peers; UNIX peers pass (file modes guard them)."""
+        if not isinstance(addr, IPv4Address | IPv6Address):
+            return True
+        if self.clients.allows(ipaddress.ip_address(addr.host.split("%", 1)[0])):
+            return True
+        self.refused_clients += 1
+        log.info(
+            "client {client} refused by the client policy",
+            event="client_refused",
+            listener=self.listener,
+            client=f"{addr.host}:{addr.port}",
+        )
+        return False
+
+    def overloaded(self) -> Protocol | None:
+        """What a client gets when the connection cap is reached: a plain close."""
+        return None
+
+    def start(self, tunnel: Tunnel) -> None:
+        """The client is connected (and paused): find its backend."""
+        raise NotImplementedError
+
+    def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:
+        self.registry.discard(tunnel)
+        log_tunnel_closed(record, self.listener)
