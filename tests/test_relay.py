@@ -63,50 +63,31 @@ class RelayHarness:
 class SetUpTests(SynchronousTestCase):
     """Before and at the moment the backend joins."""
 
-    def test_client_paused_until_backend_joins(self) -> None:
-        """The client is not read until there is a backend to send to, then resumed."""
+    def test_client_held_up_to_a_read_size_while_connecting(self) -> None:
+        """While the backend connects the client is still read, and paused once a read size is held."""
         h = RelayHarness()
-        self.assertEqual(h.client_transport.producerState, "paused")
+        self.assertEqual(h.client_transport.producerState, "producing")
         self.assertEqual(h.opened, [h.tunnel])
+        h.tunnel.client.dataReceived(b"x" * 65535)
+        self.assertEqual(h.client_transport.producerState, "producing")
+        h.tunnel.client.dataReceived(b"y")
+        self.assertEqual(h.client_transport.producerState, "paused")
         h.connect_backend()
         self.assertEqual(h.client_transport.producerState, "producing")
+        self.assertEqual(h.backend_transport.value(), b"x" * 65535 + b"y")
 
-    def test_producers_registered_both_ways(self) -> None:
-        """Each transport is the other's streaming producer."""
+    def test_client_eof_while_connecting_is_passed_on_after_join(self) -> None:
+        """EOF before the backend joins: the backend gets the early bytes, then the half-close."""
         h = RelayHarness()
-        h.connect_backend()
-        self.assertIs(h.client_transport.producer, h.backend_transport)
-        self.assertTrue(h.client_transport.streaming)
-        self.assertIs(h.backend_transport.producer, h.client_transport)
-        self.assertTrue(h.backend_transport.streaming)
-
-    def test_pause_and_resume_propagate(self) -> None:
-        """A full client buffer pauses the backend's socket and resumes it, and vice versa."""
-        h = RelayHarness()
-        h.connect_backend()
-        h.client_transport.producer.pauseProducing()
-        self.assertEqual(h.backend_transport.producerState, "paused")
-        h.client_transport.producer.resumeProducing()
-        self.assertEqual(h.backend_transport.producerState, "producing")
-        h.backend_transport.producer.pauseProducing()
-        self.assertEqual(h.client_transport.producerState, "paused")
-
-    def test_bytes_read_before_join_are_sent_first(self) -> None:
-        """Bytes that arrive before the backend joins reach it first and exactly once."""
-        h = RelayHarness()
-        h.tunnel.client.dataReceived(b"early ")
+        h.tunnel.pending = Deferred()
+        h.tunnel.client.dataReceived(b"request")
+        h.tunnel.client.readConnectionLost()
+        self.assertFalse(h.client_transport.disconnecting)
         backend = h.connect_backend()
-        h.tunnel.client.dataReceived(b"later")
-        self.assertEqual(h.backend_transport.value(), b"early later")
+        self.assertEqual(h.backend_transport.value(), b"request")
+        self.assertTrue(h.backend_transport.write_closed)
         backend.dataReceived(b"reply")
         self.assertEqual(h.client_transport.value(), b"reply")
-
-    def test_read_size_is_set_on_both_transports(self) -> None:
-        """The configured read size becomes each transport's bufferSize."""
-        h = RelayHarness()
-        h.connect_backend()
-        self.assertEqual(h.client_transport.bufferSize, 65536)
-        self.assertEqual(h.backend_transport.bufferSize, 65536)
 
 
 class CloseTests(SynchronousTestCase):

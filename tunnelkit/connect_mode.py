@@ -112,6 +112,10 @@ def _refusal_answer(decision: Decision) -> _Answer:
     return _Answer(403, f"{why}: {shown}:{decision.port}")
 
 
+def _discard(data: bytes) -> None:
+    """Bytes after a refused request head: never parsed, never relayed."""
+
+
 class ConnectSession:
     """One client's CONNECT request, from the first byte to the join or the refusal."""
 
@@ -123,17 +127,16 @@ class ConnectSession:
         self.deadline: IDelayedCall | None = None
 
     def begin(self) -> None:
-        """Read the request head (the relay paused the client) within the header deadline."""
+        """Read the request head within the header deadline."""
         self.tunnel.details["mode"] = "connect"
         self.deadline = self.clock.callLater(self.settings.header_timeout, self._too_slow)
         self.tunnel.client.intercept(self._feed)
-        self.tunnel.client.transport.resumeProducing()
 
-    def _stop_reading(self) -> None:
+    def _head_done(self, then: Callable[[bytes], None] | None) -> None:
+        """Stop parsing: later bytes go to ``then`` (``None``: held for the target)."""
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
-        self.tunnel.client.transport.pauseProducing()
-        self.tunnel.client.intercept(lambda data: None)
+        self.tunnel.client.intercept(then)
 
     def _too_slow(self) -> None:
         self.deadline = None
@@ -154,7 +157,7 @@ class ConnectSession:
                 _Answer(outcome.status, f"bad request: {outcome.reason}", headers=outcome.headers)
             )
             return
-        self._stop_reading()
+        self._head_done(None)
         self.tunnel.client.hold(outcome.rest)
         self.tunnel.details["target"] = outcome.authority
         self.tunnel.backend_name = outcome.authority
@@ -166,12 +169,12 @@ class ConnectSession:
         self.tunnel.abort("internal error", CloseKind.ERROR)
 
     def _refuse(self, answer: _Answer) -> None:
-        self._stop_reading()
+        self._head_done(_discard)
         self.tunnel.details["status"] = answer.status
         client = self.tunnel.client
         if not client.lost:
             client.transport.write(response(answer.status, answer.headers))
-        self.tunnel.fail(answer.reason, answer.kind)
+        pass
 
     async def _serve(self, request: ConnectRequest) -> None:
         try:

@@ -77,7 +77,7 @@ class TunnelFactory(Factory):
         return None
 
     def start(self, tunnel: Tunnel) -> None:
-        """The client is connected (and paused): find its backend."""
+        """The client is connected: find its backend (or read its request first)."""
         raise NotImplementedError
 
     def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:

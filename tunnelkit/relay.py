@@ -99,8 +99,11 @@ def describe(address: Any) -> str:
 class Leg(Protocol):
     """One connection of a tunnel; moves what it reads to the other leg.
 
-    Before the tunnel is joined, bytes read here are held (the client leg is
-    paused, so at most one read's worth) and written first once joined.
+    Before the tunnel is joined, bytes read here are held, and the leg pauses
+    once it holds a read size: memory stays bounded, yet the socket is still
+    watched while the backend connects, so a client that resets or closes is
+    noticed at once and its pending connect cancelled (a paused socket is not
+    polled at all). Held bytes are written first once joined.
     """
 
     # A TCP/UNIX transport or a TLS wrapper: all provide the producer/consumer
@@ -115,7 +118,8 @@ class Leg(Protocol):
         self.read_done = False
         self.lost = False
         self._held: list[bytes] = []
-        self._forward: Callable[[bytes], None] = self._held.append
+        self._held_size = 0
+        self._forward: Callable[[bytes], None] = self.hold
         self._now = tunnel.clock.seconds
 
     def connectionMade(self) -> None:
@@ -128,18 +132,22 @@ class Leg(Protocol):
         self.tunnel.last_moved = self._now()
         self._forward(data)
 
-    def intercept(self, handler: Callable[[bytes], None]) -> None:
+    def intercept(self, handler: Callable[[bytes], None] | None) -> None:
         """Until the tunnel is joined, give what is read to ``handler`` instead of holding it.
 
         A mode that must read a request first (CONNECT, SOCKS) parses it here,
-        then passes whatever followed the request to :meth:`hold` for the backend.
+        then passes whatever followed the request to :meth:`hold` for the
+        backend and calls ``intercept(None)`` to hold what comes next.
         """
-        self._forward = handler
+        self._forward = handler or self.hold
 
     def hold(self, data: bytes) -> None:
-        """Keep ``data`` for the backend: it is sent first, once joined."""
+        """Keep ``data`` for the backend (sent first, once joined); pause when a read size is held."""
         if data:
             self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size >= self.tunnel.read_size:
+                self.transport.pauseProducing()
 
     def start_forwarding(self, write: Callable[[bytes], None]) -> None:
         """Send what was held, then send everything read from now on to ``write``.
@@ -147,10 +155,11 @@ class Leg(Protocol):
         From here on :attr:`received` counts relayed bytes only: a request a
         mode consumed before the join is not part of the tunnel's traffic.
         """
-        self.received = sum(map(len, self._held))
+        self.received = self._held_size
         for chunk in self._held:
             write(chunk)
         self._held.clear()
+        self._held_size = 0
         self._forward = write
 
     def readConnectionLost(self) -> None:
@@ -203,11 +212,9 @@ class Tunnel:
     # -- set-up ------------------------------------------------------------
 
     def leg_connected(self, leg: Leg) -> None:
-        """The client leg pauses until a backend is joined; the mode opens one."""
-        if leg is self.client:
-            leg.transport.pauseProducing()
-            if self.on_client_connected is not None:
-                self.on_client_connected(self)
+        """A new client: the mode opens its backend (or first reads its request)."""
+        if leg is self.client and self.on_client_connected is not None:
+            self.on_client_connected(self)
 
     def backend_leg(self) -> Leg:
         """A fresh backend leg for the mode's outbound connection attempt."""
@@ -230,7 +237,10 @@ class Tunnel:
         self.last_moved = self.clock.seconds()
         if self.timeouts.idle:
             self._arm("idle", self.timeouts.idle, self._check_idle)
-        client_transport.resumeProducing()
+        if self.client.read_done:
+            self._pass_eof(self.client, backend)
+        else:
+            client_transport.resumeProducing()
 
     def fail(self, reason: str, kind: CloseKind = CloseKind.ERROR) -> None:
         """The backend could not be opened: close the client and say why."""
@@ -249,12 +259,21 @@ class Tunnel:
             self._first = (side, kind, reason)
 
     def leg_eof(self, leg: Leg) -> None:
-        """EOF from ``leg``: pass it on as a half-close and keep the other way open."""
+        """EOF from ``leg``: pass it on as a half-close and keep the other way open.
+
+        A client's EOF while its backend is still connecting is passed on
+        after the join, behind the bytes it sent first.
+        """
         self._note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
         peer = self._peer(leg)
+        if peer is None and self.pending is not None:
+            return
         if peer is None or peer.lost:
             leg.transport.loseConnection()
             return
+        self._pass_eof(leg, peer)
+
+    def _pass_eof(self, leg: Leg, peer: Leg) -> None:
         peer_transport = peer.transport
         peer_transport.unregisterProducer()
         peer_transport.loseWriteConnection()
