@@ -1,0 +1,368 @@
+"""Real loopback sockets for relay tests: an in-process forwarder, threaded backends, clients.
+
+:class:`Forwarder` is tunnelkit's service built from command-line arguments
+(``tunnelkit.tap.Options`` and ``build_service``) and listening on the real
+reactor of this process, so a ``twisted.trial.unittest.TestCase`` can reach
+the proxy's own sockets and its ``tunnel_closed`` records. Backends and
+clients are blocking sockets used from threads; every blocking call has a
+timeout and every loop a bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import queue
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from zope.interface import implementer
+
+from tunnelkit.relay import Tunnel
+from tunnelkit.tap import Options, build_service
+
+MiB = 1024 * 1024
+
+#: Timeout of every blocking socket operation of a backend or client.
+IO_TIMEOUT = 15.0
+
+#: Longest wait for an expected ``tunnel_closed`` record.
+RECORD_TIMEOUT = 15.0
+
+Handler = Callable[[socket.socket], Any]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``127.0.0.1:80`` or ``[::1]:80`` as a (host, port) pair."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- clients --------------------------------------------------------------
+
+
+def connect(address: str, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A blocking TCP socket connected to ``host:port`` or ``[v6]:port``."""
+    host, port = split_address(address)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer if EOF comes first."""
+    chunks = []
+    left = size
+    while left and (chunk := sock.recv(min(left, MiB))):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything until EOF."""
+    chunks = []
+    while chunk := sock.recv(MiB):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close abortively: SO_LINGER with a zero timeout makes close() send an RST."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def recv_outcome(sock: socket.socket) -> tuple[bytes, str]:
+    """Read until the connection ends; the bytes and how it ended: ``EOF`` or ``RST``."""
+    chunks = []
+    try:
+        while chunk := sock.recv(MiB):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "RST"
+    return b"".join(chunks), "EOF"
+
+
+# -- backends -------------------------------------------------------------
+
+
+class ThreadedServer:
+    """A loopback TCP server running ``handler(conn)`` in a thread per connection.
+
+    What each handler returns (or raises) is queued, in order of completion,
+    for :meth:`outcome`. It can be made to ignore connection attempts for a
+    while (:meth:`silence`), as a backend that is down or overloaded would.
+    """
+
+    def __init__(
+        self, handler: Handler, host: str = "127.0.0.1", backlog: int = 128, silent: bool = False
+    ) -> None:
+        self.handler = handler
+        self.backlog = backlog
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.address = join_address(host, self.sock.getsockname()[1])
+        self.accepted = 0
+        #: True while SYNs to :attr:`address` go unanswered.
+        self.silent = False
+        self._outcomes: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._acceptor: threading.Thread | None = None
+        self._fillers: list[socket.socket] = []
+        if silent:
+            self.silence()
+        else:
+            self.open()
+
+    def open(self) -> None:
+        """Accept and serve connections (again, after :meth:`silence`)."""
+        self.sock.listen(self.backlog)
+        self.sock.settimeout(0.05)
+        self._stop.clear()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+        self.silent = False
+        for filler in self._fillers:
+            filler.close()
+        self._fillers.clear()
+
+    def silence(self) -> bool:
+        """Stop accepting and leave new SYNs unanswered (see :func:`fill_accept_queue`).
+
+        Returns :attr:`silent`: False when this kernel answers SYNs anyway.
+        """
+        self._stop_accepting()
+        self.sock.settimeout(None)
+        self.sock.listen(0)
+        fillers = fill_accept_queue(self.sock)
+        self._fillers = fillers or []
+        self.silent = fillers is not None
+        return self.silent
+
+    def _stop_accepting(self) -> None:
+        self._stop.set()
+        if self._acceptor is not None:
+            self._acceptor.join(5)
+            assert not self._acceptor.is_alive(), "the accept loop did not stop"
+            self._acceptor = None
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(IO_TIMEOUT)
+            serving = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+                self._threads.append(serving)
+            serving.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                result = self.handler(conn)
+        except BaseException as e:
+            self._outcomes.put((False, e))
+        else:
+            self._outcomes.put((True, result))
+
+    def outcome(self, timeout: float = IO_TIMEOUT) -> Any:
+        """What the next handler to finish returned; re-raises what it raised."""
+        try:
+            ok, value = self._outcomes.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no backend handler finished within {timeout:g} s") from None
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop accepting, unblock and end every handler (bounded waits)."""
+        self._stop_accepting()
+        for filler in self._fillers:
+            filler.close()
+        self.sock.close()
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(5)
+
+
+def echo(conn: socket.socket) -> int:
+    """Send back every byte until EOF, then half-close; return the count."""
+    total = 0
+    while data := conn.recv(256 * 1024):
+        conn.sendall(data)
+        total += len(data)
+    conn.shutdown(socket.SHUT_WR)
+    return total
+
+
+def fill_accept_queue(listener: socket.socket) -> list[socket.socket] | None:
+    """Make a listener with a backlog of 0 drop SYNs; the sockets queued there, or ``None``.
+
+    A backlog of 0 takes one connection into the accept queue; while nothing
+    accepts it, Linux drops the SYNs of further connections (a full accept
+    queue drops SYNs even with syncookies on), so a connect there neither
+    succeeds nor is refused. Real connects try it: the first that times out
+    proves it. ``None`` (nothing left open) if the kernel answers them all.
+    """
+    target = listener.getsockname()
+    fillers: list[socket.socket] = []
+    for _ in range(8):
+        probe = socket.socket(listener.family, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(target)
+        except TimeoutError:
+            probe.close()
+            return fillers
+        except BaseException:
+            probe.close()
+            for filler in fillers:
+                filler.close()
+            raise
+        fillers.append(probe)
+    for filler in fillers:
+        filler.close()
+    return None
+
+
+@contextlib.contextmanager
+def silent_listener() -> Iterator[str | None]:
+    """A loopback address whose SYNs go unanswered, or ``None`` if the kernel answers anyway."""
+    server = ThreadedServer(echo, silent=True)
+    try:
+        yield server.address if server.silent else None
+    finally:
+        server.close()
+
+
+# -- the forwarder under test -----------------------------------------------
+
+
+@implementer(ILogObserver)
+class TunnelRecords:
+    """A log observer keeping the fields of every ``tunnel_closed`` event, in order."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.records: list[dict[str, Any]] = []
+        self._waiters: list[tuple[int, Deferred[list[dict[str, Any]]]]] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("log_namespace") != "tunnelkit.tunnel":
+            return
+        if event.get("event") != "tunnel_closed":
+            return
+        self.records.append(dict(event))
+        for count, waiter in list(self._waiters):
+            if len(self.records) >= count:
+                self._waiters.remove((count, waiter))
+                if not waiter.called:
+                    waiter.callback(self.records[:count])
+
+    def first(self, count: int, timeout: float) -> Deferred[list[dict[str, Any]]]:
+        """Fires with the first ``count`` records once there are that many; fails after ``timeout`` s."""
+        if len(self.records) >= count:
+            return succeed(self.records[:count])
+        waiter: Deferred[list[dict[str, Any]]] = Deferred()
+        self._waiters.append((count, waiter))
+
+        def too_late(result: object, timeout: float) -> list[dict[str, Any]]:
+            raise AssertionError(
+                f"{count} tunnel_closed records: not within {timeout:g} s "
+                f"(got {len(self.records)}: {self.records})"
+            )
+
+        return waiter.addTimeout(timeout, self.clock, onTimeoutCancel=too_late)
+
+
+class Forwarder:
+    """tunnelkit's service from command-line ``args``, listening on 127.0.0.1:0 in-process.
+
+    Every ``tunnel_closed`` event it logs is kept in :attr:`records` (the
+    event's fields, as documented in docs/logging.md). Use it from a trial
+    ``TestCase`` running the global reactor; :meth:`stop` must be called (as a
+    cleanup) so no port or tunnel outlives the test.
+    """
+
+    def __init__(self, *args: str, listen: str = "127.0.0.1:0") -> None:
+        from twisted.internet import reactor
+
+        config = Options(reactor)
+        # An explicit --max-connections keeps build_service from raising this
+        # process's file-descriptor limit; a short drain bounds stop().
+        config.parseOptions(
+            ["--listen", listen, "--max-connections", "4096", "--drain-timeout", "2", *args]
+        )
+        self.service = build_service(config)
+        self._log = TunnelRecords(reactor)
+        self.records = self._log.records
+        globalLogPublisher.addObserver(self._log)
+        try:
+            self.service.listen()
+        except BaseException:
+            globalLogPublisher.removeObserver(self._log)
+            raise
+        bound: Any = self.service.ports[0].getHost()
+        self.address = join_address(bound.host, bound.port)
+
+    @property
+    def tunnels(self) -> list[Tunnel]:
+        """The tunnels live right now."""
+        return list(self.service.registry.active)
+
+    def closed(
+        self, count: int = 1, timeout: float = RECORD_TIMEOUT
+    ) -> Deferred[list[dict[str, Any]]]:
+        """Fires with the first ``count`` records once that many tunnels have ended."""
+        return self._log.first(count, timeout)
+
+    def stop(self) -> Deferred[Any]:
+        """Stop listening and let live tunnels end (reset after 2 s), as on SIGTERM."""
+        stopped: Deferred[Any] = self.service.stopService()
+
+        def done(result: object) -> object:
+            globalLogPublisher.removeObserver(self._log)
+            return result
+
+        return stopped.addBoth(done)
+
+
+def proxy_sockets(tunnel: Tunnel) -> tuple[socket.socket, socket.socket]:
+    """The proxy's accepted (client-facing) and outbound (backend-facing) sockets of a joined tunnel."""
+    assert tunnel.backend is not None, "the tunnel has no backend yet"
+    client: socket.socket = tunnel.client.transport.getHandle()
+    backend: socket.socket = tunnel.backend.transport.getHandle()
+    return client, backend
