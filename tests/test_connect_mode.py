@@ -197,6 +197,14 @@ class ConnectModeTests(SynchronousTestCase):
         self.assertTrue(h.response().startswith(b"HTTP/1.1 408 Request Timeout\r\n"))
         self.assertTrue(h.client.disconnecting)
 
+    def test_client_leaving_mid_head_cancels_header_deadline(self) -> None:
+        """A client gone in the middle of its head leaves no timer behind."""
+        h = Harness()
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n")
+        h.leg.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(h.reactor.getDelayedCalls(), [])
+        self.assertEqual(len(h.records), 1)
+
     def test_complete_head_cancels_header_deadline(self) -> None:
         """Once the head is complete the header deadline no longer applies."""
         h = Harness()

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -124,22 +124,19 @@ class ConnectSession:
         self.settings = settings
         self.clock = clock
         self.parser = settings.parser()
-        self.deadline: IDelayedCall | None = None
 
     def begin(self) -> None:
         """Read the request head within the header deadline."""
         self.tunnel.details["mode"] = "connect"
-        self.deadline = self.clock.callLater(self.settings.header_timeout, self._too_slow)
+        self.tunnel.arm("header", self.settings.header_timeout, self._too_slow)
         self.tunnel.client.intercept(self._feed)
 
     def _head_done(self, then: Callable[[bytes], None] | None) -> None:
         """Stop parsing: later bytes go to ``then`` (``None``: held for the target)."""
-        if self.deadline is not None and self.deadline.active():
-            self.deadline.cancel()
+        self.tunnel.disarm("header")
         self.tunnel.client.intercept(then)
 
     def _too_slow(self) -> None:
-        self.deadline = None
         self._refuse(
             _Answer(
                 408,
@@ -174,7 +171,7 @@ class ConnectSession:
         client = self.tunnel.client
         if not client.lost:
             client.transport.write(response(answer.status, answer.headers))
-        pass
+        self.tunnel.fail(answer.reason, answer.kind)
 
     async def _serve(self, request: ConnectRequest) -> None:
         try:

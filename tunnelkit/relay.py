@@ -236,7 +236,7 @@ class Tunnel:
         self.client.start_forwarding(backend_transport.write)
         self.last_moved = self.clock.seconds()
         if self.timeouts.idle:
-            self._arm("idle", self.timeouts.idle, self._check_idle)
+            self.arm("idle", self.timeouts.idle, self._check_idle)
         if self.client.read_done:
             self._pass_eof(self.client, backend)
         else:
@@ -280,7 +280,7 @@ class Tunnel:
         if peer.read_done:
             self._close_both()
         elif self.timeouts.fin:
-            self._arm("fin", self.timeouts.fin, self._fin_expired)
+            self.arm("fin", self.timeouts.fin, self._fin_expired)
 
     def leg_lost(self, leg: Leg, reason: Failure) -> None:
         """``leg`` is closed: close the other one the same way, then end."""
@@ -299,7 +299,7 @@ class Tunnel:
             peer_transport = peer.transport
             if leg.read_done or reason.check(ConnectionDone):
                 peer_transport.loseConnection()
-                self._arm("grace", self.timeouts.close_grace, self._abort_both)
+                self.arm("grace", self.timeouts.close_grace, self._abort_both)
             else:
                 peer_transport.abortConnection()
         if self.pending is None and (peer is None or peer.lost):
@@ -309,7 +309,7 @@ class Tunnel:
         for leg in (self.client, self.backend):
             if leg is not None and not leg.lost:
                 leg.transport.loseConnection()
-        self._arm("grace", self.timeouts.close_grace, self._abort_both)
+        self.arm("grace", self.timeouts.close_grace, self._abort_both)
 
     def _abort_both(self) -> None:
         for leg in (self.client, self.backend):
@@ -326,7 +326,12 @@ class Tunnel:
 
     # -- timers ------------------------------------------------------------
 
-    def _arm(self, name: str, seconds: float, action: Callable[[], None]) -> None:
+    def arm(self, name: str, seconds: float, action: Callable[[], None]) -> None:
+        """Call ``action`` in ``seconds`` unless the tunnel ends first (or ``name`` is armed).
+
+        Modes arm their own deadlines here (CONNECT's header timeout), so that
+        every timer of a tunnel is cancelled when it ends.
+        """
         if self._ended or name in self._timers:
             return
 
@@ -336,6 +341,12 @@ class Tunnel:
 
         self._timers[name] = self.clock.callLater(seconds, fire)
 
+    def disarm(self, name: str) -> None:
+        """Cancel the timer ``name`` if it is armed."""
+        timer = self._timers.pop(name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _check_idle(self) -> None:
         idle = self.timeouts.idle
         assert idle is not None
@@ -344,7 +355,7 @@ class Tunnel:
             self._note(Side.PROXY, CloseKind.TIMEOUT, f"idle timeout ({idle:g} s without data)")
             self._close_both()
         else:
-            self._arm("idle", idle - quiet, self._check_idle)
+            self.arm("idle", idle - quiet, self._check_idle)
 
     def _fin_expired(self) -> None:
         fin = self.timeouts.fin
