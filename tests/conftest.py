@@ -1,4 +1,4 @@
-"""Shared pytest set-up: a deterministic Hypothesis profile.
+"""Shared pytest set-up: a deterministic Hypothesis profile, and the ``serve`` fixture.
 
 Parser properties must give the same verdict on every CI run, so examples are
 derived from each test's source rather than drawn at random, and no deadline
@@ -9,8 +9,33 @@ random exploration for local fuzzing.
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
+import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from loopback import Serve, ThreadedServer
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """Start threaded backends on demand (arguments of ThreadedServer); all are closed after the test."""
+    # Imported when used: this file is loaded for every test, loopback loads the forwarder.
+    from loopback import ThreadedServer
+
+    made: list[ThreadedServer] = []
+
+    def make(handler: Callable[[socket.socket], Any], **options: Any) -> ThreadedServer:
+        server = ThreadedServer(handler, **options)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()

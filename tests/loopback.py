@@ -36,6 +36,13 @@ RECORD_TIMEOUT = 15.0
 
 Handler = Callable[[socket.socket], Any]
 
+#: The numeric spellings of IPv4 loopback and unspecified addresses that
+#: inet_aton, and so getaddrinfo, accepts.
+NUMERIC_IPV4_LOOPBACK = ["127.0.0.1", "127.1", "2130706433", "0x7f.1", "0177.0.0.1", "0"]
+
+#: IPv6 unspecified, loopback and IPv4-mapped loopback.
+IPV6_LOOPBACK = ["::", "::1", "::ffff:127.0.0.1"]
+
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -55,12 +62,18 @@ def join_address(host: str, port: int) -> str:
 
 
 def connect(address: str, timeout: float = IO_TIMEOUT) -> socket.socket:
-    """A blocking TCP socket connected to ``host:port`` or ``[v6]:port``."""
-    host, port = split_address(address)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    """A blocking client socket connected to ``host:port``, ``[v6]:port`` or a UNIX socket path."""
+    target: str | tuple[str, int]
+    if address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target = address
+    else:
+        host, port = split_address(address)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        target = (host, port)
     sock.settimeout(timeout)
     try:
-        sock.connect((host, port))
+        sock.connect(target)
     except BaseException:
         sock.close()
         raise
@@ -83,6 +96,47 @@ def recv_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(MiB):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def exchange_counting(sock: socket.socket, payload: bytes) -> tuple[bytes, int]:
+    """Send ``payload`` and EOF from a thread while reading everything until EOF here.
+
+    Returns everything received and how much of it had arrived when the
+    sender finished sending ``payload``.
+    """
+    received: list[bytes] = []
+    counted = 0
+    at_send_end: list[int] = []
+    failure: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sock.sendall(payload)
+            at_send_end.append(counted)
+            sock.shutdown(socket.SHUT_WR)
+        except BaseException as e:
+            failure.append(e)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    while chunk := sock.recv(MiB):
+        received.append(chunk)
+        counted += len(chunk)
+    sender.join(IO_TIMEOUT)
+    assert not sender.is_alive(), "the sender did not finish"
+    assert not failure, failure
+    return b"".join(received), at_send_end[0]
+
+
+def exchange(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` and EOF from a thread while reading everything until EOF here."""
+    return exchange_counting(sock, payload)[0]
+
+
+def echo_through(address: str, payload: bytes) -> bytes:
+    """Send ``payload`` and EOF through the tunnel at ``address``; return all that came back."""
+    with connect(address) as sock:
+        return exchange(sock, payload)
 
 
 def reset(sock: socket.socket) -> None:
@@ -216,6 +270,11 @@ class ThreadedServer:
                 conn.shutdown(socket.SHUT_RDWR)
         for thread in threads:
             thread.join(5)
+
+
+#: The ``serve`` fixture (conftest.py): ``serve(handler, **options)`` starts a
+#: :class:`ThreadedServer` that is closed after the test.
+Serve = Callable[..., ThreadedServer]
 
 
 def echo(conn: socket.socket) -> int:

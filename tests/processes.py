@@ -27,6 +27,10 @@ BIN = Path(sys.executable).parent
 START_TIMEOUT = 20.0
 EXIT_TIMEOUT = 20.0
 
+#: A SIGTERM that drained cleanly exits 0 (twistd alone would re-raise the
+#: signal and show "killed by SIGTERM").
+CLEAN_SIGTERM_EXIT = 0
+
 T = TypeVar("T")
 
 _LISTENING = re.compile(r"\[tunnelkit\.service#info\] listening on (\S+) \(")
@@ -60,12 +64,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``127.0.0.1:80`` or ``[::1]:80`` as a (host, port) pair."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _json_events(text: str) -> list[dict[str, Any]]:
@@ -223,9 +221,17 @@ def start(argv: Sequence[str], cwd: Path) -> Process:
     return Process(argv, cwd)
 
 
-def twistd(*args: str, cwd: Path) -> Process:
-    """``twistd -n tunnelkit ARGS`` in the foreground, logging to stdout."""
-    return start([executable("twistd"), "-n", "tunnelkit", *args], cwd)
+def twistd_argv(*args: str, twistd_options: Sequence[str] = ()) -> list[str]:
+    """``twistd -n TWISTD_OPTIONS tunnelkit ARGS``: twistd's own options go before the plugin name."""
+    return [executable("twistd"), "-n", *twistd_options, "tunnelkit", *args]
+
+
+def twistd(*args: str, cwd: Path, twistd_options: Sequence[str] = ()) -> Process:
+    """``twistd -n TWISTD_OPTIONS tunnelkit ARGS`` in the foreground, logging to stdout.
+
+    ``twistd_options`` are twistd's own, such as ``("--logger", "tunnelkit.json_log.observer")``.
+    """
+    return start(twistd_argv(*args, twistd_options=twistd_options), cwd)
 
 
 def twist(*args: str, cwd: Path) -> Process:
@@ -253,6 +259,13 @@ def run(
         timeout=timeout,
         check=False,
     )
+
+
+def assert_clean_stop(process: Process, returncode: int) -> None:
+    """The process stopped on SIGTERM after a complete shutdown, without a traceback."""
+    assert returncode == CLEAN_SIGTERM_EXIT, process.output
+    assert "Traceback" not in process.output, process.output
+    assert "Main loop terminated." in process.output, process.output
 
 
 # -- daemons: not our children once twistd has forked, so tracked by pid file --

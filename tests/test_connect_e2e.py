@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +31,21 @@ import pytest
 import trustme
 from loopback import (
     IO_TIMEOUT,
+    IPV6_LOOPBACK,
+    NUMERIC_IPV4_LOOPBACK,
     MiB,
+    Serve,
     ThreadedServer,
     connect,
-    recv_all,
+    echo_through,
+    exchange,
     recv_exactly,
     recv_outcome,
     sha256,
     silent_listener,
 )
-from processes import Process, executable, free_port, run, start, tunnel_closed_events
+from processes import Process, assert_clean_stop, free_port, run, tunnel_closed_events, twistd
 from python_socks.sync import Proxy as SocksProxy
-from test_twistd_e2e import assert_clean_stop, echo_through
 
 from tunnelkit.htpasswd import make_entry
 
@@ -57,17 +60,7 @@ USER = "alice"
 PASSWORD = secrets.token_urlsafe(18)
 
 #: The numeric spellings of loopback and unspecified addresses that resolvers accept.
-LOOPBACK_FORMS = [
-    "127.0.0.1",
-    "127.1",
-    "2130706433",
-    "0x7f.1",
-    "0177.0.0.1",
-    "0",
-    "[::]",
-    "[::1]",
-    "[::ffff:127.0.0.1]",
-]
+LOOPBACK_FORMS = [*NUMERIC_IPV4_LOOPBACK, *(f"[{host}]" for host in IPV6_LOOPBACK)]
 
 
 # -- the proxies ------------------------------------------------------------
@@ -96,8 +89,9 @@ class Proxy:
 
 def start_proxy(cwd: Path, *args: str) -> Proxy:
     """``twistd -n`` (JSON log lines on stdout) ``tunnelkit --mode connect --listen 127.0.0.1:0 ARGS`` in ``cwd``."""
-    argv = [executable("twistd"), "-n", "--logger", "tunnelkit.json_log.observer", "tunnelkit"]
-    process = start([*argv, "--mode", "connect", "--listen", "127.0.0.1:0", *args], cwd)
+    json_log = ("--logger", "tunnelkit.json_log.observer")
+    argv = ("--mode", "connect", "--listen", "127.0.0.1:0", *args)
+    process = twistd(*argv, cwd=cwd, twistd_options=json_log)
     try:
         [address] = process.wait_listening()
     except BaseException:
@@ -158,21 +152,7 @@ def echo_hashing(conn: socket.socket) -> str:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[socket.socket], Any]], ThreadedServer]]:
-    """Start loopback targets on demand; all are closed after the test."""
-    made: list[ThreadedServer] = []
-
-    def make(handler: Callable[[socket.socket], Any]) -> ThreadedServer:
-        made.append(ThreadedServer(handler))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
-
-
-@pytest.fixture
-def target(serve: Callable[..., ThreadedServer]) -> ThreadedServer:
+def target(serve: Serve) -> ThreadedServer:
     """A loopback echo target that hashes what it receives."""
     return serve(echo_hashing)
 
@@ -328,25 +308,6 @@ def open_tunnel(proxy: Proxy, data: bytes) -> socket.socket:
     return sock
 
 
-def exchange(sock: socket.socket, payload: bytes) -> bytes:
-    """Send ``payload`` and EOF from a thread while reading everything until EOF."""
-    failure: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-        except BaseException as e:
-            failure.append(e)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    received = recv_all(sock)
-    sender.join(IO_TIMEOUT)
-    assert not sender.is_alive() and not failure, failure
-    return received
-
-
 def assert_tunnel_echoes(sock: socket.socket, target: ThreadedServer, size: int) -> None:
     """A random payload goes through the open tunnel to the echo target and back, once, intact."""
     payload = os.urandom(size)
@@ -475,7 +436,7 @@ def test_header_byte_by_byte(open_proxy: Proxy, target: ThreadedServer) -> None:
     assert target.outcome() == sha256(payload)
 
 
-def test_banner_first_target(open_proxy: Proxy, serve: Callable[..., ThreadedServer]) -> None:
+def test_banner_first_target(open_proxy: Proxy, serve: Serve) -> None:
     """A target that speaks first: its banner reaches the client right after the 200, before the client sends."""
     banner = os.urandom(1024)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from test_relay import HalfCloseTransport
+from transports import HalfCloseTransport
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
@@ -23,6 +23,11 @@ from tunnelkit.target_policy import TargetPolicy
 #: ever handed to a memory reactor, never dialled.
 PUBLIC = ipaddress.ip_address("93.184.216.34")
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+#: A CONNECT request with the Basic credentials user:s3cret.
+WITH_CREDENTIALS = (
+    b"CONNECT example.org:443 HTTP/1.1\r\nProxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
+)
 
 
 class Harness:
@@ -226,10 +231,7 @@ class ConnectModeTests(SynchronousTestCase):
     def test_auth_checked_then_connects(self) -> None:
         """Credentials are checked (asynchronously) before any lookup; a match proceeds."""
         h = Harness(auth=True)
-        h.send(
-            b"CONNECT example.org:443 HTTP/1.1\r\n"
-            b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
-        )
+        h.send(WITH_CREDENTIALS)
         self.assertEqual(h.auth_checks, [("user", "s3cret")])
         self.assertEqual(h.lookups, [])
         assert h.pending_auth is not None
@@ -245,10 +247,7 @@ class ConnectModeTests(SynchronousTestCase):
     def test_wrong_password_407(self) -> None:
         """A failed check answers 407 and never resolves the target."""
         h = Harness(auth=True)
-        h.send(
-            b"CONNECT example.org:443 HTTP/1.1\r\n"
-            b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
-        )
+        h.send(WITH_CREDENTIALS)
         assert h.pending_auth is not None
         h.pending_auth.callback(False)
         self.assertTrue(h.response().startswith(b"HTTP/1.1 407 "))
@@ -257,10 +256,7 @@ class ConnectModeTests(SynchronousTestCase):
     def test_client_leaving_during_auth_cancels_everything(self) -> None:
         """A client gone while its credentials are checked: no lookup, no dial, one record."""
         h = Harness(auth=True)
-        h.send(
-            b"CONNECT example.org:443 HTTP/1.1\r\n"
-            b"Proxy-Authorization: Basic dXNlcjpzM2NyZXQ=\r\n\r\n"
-        )
+        h.send(WITH_CREDENTIALS)
         h.leg.connectionLost(Failure(ConnectionDone()))
         assert h.pending_auth is not None
         self.assertTrue(h.pending_auth.called)

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
+from transports import HalfCloseTransport
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.relay import CloseKind, Leg, Side, Timeouts, Tunnel, TunnelRecord
-
-
-class HalfCloseTransport(StringTransport):
-    """A StringTransport that also records ``loseWriteConnection``."""
-
-    write_closed = False
-    aborted = False
-
-    def loseWriteConnection(self) -> None:
-        self.write_closed = True
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-        super().abortConnection()
 
 
 class RelayHarness:

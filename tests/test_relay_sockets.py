@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
@@ -24,12 +23,13 @@ from typing import Any
 
 import pytest
 from loopback import (
-    IO_TIMEOUT,
     Forwarder,
     MiB,
+    Serve,
     ThreadedServer,
     connect,
     echo,
+    exchange_counting,
     proxy_sockets,
     recv_all,
     recv_exactly,
@@ -97,37 +97,6 @@ class LoopbackTestCase(TestCase):
 # -- bytes both ways ------------------------------------------------------
 
 
-def echo_while_sending(address: str, payload: bytes) -> tuple[bytes, int]:
-    """Send ``payload`` from a thread while reading the echo here; EOF after the send.
-
-    Returns everything received and how much of it had arrived when the
-    sender finished.
-    """
-    received: list[bytes] = []
-    counted = [0]
-    at_send_end: list[int] = []
-    failure: list[BaseException] = []
-    with connect(address) as sock:
-
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                at_send_end.append(counted[0])
-                sock.shutdown(socket.SHUT_WR)
-            except BaseException as e:
-                failure.append(e)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        while chunk := sock.recv(MiB):
-            received.append(chunk)
-            counted[0] += len(chunk)
-        sender.join(IO_TIMEOUT)
-    assert not sender.is_alive(), "the sender did not finish"
-    assert not failure, failure
-    return b"".join(received), at_send_end[0]
-
-
 def digest_then_reply(reply: bytes) -> Callable[[socket.socket], tuple[int, str]]:
     """Backend: read to EOF, then send the SHA-256 of what came and ``reply``, then close."""
 
@@ -163,7 +132,12 @@ class DataTests(LoopbackTestCase):
         backend = self.serve(echo)
         fwd = self.forward("--to", backend.address)
         payload = os.urandom(32 * MiB)
-        received, echoed_during_send = yield deferToThread(echo_while_sending, fwd.address, payload)
+
+        def client() -> tuple[bytes, int]:
+            with connect(fwd.address) as sock:
+                return exchange_counting(sock, payload)
+
+        received, echoed_during_send = yield deferToThread(client)
         assert len(received) == len(payload)
         assert sha256(received) == sha256(payload)
         # The echo was already flowing back while the client was still sending.
@@ -445,13 +419,22 @@ def reply_and_close(conn: socket.socket) -> None:
     conn.sendall(b"bye")
 
 
+Ended = tuple[tuple[bytes, str], dict[str, Any]]
+
+
 class CloseTests(LoopbackTestCase):
     """An RST on one side is an RST on the other; a clean close stays clean."""
 
     @inlineCallbacks
-    def test_backend_reset_reaches_client(self) -> Inline:
-        """A backend that resets makes the client's recv fail with ECONNRESET."""
-        backend = self.serve(reset_after_request)
+    def request_until_closed(
+        self, handler: Callable[[socket.socket], None]
+    ) -> Generator[Deferred[Any], Any, Ended]:
+        """Send the request byte to a ``handler`` backend and read until the connection ends.
+
+        Returns what the client received and how its connection ended, and the
+        tunnel's record, once the backend's handler has returned.
+        """
+        backend = self.serve(handler)
         fwd = self.forward("--to", backend.address)
 
         def client() -> tuple[bytes, str]:
@@ -460,9 +443,15 @@ class CloseTests(LoopbackTestCase):
                 return recv_outcome(sock)
 
         outcome = yield deferToThread(client)
-        assert outcome == (b"", "RST")
         backend.outcome()
         [record] = yield fwd.closed(1)
+        return outcome, record
+
+    @inlineCallbacks
+    def test_backend_reset_reaches_client(self) -> Inline:
+        """A backend that resets makes the client's recv fail with ECONNRESET."""
+        outcome, record = yield self.request_until_closed(reset_after_request)
+        assert outcome == (b"", "RST")
         assert (record["closed_by"], record["close_kind"]) == ("backend", "RST")
 
     @inlineCallbacks
@@ -487,18 +476,8 @@ class CloseTests(LoopbackTestCase):
     @inlineCallbacks
     def test_clean_close_stays_clean(self) -> Inline:
         """A backend that replies and closes normally gives the client its reply and EOF, not a reset."""
-        backend = self.serve(reply_and_close)
-        fwd = self.forward("--to", backend.address)
-
-        def client() -> tuple[bytes, str]:
-            with connect(fwd.address) as sock:
-                sock.sendall(b"x")
-                return recv_outcome(sock)
-
-        outcome = yield deferToThread(client)
+        outcome, record = yield self.request_until_closed(reply_and_close)
         assert outcome == (b"bye", "EOF")
-        backend.outcome()
-        [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN")
 
 
@@ -687,24 +666,6 @@ def download(address: str, size: int) -> tuple[int, str]:
         sock.sendall(b"%d\n" % size)
         data = recv_all(sock)
         return len(data), sha256(data)
-
-
-Serve = Callable[..., ThreadedServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[Serve]:
-    """Start threaded backends on demand (arguments of ThreadedServer); all are closed after the test."""
-    made: list[ThreadedServer] = []
-
-    def make(handler: Callable[[socket.socket], Any], **options: Any) -> ThreadedServer:
-        server = ThreadedServer(handler, **options)
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
 
 
 def wait_records(tk: Process, count: int) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from loopback import IPV6_LOOPBACK, NUMERIC_IPV4_LOOPBACK
 
 from tunnelkit.target_hosts import InvalidHost, classify_host, inet_aton, is_public
 from tunnelkit.target_policy import (
@@ -125,16 +126,9 @@ def test_inet_aton_agrees_with_the_c_library(text: str) -> None:
 @pytest.mark.parametrize(
     "host",
     [
-        "127.0.0.1",
-        "127.1",
-        "2130706433",
-        "0x7f.1",
-        "0177.0.0.1",
-        "0",
+        *NUMERIC_IPV4_LOOPBACK,
         "0.0.0.0",
-        "::",
-        "::1",
-        "::ffff:127.0.0.1",
+        *IPV6_LOOPBACK,
         "::127.0.0.1",
         "::8.8.8.8",
         "10.1.2.3",

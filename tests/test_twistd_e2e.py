@@ -7,7 +7,6 @@ Payloads are random and checked by SHA-256.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import http.server
@@ -22,8 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from loopback import MiB, Serve, connect, echo, echo_through, sha256
 from processes import (
-    Process,
+    CLEAN_SIGTERM_EXIT,
+    assert_clean_stop,
     executable,
     free_port,
     kill_pid,
@@ -31,82 +32,15 @@ from processes import (
     pid_alive,
     read_text,
     run,
-    split_address,
     tunnel_closed_events,
     tunnelkit,
     twist,
     twistd,
+    twistd_argv,
     wait_until,
 )
 
-MiB = 1024 * 1024
-
-#: Socket timeout of every client and backend operation.
-IO_TIMEOUT = 15.0
-
-#: A SIGTERM that drained cleanly exits 0 (twistd alone would re-raise the
-#: signal and show "killed by SIGTERM").
-CLEAN_SIGTERM_EXIT = 0
-
-Handler = Callable[[socket.socket], None]
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # -- backends -------------------------------------------------------------
-
-
-class Backend:
-    """A TCP server in a thread that runs ``handler`` for each connection in its own thread."""
-
-    def __init__(self, handler: Handler, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.handler = handler
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.1)
-        port = self.sock.getsockname()[1]
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(IO_TIMEOUT)
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with contextlib.suppress(OSError), conn:
-            self.handler(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-        for conn in self._conns:
-            with contextlib.suppress(OSError):
-                conn.close()
-
-
-def echo(conn: socket.socket) -> None:
-    """Send back every byte until the client's EOF, then close."""
-    while data := conn.recv(256 * 1024):
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
 
 
 def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
@@ -130,69 +64,7 @@ def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Backend]]:
-    """Start backends on demand; all are closed after the test."""
-    made: list[Backend] = []
-
-    def make(handler: Handler, host: str = "127.0.0.1") -> Backend:
-        backend = Backend(handler, host)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        backend.close()
-
-
 # -- clients --------------------------------------------------------------
-
-
-def connect(address: str) -> socket.socket:
-    """A connected client socket: ``host:port``, ``[v6]:port`` or a UNIX socket path."""
-    if address.startswith("/"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: str | tuple[str, int] = address
-    else:
-        host, port = split_address(address)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        target = (host, port)
-    sock.settimeout(IO_TIMEOUT)
-    try:
-        sock.connect(target)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    """Everything until EOF."""
-    chunks = []
-    while chunk := sock.recv(1024 * 1024):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def echo_through(address: str, payload: bytes) -> bytes:
-    """Send ``payload`` and EOF through the tunnel at ``address``; return all that came back."""
-    with connect(address) as sock:
-        failure: list[BaseException] = []
-
-        def send() -> None:
-            try:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-            except BaseException as e:
-                failure.append(e)
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        received = recv_all(sock)
-        sender.join(IO_TIMEOUT)
-        assert not sender.is_alive(), "the sender did not finish"
-        assert not failure, failure
-        return received
 
 
 class Download(threading.Thread):
@@ -212,7 +84,7 @@ class Download(threading.Thread):
         try:
             with connect(self.address) as sock:
                 sock.sendall(self.request)
-                while chunk := sock.recv(1024 * 1024):
+                while chunk := sock.recv(MiB):
                     self.digest.update(chunk)
                     self.received += len(chunk)
         except BaseException as e:
@@ -230,17 +102,10 @@ def assert_echoes(address: str, size: int = 2 * MiB) -> int:
     return size
 
 
-def assert_clean_stop(process: Process, returncode: int) -> None:
-    """The process stopped on SIGTERM after a complete shutdown, without a traceback."""
-    assert returncode == CLEAN_SIGTERM_EXIT, process.output
-    assert "Traceback" not in process.output, process.output
-    assert "Main loop terminated." in process.output, process.output
-
-
 # -- forwarding through each entry point ----------------------------------
 
 
-def test_twistd_forwards_python_client(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_twistd_forwards_python_client(tmp_path: Path, serve: Serve) -> None:
     """twistd -n tunnelkit --listen 127.0.0.1:P relays a 2 MiB echo intact and logs it once."""
     backend = serve(echo)
     port = free_port()
@@ -298,7 +163,7 @@ def test_curl_through_twistd(tmp_path: Path) -> None:
         serving.join(5)
 
 
-def test_twist_forwards(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_twist_forwards(tmp_path: Path, serve: Serve) -> None:
     """twist tunnelkit runs the same plugin: it relays intact and logs JSON tunnel_closed events."""
     backend = serve(echo)
     with twist("--listen", "127.0.0.1:0", "--to", backend.address, cwd=tmp_path) as tk:
@@ -311,7 +176,7 @@ def test_twist_forwards(tmp_path: Path, serve: Callable[..., Backend]) -> None:
     assert (closed["bytes_up"], closed["bytes_down"]) == (size, size)
 
 
-def test_console_script_forwards(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_console_script_forwards(tmp_path: Path, serve: Serve) -> None:
     """The tunnelkit console script is twist tunnelkit: it listens and relays intact."""
     backend = serve(echo)
     with tunnelkit("--listen", "127.0.0.1:0", "--to", backend.address, cwd=tmp_path) as tk:
@@ -330,7 +195,7 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="::1 is not available")
-def test_ipv6_listen_and_backend(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_ipv6_listen_and_backend(tmp_path: Path, serve: Serve) -> None:
     """--listen [::1]:0 --to [::1]:B listens and connects over IPv6."""
     backend = serve(echo, host="::1")
     with twistd("--listen", "[::1]:0", "--to", backend.address, cwd=tmp_path) as tk:
@@ -344,7 +209,7 @@ def test_ipv6_listen_and_backend(tmp_path: Path, serve: Callable[..., Backend]) 
     assert closed["bytes_down"] == size
 
 
-def test_unix_listener(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_unix_listener(tmp_path: Path, serve: Serve) -> None:
     """--listen unix:PATH relays AF_UNIX clients, refuses a second instance on PATH and removes socket and lock on stop."""
     backend = serve(echo)
     path = tmp_path / "tk.sock"
@@ -355,7 +220,7 @@ def test_unix_listener(tmp_path: Path, serve: Callable[..., Backend]) -> None:
         assert tk.wait_listening() == [str(path)]
         size = assert_echoes(str(path))
         [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
-        second = run([executable("twistd"), "-n", "tunnelkit", *argv], cwd=other)
+        second = run(twistd_argv(*argv), cwd=other)
         assert second.returncode == 1, second.stdout
         assert second.stdout.startswith("tunnelkit: error: cannot listen on unix:"), second.stdout
         assert_echoes(str(path), 1024)
@@ -399,7 +264,7 @@ def start_daemon(directory: Path, name: str, pids: list[int], *args: str) -> int
     return pids[-1]
 
 
-def test_daemon_mode(tmp_path: Path, serve: Callable[..., Backend], daemons: list[int]) -> None:
+def test_daemon_mode(tmp_path: Path, serve: Serve, daemons: list[int]) -> None:
     """twistd without -n returns 0, writes its pid file, forwards and logs to --logfile; SIGTERM stops it and removes the pid file."""
     backend = serve(echo)
     pidfile, logfile = tmp_path / "tk.pid", tmp_path / "tk.log"
@@ -420,7 +285,7 @@ def test_daemon_mode(tmp_path: Path, serve: Callable[..., Backend], daemons: lis
 
 
 def test_daemon_unix_listener_keeps_its_path(
-    tmp_path: Path, serve: Callable[..., Backend], daemons: list[int]
+    tmp_path: Path, serve: Serve, daemons: list[int]
 ) -> None:
     """A daemon on unix:PATH forwards, a second daemon on PATH is refused, and SIGTERM removes socket and lock."""
     backend = serve(echo)
@@ -443,7 +308,7 @@ def test_daemon_unix_listener_keeps_its_path(
 # -- graceful stop --------------------------------------------------------
 
 
-def test_sigterm_drains_transfer_in_flight(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_sigterm_drains_transfer_in_flight(tmp_path: Path, serve: Serve) -> None:
     """SIGTERM mid-transfer: new clients are refused at once, the 64 MiB transfer completes intact, then twistd exits."""
     payload = os.urandom(64 * MiB)
     backend = serve(functools.partial(paced_bulk, payload, 3.0))
@@ -479,7 +344,7 @@ def test_sigterm_drains_transfer_in_flight(tmp_path: Path, serve: Callable[..., 
     assert log.index(f"down {len(payload)} B") < log.index("Main loop terminated.")
 
 
-def test_drain_timeout_resets_idle_tunnel(tmp_path: Path, serve: Callable[..., Backend]) -> None:
+def test_drain_timeout_resets_idle_tunnel(tmp_path: Path, serve: Serve) -> None:
     """With --drain-timeout 1 an idle tunnel is reset after about a second and twistd exits."""
     backend = serve(echo)
     argv = ("--listen", "127.0.0.1:0", "--to", backend.address, "--drain-timeout", "1")
@@ -529,7 +394,7 @@ BAD_COMMANDS = {
 }
 
 LAUNCHERS: dict[str, Callable[[Path], list[str]]] = {
-    "twistd -n": lambda d: [executable("twistd"), "-n", "tunnelkit"],
+    "twistd -n": lambda d: twistd_argv(),
     "twistd daemon": lambda d: daemon_argv(d, "tk"),
     "twist": lambda d: [executable("twist"), "tunnelkit"],
 }
