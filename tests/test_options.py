@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from tunnelkit.sockopts import DEFAULT_READ_SIZE
@@ -30,6 +30,15 @@ def test_defaults() -> None:
     assert [name for name, _ in o.listeners] == ["8888"]
     [backend] = o.backends
     assert isinstance(backend.endpoint, HostnameEndpoint)
+
+
+def test_address_backends_skip_name_resolution() -> None:
+    """IP-literal backends get plain TCP endpoints (no getaddrinfo thread hop per connection)."""
+    o = parse(
+        "--listen", "1", "--to", "127.0.0.1:80", "--to", "[::1]:80", "--to", "db.example:5432"
+    )
+    kinds = [type(b.endpoint) for b in o.backends]
+    assert kinds == [TCP4ClientEndpoint, TCP6ClientEndpoint, HostnameEndpoint]
 
 
 def test_socket_options_parsed() -> None:

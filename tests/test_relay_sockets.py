@@ -82,6 +82,8 @@ class LoopbackTestCase(TestCase):
     """A forwarder and backends that are torn down after each test (forwarder first)."""
 
     timeout = 60
+    #: Options every forwarder of the class gets (the queued-write variants).
+    extra_args: tuple[str, ...] = ()
 
     def serve(self, handler: Callable[[socket.socket], Any]) -> ThreadedServer:
         server = ThreadedServer(handler)
@@ -89,7 +91,7 @@ class LoopbackTestCase(TestCase):
         return server
 
     def forward(self, *args: str) -> Forwarder:
-        forwarder = Forwarder(*args)
+        forwarder = Forwarder(*self.extra_args, *args)
         self.addCleanup(forwarder.stop)
         return forwarder
 
@@ -633,6 +635,27 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+# -- the same with Twisted's queued writes only ---------------------------
+
+
+class QueuedDataTests(DataTests):
+    """DataTests with --no-write-through: both write paths keep every promise."""
+
+    extra_args = ("--no-write-through",)
+
+
+class QueuedConcurrencyTests(ConcurrencyTests):
+    """ConcurrencyTests with --no-write-through."""
+
+    extra_args = ("--no-write-through",)
+
+
+class QueuedCloseTests(CloseTests):
+    """CloseTests with --no-write-through."""
+
+    extra_args = ("--no-write-through",)
+
+
 class BulkSender:
     """Backend: on ``N\\n`` send N random bytes in 1 MiB chunks, then EOF; returns their SHA-256.
 
@@ -677,12 +700,16 @@ def wait_records(tk: Process, count: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.soak
-def test_slow_reader_keeps_proxy_memory_flat(tmp_path: Path, serve: Serve) -> None:
+@pytest.mark.parametrize("write_path", [(), ("--no-write-through",)], ids=["direct", "queued"])
+def test_slow_reader_keeps_proxy_memory_flat(
+    tmp_path: Path, serve: Serve, write_path: tuple[str, ...]
+) -> None:
     """A backend pushing 256 MiB (1 GiB with TUNNELKIT_SOAK=1) to a stalled, then slow reader grows twistd's RSS by under 32 MiB."""
     size = (1024 if SOAK else 256) * MiB
     bulk = BulkSender()
     backend = serve(bulk)
-    with twistd("--listen", "127.0.0.1:0", "--to", backend.address, cwd=tmp_path) as tk:
+    argv = ("--listen", "127.0.0.1:0", "--to", backend.address, *write_path)
+    with twistd(*argv, cwd=tmp_path) as tk:
         [address] = tk.wait_listening()
         assert download(address, 4 * MiB)[0] == 4 * MiB
         backend.outcome()

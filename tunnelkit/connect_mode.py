@@ -25,7 +25,6 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -38,7 +37,7 @@ from tunnelkit.connect_request import (
     RequestError,
     proxy_credentials,
 )
-from tunnelkit.dialer import Backend, Dialed, Dialer
+from tunnelkit.dialer import Backend, Dialed, Dialer, host_endpoint
 from tunnelkit.forward import dial_backend, join_dialed, why_not_connected
 from tunnelkit.listener import TunnelFactory
 from tunnelkit.relay import CloseKind, Tunnel
@@ -237,9 +236,8 @@ class ConnectSession:
             raise _Answer(504 if kind is CloseKind.TIMEOUT else 502, reason, kind) from None
 
     def _backend(self, address: IPAddress, port: int) -> Backend:
-        endpoint_type = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
-        endpoint = endpoint_type(
-            self.settings.outbound, str(address), port, timeout=self.settings.connect_timeout
+        endpoint = host_endpoint(
+            self.settings.outbound, str(address), port, self.settings.connect_timeout
         )
         name = f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
         return Backend(name, endpoint)

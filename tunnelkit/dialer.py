@@ -8,11 +8,14 @@ backend is still connecting leaves nothing behind.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from twisted.internet import error
 from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -20,6 +23,21 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.python.failure import Failure
+
+
+def host_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A TCP endpoint for ``host:port``: direct for an IP address, resolving for a name.
+
+    ``HostnameEndpoint`` runs ``getaddrinfo`` in a thread for every
+    connection, even for an address literal; that hop cost a third of the
+    new-connection rate, so addresses get a plain TCP endpoint.
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    endpoint_type = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+    return endpoint_type(reactor, host, port, timeout=timeout)
 
 
 @attrs.frozen

@@ -38,6 +38,7 @@ class TunnelFactory(Factory):
         timeouts: Timeouts,
         read_size: int,
         clients: ClientPolicy | None = None,
+        write_through: bool = True,
     ) -> None:
         self.listener = listener
         self.registry = registry
@@ -46,12 +47,19 @@ class TunnelFactory(Factory):
         self.read_size = read_size
         self.clients = clients or ClientPolicy()
         self.refused_clients = 0
+        self.write_through = write_through
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) if refused."""
         if not self.client_allowed(addr):
             return None
-        tunnel = Tunnel(self.clock, self.timeouts, self._ended, self.read_size)
+        tunnel = Tunnel(
+            self.clock,
+            self.timeouts,
+            self._ended,
+            self.read_size,
+            write_through=self.write_through,
+        )
         if not self.registry.admit(tunnel):
             return self.overloaded()
         tunnel.on_client_connected = self.start

@@ -33,6 +33,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnelkit.write_through import writer_for
+
 
 class Side(enum.Enum):
     """Which end of the tunnel a leg faces."""
@@ -180,7 +182,8 @@ class Tunnel:
     """The state of one client-backend pair and the rules that close it.
 
     ``clock`` drives every timer (a ``Clock`` in tests); ``on_end`` receives the
-    :class:`TunnelRecord` exactly once.
+    :class:`TunnelRecord` exactly once; ``write_through`` sends straight to an
+    idle socket (see :mod:`tunnelkit.write_through`).
     """
 
     def __init__(
@@ -190,8 +193,11 @@ class Tunnel:
         on_end: Callable[[Tunnel, TunnelRecord], None],
         read_size: int,
         backend_name: str = "",
+        *,
+        write_through: bool = True,
     ) -> None:
         self.clock = clock
+        self.write_through = write_through
         self.timeouts = timeouts
         self.read_size = read_size
         self.backend_name = backend_name
@@ -232,8 +238,8 @@ class Tunnel:
         backend_transport = backend.transport
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
-        backend.start_forwarding(client_transport.write)
-        self.client.start_forwarding(backend_transport.write)
+        backend.start_forwarding(writer_for(client_transport, self.write_through))
+        self.client.start_forwarding(writer_for(backend_transport, self.write_through))
         self.last_moved = self.clock.seconds()
         if self.timeouts.idle:
             self.arm("idle", self.timeouts.idle, self._check_idle)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, clientFromString, serverFromString
+from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
@@ -25,7 +25,7 @@ from twisted.python import usage
 
 from tunnelkit.addresses import HostPort, backend_address, listen_description
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
-from tunnelkit.dialer import Backend, Dialer
+from tunnelkit.dialer import Backend, Dialer, host_endpoint
 from tunnelkit.forward import ForwardFactory
 from tunnelkit.listener import TunnelFactory
 from tunnelkit.registry import TunnelRegistry
@@ -84,6 +84,11 @@ class Options(usage.Options):
     optFlags = [
         ["nodelay", None, "Set TCP_NODELAY on both legs (the default)."],
         ["no-nodelay", None, "Leave Nagle's algorithm on."],
+        [
+            "no-write-through",
+            None,
+            "Always queue writes in Twisted (diagnostics; slower): see docs/performance.md.",
+        ],
     ]
     optParameters = [
         ["mode", "m", "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)."],
@@ -246,9 +251,7 @@ class Options(usage.Options):
         try:
             address = backend_address(text, types)
             if isinstance(address, HostPort):
-                return HostnameEndpoint(
-                    outbound, address.host, address.port, timeout=self["connect-timeout"]
-                )
+                return host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
             client: IStreamClientEndpoint = clientFromString(outbound, address)
             return client
         except Exception as e:
@@ -298,6 +301,7 @@ def build_service(config: Options) -> TunnelService:
             "timeouts": timeouts,
             "read_size": config.socket_options.read_size,
             "clients": config.clients,
+            "write_through": not config["no-write-through"],
         }
         if settings is not None:
             return ConnectFactory(settings=settings, **common)

@@ -1,0 +1,62 @@
+"""Send relayed bytes straight to the socket when nothing is queued before them.
+
+Twisted's ``transport.write`` only queues: the bytes leave on a later reactor
+turn, after an ``epoll_ctl`` to watch for writability, a ``doWrite`` that sends
+at most 128 KiB, and another ``epoll_ctl`` to stop watching. For a relay that
+is two extra system calls, a loop iteration and about eight Python calls per
+chunk. asyncio and uvloop send at once when their buffer is empty; this does
+the same for Twisted's TCP transports:
+
+* nothing is queued (no earlier bytes could be overtaken) and the transport
+  is open for writing: ``socket.send`` now, and queue only what the kernel did
+  not take, with the ordinary ``write`` (which keeps backpressure: a full
+  queue pauses the producer exactly as before);
+* anything else (queued bytes, a closing transport, a socket error, TLS or
+  any non-TCP transport): the ordinary ``write``, which meets and reports
+  errors on its own path.
+
+It reads four attributes of Twisted's ``FileDescriptor`` that are not public
+API (``dataBuffer``, ``offset``, ``_tempDataLen``, ``_writeDisconnecting``);
+the relay test suite runs with this on and off (``--no-write-through``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import tcp
+
+_FAST_PATH_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "socket")
+
+
+def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
+    """The function the relay calls to send to ``transport``."""
+    write: Callable[[bytes], None] = transport.write
+    if not enabled or not isinstance(transport, tcp.Connection):
+        return write
+    if not all(hasattr(transport, name) for name in _FAST_PATH_ATTRIBUTES):
+        return write
+    send = transport.socket.send
+
+    def write_through(data: bytes) -> None:
+        if (
+            transport._tempDataLen
+            or transport.offset < len(transport.dataBuffer)
+            or transport.disconnecting
+            or transport._writeDisconnecting
+            or not transport.connected
+        ):
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            write(data)
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    return write_through
