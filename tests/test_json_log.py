@@ -33,7 +33,7 @@ def test_tunnel_closed_as_json_line(monkeypatch: pytest.MonkeyPatch) -> None:
                 connect_time=0.01,
                 closed_by=Side.CLIENT,
                 close_kind=CloseKind.FIN,
-                reason="client sent FIN",
+                reason="client sent FIN {not a field}",
             ),
             "8888",
         )
@@ -53,6 +53,8 @@ def test_tunnel_closed_as_json_line(monkeypatch: pytest.MonkeyPatch) -> None:
         "connect_time": 0.01,
         "closed_by": "client",
         "close_kind": "FIN",
-        "reason": "client sent FIN",
+        "reason": "client sent FIN {not a field}",
+        "text": "127.0.0.1:5 -> b:80 (127.0.0.1:80) FIN by client after 1.500s:"
+        " up 3 B, down 4 B; client sent FIN {not a field}",
     }
     assert {k: event[k] for k in expected} == expected

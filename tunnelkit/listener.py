@@ -67,7 +67,7 @@ class TunnelFactory(Factory):
 
     def client_allowed(self, addr: IAddress | None) -> bool:
         """``--allow-client``/``--deny-client`` for IP peers; UNIX peers pass (file modes guard them)."""
-        if not isinstance(addr, IPv4Address | IPv6Address):
+        if not self.clients.restricts or not isinstance(addr, IPv4Address | IPv6Address):
             return True
         if self.clients.allows(ipaddress.ip_address(addr.host.split("%", 1)[0])):
             return True

@@ -108,7 +108,16 @@ class _TunedReactor:
         # One outbound connection is not worth two "Starting/Stopping factory"
         # log lines (they cost about 40 % of twistd portforward's connect rate).
         factory.noisy = False
-        connector = _TunedConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        # No connector timeout: every attempt goes through the Dialer, whose
+        # own deadline cancels it; a second timer per connection is waste.
+        connector = _TunedConnector(
+            host,
+            port,
+            factory,
+            None,  # type: ignore[arg-type]  # BaseConnector accepts None: no timer
+            bindAddress,
+            self._reactor,
+        )
         connector.client_class = self._client_class
         connector.connect()
         return connector

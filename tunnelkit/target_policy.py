@@ -421,6 +421,11 @@ class ClientPolicy:
             deny=tuple(parse_client_rule(text) for text in deny),
         )
 
+    @property
+    def restricts(self) -> bool:
+        """False when every peer is allowed (no rules): callers can skip the check."""
+        return bool(self.allow or self.deny)
+
     def allows(self, address: IPAddress | str) -> bool:
         """Whether the peer at ``address`` may use the listener.
 

