@@ -30,16 +30,18 @@ from twisted.internet import tcp
 _FAST_PATH_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "socket")
 
 
-def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
-    """The function the relay calls to send to ``transport``."""
-    write: Callable[[bytes], None] = transport.write
-    if not enabled or not isinstance(transport, tcp.Connection):
-        return write
-    if not all(hasattr(transport, name) for name in _FAST_PATH_ATTRIBUTES):
-        return write
-    send = transport.socket.send
+class _WriteThrough:
+    """The fast path for one transport (slots: it lives as long as the tunnel)."""
 
-    def write_through(data: bytes) -> None:
+    __slots__ = ("_send", "_transport", "_write")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._send = transport.socket.send
+        self._write = transport.write
+
+    def __call__(self, data: bytes) -> None:
+        transport = self._transport
         if (
             transport._tempDataLen
             or transport.offset < len(transport.dataBuffer)
@@ -47,16 +49,24 @@ def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
             or transport._writeDisconnecting
             or not transport.connected
         ):
-            write(data)
+            self._write(data)
             return
         try:
-            sent = send(data)
+            sent = self._send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            write(data)
+            self._write(data)
             return
         if sent < len(data):
-            write(data[sent:])
+            self._write(data[sent:])
 
-    return write_through
+
+def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
+    """The function the relay calls to send to ``transport``."""
+    write: Callable[[bytes], None] = transport.write
+    if not enabled or not isinstance(transport, tcp.Connection):
+        return write
+    if not all(hasattr(transport, name) for name in _FAST_PATH_ATTRIBUTES):
+        return write
+    return _WriteThrough(transport)
