@@ -1,0 +1,411 @@
+"""The backends and the proxies under test: how each is started and where it listens.
+
+Each proxy is started fresh for every measurement (so one run's leftovers,
+such as a grown heap, never carry into the next) and always on 127.0.0.1.
+tunnelkit and ``twistd portforward`` listen on port 0 and the port is read
+from their log; the others are given a port that the kernel just handed out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import START_TIMEOUT, BenchError, Proc, free_port
+
+#: The interpreter running the benchmark; its venv has twistd and tunnelkit.
+VENV_BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+
+#: The HTTP body wrk fetches: 1 KiB, a fixed pattern the forwarding check compares.
+BODY = bytes(i % 251 for i in range(1024))
+BODY_PATH = "/1k.bin"
+
+#: Numbers the log and pid files of each start: a reused log would still hold
+#: the port of an earlier start.
+_STARTS = itertools.count(1)
+
+_TWISTED_PORT = re.compile(r"starting on (\d+)")
+_LISTENING_PORT = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+def listening(port: int) -> bool:
+    """Whether a socket is in LISTEN on 127.0.0.1:``port`` (read from /proc/net/tcp).
+
+    Used instead of a probe connection: a bare connect-and-close would count
+    as a failed test in iperf3's server and fork a useless child in socat.
+    """
+    want_local = f"0100007F:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[1] == want_local and parts[3] == "0A":
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+def wait_listening(proc: Proc, port: int, timeout: float = START_TIMEOUT) -> None:
+    """Wait until ``proc`` has a listener on ``port``; fail if it exits first."""
+    proc.wait_for(lambda: listening(port), f"listener on 127.0.0.1:{port}", timeout)
+
+
+def port_from_log(proc: Proc, pattern: re.Pattern[str], timeout: float = START_TIMEOUT) -> int:
+    """The port a process reported in its log (for peers started on port 0)."""
+
+    def found() -> int | None:
+        m = pattern.search(proc.output(limit=1 << 20))
+        return int(m[1]) if m else None
+
+    port = proc.wait_for(found, "listening port in its log", timeout)
+    assert isinstance(port, int)
+    return port
+
+
+# -- backends ------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    """A running backend: its process and port, and a line saying what it is."""
+
+    proc: Proc
+    port: int
+    description: str
+
+
+def start_iperf_server(workdir: Path) -> Backend:
+    """``iperf3 -s`` on a free loopback port; it serves one test at a time, which is all we need."""
+    port = free_port()
+    proc = Proc(
+        "iperf3-server",
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
+        workdir / "iperf3-server.log",
+    )
+    wait_listening(proc, port)
+    return Backend(proc, port, f"iperf3 -s -B 127.0.0.1 -p {port}")
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {dir}/www;
+    }}
+}}
+"""
+
+
+def start_http_backend(workdir: Path) -> Backend:
+    """nginx (1 worker, no access log) serving a 1 KiB file; a Python server if nginx is missing.
+
+    nginx is the backend because it is much faster than any Python proxy in
+    front of it, so the figures measure the proxy. The fallback is slower
+    (its direct figure is the backend's limit, not a proxy's) and is named so.
+    """
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        proc = Proc(
+            "http-backend",
+            [sys.executable, str(HERE / "backends.py"), "http", "--body-size", str(len(BODY))],
+            workdir / "http-backend.log",
+        )
+        port = port_from_log(proc, _LISTENING_PORT)
+        return Backend(proc, port, "FALLBACK python asyncio HTTP server (nginx not installed)")
+    ndir = workdir / "nginx"
+    (ndir / "www").mkdir(parents=True, exist_ok=True)
+    (ndir / "www" / BODY_PATH.lstrip("/")).write_bytes(BODY)
+    # The worker runs as nobody: it must be able to reach the docroot.
+    for p in (workdir, ndir, ndir / "www"):
+        p.chmod(0o755)
+    (ndir / "www" / BODY_PATH.lstrip("/")).chmod(0o644)
+    port = free_port()
+    conf = ndir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=ndir, port=port))
+    proc = Proc(
+        "nginx", [nginx, "-e", "stderr", "-p", str(ndir), "-c", str(conf)], workdir / "nginx.log"
+    )
+    wait_listening(proc, port)
+    return Backend(proc, port, "nginx, 1 worker, access_log off, 1 KiB static file")
+
+
+def start_echo_backend(workdir: Path) -> Backend:
+    """The asyncio echo server of backends.py, for the idle-connection test."""
+    proc = Proc(
+        "echo-backend", [sys.executable, str(HERE / "backends.py"), "echo"], workdir / "echo.log"
+    )
+    port = port_from_log(proc, _LISTENING_PORT)
+    return Backend(proc, port, "asyncio echo server (benchmarks/backends.py)")
+
+
+# -- proxies -------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    """A started proxy: where clients connect, and its process (``None`` for direct)."""
+
+    name: str
+    port: int
+    proc: Proc | None
+    argv: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """One system under test: a name, the executables it needs, and how to start it."""
+
+    name: str
+    needs: tuple[str, ...]
+    start: Callable[[int, Path], Running]
+    note: str = ""
+
+    def missing(self) -> list[str]:
+        """Executables this proxy needs that are not installed."""
+        return [n for n in self.needs if shutil.which(n) is None and not (VENV_BIN / n).exists()]
+
+
+def _direct(backend_port: int, workdir: Path) -> Running:
+    return Running("direct", backend_port, None)
+
+
+#: glibc malloc settings for the ``+malloc`` diagnostic rows: serve large
+#: buffers from the heap (not a fresh mmap per read) and never hand the heap
+#: top back to the kernel per free. Without them every read of 256 KiB gets
+#: fresh pages, which the kernel must fault in and zero (see docs/performance.md).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=67108864"
+
+
+#: Where the run's frozen copy of the tunnelkit package is (see :func:`snapshot_tunnelkit`).
+SNAPSHOT: dict[str, str] = {}
+
+
+def snapshot_tunnelkit(source: Path, workdir: Path) -> str:
+    """Copy the tunnelkit package for this run; return a hash of its sources.
+
+    tunnelkit is installed editable and may be edited while a 20-minute run
+    goes on: every tunnelkit started by the run imports this copy instead
+    (PYTHONPATH comes before the editable install's path), so all repetitions
+    measure the same code, and the hash in the results says which.
+    """
+    target = workdir / "snapshot"
+    shutil.copytree(
+        source, target / "tunnelkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    digest = hashlib.sha256()
+    for path in sorted((target / "tunnelkit").rglob("*.py")):
+        digest.update(path.relative_to(target).as_posix().encode() + b"\0" + path.read_bytes())
+    SNAPSHOT["PYTHONPATH"] = str(target)
+    return digest.hexdigest()[:12]
+
+
+def tunnelkit_spec(
+    read_size: int,
+    name: str = "tunnelkit",
+    *,
+    no_write_through: bool = False,
+    malloc_tuned: bool = False,
+) -> ProxySpec:
+    """tunnelkit with its relevant flags given explicitly (the defaults, except ``--read-size``).
+
+    ``no_write_through`` adds ``--no-write-through`` (every write queued in
+    Twisted, as before write-through existed); ``malloc_tuned`` starts it with
+    :data:`MALLOC_TUNABLES`. Both are diagnostic rows: they show what a
+    mechanism is worth on this machine.
+    """
+
+    def start(backend_port: int, workdir: Path) -> Running:
+        env = dict(SNAPSHOT)
+        if malloc_tuned:
+            env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        tag = f"{name}-{next(_STARTS)}"
+        argv = [
+            str(VENV_BIN / "twistd"),
+            "-n",
+            "--pidfile",
+            str(workdir / f"{tag}.pid"),
+            "--logfile",
+            str(workdir / f"{tag}.twistd.log"),
+            "tunnelkit",
+            # ADDR:PORT form: backlog 1024 (an endpoint string would get Twisted's 50).
+            "--listen",
+            "127.0.0.1:0",
+            "--to",
+            f"127.0.0.1:{backend_port}",
+            "--read-size",
+            str(read_size),
+            "--nodelay",
+            "--idle-timeout",
+            "3600",
+            "--drain-timeout",
+            "1",
+        ]
+        if no_write_through:
+            argv.append("--no-write-through")
+        proc = Proc(
+            name, argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log", env=env
+        )
+        port = port_from_log(proc, _LISTENING_PORT)
+        return Running(name, port, proc, argv)
+
+    note = f"--read-size {read_size}" + (" --no-write-through" if no_write_through else "")
+    if malloc_tuned:
+        note += f" GLIBC_TUNABLES={MALLOC_TUNABLES}"
+    return ProxySpec(name, ("twistd",), start, note)
+
+
+def _portforward(backend_port: int, workdir: Path) -> Running:
+    tag = f"portforward-{next(_STARTS)}"
+    argv = [
+        str(VENV_BIN / "twistd"),
+        "-n",
+        "--pidfile",
+        str(workdir / f"{tag}.pid"),
+        "--logfile",
+        str(workdir / f"{tag}.twistd.log"),
+        "portforward",
+        "-p",
+        "tcp:0:interface=127.0.0.1",
+        "-h",
+        "127.0.0.1",
+        "-d",
+        str(backend_port),
+    ]
+    proc = Proc("portforward", argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log")
+    port = port_from_log(proc, _TWISTED_PORT)
+    return Running("portforward", port, proc, argv)
+
+
+def _socat(backend_port: int, workdir: Path) -> Running:
+    port = free_port()
+    argv = [
+        "socat",
+        "-b",
+        "65536",
+        # backlog=1024 like tunnelkit: socat's default of 5 overflows under
+        # wrk's 50 concurrent connects and then measures SYN retransmits.
+        f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=1024",
+        f"TCP:127.0.0.1:{backend_port}",
+    ]
+    proc = Proc("socat", argv, workdir / f"socat-{next(_STARTS)}.log")
+    wait_listening(proc, port)
+    return Running("socat", port, proc, argv)
+
+
+HAPROXY_CONF = """\
+global
+    maxconn 4000
+{global_extra}defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+{defaults_extra}frontend fe
+    bind 127.0.0.1:{port} backlog 1024
+    default_backend be
+backend be
+    server s1 127.0.0.1:{backend_port}
+"""
+
+
+def _haproxy(splice: bool) -> Callable[[int, Path], Running]:
+    name = "haproxy-splice" if splice else "haproxy"
+
+    def start(backend_port: int, workdir: Path) -> Running:
+        port = free_port()
+        tag = f"{name}-{next(_STARTS)}"
+        conf = workdir / f"{tag}.cfg"
+        conf.write_text(
+            HAPROXY_CONF.format(
+                port=port,
+                backend_port=backend_port,
+                # splice needs pipes, i.e. file descriptors beyond maxconn's.
+                global_extra="    maxpipes 256\n" if splice else "",
+                defaults_extra="    option splice-auto\n" if splice else "",
+            )
+        )
+        argv = ["haproxy", "-db", "-f", str(conf)]
+        proc = Proc(name, argv, workdir / f"{tag}.log")
+        wait_listening(proc, port)
+        return Running(name, port, proc, argv)
+
+    return start
+
+
+def all_proxies(
+    read_sizes: list[int] | None,
+    default_read_size: int,
+    *,
+    no_write_through: bool = False,
+    malloc_tuned: bool = False,
+) -> list[ProxySpec]:
+    """Every system in the order of the tables.
+
+    With ``read_sizes``, one tunnelkit row per size; ``no_write_through`` and
+    ``malloc_tuned`` add a diagnostic row (``+nowt``, ``+malloc``) after each.
+    """
+    names = (
+        [(rs, f"tunnelkit-{size_label(rs)}") for rs in read_sizes]
+        if read_sizes
+        else [(default_read_size, "tunnelkit")]
+    )
+    tunnelkits = []
+    for rs, name in names:
+        tunnelkits.append(tunnelkit_spec(rs, name))
+        if no_write_through:
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+nowt", no_write_through=True))
+        if malloc_tuned:
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
+    return [
+        ProxySpec("direct", (), _direct, "no proxy: the client talks to the backend"),
+        *tunnelkits,
+        ProxySpec("portforward", ("twistd",), _portforward, "twistd portforward"),
+        ProxySpec("socat", ("socat",), _socat, "socat -b 65536, fork per connection"),
+        ProxySpec("haproxy", ("haproxy",), _haproxy(False), "haproxy mode tcp"),
+        ProxySpec(
+            "haproxy-splice", ("haproxy",), _haproxy(True), "haproxy mode tcp, option splice-auto"
+        ),
+    ]
+
+
+def size_label(n: int) -> str:
+    """65536 -> '64k', 1048576 -> '1m' (names of the read-size sweep's rows)."""
+    if n % (1 << 20) == 0:
+        return f"{n >> 20}m"
+    if n % 1024 == 0:
+        return f"{n >> 10}k"
+    return str(n)
+
+
+def require_started(running: Running) -> Running:
+    """Fail early if a proxy exited right after reporting its port."""
+    if running.proc is not None and not running.proc.alive():
+        raise BenchError(f"{running.name} exited at start\n{running.proc.output()}")
+    return running

@@ -1,0 +1,243 @@
+"""Medians, ratios and the printed tables of a benchmark run.
+
+Every figure is the median over repetitions (runs marked ``discarded`` for
+foreign load, and failed runs, are left out; the tables say how many runs
+count). Ratios are ratios of medians, against ``direct`` and against
+``portforward`` measured in the same run: absolute figures on a shared
+2-core machine drift between sessions, same-run ratios much less.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+#: The stage goal: tunnelkit's MB per proxy CPU-second against portforward's.
+EFFICIENCY_GOAL = 1.6
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One headline figure: which group's runs, which key, how to print, which way is better."""
+
+    key: str
+    group: str
+    field: str
+    title: str
+    unit: str
+    higher_is_better: bool = True
+    digits: int = 0
+
+
+FIGURES = [
+    Figure("gbit_s", "iperf", "gbit_s", "iperf3 single stream", "Gbit/s", digits=2),
+    Figure("mb_per_cpu_s", "iperf", "mb_per_cpu_s", "bulk efficiency", "MB per proxy CPU-s"),
+    Figure("ka_rps", "wrk_ka", "rps", "wrk keep-alive", "req/s"),
+    Figure("close_rps", "wrk_close", "rps", "wrk Connection: close", "req/s"),
+    Figure(
+        "rss_kb_per_conn",
+        "idle",
+        "rss_kb_per_conn",
+        "RSS per idle connection (1,000 held)",
+        "KB/conn",
+        higher_is_better=False,
+        digits=1,
+    ),
+]
+
+#: Extra columns of each group's detail table: (field, header, digits).
+DETAILS: dict[str, list[tuple[str, str, int]]] = {
+    "iperf": [
+        ("gbit_s", "Gbit/s", 2),
+        ("mb_per_cpu_s", "MB per proxy CPU-s", 0),
+        ("proxy_cpu_pct", "proxy CPU %", 0),
+        ("client_cpu_pct", "iperf3 client CPU %", 0),
+        ("backend_cpu_pct", "iperf3 server CPU %", 0),
+        ("busy_pct", "machine busy %", 0),
+        ("kthreads_cpu_pct", "kernel threads CPU %", 0),
+        ("steal_pct", "steal %", 1),
+        ("foreign_pct", "foreign %", 0),
+    ],
+    "wrk_ka": [
+        ("rps", "req/s", 0),
+        ("p50_ms", "p50 ms", 2),
+        ("p99_ms", "p99 ms", 2),
+        ("proxy_cpu_pct", "proxy CPU %", 0),
+        ("req_per_cpu_s", "req per proxy CPU-s", 0),
+        ("socket_errors", "socket errors", 0),
+        ("foreign_pct", "foreign %", 0),
+    ],
+    "idle": [
+        ("rss_kb_per_conn", "ΔRSS KB/conn", 1),
+        ("pss_kb_per_conn", "ΔPSS KB/conn", 1),
+        ("idle_rss_mb", "idle RSS MB", 1),
+        ("held_rss_mb", "RSS MB with 1,000", 1),
+        ("processes_held", "processes", 0),
+        ("setup_cpu_ms_per_conn", "setup CPU ms/conn", 3),
+    ],
+}
+DETAILS["wrk_close"] = DETAILS["wrk_ka"]
+
+GROUP_TITLES = {
+    "iperf": "iperf3, one stream, client -> proxy -> iperf3 -s",
+    "wrk_ka": "wrk -t2 -c50, keep-alive, 1 KiB body",
+    "wrk_close": "wrk -t2 -c50 -H 'Connection: close', 1 KiB body",
+    "idle": "1,000 idle connections held through the proxy (echo backend)",
+}
+
+
+def counted(runs: list[dict[str, Any]], proxy: str, group: str) -> list[dict[str, float]]:
+    """The figures of the runs that count: succeeded and not discarded."""
+    return [
+        r["figures"]
+        for r in runs
+        if r["proxy"] == proxy and r["group"] == group and r["ok"] and not r["discarded"]
+    ]
+
+
+def values(runs: list[dict[str, Any]], proxy: str, group: str, field: str) -> list[float]:
+    return [f[field] for f in counted(runs, proxy, group) if field in f]
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict[str, Any]], proxies: list[str]) -> dict[str, dict[str, Any]]:
+    """Per proxy and figure: median, min, max, n, and the ratios to direct and portforward."""
+    out: dict[str, dict[str, Any]] = {}
+    for fig in FIGURES:
+        base = {
+            ref: median(values(runs, ref, fig.group, fig.field))
+            for ref in ("direct", "portforward")
+        }
+        for proxy in proxies:
+            xs = values(runs, proxy, fig.group, fig.field)
+            m = median(xs)
+            entry: dict[str, Any] = {"median": m, "n": len(xs)}
+            if xs:
+                entry["min"], entry["max"] = min(xs), max(xs)
+            for ref, b in base.items():
+                entry[f"x_{ref}"] = m / b if m is not None and b else None
+            out.setdefault(proxy, {})[fig.key] = entry
+    return out
+
+
+def _num(x: float | None, digits: int = 0) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(summary: dict[str, dict[str, Any]], proxies: list[str]) -> str:
+    """Medians of every headline figure, one row per proxy."""
+    headers = ["system"] + [f"{f.title} ({f.unit})" for f in FIGURES]
+    rows = []
+    for p in proxies:
+        rows.append([p] + [_num(summary[p][f.key]["median"], f.digits) for f in FIGURES])
+    return _table(headers, rows)
+
+
+def ratio_table(summary: dict[str, dict[str, Any]], proxies: list[str], ref: str) -> str:
+    """Every headline figure as a ratio to ``ref`` (for memory, below 1 is better)."""
+    headers = ["system"] + [f"{f.title} x {ref}" for f in FIGURES]
+    rows = []
+    for p in proxies:
+        rows.append([p] + [_ratio(summary[p][f.key][f"x_{ref}"]) for f in FIGURES])
+    return _table(headers, rows)
+
+
+def detail_table(runs: list[dict[str, Any]], proxies: list[str], group: str) -> str:
+    """Medians of every recorded field of one group, with the min-max of the first."""
+    columns = DETAILS[group]
+    headers = ["system", "n"] + [h for _, h, _ in columns]
+    headers.insert(3, "min-max")
+    rows = []
+    for p in proxies:
+        figs = counted(runs, p, group)
+        if not figs and not any(r["proxy"] == p and r["group"] == group for r in runs):
+            continue
+        row = [p, str(len(figs))]
+        for i, (field, _, digits) in enumerate(columns):
+            xs = [f[field] for f in figs if field in f]
+            row.append(_num(median(xs), digits))
+            if i == 0:
+                row.append(f"{_num(min(xs), digits)}-{_num(max(xs), digits)}" if xs else "-")
+        rows.append(row)
+    return _table(headers, rows)
+
+
+def goal_check(summary: dict[str, dict[str, Any]], proxies: list[str]) -> list[str]:
+    """The stage goal, for every tunnelkit row: efficiency >= 1.6x portforward, no figure worse."""
+    lines: list[str] = []
+    if "portforward" not in summary:
+        return ["goal check: portforward was not measured in this run"]
+    for p in proxies:
+        if not p.startswith("tunnelkit"):
+            continue
+        eff = summary[p]["mb_per_cpu_s"]["x_portforward"]
+        holds = eff is not None and eff >= EFFICIENCY_GOAL
+        lines.append(
+            f"{p}: MB per proxy CPU-s = {_ratio(eff)} portforward "
+            f"(goal >= {EFFICIENCY_GOAL}x): {'HOLDS' if holds else 'DOES NOT HOLD'}"
+        )
+        worse = []
+        for fig in FIGURES:
+            r = summary[p][fig.key]["x_portforward"]
+            if r is None:
+                worse.append(f"{fig.title}: not measured")
+            elif (r < 1.0) if fig.higher_is_better else (r > 1.0):
+                worse.append(f"{fig.title} {_ratio(r)}")
+        lines.append(
+            f"{p}: no figure worse than portforward: "
+            + ("HOLDS" if not worse else "DOES NOT HOLD (" + "; ".join(worse) + ")")
+        )
+    return lines
+
+
+def render(runs: list[dict[str, Any]], proxies: list[str], groups: list[str]) -> str:
+    """The whole printed report: headline medians, ratios, details, goal check."""
+    summary = summarize(runs, proxies)
+    parts = [
+        "## Medians",
+        "",
+        summary_table(summary, proxies),
+        "",
+        "## Ratios to direct",
+        "",
+        ratio_table(summary, proxies, "direct"),
+        "",
+        "## Ratios to portforward (memory: below 1 is better)",
+        "",
+        ratio_table(summary, proxies, "portforward"),
+        "",
+    ]
+    for group in groups:
+        parts += [f"## {GROUP_TITLES[group]}", "", detail_table(runs, proxies, group), ""]
+    failed = [r for r in runs if not r["ok"]]
+    discarded = [r for r in runs if r["ok"] and r["discarded"]]
+    if failed or discarded:
+        parts.append("## Failed or discarded runs")
+        parts.append("")
+        for r in failed:
+            parts.append(f"- FAILED {r['proxy']} {r['group']} rep {r['rep']}: {r['error']}")
+        for r in discarded:
+            parts.append(
+                f"- discarded {r['proxy']} {r['group']} rep {r['rep']}: "
+                f"foreign load {r['figures'].get('foreign_pct', 0):.0f} %"
+            )
+        parts.append("")
+    parts += ["## Goal check", ""] + [f"- {line}" for line in goal_check(summary, proxies)]
+    return "\n".join(parts)
