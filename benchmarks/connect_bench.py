@@ -70,6 +70,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from peers import listening
 from procs import (
     CLK_TCK,
     START_TIMEOUT,
@@ -478,25 +479,6 @@ class ProxySpec:
     figures: tuple[str, ...] = ()
     #: Printed under the tables when this proxy ran: what a reader needs to read its row.
     remark: str = ""
-
-
-def listening(port: int) -> bool:
-    """Whether a socket is in LISTEN on 127.0.0.1:``port`` (from /proc/net/tcp).
-
-    Used instead of a probe connection, which would show up in the proxies'
-    logs as a client that sent nothing.
-    """
-    want = f"0100007F:{port:04X}"
-    try:
-        with open("/proc/net/tcp") as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                if parts[1] == want and parts[3] == "0A":
-                    return True
-    except OSError:
-        return False
-    return False
 
 
 def _wait_listening(proc: Proc, port: int) -> None:
