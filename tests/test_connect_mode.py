@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
+from tunnelkit.dialer import Backend, Dialer, host_endpoint
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import Timeouts, TunnelRecord
 from tunnelkit.resolver import IPAddress, ResolveError
@@ -40,6 +41,7 @@ class Harness:
         auth: bool = False,
         resolve_error: Exception | None = None,
         resolve_hangs: bool = False,
+        fixed: str | None = None,
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.records: list[TunnelRecord] = []
@@ -57,6 +59,11 @@ class Harness:
             connect_timeout=5.0,
             header_timeout=10.0,
             authenticate=self.authenticate if auth else None,
+            fixed=None
+            if fixed is None
+            else Dialer(
+                [Backend(fixed, host_endpoint(self.reactor, fixed, 6379, 5.0))], self.reactor, 5.0
+            ),
         )
         self.factory = ConnectFactory(
             settings=settings,
@@ -288,6 +295,23 @@ class ConnectModeTests(SynchronousTestCase):
         )
         self.assertEqual(record.bytes_up, 7)
         self.assertEqual(record.backend_address, f"{PUBLIC}:443")
+
+    def test_fixed_backend_gets_allowed_tunnels(self) -> None:
+        """With --to, an allowed target is tunnelled to that backend, not to the target."""
+        h = Harness(fixed="10.9.8.7")
+        h.send(b"CONNECT example.org:443 HTTP/1.1\r\n\r\nhi")
+        self.assertEqual(h.lookups, [("example.org", 443)])
+        self.assertEqual([c[:2] for c in h.reactor.tcpClients], [("10.9.8.7", 6379)])
+        backend = h.connect_backend()
+        self.assertEqual(h.response(), b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.assertEqual(backend.value(), b"hi")
+
+    def test_fixed_backend_still_checks_the_target(self) -> None:
+        """With --to, a target the policy refuses gets 403 and the backend is never dialled."""
+        h = Harness(fixed="10.9.8.7")
+        h.send(b"CONNECT 127.0.0.1:22 HTTP/1.1\r\n\r\n")
+        self.assertTrue(h.response().startswith(b"HTTP/1.1 403 "))
+        self.assertEqual(h.reactor.tcpClients, [])
 
     def test_full_registry_answers_503(self) -> None:
         """At the connection cap a new client gets 503 and a close."""

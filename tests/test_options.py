@@ -6,6 +6,7 @@ import pytest
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
+from tunnelkit.connect_mode import ConnectFactory
 from tunnelkit.sockopts import DEFAULT_READ_SIZE
 from tunnelkit.tap import Options, build_service
 
@@ -96,3 +97,47 @@ def test_max_connections_reaches_registry() -> None:
     """--max-connections caps the registry."""
     o = parse("--listen", "1", "--to", "a:1", "--max-connections", "7")
     assert build_service(o).registry.max_tunnels == 7
+
+
+def test_connect_mode_policies_parsed() -> None:
+    """--mode connect needs no --to and turns the dest, port and client rules into policies."""
+    o = parse(
+        "--mode", "connect", "--listen", "3128", "--allow-dest", "10.0.0.0/8:5432",
+        "--deny-dest", "10.0.0.9", "--allow-port", "443", "--deny-client", "192.0.2.0/24",
+        "--header-timeout", "3",
+    )  # fmt: skip
+    assert o.backends == []
+    assert [r.text for r in o.targets.allow] == ["10.0.0.0/8:5432"]
+    assert [r.text for r in o.targets.deny] == ["10.0.0.9"]
+    assert o.targets.decide("10.0.0.9", 5432).refusal is not None
+    assert o.targets.decide("10.1.2.3", 5432).allowed
+    assert not o.clients.allows("192.0.2.1")
+    assert o["header-timeout"] == 3.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--mode", "socks9", "--listen", "1"], "--mode must be one of"),
+        (["--listen", "1", "--to", "a:1", "--allow-dest", "10.0.0.0/8"], "--allow-dest applies"),
+        (["--mode", "connect", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
+        (["--mode", "connect", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),
+    ],
+)
+def test_connect_mode_errors_are_one_line(argv: list[str], message: str) -> None:
+    """Bad mode, proxy-only options in forward mode, bad rules and auth files: one error line."""
+    with pytest.raises(SystemExit) as caught:
+        parse(*argv)
+    text = str(caught.value.code)
+    assert text.startswith("tunnelkit: error:")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_connect_mode_with_to_builds_a_fixed_tunnel() -> None:
+    """--mode connect --to B: every CONNECT listener dials B after the policy check."""
+    o = parse("--mode", "connect", "--listen", "1", "--to", "127.0.0.1:6379")
+    factory = build_service(o).factory_for("1")
+    assert isinstance(factory, ConnectFactory)
+    assert factory.settings.fixed is not None
+    assert [b.name for b in factory.settings.fixed.backends] == ["127.0.0.1:6379"]

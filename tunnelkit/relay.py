@@ -103,9 +103,10 @@ class Leg(Protocol):
 
     Before the tunnel is joined, bytes read here are held, and the leg pauses
     once it holds a read size: memory stays bounded, yet the socket is still
-    watched while the backend connects, so a client that resets or closes is
-    noticed at once and its pending connect cancelled (a paused socket is not
-    polled at all). Held bytes are written first once joined.
+    watched while the backend connects, so a client that resets is noticed at
+    once and its pending connect cancelled (a paused socket is not polled at
+    all), and its FIN is kept for the backend. Held bytes are written first
+    once joined.
     """
 
     # A TCP/UNIX transport or a TLS wrapper: all provide the producer/consumer
