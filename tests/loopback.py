@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from tunnelkit.relay import Tunnel
@@ -287,6 +288,22 @@ def echo(conn: socket.socket) -> int:
     return total
 
 
+def digest_then_reply(reply: bytes) -> Callable[[socket.socket], tuple[int, str]]:
+    """Backend: read to EOF, then send the SHA-256 of what came and ``reply``, then close."""
+
+    def handler(conn: socket.socket) -> tuple[int, str]:
+        digest = hashlib.sha256()
+        size = 0
+        while data := conn.recv(256 * 1024):
+            digest.update(data)
+            size += len(data)
+        conn.sendall(digest.digest() + reply)
+        conn.shutdown(socket.SHUT_WR)
+        return size, digest.hexdigest()
+
+    return handler
+
+
 def fill_accept_queue(listener: socket.socket) -> list[socket.socket] | None:
     """Make a listener with a backlog of 0 drop SYNs; the sockets queued there, or ``None``.
 
@@ -425,3 +442,21 @@ def proxy_sockets(tunnel: Tunnel) -> tuple[socket.socket, socket.socket]:
     client: socket.socket = tunnel.client.transport.getHandle()
     backend: socket.socket = tunnel.backend.transport.getHandle()
     return client, backend
+
+
+class LoopbackTestCase(TestCase):
+    """A forwarder and backends that are torn down after each test (forwarder first)."""
+
+    timeout = 60
+    #: Options every forwarder of the class gets (the queued-write variants).
+    extra_args: tuple[str, ...] = ()
+
+    def serve(self, handler: Callable[[socket.socket], Any]) -> ThreadedServer:
+        server = ThreadedServer(handler)
+        self.addCleanup(server.close)
+        return server
+
+    def forward(self, *args: str) -> Forwarder:
+        forwarder = Forwarder(*self.extra_args, *args)
+        self.addCleanup(forwarder.stop)
+        return forwarder

@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 from loopback import (
-    Forwarder,
+    LoopbackTestCase,
     MiB,
     Serve,
-    ThreadedServer,
     connect,
+    digest_then_reply,
     echo,
     exchange_counting,
     proxy_sockets,
@@ -48,7 +48,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 from zope.interface import implementer
 
 SOAK = os.environ.get("TUNNELKIT_SOAK") == "1"
@@ -78,41 +78,7 @@ def socket_option(sock: socket.socket, level: int, name: int) -> int:
     return value
 
 
-class LoopbackTestCase(TestCase):
-    """A forwarder and backends that are torn down after each test (forwarder first)."""
-
-    timeout = 60
-    #: Options every forwarder of the class gets (the queued-write variants).
-    extra_args: tuple[str, ...] = ()
-
-    def serve(self, handler: Callable[[socket.socket], Any]) -> ThreadedServer:
-        server = ThreadedServer(handler)
-        self.addCleanup(server.close)
-        return server
-
-    def forward(self, *args: str) -> Forwarder:
-        forwarder = Forwarder(*self.extra_args, *args)
-        self.addCleanup(forwarder.stop)
-        return forwarder
-
-
 # -- bytes both ways ------------------------------------------------------
-
-
-def digest_then_reply(reply: bytes) -> Callable[[socket.socket], tuple[int, str]]:
-    """Backend: read to EOF, then send the SHA-256 of what came and ``reply``, then close."""
-
-    def handler(conn: socket.socket) -> tuple[int, str]:
-        digest = hashlib.sha256()
-        size = 0
-        while data := conn.recv(256 * 1024):
-            digest.update(data)
-            size += len(data)
-        conn.sendall(digest.digest() + reply)
-        conn.shutdown(socket.SHUT_WR)
-        return size, digest.hexdigest()
-
-    return handler
 
 
 def banner_then_echo(banner: bytes) -> Callable[[socket.socket], int]:

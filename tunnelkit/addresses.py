@@ -110,3 +110,18 @@ def backend_address(text: str, endpoint_types: frozenset[str]) -> HostPort | str
             f" ({', '.join(sorted(endpoint_types))})"
         )
     return text
+
+
+def tls_host_port(text: str) -> HostPort | None:
+    """``tls:HOST:PORT`` or ``tls:[V6]:PORT`` as a host and port; ``None`` for anything else.
+
+    Other ``tls:`` strings (with Twisted's ``trustRoots=``, ``certificate=``
+    ... arguments) are left to Twisted's own endpoint parser.
+    """
+    if text[:4].lower() != "tls:":
+        return None
+    try:
+        address = backend_address(text[4:], frozenset())
+    except AddressError:
+        return None
+    return address if isinstance(address, HostPort) else None

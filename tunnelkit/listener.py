@@ -10,6 +10,7 @@ reads a request first.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
@@ -17,7 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from tunnelkit.registry import TunnelRegistry
-from tunnelkit.relay import Timeouts, Tunnel, TunnelRecord
+from tunnelkit.relay import Leg, Timeouts, Tunnel, TunnelRecord
 from tunnelkit.target_policy import ClientPolicy
 from tunnelkit.tunnel_log import log_tunnel_closed
 
@@ -39,6 +40,7 @@ class TunnelFactory(Factory):
         read_size: int,
         clients: ClientPolicy | None = None,
         write_through: bool = True,
+        client_leg: Callable[[Tunnel], Leg] | None = None,
     ) -> None:
         self.listener = listener
         self.registry = registry
@@ -48,6 +50,7 @@ class TunnelFactory(Factory):
         self.clients = clients or ClientPolicy()
         self.refused_clients = 0
         self.write_through = write_through
+        self.client_leg = client_leg
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) if refused."""
@@ -59,6 +62,7 @@ class TunnelFactory(Factory):
             self._ended,
             self.read_size,
             write_through=self.write_through,
+            client_leg=self.client_leg,
         )
         if not self.registry.admit(tunnel):
             return self.overloaded()

@@ -184,7 +184,8 @@ class Tunnel:
 
     ``clock`` drives every timer (a ``Clock`` in tests); ``on_end`` receives the
     :class:`TunnelRecord` exactly once; ``write_through`` sends straight to an
-    idle socket (see :mod:`tunnelkit.write_through`).
+    idle socket (see :mod:`tunnelkit.write_through`); ``client_leg`` makes a
+    client leg of another kind (a TLS listener's waits for its handshake).
     """
 
     def __init__(
@@ -196,13 +197,14 @@ class Tunnel:
         backend_name: str = "",
         *,
         write_through: bool = True,
+        client_leg: Callable[[Tunnel], Leg] | None = None,
     ) -> None:
         self.clock = clock
         self.write_through = write_through
         self.timeouts = timeouts
         self.read_size = read_size
         self.backend_name = backend_name
-        self.client = Leg(self, Side.CLIENT)
+        self.client = client_leg(self) if client_leg is not None else Leg(self, Side.CLIENT)
         self.backend: Leg | None = None
         self.started = clock.seconds()
         self.last_moved = self.started
@@ -252,7 +254,7 @@ class Tunnel:
     def fail(self, reason: str, kind: CloseKind = CloseKind.ERROR) -> None:
         """The backend could not be opened: close the client and say why."""
         self.pending = None
-        self._note(Side.PROXY, kind, reason)
+        self.note(Side.PROXY, kind, reason)
         if not self.client.lost:
             self.client.transport.loseConnection()
 
@@ -261,7 +263,8 @@ class Tunnel:
     def _peer(self, leg: Leg) -> Leg | None:
         return self.backend if leg is self.client else self.client
 
-    def _note(self, side: Side, kind: CloseKind, reason: str) -> None:
+    def note(self, side: Side, kind: CloseKind, reason: str) -> None:
+        """Record how the tunnel started to close, unless that is known already."""
         if self._first is None:
             self._first = (side, kind, reason)
 
@@ -271,7 +274,7 @@ class Tunnel:
         A client's EOF while its backend is still connecting is passed on
         after the join, behind the bytes it sent first.
         """
-        self._note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
+        self.note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
         peer = self._peer(leg)
         if peer is None and self.pending is not None:
             return
@@ -292,14 +295,14 @@ class Tunnel:
     def leg_lost(self, leg: Leg, reason: Failure) -> None:
         """``leg`` is closed: close the other one the same way, then end."""
         if reason.check(ConnectionDone):
-            self._note(leg.side, CloseKind.FIN, f"{leg.side.value} closed")
+            self.note(leg.side, CloseKind.FIN, f"{leg.side.value} closed")
         elif not reason.check(ConnectionAborted):
-            self._note(
+            self.note(
                 leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}"
             )
         if leg is self.client and self.pending is not None:
             pending, self.pending = self.pending, None
-            self._note(Side.CLIENT, CloseKind.FIN, "client left before the backend connected")
+            self.note(Side.CLIENT, CloseKind.FIN, "client left before the backend connected")
             pending.cancel()
         peer = self._peer(leg)
         if peer is not None and not peer.lost:
@@ -325,7 +328,7 @@ class Tunnel:
 
     def abort(self, reason: str, kind: CloseKind = CloseKind.SHUTDOWN) -> None:
         """Cut the tunnel now (RST both ways): its data may be incomplete."""
-        self._note(Side.PROXY, kind, reason)
+        self.note(Side.PROXY, kind, reason)
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.cancel()
@@ -359,14 +362,14 @@ class Tunnel:
         assert idle is not None
         quiet = self.clock.seconds() - self.last_moved
         if quiet >= idle:
-            self._note(Side.PROXY, CloseKind.TIMEOUT, f"idle timeout ({idle:g} s without data)")
+            self.note(Side.PROXY, CloseKind.TIMEOUT, f"idle timeout ({idle:g} s without data)")
             self._close_both()
         else:
             self.arm("idle", idle - quiet, self._check_idle)
 
     def _fin_expired(self) -> None:
         fin = self.timeouts.fin
-        self._note(Side.PROXY, CloseKind.TIMEOUT, f"fin timeout ({fin:g} s half-closed)")
+        self.note(Side.PROXY, CloseKind.TIMEOUT, f"fin timeout ({fin:g} s half-closed)")
         self._abort_both()
 
     def _end(self) -> None:

@@ -5,12 +5,14 @@ port already in use is a one-line error and a non-zero exit in the shell that
 started it rather than a traceback in a log file. On stop (SIGTERM, SIGINT)
 the service stops accepting at once and drains live tunnels (see
 :meth:`TunnelRegistry.drain`); ``twistd`` waits for that before it exits.
+SIGHUP calls ``on_reload`` (TLS certificates are read again).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,6 +89,7 @@ class TunnelService(Service):
         drain_timeout: float,
         *,
         reactor: Any = None,
+        on_reload: Callable[[], object] | None = None,
     ) -> None:
         self.listeners = list(listeners)
         self.factory_for = factory_for
@@ -95,6 +98,8 @@ class TunnelService(Service):
         self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
         self.reactor = reactor
+        self.on_reload = on_reload
+        self._previous_sighup: Any = None
 
     def listen(self) -> None:
         """Start every listener now; raise :class:`ListenError` on the first failure."""
@@ -132,6 +137,13 @@ class TunnelService(Service):
         super().startService()  # type: ignore[no-untyped-call]
         for port in self.ports:
             claim_unix_lock(port)
+        if self.on_reload is not None and self.reactor is not None:
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, signum: int, frame: Any) -> None:
+        # A signal handler runs between bytecodes: hand the work to the reactor.
+        assert self.on_reload is not None
+        self.reactor.callFromThread(self.on_reload)
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, drain (see :meth:`TunnelRegistry.drain`), exit 0.
@@ -142,6 +154,9 @@ class TunnelService(Service):
         remembered signal is cleared and the process exits with status 0.
         """
         super().stopService()  # type: ignore[no-untyped-call]
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]
         self.ports.clear()
         done: Deferred[Any] = gatherResults(stopping)

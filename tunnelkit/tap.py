@@ -15,15 +15,17 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import (
+    IProtocolFactory,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
     IStreamServerEndpoint,
 )
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from tunnelkit.addresses import HostPort, backend_address, listen_description
+from tunnelkit.addresses import HostPort, backend_address, listen_description, tls_host_port
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
 from tunnelkit.dialer import Backend, Dialer, host_endpoint
 from tunnelkit.forward import ForwardFactory
@@ -37,6 +39,10 @@ from tunnelkit.target_policy import ClientPolicy, TargetPolicy
 
 if TYPE_CHECKING:
     from tunnelkit.htpasswd import Htpasswd
+    from tunnelkit.tls_backend import BackendTLS
+    from tunnelkit.tls_server import ServerTLS, ServerTLSSettings
+
+log = Logger(namespace="tunnelkit.tap")
 
 #: The values of ``--mode``.
 MODES = ("forward", "connect")
@@ -89,6 +95,18 @@ class Options(usage.Options):
             None,
             "Always queue writes in Twisted (diagnostics; slower): see docs/performance.md.",
         ],
+        ["tls-strict-sni", None, "Refuse TLS clients whose SNI name no --tls-cert serves."],
+        [
+            "tls-client-optional",
+            None,
+            "With --tls-client-ca: accept clients without a certificate.",
+        ],
+        ["backend-tls", None, "TLS to every HOST:PORT backend (see docs/tls.md)."],
+        [
+            "backend-insecure",
+            None,
+            "Do not verify backend certificates (warns: traffic can be read and changed).",
+        ],
     ]
     optParameters = [
         ["mode", "m", "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)."],
@@ -133,15 +151,62 @@ class Options(usage.Options):
             None,
             "connect mode: htpasswd file of bcrypt entries (htpasswd -B, tunnelkit passwd).",
         ],
+        ["tls-min-version", None, "1.2", "Oldest TLS version accepted from clients: 1.2 or 1.3."],
+        ["tls-ciphers", None, None, "OpenSSL cipher list for TLS 1.2 clients."],
+        ["alpn", None, None, "ALPN protocols offered to clients, e.g. h2,http/1.1."],
+        ["tls-client-ca", None, None, "Require client certificates signed by a CA in this file."],
+        [
+            "tls-handshake-timeout",
+            None,
+            10.0,
+            "Seconds a TLS client has to complete its handshake.",
+            _positive_seconds,
+        ],
+        ["backend-ca", None, None, "CA file backend certificates must chain to (default: system)."],
+        [
+            "backend-sni",
+            None,
+            None,
+            "SNI name sent to TLS backends and checked in their certificate.",
+        ],
+        ["backend-cert", None, None, "Client certificate presented to TLS backends."],
+        ["backend-key", None, None, "Key of --backend-cert (default: read from that file)."],
     ]
 
     #: Repeatable options that only a proxy mode (which chooses targets) uses.
     _PROXY_ONLY = ("allow-dest", "deny-dest", "allow-port", "auth-file")
 
+    #: Options that mean nothing without --tls-cert.
+    _SERVER_TLS_ONLY = (
+        "tls-key",
+        "tls-strict-sni",
+        "tls-ciphers",
+        "alpn",
+        "tls-client-ca",
+        "tls-client-optional",
+    )
+
+    #: Options that mean nothing without a TLS backend.
+    _BACKEND_TLS_ONLY = (
+        "backend-ca",
+        "backend-sni",
+        "backend-cert",
+        "backend-key",
+        "backend-insecure",
+    )
+
     def __init__(self, reactor: Any = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.reactor = reactor
-        for name in ("listen", "to", "allow-dest", "deny-dest", "allow-port"):
+        for name in (
+            "listen",
+            "to",
+            "allow-dest",
+            "deny-dest",
+            "allow-port",
+            "tls-cert",
+            "tls-key",
+        ):
             self[name] = []
         self["allow-client"] = []
         self["deny-client"] = []
@@ -151,6 +216,8 @@ class Options(usage.Options):
         self.clients = ClientPolicy()
         self.targets = TargetPolicy()
         self.users: Htpasswd | None = None
+        self.tls: ServerTLS | None = None
+        self.backend_tls: BackendTLS | None = None
 
     def opt_listen(self, value: str) -> None:
         """Where to accept clients (repeatable)."""
@@ -159,6 +226,14 @@ class Options(usage.Options):
     def opt_to(self, value: str) -> None:
         """A backend (repeatable: tried in the order given, first that connects)."""
         self["to"].append(value)
+
+    def opt_tls_cert(self, value: str) -> None:
+        """Terminate TLS with this certificate (chain) file (repeatable: chosen by SNI)."""
+        self["tls-cert"].append(value)
+
+    def opt_tls_key(self, value: str) -> None:
+        """The key of the --tls-cert at the same position (default: in the certificate file)."""
+        self["tls-key"].append(value)
 
     def opt_allow_dest(self, value: str) -> None:
         """connect mode: allow targets matching CIDR, NAME or *.DOMAIN, optionally :PORT[-PORT] (repeatable; overrides the refusal of private addresses)."""
@@ -200,6 +275,7 @@ class Options(usage.Options):
                 if self[name]:
                     raise usage.UsageError(f"--{name} applies to --mode connect only")
         self._policies()
+        self._tls()
         if self.reactor is None:
             from twisted.internet import reactor
 
@@ -236,6 +312,65 @@ class Options(usage.Options):
             except (OSError, HtpasswdError) as e:
                 raise usage.UsageError(f"--auth-file: {e}") from None
 
+    def _tls(self) -> None:
+        if not self["tls-cert"]:
+            for name in self._SERVER_TLS_ONLY:
+                if self[name]:
+                    raise usage.UsageError(f"--{name} needs --tls-cert")
+        tls_backends = self["backend-tls"] or any(text[:4].lower() == "tls:" for text in self["to"])
+        if not tls_backends:
+            for name in self._BACKEND_TLS_ONLY:
+                if self[name]:
+                    raise usage.UsageError(
+                        f"--{name} needs a tls:HOST:PORT backend or --backend-tls"
+                    )
+        if self["tls-min-version"] not in ("1.2", "1.3"):
+            raise usage.UsageError("--tls-min-version must be 1.2 or 1.3")
+        if not (self["tls-cert"] or tls_backends):
+            return
+        # The TLS stack (pyOpenSSL, cryptography) is loaded only when TLS is used.
+        from tunnelkit.tls_backend import BackendTLS, BackendTLSSettings
+        from tunnelkit.tls_server import ServerTLS, TLSConfigError
+
+        try:
+            if self["tls-cert"]:
+                self.tls = ServerTLS(self._server_tls_settings())
+            if tls_backends:
+                self.backend_tls = BackendTLS(
+                    BackendTLSSettings(
+                        ca=self["backend-ca"],
+                        sni=self["backend-sni"],
+                        cert=self["backend-cert"],
+                        key=self["backend-key"],
+                        insecure=self["backend-insecure"],
+                    )
+                )
+        except TLSConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _server_tls_settings(self) -> ServerTLSSettings:
+        from tunnelkit.tls_server import CertificatePair, ServerTLSSettings
+
+        certs, keys = self["tls-cert"], self["tls-key"]
+        if keys and len(keys) != len(certs):
+            raise usage.UsageError(
+                f"{len(certs)} --tls-cert but {len(keys)} --tls-key: give one key per"
+                " certificate, or none (keys inside the certificate files)"
+            )
+        alpn = tuple(p.strip().encode() for p in (self["alpn"] or "").split(",") if p.strip())
+        if any(len(p) > 255 for p in alpn):
+            raise usage.UsageError("--alpn: a protocol name is at most 255 bytes")
+        return ServerTLSSettings(
+            pairs=tuple(CertificatePair(c, k) for c, k in zip(certs, keys or certs, strict=True)),
+            strict_sni=bool(self["tls-strict-sni"]),
+            min_version=self["tls-min-version"],
+            ciphers=self["tls-ciphers"],
+            alpn=alpn,
+            client_ca=self["tls-client-ca"],
+            client_optional=bool(self["tls-client-optional"]),
+            handshake_timeout=self["tls-handshake-timeout"],
+        )
+
     def _server_endpoint(self, text: str) -> IStreamServerEndpoint:
         try:
             endpoint: IStreamServerEndpoint = serverFromString(
@@ -250,12 +385,27 @@ class Options(usage.Options):
     ) -> IStreamClientEndpoint:
         try:
             address = backend_address(text, types)
+            tls_target = tls_host_port(text)
+            if tls_target is not None or (self["backend-tls"] and isinstance(address, HostPort)):
+                return self._tls_endpoint(outbound, tls_target or address)
             if isinstance(address, HostPort):
                 return host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
             client: IStreamClientEndpoint = clientFromString(outbound, address)
             return client
         except Exception as e:
             raise usage.UsageError(f"--to {text!r}: {e}") from None
+
+    def _tls_endpoint(self, outbound: Any, address: Any) -> IStreamClientEndpoint:
+        from tunnelkit.tls_backend import TLSClientEndpoint
+
+        assert self.backend_tls is not None and isinstance(address, HostPort)
+        inner = host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
+        return TLSClientEndpoint(
+            inner,
+            self.backend_tls.creator(address.host),
+            read_size=self.socket_options.read_size,
+            write_through=not self["no-write-through"],
+        )
 
 
 def _connect_settings(config: Options, dialer: Dialer | None) -> ConnectSettings:
@@ -293,7 +443,7 @@ def build_service(config: Options) -> TunnelService:
     timeouts = Timeouts(idle=config["idle-timeout"] or None, fin=config["fin-timeout"] or None)
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
 
-    def factory_for(listener: str) -> TunnelFactory:
+    def factory_for(listener: str) -> IProtocolFactory:
         common: dict[str, Any] = {
             "listener": listener,
             "registry": registry,
@@ -303,10 +453,37 @@ def build_service(config: Options) -> TunnelService:
             "clients": config.clients,
             "write_through": not config["no-write-through"],
         }
+        if config.tls is not None:
+            return _terminate_tls(config, common)
+        return mode_factory(common)
+
+    def mode_factory(common: dict[str, Any]) -> TunnelFactory:
         if settings is not None:
             return ConnectFactory(settings=settings, **common)
         assert dialer is not None
         return ForwardFactory(dialer=dialer, **common)
+
+    def _terminate_tls(config: Options, common: dict[str, Any]) -> IProtocolFactory:
+        from tunnelkit.tls_leg import HandshakeLeg
+        from tunnelkit.tls_transport import RelayTLSFactory
+
+        tls = config.tls
+        assert tls is not None
+        factory = mode_factory({**common, "client_leg": lambda tunnel: HandshakeLeg(tunnel, tls)})
+        return RelayTLSFactory(
+            tls,
+            False,
+            factory,
+            read_size=common["read_size"],
+            write_through=common["write_through"],
+        )
+
+    if config.backend_tls is not None and config.backend_tls.settings.insecure:
+        log.warn(
+            "--backend-insecure: backend certificates are not verified; anyone on the path"
+            " can read and change the traffic",
+            event="backend_insecure",
+        )
 
     return TunnelService(
         config.listeners,
@@ -315,6 +492,7 @@ def build_service(config: Options) -> TunnelService:
         config.socket_options,
         config["drain-timeout"],
         reactor=reactor,
+        on_reload=config.tls.reload if config.tls is not None else None,
     )
 
 

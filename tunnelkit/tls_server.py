@@ -1,0 +1,227 @@
+"""TLS termination: the server contexts, certificate choice by SNI, and reloading.
+
+:class:`ServerTLS` is what a TLS listener asks for each new connection's
+OpenSSL state. It holds one loaded :class:`Certificates` set (an OpenSSL
+context per certificate, the names each one serves) and replaces the whole
+set atomically on :meth:`ServerTLS.reload`: a handshake in progress keeps the
+set it started with, a broken file keeps the old set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from zope.interface import implementer
+
+log = Logger(namespace="tunnelkit.tls")
+
+#: ``--tls-min-version`` values and the OpenSSL constants they mean.
+MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION  # CRIME
+    | SSL.OP_NO_RENEGOTIATION  # client-initiated renegotiation: a CPU-exhaustion lever
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+)
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file cannot be used; the message names it."""
+
+
+@attrs.frozen
+class CertificatePair:
+    """A ``--tls-cert`` file (leaf first, then its chain) and the file holding its key."""
+
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class ServerTLSSettings:
+    """Everything ``--tls-*`` says about terminating TLS."""
+
+    pairs: tuple[CertificatePair, ...]
+    strict_sni: bool = False
+    min_version: str = "1.2"
+    ciphers: str | None = None
+    alpn: tuple[bytes, ...] = ()
+    client_ca: str | None = None
+    client_optional: bool = False
+    handshake_timeout: float = 10.0
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise TLSConfigError(f"{option} {path}: {e.strerror or e}") from None
+
+
+def openssl_reason(error: SSL.Error) -> str:
+    """The reasons in OpenSSL's error queue, without the library and function names."""
+    reasons = [entry[2] for entry in error.args[0] if isinstance(entry, tuple) and entry[2]]
+    return ", ".join(reasons) or str(error)
+
+
+def served_names(cert_pem: bytes, path: str) -> list[str]:
+    """The DNS names the leaf certificate of ``cert_pem`` serves: its SAN, else its CN."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError as e:
+        raise TLSConfigError(f"--tls-cert {path}: no PEM certificate ({e})") from None
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = san.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        names = [
+            str(attribute.value)
+            for attribute in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    return [name.lower().rstrip(".") for name in names]
+
+
+def _alpn_chooser(ours: Sequence[bytes]) -> Any:
+    def choose(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+        for protocol in ours:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+    return choose
+
+
+def _context(settings: ServerTLSSettings, pair: CertificatePair | None) -> SSL.Context:
+    """One server context; without ``pair``, one that can complete no handshake (strict SNI)."""
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(MIN_VERSIONS[settings.min_version])
+    context.set_options(_OPTIONS)
+    # Session resumption (and client certificates with it) needs an id context.
+    context.set_session_id(b"tunnelkit")
+    if settings.ciphers:
+        try:
+            context.set_cipher_list(settings.ciphers.encode())
+        except SSL.Error as e:
+            raise TLSConfigError(
+                f"--tls-ciphers {settings.ciphers!r}: {openssl_reason(e)}"
+            ) from None
+    if settings.alpn:
+        context.set_alpn_select_callback(_alpn_chooser(settings.alpn))
+    if settings.client_ca:
+        _read("--tls-client-ca", settings.client_ca)
+        try:
+            context.load_verify_locations(settings.client_ca)
+            context.load_client_ca(settings.client_ca.encode())
+        except SSL.Error as e:
+            raise TLSConfigError(
+                f"--tls-client-ca {settings.client_ca}: {openssl_reason(e)}"
+            ) from None
+        mode = SSL.VERIFY_PEER
+        if not settings.client_optional:
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        context.set_verify(mode)
+    if pair is None:
+        return context
+    try:
+        context.use_certificate_chain_file(pair.cert.encode())
+    except SSL.Error as e:
+        raise TLSConfigError(f"--tls-cert {pair.cert}: {openssl_reason(e)}") from None
+    _read("--tls-key", pair.key)
+    try:
+        context.use_privatekey_file(pair.key.encode())
+        context.check_privatekey()
+    except SSL.Error as e:
+        reason = openssl_reason(e)
+        if "mismatch" in reason or "does not match" in reason:
+            reason = f"does not match the certificate in {pair.cert}"
+        raise TLSConfigError(f"--tls-key {pair.key}: {reason}") from None
+    return context
+
+
+class Certificates:
+    """One load of every certificate: a context each, and which names each serves.
+
+    An exact name beats a wildcard (``*.example.com`` covers one label), and
+    an earlier ``--tls-cert`` beats a later one for the same name. Clients
+    with no name or an unknown one get the first certificate, or with
+    ``strict_sni`` a context without any, whose handshake fails.
+    """
+
+    def __init__(self, settings: ServerTLSSettings) -> None:
+        if not settings.pairs:
+            raise TLSConfigError("--tls-cert is required for TLS")
+        self.exact: dict[str, SSL.Context] = {}
+        self.wildcard: dict[str, SSL.Context] = {}
+        contexts = []
+        for pair in settings.pairs:
+            names = served_names(_read("--tls-cert", pair.cert), pair.cert)
+            context = _context(settings, pair)
+            contexts.append(context)
+            for name in names:
+                if name.startswith("*."):
+                    self.wildcard.setdefault(name[2:], context)
+                else:
+                    self.exact.setdefault(name, context)
+        self.default = contexts[0]
+        self.fallback = _context(settings, None) if settings.strict_sni else self.default
+        self.default.set_tlsext_servername_callback(self._choose)
+
+    def for_name(self, name: str | None) -> SSL.Context:
+        """The context serving ``name`` (as sent in SNI)."""
+        if not name:
+            return self.fallback
+        name = name.lower().rstrip(".")
+        context = self.exact.get(name)
+        if context is None:
+            _, _, parent = name.partition(".")
+            context = self.wildcard.get(parent, self.fallback)
+        return context
+
+    def _choose(self, connection: SSL.Connection) -> None:
+        sent = connection.get_servername()
+        context = self.for_name(sent.decode("ascii", "replace") if sent else None)
+        if context is not self.default:
+            connection.set_context(context)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The TLS state of every listener of a process; reloadable."""
+
+    def __init__(self, settings: ServerTLSSettings) -> None:
+        self.settings = settings
+        self.certificates = Certificates(settings)
+        #: Handshakes that failed or timed out, since start (all listeners).
+        self.handshake_failures = 0
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        """A new connection's OpenSSL state, from the current certificates."""
+        return SSL.Connection(self.certificates.default, None)
+
+    def reload(self) -> bool:
+        """Load every file again; keep the current certificates if anything fails."""
+        try:
+            self.certificates = Certificates(self.settings)
+        except TLSConfigError as e:
+            log.error(
+                "TLS reload failed, keeping the current certificates: {error}",
+                event="tls_reload_failed",
+                error=str(e),
+            )
+            return False
+        log.info(
+            "TLS certificates reloaded ({count})",
+            event="tls_reloaded",
+            count=len(self.settings.pairs),
+        )
+        return True
