@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import ssl
 import struct
+import tempfile
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -115,8 +117,8 @@ class TLSTestCase(LoopbackTestCase):
     """A CA and a certificate for ``localhost``/127.0.0.1 per test."""
 
     def setUp(self) -> None:
-        self.dir = Path(self.mktemp())
-        self.dir.mkdir()
+        self.dir = Path(tempfile.mkdtemp(prefix="tunnelkit-tls-"))
+        self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         self.ca = trustme.CA()
         self.ca_file = write_ca(self.ca, self.dir)
         self.pair = write_pair(self.ca, self.dir, "localhost", "127.0.0.1")
