@@ -15,6 +15,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -381,3 +382,61 @@ class BackendTLSTests(TLSTestCase):
         assert record["close_kind"] == "error"
         assert record["reason"].startswith("no backend connected: ")
         assert record["backend"] == "-"
+
+    @inlineCallbacks
+    def test_silent_handshake_times_out_and_fails_over(self) -> Inline:
+        """A backend that accepts but never answers the handshake costs one connect timeout, then the next is used."""
+        stalled = self.serve(lambda conn: conn.recv(1 << 16) and recv_outcome(conn))
+        right = self.serve(tls_echo(self.server_context("127.0.0.1")))
+        fwd = self.forward(
+            "--backend-tls",
+            "--backend-ca",
+            str(self.ca_file),
+            "--connect-timeout",
+            "0.5",
+            "--to",
+            stalled.address,
+            "--to",
+            right.address,
+        )
+
+        def client() -> bytes:
+            with connect(fwd.address) as sock:
+                sock.sendall(b"ping")
+                sock.shutdown(socket.SHUT_WR)
+                return recv_all(sock)
+
+        answer = yield deferToThread(client)
+        assert answer == b"ping"
+        [record] = yield fwd.closed(1)
+        assert record["backend"] == right.address
+        assert stalled.outcome() == (b"", "RST")
+
+    @inlineCallbacks
+    def test_client_leaving_during_backend_handshake(self) -> Inline:
+        """A client that resets while the backend handshake is pending cancels it, and the tunnel ends once."""
+        stalled = self.serve(lambda conn: conn.recv(1 << 16) and recv_outcome(conn))
+        fwd = self.forward(
+            "--backend-tls", "--backend-ca", str(self.ca_file), "--to", stalled.address
+        )
+
+        def client() -> None:
+            sock = connect(fwd.address)
+            # Wait until the proxy's ClientHello reached the backend, then leave.
+            for _ in range(500):
+                if stalled.accepted:
+                    break
+                time.sleep(0.01)
+            reset(sock)
+
+        yield deferToThread(client)
+        [record] = yield fwd.closed(1)
+        assert (record["closed_by"], record["close_kind"], record["backend"]) == (
+            "client",
+            "RST",
+            "-",
+        )
+        # From a thread: the abort completes on the reactor that outcome() would block.
+        seen = yield deferToThread(stalled.outcome)
+        assert seen == (b"", "RST")
+        assert fwd.tunnels == []

@@ -70,6 +70,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         self._input_ended = False
         self._close_notify_sent = False
         self._close_write_when_flushed = False
+        self._wrapped_connected = False
         #: Fires with the wrapped protocol once it is connected after the handshake
         #: (only with ``connect_after_handshake``); fails if the connection is lost first.
         self.handshake: Deferred[IProtocol] | None = (
@@ -101,12 +102,15 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         wrapped = self.wrappedProtocol
         if self.handshake is not None:
             handshake, self.handshake = self.handshake, None
+            self._wrapped_connected = True
             wrapped.makeConnection(self)
             handshake.callback(wrapped)
         elif IHandshakeListener.providedBy(wrapped):
             wrapped.handshakeCompleted()
 
     def _cancel_handshake(self, _: Deferred[IProtocol]) -> None:
+        # The Deferred is failed by cancel() itself; the wrapped protocol,
+        # never connected, must not hear of the loss either.
         self.handshake = None
         self.abortConnection()
 
@@ -172,7 +176,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         if self._input_ended or self._aborted:
             return
         self._input_ended = True
-        if self.handshake is None and self.connected:
+        if self._connectWrapped or self._wrapped_connected:
             self.wrappedProtocol.readConnectionLost()
 
     # -- half-close, from below (TCP) and from above (the relay) ----------------
@@ -240,16 +244,19 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        handshake, self.handshake = self.handshake, None
-        if handshake is None:
+        if self._connectWrapped or self._wrapped_connected:
             super().connectionLost(reason)  # type: ignore[no-untyped-call]
             return
-        # The wrapped protocol was never connected: the attempt failed.
+        # The wrapped protocol was never connected: the attempt failed (or
+        # was cancelled, which failed the Deferred already).
         failure = self._reason or reason
         self._lostTLSConnection = True
+        self.connected = False
         self.factory.unregisterProtocol(self)  # type: ignore[no-untyped-call]
         self._tlsConnection = None
-        handshake.errback(failure)
+        handshake, self.handshake = self.handshake, None
+        if handshake is not None:
+            handshake.errback(failure)
 
 
 class RelayTLSFactory(TLSMemoryBIOFactory):
