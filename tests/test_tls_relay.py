@@ -267,6 +267,32 @@ class TerminationTests(TLSTestCase):
         [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("backend", "RST")
 
+    @inlineCallbacks
+    def test_https_proxy(self) -> Inline:
+        """--mode connect over TLS: the CONNECT request and the tunnel both ride the client's TLS."""
+        backend = self.serve(echo)
+        fwd = self.terminate("--mode", "connect", "--allow-dest", "127.0.0.1")
+        payload = os.urandom(MiB)
+
+        def client() -> tuple[bytes, bytes]:
+            tls = TLSClient(fwd.address, self.ca_file)
+            try:
+                tls.send(f"CONNECT {backend.address} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += tls.conn.recv(1)
+                tls.send(payload)
+                tls.close_notify()
+                return head, tls.read_to_end()[0]
+            finally:
+                tls.close()
+
+        head, answer = yield deferToThread(client)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert sha256(answer) == sha256(payload)
+        [record] = yield fwd.closed(1)
+        assert (record["status"], record["sni"]) == (200, "localhost")
+
 
 class HandshakeTests(TLSTestCase):
     @inlineCallbacks
