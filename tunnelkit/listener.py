@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from tunnelkit.idle_watch import IdleWatch
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import Leg, Timeouts, Tunnel, TunnelRecord
 from tunnelkit.target_policy import ClientPolicy
@@ -41,6 +42,7 @@ class TunnelFactory(Factory):
         clients: ClientPolicy | None = None,
         write_through: bool = True,
         client_leg: Callable[[Tunnel], Leg] | None = None,
+        idle_watch: IdleWatch | None = None,
     ) -> None:
         self.listener = listener
         self.registry = registry
@@ -51,6 +53,7 @@ class TunnelFactory(Factory):
         self.refused_clients = 0
         self.write_through = write_through
         self.client_leg = client_leg
+        self.idle_watch = idle_watch
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) if refused."""
@@ -63,6 +66,7 @@ class TunnelFactory(Factory):
             self.read_size,
             write_through=self.write_through,
             client_leg=self.client_leg,
+            idle_watch=self.idle_watch,
         )
         if not self.registry.admit(tunnel):
             return self.overloaded()

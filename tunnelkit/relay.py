@@ -33,6 +33,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnelkit.idle_watch import IdleWatch
 from tunnelkit.write_through import writer_for
 
 
@@ -185,7 +186,9 @@ class Tunnel:
     ``clock`` drives every timer (a ``Clock`` in tests); ``on_end`` receives the
     :class:`TunnelRecord` exactly once; ``write_through`` sends straight to an
     idle socket (see :mod:`tunnelkit.write_through`); ``client_leg`` makes a
-    client leg of another kind (a TLS listener's waits for its handshake).
+    client leg of another kind (a TLS listener's waits for its handshake);
+    ``idle_watch`` is the listener's shared idle timer (by default the tunnel
+    gets one of its own).
     """
 
     def __init__(
@@ -198,6 +201,7 @@ class Tunnel:
         *,
         write_through: bool = True,
         client_leg: Callable[[Tunnel], Leg] | None = None,
+        idle_watch: IdleWatch | None = None,
     ) -> None:
         self.clock = clock
         self.write_through = write_through
@@ -217,6 +221,9 @@ class Tunnel:
         self._first: tuple[Side, CloseKind, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
         self._ended = False
+        if idle_watch is None and timeouts.idle:
+            idle_watch = IdleWatch(clock, timeouts.idle)
+        self.idle_watch = idle_watch
 
     # -- set-up ------------------------------------------------------------
 
@@ -244,8 +251,8 @@ class Tunnel:
         backend.start_forwarding(writer_for(client_transport, self.write_through))
         self.client.start_forwarding(writer_for(backend_transport, self.write_through))
         self.last_moved = self.clock.seconds()
-        if self.timeouts.idle:
-            self.arm("idle", self.timeouts.idle, self._check_idle)
+        if self.idle_watch is not None:
+            self.idle_watch.add(self)
         if self.client.read_done:
             self._pass_eof(self.client, backend)
         else:
@@ -357,15 +364,11 @@ class Tunnel:
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _check_idle(self) -> None:
+    def idle_expired(self) -> None:
+        """No byte moved for the idle timeout (the :class:`IdleWatch` says): close both legs."""
         idle = self.timeouts.idle
-        assert idle is not None
-        quiet = self.clock.seconds() - self.last_moved
-        if quiet >= idle:
-            self.note(Side.PROXY, CloseKind.TIMEOUT, f"idle timeout ({idle:g} s without data)")
-            self._close_both()
-        else:
-            self.arm("idle", idle - quiet, self._check_idle)
+        self.note(Side.PROXY, CloseKind.TIMEOUT, f"idle timeout ({idle:g} s without data)")
+        self._close_both()
 
     def _fin_expired(self) -> None:
         fin = self.timeouts.fin
@@ -376,6 +379,8 @@ class Tunnel:
         if self._ended:
             return
         self._ended = True
+        if self.idle_watch is not None:
+            self.idle_watch.discard(self)
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

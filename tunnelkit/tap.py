@@ -29,6 +29,7 @@ from tunnelkit.addresses import HostPort, backend_address, listen_description, t
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
 from tunnelkit.dialer import Backend, Dialer, host_endpoint
 from tunnelkit.forward import ForwardFactory
+from tunnelkit.idle_watch import IdleWatch
 from tunnelkit.listener import TunnelFactory
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import Timeouts
@@ -441,6 +442,7 @@ def build_service(config: Options) -> TunnelService:
         Dialer(config.backends, reactor, config["connect-timeout"]) if config.backends else None
     )
     timeouts = Timeouts(idle=config["idle-timeout"] or None, fin=config["fin-timeout"] or None)
+    idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
 
     def factory_for(listener: str) -> IProtocolFactory:
@@ -449,6 +451,7 @@ def build_service(config: Options) -> TunnelService:
             "registry": registry,
             "clock": reactor,
             "timeouts": timeouts,
+            "idle_watch": idle_watch,
             "read_size": config.socket_options.read_size,
             "clients": config.clients,
             "write_through": not config["no-write-through"],
