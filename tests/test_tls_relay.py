@@ -15,7 +15,7 @@ import socket
 import ssl
 import struct
 import tempfile
-import time
+import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from loopback import (
     connect,
     digest_then_reply,
     echo,
+    echo_through,
     recv_all,
     recv_outcome,
     reset,
@@ -114,6 +115,18 @@ def tls_digest_then_reply(context: ssl.SSLContext, reply: bytes) -> Callable[[so
     return handler
 
 
+class StalledHandshake:
+    """Backend: reads the ClientHello (then sets :attr:`hello`) and never answers it."""
+
+    def __init__(self) -> None:
+        self.hello = threading.Event()
+
+    def __call__(self, conn: socket.socket) -> tuple[bytes, str]:
+        if conn.recv(1 << 16):
+            self.hello.set()
+        return recv_outcome(conn)
+
+
 class TLSTestCase(LoopbackTestCase):
     """A CA and a certificate for ``localhost``/127.0.0.1 per test."""
 
@@ -172,8 +185,8 @@ class TerminationTests(TLSTestCase):
         assert (record["bytes_up"], record["bytes_down"]) == (len(payload), len(payload))
 
     @inlineCallbacks
-    def test_close_notify_is_a_half_close(self) -> Inline:
-        """The backend's reply, sent after it read the client's close_notify as EOF, reaches the client."""
+    def late_reply(self, finish: Callable[[TLSClient], None]) -> Inline:
+        """The client sends 1 MiB and ends its input with ``finish``; the backend reads to EOF, then replies 2 MiB."""
         reply = os.urandom(2 * MiB)
         backend = self.serve(digest_then_reply(reply))
         fwd = self.terminate("--to", backend.address)
@@ -182,7 +195,7 @@ class TerminationTests(TLSTestCase):
         def client() -> tuple[bytes, str]:
             tls = TLSClient(fwd.address, self.ca_file)
             tls.send(payload)
-            tls.close_notify()
+            finish(tls)
             try:
                 return tls.read_to_end()
             finally:
@@ -195,27 +208,13 @@ class TerminationTests(TLSTestCase):
         [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("client", "FIN")
 
-    @inlineCallbacks
-    def test_fin_without_close_notify_is_a_half_close(self) -> Inline:
+    def test_close_notify_is_a_half_close(self) -> Deferred[None]:
+        """The backend's reply, sent after it read the client's close_notify as EOF, reaches the client."""
+        return self.late_reply(TLSClient.close_notify)
+
+    def test_fin_without_close_notify_is_a_half_close(self) -> Deferred[None]:
         """A TCP FIN with no close_notify also ends the client's input and the reply still comes back."""
-        reply = os.urandom(64 * 1024)
-        backend = self.serve(digest_then_reply(reply))
-        fwd = self.terminate("--to", backend.address)
-        payload = os.urandom(100_000)
-
-        def client() -> tuple[bytes, str]:
-            tls = TLSClient(fwd.address, self.ca_file)
-            tls.send(payload)
-            tls.sock.shutdown(socket.SHUT_WR)
-            try:
-                return tls.read_to_end()
-            finally:
-                tls.close()
-
-        answer, how = yield deferToThread(client)
-        assert backend.outcome() == (len(payload), sha256(payload))
-        assert answer == hashlib.sha256(payload).digest() + reply
-        assert how == "close_notify"
+        return self.late_reply(lambda tls: tls.sock.shutdown(socket.SHUT_WR))
 
     @inlineCallbacks
     def test_backend_fin_sends_close_notify_and_keeps_reading(self) -> Inline:
@@ -331,14 +330,7 @@ class BackendTLSTests(TLSTestCase):
         port = backend.address.rpartition(":")[2]
         fwd = self.forward("--to", f"tls:localhost:{port}", "--backend-ca", str(self.ca_file))
         payload = os.urandom(3 * MiB)
-
-        def client() -> bytes:
-            with connect(fwd.address) as sock:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-                return recv_all(sock)
-
-        answer = yield deferToThread(client)
+        answer = yield deferToThread(echo_through, fwd.address, payload)
         assert sha256(answer) == sha256(payload)
         assert backend.outcome() == len(payload)
 
@@ -351,39 +343,21 @@ class BackendTLSTests(TLSTestCase):
             "--to", backend.address, "--backend-tls", "--backend-ca", str(self.ca_file)
         )
         payload = os.urandom(500_000)
-
-        def client() -> bytes:
-            with connect(fwd.address) as sock:
-                sock.sendall(payload)
-                sock.shutdown(socket.SHUT_WR)
-                return recv_all(sock)
-
-        answer = yield deferToThread(client)
+        answer = yield deferToThread(echo_through, fwd.address, payload)
         assert answer == hashlib.sha256(payload).digest() + reply
         assert backend.outcome() == sha256(payload)
+
+    def tls_forward(self, *args: str) -> Any:
+        """A forwarder whose backends get TLS verified against the test CA."""
+        return self.forward("--backend-tls", "--backend-ca", str(self.ca_file), *args)
 
     @inlineCallbacks
     def test_wrong_name_fails_over_to_next_backend(self) -> Inline:
         """A backend whose certificate names another host is a failed attempt: the next one is used."""
         wrong = self.serve(tls_echo(self.server_context("other.example")))
         right = self.serve(tls_echo(self.server_context("127.0.0.1")))
-        fwd = self.forward(
-            "--backend-tls",
-            "--backend-ca",
-            str(self.ca_file),
-            "--to",
-            wrong.address,
-            "--to",
-            right.address,
-        )
-
-        def client() -> bytes:
-            with connect(fwd.address) as sock:
-                sock.sendall(b"ping")
-                sock.shutdown(socket.SHUT_WR)
-                return recv_all(sock)
-
-        answer = yield deferToThread(client)
+        fwd = self.tls_forward("--to", wrong.address, "--to", right.address)
+        answer = yield deferToThread(echo_through, fwd.address, b"ping")
         assert answer == b"ping"
         assert right.outcome() == 4
         [record] = yield fwd.closed(1)
@@ -393,9 +367,7 @@ class BackendTLSTests(TLSTestCase):
     def test_wrong_name_alone_closes_the_client(self) -> Inline:
         """With no other backend, a refused certificate closes the client and says why."""
         wrong = self.serve(tls_echo(self.server_context("other.example")))
-        fwd = self.forward(
-            "--backend-tls", "--backend-ca", str(self.ca_file), "--to", wrong.address
-        )
+        fwd = self.tls_forward("--to", wrong.address)
 
         def client() -> tuple[bytes, str]:
             with connect(fwd.address) as sock:
@@ -412,27 +384,13 @@ class BackendTLSTests(TLSTestCase):
     @inlineCallbacks
     def test_silent_handshake_times_out_and_fails_over(self) -> Inline:
         """A backend that accepts but never answers the handshake costs one connect timeout, then the next is used."""
-        stalled = self.serve(lambda conn: conn.recv(1 << 16) and recv_outcome(conn))
+        stalled_handler = StalledHandshake()
+        stalled = self.serve(stalled_handler)
         right = self.serve(tls_echo(self.server_context("127.0.0.1")))
-        fwd = self.forward(
-            "--backend-tls",
-            "--backend-ca",
-            str(self.ca_file),
-            "--connect-timeout",
-            "0.5",
-            "--to",
-            stalled.address,
-            "--to",
-            right.address,
+        fwd = self.tls_forward(
+            "--connect-timeout", "0.5", "--to", stalled.address, "--to", right.address
         )
-
-        def client() -> bytes:
-            with connect(fwd.address) as sock:
-                sock.sendall(b"ping")
-                sock.shutdown(socket.SHUT_WR)
-                return recv_all(sock)
-
-        answer = yield deferToThread(client)
+        answer = yield deferToThread(echo_through, fwd.address, b"ping")
         assert answer == b"ping"
         [record] = yield fwd.closed(1)
         assert record["backend"] == right.address
@@ -441,18 +399,13 @@ class BackendTLSTests(TLSTestCase):
     @inlineCallbacks
     def test_client_leaving_during_backend_handshake(self) -> Inline:
         """A client that resets while the backend handshake is pending cancels it, and the tunnel ends once."""
-        stalled = self.serve(lambda conn: conn.recv(1 << 16) and recv_outcome(conn))
-        fwd = self.forward(
-            "--backend-tls", "--backend-ca", str(self.ca_file), "--to", stalled.address
-        )
+        stalled_handler = StalledHandshake()
+        stalled = self.serve(stalled_handler)
+        fwd = self.tls_forward("--to", stalled.address)
 
         def client() -> None:
             sock = connect(fwd.address)
-            # Wait until the proxy's ClientHello reached the backend, then leave.
-            for _ in range(500):
-                if stalled.accepted:
-                    break
-                time.sleep(0.01)
+            assert stalled_handler.hello.wait(IO_TIMEOUT), "no ClientHello reached the backend"
             reset(sock)
 
         yield deferToThread(client)

@@ -85,10 +85,15 @@ class HandshakeLeg(Leg):
         if not self.handshaken:
             self.tls.handshake_failures += 1
             handle = self.transport.getHandle()
-            name = handle.get_servername() if handle is not None else None
+            sent = handle.get_servername() if handle is not None else None
+            name = sent.decode("ascii", "replace") if sent else None
             if name:
-                self.tunnel.details["sni"] = name.decode("ascii", "replace")
-            self.tunnel.note(Side.CLIENT, CloseKind.ERROR, f"TLS handshake failed: {_why(reason)}")
+                self.tunnel.details["sni"] = name
+            if self.tls.refuses(name):
+                why = f"TLS handshake refused: no certificate for SNI name {name!r}"
+            else:
+                why = f"TLS handshake failed: {_why(reason)}"
+            self.tunnel.note(Side.CLIENT, CloseKind.ERROR, why)
         super().connectionLost(reason)
 
 

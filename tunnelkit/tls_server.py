@@ -208,6 +208,13 @@ class ServerTLS:
         """A new connection's OpenSSL state, from the current certificates."""
         return SSL.Connection(self.certificates.default, None)
 
+    def refuses(self, name: str | None) -> bool:
+        """True if ``--tls-strict-sni`` turns away a client asking for ``name``."""
+        certificates = self.certificates
+        return certificates.fallback is not certificates.default and (
+            certificates.for_name(name) is certificates.fallback
+        )
+
     def reload(self) -> bool:
         """Load every file again; keep the current certificates if anything fails."""
         try:
