@@ -8,10 +8,12 @@ from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedEr
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tunnelkit.dialer import Backend, BackendsUnavailable, Dialed, Dialer
+from tunnelkit.dialer import AddressEndpoint, Backend, BackendsUnavailable, Dialed, Dialer
 
 
 @implementer(IStreamClientEndpoint)
@@ -114,3 +116,34 @@ class DialerTests(SynchronousTestCase):
     def test_needs_a_backend(self) -> None:
         """A dialer with no backend is a programming error."""
         self.assertRaises(ValueError, Dialer, [], Clock(), 1.0)
+
+
+class AddressEndpointTests(SynchronousTestCase):
+    """The direct TCP endpoint: the protocol itself on the transport, the endpoint contract kept."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.endpoint = AddressEndpoint(self.reactor, "::1", 80)
+        self.connecting = self.endpoint.connect(Factory.forProtocol(Protocol))
+        [(host, port, self.factory, _, _)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("::1", 80))
+
+    def test_fires_after_the_protocol_is_connected(self) -> None:
+        protocol = self.factory.buildProtocol(None)
+        self.assertNoResult(self.connecting)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIs(self.successResultOf(self.connecting), protocol)
+        self.assertIs(protocol.transport, transport)
+        # No wrapper left behind: the class's makeConnection is back.
+        self.assertNotIn("makeConnection", vars(protocol))
+
+    def test_failure(self) -> None:
+        self.factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.failureResultOf(self.connecting, ConnectionRefusedError)
+
+    def test_cancel_stops_connecting(self) -> None:
+        self.connecting.cancel()
+        self.failureResultOf(self.connecting, ConnectingCancelledError)
+        [connector] = self.reactor.connectors
+        self.assertTrue(connector.stoppedConnecting)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
 from tunnelkit.connect_mode import ConnectFactory
+from tunnelkit.dialer import AddressEndpoint
 from tunnelkit.sockopts import DEFAULT_READ_SIZE
 from tunnelkit.tap import Options, build_service
 
@@ -34,12 +35,12 @@ def test_defaults() -> None:
 
 
 def test_address_backends_skip_name_resolution() -> None:
-    """IP-literal backends get plain TCP endpoints (no getaddrinfo thread hop per connection)."""
+    """IP-literal backends get direct TCP endpoints (no getaddrinfo thread hop per connection)."""
     o = parse(
         "--listen", "1", "--to", "127.0.0.1:80", "--to", "[::1]:80", "--to", "db.example:5432"
     )
     kinds = [type(b.endpoint) for b in o.backends]
-    assert kinds == [TCP4ClientEndpoint, TCP6ClientEndpoint, HostnameEndpoint]
+    assert kinds == [AddressEndpoint, AddressEndpoint, HostnameEndpoint]
 
 
 def test_socket_options_parsed() -> None:

@@ -291,12 +291,15 @@ class Tunnel:
         self._pass_eof(leg, peer)
 
     def _pass_eof(self, leg: Leg, peer: Leg) -> None:
+        if peer.read_done:
+            # Both directions are done: one close sends the FIN, without a
+            # shutdown() and its writeConnectionLost event first.
+            self._close_both()
+            return
         peer_transport = peer.transport
         peer_transport.unregisterProducer()
         peer_transport.loseWriteConnection()
-        if peer.read_done:
-            self._close_both()
-        elif self.timeouts.fin:
+        if self.timeouts.fin:
             self.arm("fin", self.timeouts.fin, self._fin_expired)
 
     def leg_lost(self, leg: Leg, reason: Failure) -> None:

@@ -62,11 +62,17 @@ class _WriteThrough:
             self._write(data[sent:])
 
 
+#: Transport classes already checked for the attributes the fast path reads.
+_checked: dict[type, bool] = {}
+
+
 def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
     """The function the relay calls to send to ``transport``."""
-    write: Callable[[bytes], None] = transport.write
     if not enabled or not isinstance(transport, tcp.Connection):
+        write: Callable[[bytes], None] = transport.write
         return write
-    if not all(hasattr(transport, name) for name in _FAST_PATH_ATTRIBUTES):
-        return write
-    return _WriteThrough(transport)
+    kind = type(transport)
+    usable = _checked.get(kind)
+    if usable is None:
+        usable = _checked[kind] = all(hasattr(transport, name) for name in _FAST_PATH_ATTRIBUTES)
+    return _WriteThrough(transport) if usable else transport.write
