@@ -11,12 +11,17 @@ timeout and every loop a bound.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import http.server
+import os
 import queue
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -138,6 +143,64 @@ def echo_through(address: str, payload: bytes) -> bytes:
     """Send ``payload`` and EOF through the tunnel at ``address``; return all that came back."""
     with connect(address) as sock:
         return exchange(sock, payload)
+
+
+def assert_echoes(address: str, size: int = 2 * MiB) -> bytes:
+    """A random payload goes through the tunnel at ``address`` and back intact; returns it."""
+    payload = os.urandom(size)
+    received = echo_through(address, payload)
+    assert len(received) == size
+    assert sha256(received) == sha256(payload)
+    return payload
+
+
+class Download(threading.Thread):
+    """A client in a thread that sends ``request`` and hashes everything it receives until EOF.
+
+    ``dial`` opens the connection (a TLS client passes its own).
+    """
+
+    def __init__(
+        self, address: str, request: bytes, dial: Callable[[str], socket.socket] = connect
+    ) -> None:
+        super().__init__(daemon=True)
+        self.address = address
+        self.request = request
+        self.dial = dial
+        self.digest = hashlib.sha256()
+        self.received = 0
+        self.failure: list[BaseException] = []
+        self.done = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with self.dial(self.address) as sock:
+                sock.sendall(self.request)
+                while chunk := sock.recv(MiB):
+                    self.digest.update(chunk)
+                    self.received += len(chunk)
+        except BaseException as e:
+            self.failure.append(e)
+        finally:
+            self.done.set()
+
+
+def read_slowly(sock: socket.socket) -> tuple[int, str]:
+    """Read slowly for a while (64 KiB every 2 ms), then at full speed until EOF: the size and SHA-256."""
+    digest = hashlib.sha256()
+    received = 0
+    for _ in range(500):
+        chunk = sock.recv(64 * 1024)
+        if not chunk:
+            break
+        digest.update(chunk)
+        received += len(chunk)
+        time.sleep(0.002)
+    while chunk := sock.recv(MiB):
+        digest.update(chunk)
+        received += len(chunk)
+    return received, digest.hexdigest()
 
 
 def reset(sock: socket.socket) -> None:
@@ -286,6 +349,101 @@ def echo(conn: socket.socket) -> int:
         total += len(data)
     conn.shutdown(socket.SHUT_WR)
     return total
+
+
+def hashing_echo(conn: socket.socket) -> str:
+    """Send back every byte until EOF, then half-close; return the SHA-256 of what came."""
+    digest = hashlib.sha256()
+    while data := conn.recv(256 * 1024):
+        digest.update(data)
+        conn.sendall(data)
+    conn.shutdown(socket.SHUT_WR)
+    return digest.hexdigest()
+
+
+def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
+    """On ``GET\\n`` send ``payload`` spread evenly over ``seconds``, then FIN; else just return."""
+    request = b""
+    while not request.endswith(b"\n"):
+        chunk = conn.recv(16)
+        if not chunk:
+            return
+        request += chunk
+    if request != b"GET\n":
+        return
+    step = 256 * 1024
+    started = time.monotonic()
+    chunks = range(0, len(payload), step)
+    for i, offset in enumerate(chunks):
+        delay = started + seconds * i / len(chunks) - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        conn.sendall(payload[offset : offset + step])
+    conn.shutdown(socket.SHUT_WR)
+
+
+class BulkSender:
+    """Backend: on ``N\\n`` send N random bytes in 1 MiB chunks, then EOF; returns their SHA-256.
+
+    :attr:`sent` shows the progress of the current transfer while it runs.
+    """
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __call__(self, conn: socket.socket) -> str:
+        request = b""
+        while not request.endswith(b"\n") and len(request) < 32:
+            chunk = conn.recv(32)
+            if not chunk:
+                break
+            request += chunk
+        size = int(request)
+        digest = hashlib.sha256()
+        self.sent = 0
+        block = os.urandom(MiB)
+        while self.sent < size:
+            # A fresh prefix per chunk: no two chunks are equal, cheaply.
+            length = min(MiB, size - self.sent)
+            chunk = os.urandom(min(16, length)) + block[16:length]
+            conn.sendall(chunk)
+            digest.update(chunk)
+            self.sent += len(chunk)
+        conn.shutdown(socket.SHUT_WR)
+        return digest.hexdigest()
+
+    def wait_stalled(self, size: int, timeout: float = 10.0) -> int:
+        """Wait until the transfer of ``size`` bytes is blocked (0.5 s without progress) or done; the bytes sent."""
+        last, still_since = -1, time.monotonic()
+        deadline = still_since + timeout
+        while self.sent < size and time.monotonic() < deadline:
+            if self.sent != last:
+                last, still_since = self.sent, time.monotonic()
+            elif time.monotonic() - still_since >= 0.5:
+                break
+            time.sleep(0.02)
+        return self.sent
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_backend(directory: Path) -> Iterator[str]:
+    """A threaded HTTP server of the files in ``directory`` on 127.0.0.1:0, for the ``with`` block."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        serving.join(5)
 
 
 def digest_then_reply(reply: bytes) -> Callable[[socket.socket], tuple[int, str]]:

@@ -66,23 +66,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _json_events(text: str) -> list[dict[str, Any]]:
-    events = []
-    for line in text.splitlines():
-        if line.startswith("{"):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
+def json_events(text: str) -> list[dict[str, Any]]:
+    """Every JSON object logged (the JSON observer starts each record with \\x1e, a line break)."""
+    events: list[dict[str, Any]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 
 def listening_addresses(text: str) -> list[str]:
     """Addresses of the ``listening`` events in a text or JSON (``twist``) log."""
     found = [m[1] for m in _LISTENING.finditer(text)]
-    found += [e["address"] for e in _json_events(text) if e.get("event") == "listening"]
+    found += [e["address"] for e in json_events(text) if e.get("event") == "listening"]
     return found
 
 
@@ -95,7 +98,7 @@ def tunnel_closed_events(text: str) -> list[dict[str, Any]]:
             event["bytes_up"] = int(event["bytes_up"])
             event["bytes_down"] = int(event["bytes_down"])
             events.append(event)
-    events += [e for e in _json_events(text) if e.get("event") == "tunnel_closed"]
+    events += [e for e in json_events(text) if e.get("event") == "tunnel_closed"]
     return events
 
 
@@ -266,6 +269,40 @@ def assert_clean_stop(process: Process, returncode: int) -> None:
     assert returncode == CLEAN_SIGTERM_EXIT, process.output
     assert "Traceback" not in process.output, process.output
     assert "Main loop terminated." in process.output, process.output
+
+
+# -- /proc of a running process ---------------------------------------------
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``VmRSS``-style field of /proc/PID/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+); False if not allowed here."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def assert_rss_growth_below(
+    limit_mib: float, baseline: int, stalled: int, peak: int, stalled_at: int
+) -> None:
+    """RSS (KiB) grew less than ``limit_mib`` from ``baseline`` to the larger of ``stalled`` and ``peak``.
+
+    ``stalled_at`` (how far the backend had sent when the reader stalled) is for the message.
+    """
+    growth_mib = (max(peak, stalled) - baseline) / 1024
+    assert growth_mib < limit_mib, (
+        f"RSS grew {growth_mib:.1f} MiB (baseline {baseline} KiB, stalled {stalled} KiB, "
+        f"peak {peak} KiB, backend stalled at {stalled_at} B)"
+    )
 
 
 # -- daemons: not our children once twistd has forked, so tracked by pid file --

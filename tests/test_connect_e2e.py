@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import http.client
 import http.server
 import os
@@ -39,6 +38,7 @@ from loopback import (
     connect,
     echo_through,
     exchange,
+    hashing_echo,
     recv_exactly,
     recv_outcome,
     sha256,
@@ -141,20 +141,10 @@ def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
 # -- targets ------------------------------------------------------------------
 
 
-def echo_hashing(conn: socket.socket) -> str:
-    """Send back every byte until EOF, then half-close; return the SHA-256 of what came."""
-    digest = hashlib.sha256()
-    while data := conn.recv(256 * 1024):
-        digest.update(data)
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
-    return digest.hexdigest()
-
-
 @pytest.fixture
 def target(serve: Serve) -> ThreadedServer:
     """A loopback echo target that hashes what it receives."""
-    return serve(echo_hashing)
+    return serve(hashing_echo)
 
 
 class _SiteServer(http.server.ThreadingHTTPServer):
@@ -442,7 +432,7 @@ def test_banner_first_target(open_proxy: Proxy, serve: Serve) -> None:
 
     def banner_then_echo(conn: socket.socket) -> str:
         conn.sendall(banner)
-        return echo_hashing(conn)
+        return hashing_echo(conn)
 
     server = serve(banner_then_echo)
     with open_tunnel(open_proxy, connect_request(server.address)) as sock:

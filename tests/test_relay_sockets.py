@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from loopback import (
+    BulkSender,
     LoopbackTestCase,
     MiB,
     Serve,
@@ -31,6 +32,7 @@ from loopback import (
     echo,
     exchange_counting,
     proxy_sockets,
+    read_slowly,
     recv_all,
     recv_exactly,
     recv_outcome,
@@ -39,7 +41,15 @@ from loopback import (
     silent_listener,
     split_address,
 )
-from processes import Process, tunnel_closed_events, twistd, wait_until
+from processes import (
+    Process,
+    assert_rss_growth_below,
+    proc_status_kib,
+    reset_peak_rss,
+    tunnel_closed_events,
+    twistd,
+    wait_until,
+)
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
@@ -580,23 +590,6 @@ class SocketOptionTests(LoopbackTestCase):
 # -- the twistd process: memory under a slow reader, descriptors after churn --
 
 
-def proc_status_kib(pid: int, field: str) -> int:
-    """A ``VmRSS``-style field of /proc/PID/status, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-def reset_peak_rss(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux 4.0+); False if not allowed here."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -620,34 +613,6 @@ class QueuedCloseTests(CloseTests):
     """CloseTests with --no-write-through."""
 
     extra_args = ("--no-write-through",)
-
-
-class BulkSender:
-    """Backend: on ``N\\n`` send N random bytes in 1 MiB chunks, then EOF; returns their SHA-256.
-
-    :attr:`sent` shows the progress of the current transfer while it runs.
-    """
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def __call__(self, conn: socket.socket) -> str:
-        request = b""
-        while not request.endswith(b"\n") and len(request) < 32:
-            chunk = conn.recv(32)
-            if not chunk:
-                break
-            request += chunk
-        size = int(request)
-        digest = hashlib.sha256()
-        self.sent = 0
-        while self.sent < size:
-            chunk = os.urandom(min(MiB, size - self.sent))
-            conn.sendall(chunk)
-            digest.update(chunk)
-            self.sent += len(chunk)
-        conn.shutdown(socket.SHUT_WR)
-        return digest.hexdigest()
 
 
 def download(address: str, size: int) -> tuple[int, str]:
@@ -686,40 +651,17 @@ def test_slow_reader_keeps_proxy_memory_flat(
             sock.sendall(b"%d\n" % size)
             # Stall: read nothing until the backend is blocked (its progress
             # stops) or, without backpressure, has sent everything.
-            last, still_since = -1, time.monotonic()
-            deadline = still_since + 10
-            while bulk.sent < size and time.monotonic() < deadline:
-                if bulk.sent != last:
-                    last, still_since = bulk.sent, time.monotonic()
-                elif time.monotonic() - still_since >= 0.5:
-                    break
-                time.sleep(0.02)
-            stalled_at = bulk.sent
+            stalled_at = bulk.wait_stalled(size)
             rss_stalled = proc_status_kib(tk.pid, "VmRSS")
-            digest = hashlib.sha256()
-            received = 0
             # Then read slowly for a while (64 KiB every 2 ms), then at full speed.
-            for _ in range(500):
-                chunk = sock.recv(64 * 1024)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                received += len(chunk)
-                time.sleep(0.002)
-            while chunk := sock.recv(MiB):
-                digest.update(chunk)
-                received += len(chunk)
+            received, received_digest = read_slowly(sock)
         sent_digest = backend.outcome()
         peak = proc_status_kib(tk.pid, "VmHWM" if peak_reset else "VmRSS")
         wait_records(tk, 2)
     assert stalled_at < size, "the backend sent everything to a reader that read nothing"
     assert received == size
-    assert digest.hexdigest() == sent_digest
-    growth_mib = (max(peak, rss_stalled) - baseline) / 1024
-    assert growth_mib < 32, (
-        f"RSS grew {growth_mib:.1f} MiB (baseline {baseline} KiB, stalled {rss_stalled} KiB, "
-        f"peak {peak} KiB, backend stalled at {stalled_at} B)"
-    )
+    assert received_digest == sent_digest
+    assert_rss_growth_below(32, baseline, rss_stalled, peak, stalled_at)
 
 
 def wait_fds(pid: int, condition: Callable[[int], bool], what: str) -> int:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import http.server
 import itertools
 import json
 import os
@@ -35,17 +33,34 @@ import trustme
 from certs import Pair, write_ca, write_pair
 from cryptography import x509
 from loopback import (
+    BulkSender,
+    Download,
     MiB,
     Serve,
+    assert_echoes,
     connect,
     echo,
-    echo_through,
+    hashing_echo,
+    http_backend,
+    paced_bulk,
+    read_slowly,
     recv_all,
     recv_outcome,
     sha256,
     split_address,
 )
-from processes import Process, assert_clean_stop, run, twistd, twistd_argv, wait_until
+from processes import (
+    Process,
+    assert_clean_stop,
+    assert_rss_growth_below,
+    json_events,
+    proc_status_kib,
+    reset_peak_rss,
+    run,
+    twistd,
+    twistd_argv,
+    wait_until,
+)
 from tls_clients import (
     Pump,
     TLSBackend,
@@ -79,22 +94,6 @@ _proxy_numbers = itertools.count()
 
 
 # -- the proxy under test -----------------------------------------------------
-
-
-def json_events(text: str) -> list[dict[str, Any]]:
-    """Every JSON object logged (the JSON observer starts each record with \\x1e, a line break)."""
-    events: list[dict[str, Any]] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict):
-            events.append(event)
-    return events
 
 
 class Proxy:
@@ -192,25 +191,6 @@ def assert_handshake_failure(event: dict[str, Any]) -> None:
     assert event.get("connect_time") is None, event
 
 
-def hashing_echo(conn: socket.socket) -> str:
-    """Echo until EOF, then half-close; the SHA-256 of what came."""
-    digest = hashlib.sha256()
-    while data := conn.recv(256 * 1024):
-        digest.update(data)
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
-    return digest.hexdigest()
-
-
-def assert_plain_echoes(address: str, size: int = 2 * MiB) -> str:
-    """A random payload goes through a plaintext client leg and back intact; its SHA-256."""
-    payload = os.urandom(size)
-    received = echo_through(address, payload)
-    assert len(received) == size
-    assert sha256(received) == sha256(payload)
-    return sha256(payload)
-
-
 def plain_client_cut_off(address: str) -> bytes:
     """A plaintext client that sends a little and reads until the proxy ends it; what it got."""
     with connect(address) as sock:
@@ -225,24 +205,12 @@ def plain_client_cut_off(address: str) -> bytes:
 # -- 1. curl through the offloader ---------------------------------------------
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def http_backend(directory: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    serving = threading.Thread(target=server.serve_forever, daemon=True)
-    serving.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        serving.join(5)
+def curl(*args: str) -> bytes:
+    """``curl ARGS`` must exit 0 (its stderr says why not); the body it wrote to stdout."""
+    assert CURL is not None
+    fetched = subprocess.run([CURL, *args], capture_output=True, timeout=30, check=False)
+    assert fetched.returncode == 0, fetched.stderr
+    return fetched.stdout
 
 
 @needs_curl
@@ -259,27 +227,20 @@ def test_curl_https_to_plain_http_backend(tmp_path: Path, pki: PKI, key_form: st
     combined = key_form == "combined-pem"
     tls = ["--tls-cert", str(pair.combined)] if combined else tls_args(pair)
     with http_backend(www) as backend, tls_proxy(tmp_path, *tls, "--to", backend) as proxy:
-        fetched = subprocess.run(
-            [
-                CURL,
-                "-s",
-                "-S",
-                "-f",
-                "--max-time",
-                "20",
-                "--cacert",
-                str(pki.ca_path),
-                "--resolve",
-                f"localhost:{proxy.port}:127.0.0.1",
-                f"https://localhost:{proxy.port}/file",
-            ],
-            capture_output=True,
-            timeout=30,
-            check=False,
+        fetched = curl(
+            "-s",
+            "-S",
+            "-f",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(pki.ca_path),
+            "--resolve",
+            f"localhost:{proxy.port}:127.0.0.1",
+            f"https://localhost:{proxy.port}/file",
         )
-        assert fetched.returncode == 0, fetched.stderr
-        assert len(fetched.stdout) == len(body)
-        assert sha256(fetched.stdout) == sha256(body)
+        assert len(fetched) == len(body)
+        assert sha256(fetched) == sha256(body)
         [closed] = proxy.closed()
     assert closed["tls_version"] in ("TLSv1.2", "TLSv1.3"), closed
     assert closed["tls_cipher"], closed
@@ -300,31 +261,24 @@ def test_https_proxy_in_connect_mode(tmp_path: Path, pki: PKI) -> None:
     (www / "file").write_bytes(body)
     args = ("--mode", "connect", "--allow-dest", "127.0.0.0/8", *tls_args(pair))
     with http_backend(www) as backend, tls_proxy(tmp_path, *args) as proxy:
-        fetched = subprocess.run(
-            [
-                CURL,
-                "-q",
-                "-sS",
-                "-f",
-                "-p",
-                "--max-time",
-                "20",
-                "--noproxy",
-                "",
-                "--proxy",
-                f"https://localhost:{proxy.port}",
-                "--proxy-cacert",
-                str(pki.ca_path),
-                "--resolve",
-                f"localhost:{proxy.port}:127.0.0.1",
-                f"http://{backend}/file",
-            ],
-            capture_output=True,
-            timeout=30,
-            check=False,
+        fetched = curl(
+            "-q",
+            "-sS",
+            "-f",
+            "-p",
+            "--max-time",
+            "20",
+            "--noproxy",
+            "",
+            "--proxy",
+            f"https://localhost:{proxy.port}",
+            "--proxy-cacert",
+            str(pki.ca_path),
+            "--resolve",
+            f"localhost:{proxy.port}:127.0.0.1",
+            f"http://{backend}/file",
         )
-        assert fetched.returncode == 0, fetched.stderr
-        assert sha256(fetched.stdout) == sha256(body)
+        assert sha256(fetched) == sha256(body)
         [closed] = proxy.closed()
     assert (closed["mode"], closed["target"], closed["status"]) == ("connect", backend, 200)
     assert closed["tls_version"] in ("TLSv1.2", "TLSv1.3"), closed
@@ -776,48 +730,6 @@ def test_64_mib_both_ways_at_once(tmp_path: Path, serve: Serve, pki: PKI) -> Non
 # -- 8. backpressure through TLS ---------------------------------------------------------
 
 
-class BulkSender:
-    """Backend: on ``N\\n`` send N random bytes in 1 MiB chunks, then EOF; returns their SHA-256."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def __call__(self, conn: socket.socket) -> str:
-        request = b""
-        while not request.endswith(b"\n") and len(request) < 32:
-            chunk = conn.recv(32)
-            if not chunk:
-                break
-            request += chunk
-        size = int(request)
-        digest = hashlib.sha256()
-        self.sent = 0
-        block = os.urandom(MiB)
-        while self.sent < size:
-            # A fresh prefix per chunk: no two chunks are equal, cheaply.
-            chunk = os.urandom(16) + block[16 : min(MiB, size - self.sent)]
-            conn.sendall(chunk)
-            digest.update(chunk)
-            self.sent += len(chunk)
-        conn.shutdown(socket.SHUT_WR)
-        return digest.hexdigest()
-
-
-def proc_status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field} in /proc/{pid}/status")
-
-
-def reset_peak_rss(pid: int) -> bool:
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 @pytest.mark.soak
 def test_stalled_tls_reader_keeps_memory_flat(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     """A backend pushing 256 MiB (1 GiB with TUNNELKIT_SOAK=1) to a TLS client that stalls, then reads slowly, grows twistd's RSS by under 64 MiB."""
@@ -840,39 +752,16 @@ def test_stalled_tls_reader_keeps_memory_flat(tmp_path: Path, serve: Serve, pki:
         peak_reset = reset_peak_rss(pid)
         with tls_connect(proxy.address, ctx, "localhost") as tls:
             tls.sendall(b"%d\n" % size)
-            last, still_since = -1, time.monotonic()
-            deadline = still_since + 10
-            while bulk.sent < size and time.monotonic() < deadline:
-                if bulk.sent != last:
-                    last, still_since = bulk.sent, time.monotonic()
-                elif time.monotonic() - still_since >= 0.5:
-                    break
-                time.sleep(0.02)
-            stalled_at = bulk.sent
+            stalled_at = bulk.wait_stalled(size)
             rss_stalled = proc_status_kib(pid, "VmRSS")
-            digest = hashlib.sha256()
-            received = 0
-            for _ in range(500):
-                chunk = tls.recv(64 * 1024)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                received += len(chunk)
-                time.sleep(0.002)
-            while chunk := tls.recv(MiB):
-                digest.update(chunk)
-                received += len(chunk)
+            received, received_digest = read_slowly(tls)
         sent_digest = backend.outcome()
         peak = proc_status_kib(pid, "VmHWM" if peak_reset else "VmRSS")
         proxy.closed(2)
     assert stalled_at < size, "the backend sent everything to a TLS reader that read nothing"
     assert received == size
-    assert digest.hexdigest() == sent_digest
-    growth_mib = (max(peak, rss_stalled) - baseline) / 1024
-    assert growth_mib < 64, (
-        f"RSS grew {growth_mib:.1f} MiB (baseline {baseline} KiB, stalled {rss_stalled} KiB, "
-        f"peak {peak} KiB, backend stalled at {stalled_at} B)"
-    )
+    assert received_digest == sent_digest
+    assert_rss_growth_below(64, baseline, rss_stalled, peak, stalled_at)
 
 
 # -- 9. silent and garbage clients -------------------------------------------------------
@@ -937,53 +826,6 @@ def test_silent_and_garbage_clients(tmp_path: Path, serve: Serve, pki: PKI) -> N
 # -- 10. SIGHUP reload ---------------------------------------------------------------------
 
 
-def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
-    """On ``GET\\n`` send ``payload`` spread evenly over ``seconds``, then FIN; else just return."""
-    request = b""
-    while not request.endswith(b"\n"):
-        chunk = conn.recv(16)
-        if not chunk:
-            return
-        request += chunk
-    if request != b"GET\n":
-        return
-    step = 256 * 1024
-    started = time.monotonic()
-    chunks = range(0, len(payload), step)
-    for i, offset in enumerate(chunks):
-        delay = started + seconds * i / len(chunks) - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        conn.sendall(payload[offset : offset + step])
-    conn.shutdown(socket.SHUT_WR)
-
-
-class TLSDownload(threading.Thread):
-    """A TLS client in a thread: sends ``GET\\n`` and hashes everything until the server's EOF."""
-
-    def __init__(self, address: str, ctx: ssl.SSLContext) -> None:
-        super().__init__(daemon=True)
-        self.address = address
-        self.ctx = ctx
-        self.digest = hashlib.sha256()
-        self.received = 0
-        self.failure: list[BaseException] = []
-        self.done = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            with tls_connect(self.address, self.ctx, "localhost") as tls:
-                tls.sendall(b"GET\n")
-                while chunk := tls.recv(MiB):
-                    self.digest.update(chunk)
-                    self.received += len(chunk)
-        except BaseException as e:
-            self.failure.append(e)
-        finally:
-            self.done.set()
-
-
 def install(pair: Pair, cert: Path, key: Path) -> None:
     shutil.copyfile(pair.cert, cert)
     shutil.copyfile(pair.key, key)
@@ -1010,7 +852,10 @@ def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> 
 
     args = ("--tls-cert", str(cert), "--tls-key", str(key), "--to", backend.address)
     with tls_proxy(tmp_path, *args) as proxy:
-        download = TLSDownload(proxy.address, client_context(pki.ca_path))
+        dial = functools.partial(
+            tls_connect, ctx=client_context(pki.ca_path), server_hostname="localhost"
+        )
+        download = Download(proxy.address, b"GET\n", dial)
         wait_until(lambda: download.received >= 2 * MiB or download.done.is_set(), "2 MiB", 10)
         assert not download.done.is_set(), download.failure
         assert served() == leaf_der(first)
@@ -1063,7 +908,7 @@ def test_backend_tls_verified(tmp_path: Path, serve: Serve, pki: PKI, form: str)
         "ip-address": ["--to", f"tls:127.0.0.1:{backend.port}"],
     }[form]
     with tls_proxy(tmp_path, *to, "--backend-ca", str(pki.ca_path)) as proxy:
-        digest = assert_plain_echoes(proxy.address)
+        digest = sha256(assert_echoes(proxy.address))
         [closed] = proxy.closed()
     assert backend.handshakes == 1
     # The TLS backend saw the whole payload, then close_notify (its recv() returned b"").
@@ -1147,7 +992,7 @@ def test_backend_insecure(tmp_path: Path, serve: Serve, pki: PKI) -> None:
             and any(word in json.dumps(e).lower() for word in ("insecure", "not verified"))
         ]
         assert warnings_logged, f"no warning at start-up:\n{proxy.process.output}"
-        assert_plain_echoes(proxy.address)
+        assert_echoes(proxy.address)
         proxy.closed()
     assert backend.handshakes == 1
 
@@ -1158,7 +1003,7 @@ def test_backend_sni(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     backend = TLSBackend(serve, pair, tls_echo)
     args = ("--to", f"tls:127.0.0.1:{backend.port}", "--backend-sni", "sni.example")
     with tls_proxy(tmp_path, *args, "--backend-ca", str(pki.ca_path)) as proxy:
-        assert_plain_echoes(proxy.address)
+        assert_echoes(proxy.address)
         proxy.closed()
     assert backend.sni == ["sni.example"]
 
@@ -1169,7 +1014,7 @@ def test_backend_tls_failover(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     good = TLSBackend(serve, pki.pair("localhost"), tls_echo)
     args = ["--to", f"tls:localhost:{bad.port}", "--to", f"tls:localhost:{good.port}"]
     with tls_proxy(tmp_path, *args, "--backend-ca", str(pki.ca_path)) as proxy:
-        assert_plain_echoes(proxy.address)
+        assert_echoes(proxy.address)
         [closed] = proxy.closed()
     assert closed["backend"] == f"tls:localhost:{good.port}", closed
     assert closed["close_kind"] == "FIN", closed
@@ -1192,7 +1037,7 @@ def test_backend_handshake_within_connect_timeout(tmp_path: Path, serve: Serve, 
     args = ["--to", f"tls:localhost:{split_address(stuck.address)[1]}"]
     args += ["--to", f"tls:localhost:{good.port}", "--backend-ca", str(pki.ca_path)]
     with tls_proxy(tmp_path, *args, "--connect-timeout", "1") as proxy:
-        assert_plain_echoes(proxy.address)
+        assert_echoes(proxy.address)
         [closed] = proxy.closed()
     assert closed["backend"] == f"tls:localhost:{good.port}", closed
     assert stuck.accepted == 1
@@ -1216,7 +1061,7 @@ def test_backend_client_certificate(tmp_path: Path, serve: Serve, pki: PKI, key_
             [closed] = proxy.closed()
             assert closed["close_kind"] in ("error", "RST"), closed
             return
-        assert_plain_echoes(proxy.address)
+        assert_echoes(proxy.address)
         proxy.closed()
     assert backend.peer_certs == [leaf_der(mine)]
 

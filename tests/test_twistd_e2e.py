@@ -8,20 +8,27 @@ Payloads are random and checked by SHA-256.
 from __future__ import annotations
 
 import functools
-import hashlib
-import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from loopback import MiB, Serve, connect, echo, echo_through, sha256
+from loopback import (
+    Download,
+    MiB,
+    Serve,
+    assert_echoes,
+    connect,
+    echo,
+    http_backend,
+    paced_bulk,
+    sha256,
+)
 from processes import (
     CLEAN_SIGTERM_EXIT,
     assert_clean_stop,
@@ -40,68 +47,6 @@ from processes import (
     wait_until,
 )
 
-# -- backends -------------------------------------------------------------
-
-
-def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
-    """On ``GET\\n`` send ``payload`` spread evenly over ``seconds``, then close."""
-    request = b""
-    while not request.endswith(b"\n"):
-        chunk = conn.recv(16)
-        if not chunk:
-            return
-        request += chunk
-    if request != b"GET\n":
-        return
-    step = 256 * 1024
-    started = time.monotonic()
-    chunks = range(0, len(payload), step)
-    for i, offset in enumerate(chunks):
-        delay = started + seconds * i / len(chunks) - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        conn.sendall(payload[offset : offset + step])
-    conn.shutdown(socket.SHUT_WR)
-
-
-# -- clients --------------------------------------------------------------
-
-
-class Download(threading.Thread):
-    """A client in a thread that sends ``request`` and hashes everything it receives until EOF."""
-
-    def __init__(self, address: str, request: bytes) -> None:
-        super().__init__(daemon=True)
-        self.address = address
-        self.request = request
-        self.digest = hashlib.sha256()
-        self.received = 0
-        self.failure: list[BaseException] = []
-        self.done = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            with connect(self.address) as sock:
-                sock.sendall(self.request)
-                while chunk := sock.recv(MiB):
-                    self.digest.update(chunk)
-                    self.received += len(chunk)
-        except BaseException as e:
-            self.failure.append(e)
-        finally:
-            self.done.set()
-
-
-def assert_echoes(address: str, size: int = 2 * MiB) -> int:
-    """A random payload goes through the tunnel and back intact; returns its size."""
-    payload = os.urandom(size)
-    received = echo_through(address, payload)
-    assert len(received) == size
-    assert sha256(received) == sha256(payload)
-    return size
-
-
 # -- forwarding through each entry point ----------------------------------
 
 
@@ -111,7 +56,7 @@ def test_twistd_forwards_python_client(tmp_path: Path, serve: Serve) -> None:
     port = free_port()
     with twistd("--listen", f"127.0.0.1:{port}", "--to", backend.address, cwd=tmp_path) as tk:
         assert tk.wait_listening() == [f"127.0.0.1:{port}"]
-        size = assert_echoes(f"127.0.0.1:{port}")
+        size = len(assert_echoes(f"127.0.0.1:{port}"))
         [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
         assert_clean_stop(tk, tk.stop())
     assert (closed["bytes_up"], closed["bytes_down"]) == (size, size)
@@ -123,11 +68,6 @@ def test_twistd_forwards_python_client(tmp_path: Path, serve: Serve) -> None:
     assert backend.accepted == 1
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 def test_curl_through_twistd(tmp_path: Path) -> None:
     """curl fetches a 3 MiB file from an HTTP backend through twistd byte for byte."""
     curl = shutil.which("curl")
@@ -137,13 +77,7 @@ def test_curl_through_twistd(tmp_path: Path) -> None:
     www.mkdir()
     body = os.urandom(3 * MiB)
     (www / "file").write_bytes(body)
-    handler = functools.partial(_QuietHandler, directory=str(www))
-    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    http_server.daemon_threads = True
-    serving = threading.Thread(target=http_server.serve_forever, daemon=True)
-    serving.start()
-    try:
-        backend = f"127.0.0.1:{http_server.server_address[1]}"
+    with http_backend(www) as backend:
         with twistd("--listen", "127.0.0.1:0", "--to", backend, cwd=tmp_path) as tk:
             [address] = tk.wait_listening()
             fetched = subprocess.run(
@@ -157,10 +91,6 @@ def test_curl_through_twistd(tmp_path: Path) -> None:
             [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
             assert_clean_stop(tk, tk.stop())
         assert closed["bytes_down"] > len(body)
-    finally:
-        http_server.shutdown()
-        http_server.server_close()
-        serving.join(5)
 
 
 def test_twist_forwards(tmp_path: Path, serve: Serve) -> None:
@@ -168,7 +98,7 @@ def test_twist_forwards(tmp_path: Path, serve: Serve) -> None:
     backend = serve(echo)
     with twist("--listen", "127.0.0.1:0", "--to", backend.address, cwd=tmp_path) as tk:
         [address] = tk.wait_listening()
-        size = assert_echoes(address)
+        size = len(assert_echoes(address))
         [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
         returncode = tk.stop()
         assert returncode == CLEAN_SIGTERM_EXIT, tk.output
@@ -201,7 +131,7 @@ def test_ipv6_listen_and_backend(tmp_path: Path, serve: Serve) -> None:
     with twistd("--listen", "[::1]:0", "--to", backend.address, cwd=tmp_path) as tk:
         [address] = tk.wait_listening()
         assert address.startswith("[::1]:")
-        size = assert_echoes(address)
+        size = len(assert_echoes(address))
         [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
         assert_clean_stop(tk, tk.stop())
     assert closed["client"].startswith("[::1]:")
@@ -218,7 +148,7 @@ def test_unix_listener(tmp_path: Path, serve: Serve) -> None:
     argv = ("--listen", f"unix:{path}", "--to", backend.address)
     with twistd(*argv, cwd=tmp_path) as tk:
         assert tk.wait_listening() == [str(path)]
-        size = assert_echoes(str(path))
+        size = len(assert_echoes(str(path)))
         [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
         second = run(twistd_argv(*argv), cwd=other)
         assert second.returncode == 1, second.stdout
@@ -271,7 +201,7 @@ def test_daemon_mode(tmp_path: Path, serve: Serve, daemons: list[int]) -> None:
     pid = start_daemon(tmp_path, "tk", daemons, "--listen", "127.0.0.1:0", "--to", backend.address)
     assert pid_alive(pid)
     [address] = wait_until(lambda: listening_addresses(read_text(logfile)), "listening")
-    size = assert_echoes(address)
+    size = len(assert_echoes(address))
     [closed] = wait_until(lambda: tunnel_closed_events(read_text(logfile)), "tunnel_closed")
     assert (closed["bytes_up"], closed["bytes_down"]) == (size, size)
     os.kill(pid, signal.SIGTERM)
