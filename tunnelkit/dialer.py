@@ -49,11 +49,12 @@ class _Attempt(ClientFactory):
     noisy = False
 
     def __init__(self, factory: IProtocolFactory) -> None:
-        self.factory = factory
+        self.factory: IProtocolFactory | None = factory
         self.connector: IConnector | None = None
         self.result: Deferred[IProtocol] = Deferred(self._cancel)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
+        assert self.factory is not None
         protocol: Any = self.factory.buildProtocol(addr)  # type: ignore[arg-type]
         if protocol is None:
             return None
@@ -64,8 +65,11 @@ class _Attempt(ClientFactory):
             # The endpoint contract: fire once the protocol is connected.
             # Twisted calls nothing after makeConnection, so it is wrapped for
             # this one call (and unwrapped), instead of a wrapper protocol
-            # forwarding every read for the life of the connection.
+            # forwarding every read for the life of the connection. The
+            # transport keeps this factory (as its connector's) as long as it
+            # lives: what it no longer needs is let go.
             del protocol.makeConnection
+            self.factory = None
             make(transport)
             result.callback(protocol)
 

@@ -121,10 +121,10 @@ class Leg(Protocol):
         self.address = "-"
         self.read_done = False
         self.lost = False
-        self._held: list[bytes] = []
+        # Created on first use: most legs never hold anything.
+        self._held: list[bytes] | None = None
         self._held_size = 0
         self._forward: Callable[[bytes], None] = self.hold
-        self._now = tunnel.clock.seconds
 
     def connectionMade(self) -> None:
         self.transport.bufferSize = self.tunnel.read_size
@@ -133,7 +133,8 @@ class Leg(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
-        self.tunnel.last_moved = self._now()
+        tunnel = self.tunnel
+        tunnel.last_moved = tunnel.now()
         self._forward(data)
 
     def intercept(self, handler: Callable[[bytes], None] | None) -> None:
@@ -148,6 +149,8 @@ class Leg(Protocol):
     def hold(self, data: bytes) -> None:
         """Keep ``data`` for the backend (sent first, once joined); pause when a read size is held."""
         if data:
+            if self._held is None:
+                self._held = []
             self._held.append(data)
             self._held_size += len(data)
             if self._held_size >= self.tunnel.read_size:
@@ -160,9 +163,9 @@ class Leg(Protocol):
         mode consumed before the join is not part of the tunnel's traffic.
         """
         self.received = self._held_size
-        for chunk in self._held:
+        held, self._held = self._held, None
+        for chunk in held or ():
             write(chunk)
-        self._held.clear()
         self._held_size = 0
         self._forward = write
 
@@ -220,6 +223,8 @@ class Tunnel:
         self._on_end = on_end
         self._first: tuple[Side, CloseKind, str] | None = None
         self._timers: dict[str, IDelayedCall] = {}
+        #: The clock's ``seconds``, read on every chunk relayed (for the idle watch).
+        self.now = clock.seconds
         self._ended = False
         if idle_watch is None and timeouts.idle:
             idle_watch = IdleWatch(clock, timeouts.idle)
