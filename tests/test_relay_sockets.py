@@ -28,8 +28,10 @@ from loopback import (
     MiB,
     Serve,
     connect,
+    cyclic_garbage,
     digest_then_reply,
     echo,
+    echo_through,
     exchange_counting,
     proxy_sockets,
     read_slowly,
@@ -297,6 +299,18 @@ class ConcurrencyTests(LoopbackTestCase):
             size = len(client.payload)
             assert (record["bytes_up"], record["bytes_down"]) == (size, size)
             assert record["close_kind"] == "FIN"
+
+    @inlineCallbacks
+    def test_ended_tunnels_are_freed_without_the_collector(self) -> Inline:
+        """Nothing of an ended tunnel is left in a reference cycle: refcounting frees it at once."""
+        backend = self.serve(echo)
+        fwd = self.forward("--to", backend.address)
+        with cyclic_garbage() as cycles:
+            for _ in range(10):
+                answer = yield deferToThread(echo_through, fwd.address, b"x" * 1000)
+                assert answer == b"x" * 1000
+            yield fwd.closed(10)
+        assert not cycles, cycles
 
 
 # -- backends that cannot be reached --------------------------------------

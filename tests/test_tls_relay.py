@@ -27,6 +27,7 @@ from loopback import (
     LoopbackTestCase,
     MiB,
     connect,
+    cyclic_garbage,
     digest_then_reply,
     echo,
     echo_through,
@@ -291,6 +292,30 @@ class TerminationTests(TLSTestCase):
         assert sha256(answer) == sha256(payload)
         [record] = yield fwd.closed(1)
         assert (record["status"], record["sni"]) == (200, "localhost")
+
+    @inlineCallbacks
+    def test_ended_tls_tunnels_are_freed_without_the_collector(self) -> Inline:
+        """TLS legs, the handshake leg and a TLS backend end in no reference cycle."""
+        backend = self.serve(tls_echo(self.server_context("127.0.0.1")))
+        fwd = self.terminate(
+            "--to", backend.address, "--backend-tls", "--backend-ca", str(self.ca_file)
+        )
+
+        def client() -> bytes:
+            tls = TLSClient(fwd.address, self.ca_file)
+            try:
+                tls.send(b"x" * 1000)
+                tls.close_notify()
+                return tls.read_to_end()[0]
+            finally:
+                tls.close()
+
+        with cyclic_garbage() as cycles:
+            for _ in range(5):
+                answer = yield deferToThread(client)
+                assert answer == b"x" * 1000
+            yield fwd.closed(5)
+        assert not cycles, cycles
 
 
 class HandshakeTests(TLSTestCase):

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
+    IDelayedCall,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
@@ -69,7 +70,7 @@ class _Attempt(ClientFactory):
             # transport keeps this factory (as its connector's) as long as it
             # lives: what it no longer needs is let go.
             del protocol.makeConnection
-            self.factory = None
+            self.factory = self.connector = None
             make(transport)
             result.callback(protocol)
 
@@ -77,6 +78,7 @@ class _Attempt(ClientFactory):
         return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        self.factory = self.connector = None
         if not self.result.called:
             self.result.errback(reason)
 
@@ -163,47 +165,76 @@ class Dialer:
 
     def dial(self, factory: IProtocolFactory) -> Deferred[Dialed]:
         """Try each backend in turn; fail with :class:`BackendsUnavailable`."""
-        current: list[Deferred[IProtocol]] = []
-        errors: list[tuple[Backend, str]] = []
-        cancelled = False
-
-        def cancel(_: Deferred[Dialed]) -> None:
-            nonlocal cancelled
-            cancelled = True
-            if current:
-                current[0].cancel()
-
-        result: Deferred[Dialed] = Deferred(cancel)
-
-        def attempt(index: int) -> None:
-            if index == len(self.backends):
-                result.errback(BackendsUnavailable(errors))
-                return
-            backend = self.backends[index]
-            connecting = backend.endpoint.connect(factory)
-            current[:] = [connecting]
-            timed_out = False
-
-            def deadline() -> None:
-                nonlocal timed_out
-                timed_out = True
-                connecting.cancel()
-
-            timer = self.clock.callLater(self.connect_timeout, deadline)
-
-            def connected(protocol: IProtocol) -> None:
-                timer.cancel()
-                result.callback(Dialed(backend, protocol))
-
-            def failed(failure: Failure) -> None:
-                if timer.active():
-                    timer.cancel()
-                if cancelled:
-                    return
-                errors.append((backend, _why(failure, self.connect_timeout, timed_out)))
-                attempt(index + 1)
-
-            connecting.addCallbacks(connected, failed)
-
-        attempt(0)
+        dialing = _Dialing(self, factory)
+        result = dialing.result
+        dialing.attempt_next()
         return result
+
+
+class _Dialing:
+    """One :meth:`Dialer.dial`: the backends in order, until one connects.
+
+    A plain object rather than nested closures: a closure that calls itself
+    for the next attempt is a reference cycle, which kept the whole tunnel
+    (legs, transports, buffers) alive until the garbage collector ran.
+    Everything is let go once the result fires.
+    """
+
+    def __init__(self, dialer: Dialer, factory: IProtocolFactory) -> None:
+        self.dialer = dialer
+        self.factory: IProtocolFactory | None = factory
+        self.index = -1
+        self.errors: list[tuple[Backend, str]] = []
+        self.current: Deferred[IProtocol] | None = None
+        self.timer: IDelayedCall | None = None
+        self.timed_out = False
+        self.cancelled = False
+        self.result: Deferred[Dialed] = Deferred(self._cancel)
+
+    def attempt_next(self) -> None:
+        self.index += 1
+        backends = self.dialer.backends
+        if self.index == len(backends):
+            self._finish().errback(BackendsUnavailable(self.errors))
+            return
+        backend = backends[self.index]
+        assert self.factory is not None
+        self.timed_out = False
+        connecting = self.current = backend.endpoint.connect(self.factory)
+        self.timer = self.dialer.clock.callLater(self.dialer.connect_timeout, self._deadline)
+        connecting.addCallbacks(
+            self._connected, self._failed, callbackArgs=(backend,), errbackArgs=(backend,)
+        )
+
+    def _deadline(self) -> None:
+        self.timed_out = True
+        self.timer = None
+        assert self.current is not None
+        self.current.cancel()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _connected(self, protocol: IProtocol, backend: Backend) -> None:
+        self._stop_timer()
+        self._finish().callback(Dialed(backend, protocol))
+
+    def _failed(self, failure: Failure, backend: Backend) -> None:
+        self._stop_timer()
+        if self.cancelled:
+            return
+        timeout = self.dialer.connect_timeout
+        self.errors.append((backend, _why(failure, timeout, self.timed_out)))
+        self.attempt_next()
+
+    def _cancel(self, _: Deferred[Dialed]) -> None:
+        self.cancelled = True
+        if self.current is not None:
+            self.current.cancel()
+
+    def _finish(self) -> Deferred[Dialed]:
+        self.factory = None
+        self.current = None
+        return self.result

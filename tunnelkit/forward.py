@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
@@ -15,20 +15,35 @@ from tunnelkit.relay import CloseKind, Leg, Tunnel
 
 
 class _BackendLegFactory(Factory):
-    """Builds the backend leg of one tunnel for each connection attempt."""
+    """Builds the backend leg of one tunnel for each connection attempt.
+
+    A TLS backend's connection keeps this factory (as its wrapper's) while it
+    lives, and the tunnel keeps that connection's leg: once the dial is over
+    the factory lets go of the tunnel, so that no cycle outlives the tunnel.
+    """
 
     noisy = False
 
     def __init__(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
+        self.tunnel: Tunnel | None = tunnel
 
     def buildProtocol(self, addr: IAddress | None) -> Leg:
+        assert self.tunnel is not None, "a backend connected after its dial was over"
         return self.tunnel.backend_leg()
+
+    def dial_over(self, result: _T) -> _T:
+        self.tunnel = None
+        return result
+
+
+_T = TypeVar("_T")
 
 
 def dial_backend(tunnel: Tunnel, dialer: Dialer) -> Deferred[Dialed]:
     """Dial a backend leg for ``tunnel``; the client leaving cancels the attempt."""
-    dialing = dialer.dial(_BackendLegFactory(tunnel))
+    legs = _BackendLegFactory(tunnel)
+    dialing = dialer.dial(legs)
+    dialing.addBoth(legs.dial_over)
     tunnel.pending = dialing
     return dialing
 

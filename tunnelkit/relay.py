@@ -411,3 +411,11 @@ class Tunnel:
                 details=self.details,
             ),
         )
+        # Each leg points at the tunnel and the tunnel at each leg: a cycle
+        # that only the garbage collector could free, and with two transports,
+        # a connector and their buffers behind it, collecting them cost about
+        # 10 % of the CPU of a short connection. A leg hears nothing more once
+        # its connection is lost, so the links are cut and all is freed now.
+        for leg in (self.client, backend):
+            if leg is not None and leg.lost:
+                del leg.tunnel

@@ -81,6 +81,12 @@ class _TunedConnector(tcp.Connector):
     def _makeTransport(self) -> tcp.Client:
         return self.client_class(self.host, self.port, self.bindAddress, self, self.reactor)
 
+    def connectionLost(self, reason: Any) -> None:
+        # The connector and its transport point at each other; Twisted leaves
+        # the cycle to the garbage collector, with the socket's buffers in it.
+        super().connectionLost(reason)
+        self.transport = None
+
 
 class _TunedReactor:
     """The real reactor, except that ``connectTCP`` tunes sockets before connecting.
