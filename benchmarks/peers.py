@@ -13,7 +13,7 @@ import itertools
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,13 +232,15 @@ def tunnelkit_spec(
     *,
     no_write_through: bool = False,
     malloc_tuned: bool = False,
+    extra: Sequence[str] = (),
 ) -> ProxySpec:
     """tunnelkit with its relevant flags given explicitly (the defaults, except ``--read-size``).
 
     ``no_write_through`` adds ``--no-write-through`` (every write queued in
     Twisted, as before write-through existed); ``malloc_tuned`` starts it with
     :data:`MALLOC_TUNABLES`. Both are diagnostic rows: they show what a
-    mechanism is worth on this machine.
+    mechanism is worth on this machine. ``extra`` is appended to the command
+    line (tls_bench.py passes ``--tls-cert``/``--tls-key``).
     """
 
     def start(backend_port: int, workdir: Path) -> Running:
@@ -269,6 +271,7 @@ def tunnelkit_spec(
         ]
         if no_write_through:
             argv.append("--no-write-through")
+        argv += extra
         proc = Proc(
             name, argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log", env=env
         )
@@ -278,10 +281,15 @@ def tunnelkit_spec(
     note = f"--read-size {read_size}" + (" --no-write-through" if no_write_through else "")
     if malloc_tuned:
         note += f" GLIBC_TUNABLES={MALLOC_TUNABLES}"
+    if extra:
+        note += " " + " ".join(extra)
     return ProxySpec(name, ("twistd",), start, note)
 
 
-def _portforward(backend_port: int, workdir: Path) -> Running:
+def start_portforward(
+    backend_port: int, workdir: Path, listen: str = "tcp:0:interface=127.0.0.1"
+) -> Running:
+    """``twistd portforward`` on the Twisted endpoint ``listen`` (port 0: read from its log)."""
     tag = f"portforward-{next(_STARTS)}"
     argv = [
         str(VENV_BIN / "twistd"),
@@ -292,7 +300,7 @@ def _portforward(backend_port: int, workdir: Path) -> Running:
         str(workdir / f"{tag}.twistd.log"),
         "portforward",
         "-p",
-        "tcp:0:interface=127.0.0.1",
+        listen,
         "-h",
         "127.0.0.1",
         "-d",
@@ -328,14 +336,17 @@ global
     timeout client 1h
     timeout server 1h
 {defaults_extra}frontend fe
-    bind 127.0.0.1:{port} backlog 1024
+    bind 127.0.0.1:{port} backlog 1024{bind_extra}
     default_backend be
 backend be
     server s1 127.0.0.1:{backend_port}
 """
 
 
-def _haproxy(splice: bool) -> Callable[[int, Path], Running]:
+def haproxy_starter(
+    splice: bool, *, bind_extra: str = "", global_extra: str = ""
+) -> Callable[[int, Path], Running]:
+    """A start function for haproxy in mode tcp; ``bind_extra`` ends the ``bind`` line."""
     name = "haproxy-splice" if splice else "haproxy"
 
     def start(backend_port: int, workdir: Path) -> Running:
@@ -346,8 +357,9 @@ def _haproxy(splice: bool) -> Callable[[int, Path], Running]:
             HAPROXY_CONF.format(
                 port=port,
                 backend_port=backend_port,
+                bind_extra=bind_extra,
                 # splice needs pipes, i.e. file descriptors beyond maxconn's.
-                global_extra="    maxpipes 256\n" if splice else "",
+                global_extra=global_extra + ("    maxpipes 256\n" if splice else ""),
                 defaults_extra="    option splice-auto\n" if splice else "",
             )
         )
@@ -386,11 +398,14 @@ def all_proxies(
     return [
         ProxySpec("direct", (), _direct, "no proxy: the client talks to the backend"),
         *tunnelkits,
-        ProxySpec("portforward", ("twistd",), _portforward, "twistd portforward"),
+        ProxySpec("portforward", ("twistd",), start_portforward, "twistd portforward"),
         ProxySpec("socat", ("socat",), _socat, "socat -b 65536, fork per connection"),
-        ProxySpec("haproxy", ("haproxy",), _haproxy(False), "haproxy mode tcp"),
+        ProxySpec("haproxy", ("haproxy",), haproxy_starter(False), "haproxy mode tcp"),
         ProxySpec(
-            "haproxy-splice", ("haproxy",), _haproxy(True), "haproxy mode tcp, option splice-auto"
+            "haproxy-splice",
+            ("haproxy",),
+            haproxy_starter(True),
+            "haproxy mode tcp, option splice-auto",
         ),
     ]
 

@@ -134,10 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def install() -> None:
+def install(packages: list[str] = PEERS) -> None:
     """apt-get the peers (bounded: apt can hang on a lock or a slow mirror)."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PEERS]):
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *packages]):
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, env=env, check=True, timeout=900)
 
@@ -176,8 +176,8 @@ def select(args: argparse.Namespace) -> tuple[list[peers.ProxySpec], list[str]]:
     return kept, notes
 
 
-def tool_versions() -> dict[str, str]:
-    """Versions of the peers, for the record (each call bounded)."""
+def tool_versions(extra: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """Versions of the peers (and of ``extra``: name -> command), for the record (each call bounded)."""
     probes = {
         "iperf3": ["iperf3", "--version"],
         "wrk": ["wrk", "--version"],
@@ -185,6 +185,7 @@ def tool_versions() -> dict[str, str]:
         "haproxy": ["haproxy", "-v"],
         "nginx": ["nginx", "-v"],
         "twisted": [sys.executable, "-c", "import twisted; print(twisted.__version__)"],
+        **(extra or {}),
     }
     out = {}
     for name, cmd in probes.items():
