@@ -40,6 +40,8 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from tunnelkit.tls_transport import RelayTLSProtocol
+
 Inline = Generator[Deferred[Any], Any, None]
 
 
@@ -444,3 +446,19 @@ class BackendTLSTests(TLSTestCase):
         seen = yield deferToThread(stalled.outcome)
         assert seen == (b"", "RST")
         assert fwd.tunnels == []
+
+
+class PortableTerminationTests(TerminationTests):
+    """The same, with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(RelayTLSProtocol, "direct_openssl", False)
+
+
+class PortableBackendTLSTests(BackendTLSTests):
+    """The same, with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(RelayTLSProtocol, "direct_openssl", False)

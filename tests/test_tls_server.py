@@ -171,3 +171,12 @@ def test_alpn_and_version_reach_the_settings(ca: trustme.CA, tmp_path: Path) -> 
     assert (tls_settings.min_version, tls_settings.handshake_timeout) == ("1.3", 3.0)
     # Plain TCP configurations load no TLS state at all.
     assert parse().tls is None and parse().backend_tls is None
+
+
+def test_direct_openssl_path_available() -> None:
+    """The pinned pyOpenSSL exposes what tls_direct needs, so the TLS suites exercise it."""
+    from tunnelkit import tls_direct
+    from tunnelkit.tls_transport import RelayTLSProtocol
+
+    assert tls_direct.AVAILABLE
+    assert RelayTLSProtocol.direct_openssl

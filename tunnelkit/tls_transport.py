@@ -40,6 +40,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnelkit import tls_direct
 from tunnelkit.write_through import writer_for
 
 #: Decrypted bytes asked for per ``SSL_read``: one TLS record is at most 16 KiB.
@@ -64,6 +65,10 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
     #: Bytes asked of the outgoing memory BIO per read: grows with the writes.
     _bio_read_size = 1 << 16
 
+    #: Move bulk data with :mod:`tunnelkit.tls_direct` when pyOpenSSL allows it
+    #: (tests turn it off to run the same suite on the portable path).
+    direct_openssl = tls_direct.AVAILABLE
+
     def __init__(self, factory: RelayTLSFactory, wrappedProtocol: IProtocol) -> None:
         super().__init__(factory, wrappedProtocol, not factory.connect_after_handshake)  # type: ignore[no-untyped-call]
         self._send: Any = None
@@ -71,6 +76,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         self._close_notify_sent = False
         self._close_write_when_flushed = False
         self._wrapped_connected = False
+        self._direct = False
         #: Fires with the wrapped protocol once it is connected after the handshake
         #: (only with ``connect_after_handshake``); fails if the connection is lost first.
         self.handshake: Deferred[IProtocol] | None = (
@@ -83,6 +89,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         transport.bufferSize = self.factory.read_size
         self._send = writer_for(transport, self.factory.write_through)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
+        self._direct = self.direct_openssl and tls_direct.usable(self._tlsConnection)
 
     def _checkHandshakeStatus(self) -> None:
         if self._aborted:
@@ -118,6 +125,11 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushSendBIO(self) -> None:
         connection = self._tlsConnection
+        if self._direct:
+            output = tls_direct.read_output(connection, self._bio_read_size)
+            if output:
+                self._send(output)
+            return
         chunks = []
         while True:
             try:
@@ -133,7 +145,9 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         connection = self._tlsConnection
         size = len(data)
         view = memoryview(data)
-        done = 0
+        # The direct path takes what OpenSSL accepts at once; anything it
+        # stopped at (mid-handshake, an error) the loop below meets again.
+        done = tls_direct.write_records(connection, data) if self._direct else 0
         while done < size:
             try:
                 done += connection.send(view[done:] if done else data)
@@ -148,6 +162,14 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
+        if (
+            self._direct
+            and not self._lostTLSConnection
+            and not self._input_ended
+            and tls_direct.read_records(connection, self.factory.read_size, self._deliver_one)
+        ):
+            self._flushSendBIO()
+            return
         chunks: list[bytes] = []
         ended = False
         while not self._lostTLSConnection and not self._input_ended:
@@ -167,6 +189,10 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
             self._end_input()
         if self._tlsConnection is not None:
             self._flushSendBIO()
+
+    def _deliver_one(self, data: bytes) -> None:
+        if not self._aborted:
+            self.wrappedProtocol.dataReceived(data)
 
     def _deliver(self, chunks: list[bytes]) -> None:
         if chunks and not self._aborted:
