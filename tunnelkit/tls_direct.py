@@ -95,17 +95,23 @@ def write_records(connection: Any, data: bytes) -> int:
     return done
 
 
-def read_output(connection: Any, hint: int) -> bytes:
-    """Everything waiting in the outgoing memory BIO (``hint``: its likely size)."""
+def read_output(connection: Any, hint: int) -> bytes | memoryview:
+    """Everything waiting in the outgoing memory BIO (``hint``: its likely size).
+
+    Usually a view of the scratch buffer, valid until the next call into this
+    module: the caller sends it at once, copying only what it must keep.
+    """
     bio = connection._from_ssl
     capacity = max(hint, 1 << 16)
     buffer = _buffer(capacity)
-    chunks: list[bytes] = []
-    while True:
-        count = _lib.BIO_read(bio, buffer, capacity)
+    total = 0
+    while total < capacity:
+        count = _lib.BIO_read(bio, buffer + total, capacity - total)
         if count <= 0:
-            break
+            return memoryview(_ffi.buffer(buffer, total))
+        total += count
+    # Full, and more may wait (the hint was short): copies from here on.
+    chunks = [_ffi.buffer(buffer, total)[:]]
+    while (count := _lib.BIO_read(bio, buffer, capacity)) > 0:
         chunks.append(_ffi.buffer(buffer, count)[:])
-    if len(chunks) == 1:
-        return chunks[0]
     return b"".join(chunks)

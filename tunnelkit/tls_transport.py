@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit import tls_direct
-from tunnelkit.write_through import writer_for
+from tunnelkit.write_through import takes_views, writer_for
 
 #: Decrypted bytes asked for per ``SSL_read``: one TLS record is at most 16 KiB.
 _RECORD = 1 << 15
@@ -88,6 +88,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
     def makeConnection(self, transport: Any) -> None:
         transport.bufferSize = self.factory.read_size
         self._send = writer_for(transport, self.factory.write_through)
+        self._send_takes_views = takes_views(self._send)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
         self._direct = self.direct_openssl and tls_direct.usable(self._tlsConnection)
 
@@ -128,7 +129,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         if self._direct:
             output = tls_direct.read_output(connection, self._bio_read_size)
             if output:
-                self._send(output)
+                self._send(output if self._send_takes_views else bytes(output))
             return
         chunks = []
         while True:

@@ -40,7 +40,8 @@ class _WriteThrough:
     def __init__(self, transport: Any) -> None:
         self._transport = transport
 
-    def __call__(self, data: bytes) -> None:
+    def __call__(self, data: bytes | memoryview) -> None:
+        """Send ``data`` (bytes, or a view of a buffer that is reused once this returns)."""
         transport = self._transport
         if (
             transport._tempDataLen
@@ -49,17 +50,24 @@ class _WriteThrough:
             or transport._writeDisconnecting
             or not transport.connected
         ):
-            transport.write(data)
+            transport.write(bytes(data))
             return
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            transport.write(data)
+            transport.write(bytes(data))
             return
         if sent < len(data):
-            transport.write(data[sent:])
+            # Queued bytes must outlive a reused buffer: a copy (for bytes,
+            # slicing copies anyway and bytes() of bytes is the same object).
+            transport.write(bytes(data[sent:]))
+
+
+def takes_views(writer: Callable[[bytes], None]) -> bool:
+    """True if ``writer`` copies what it keeps, so it may be given a view of a reused buffer."""
+    return isinstance(writer, _WriteThrough)
 
 
 #: Transport classes already checked for the attributes the fast path reads.
