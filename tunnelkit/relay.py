@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.idle_watch import IdleWatch
-from tunnelkit.write_through import writer_for
+from tunnelkit.write_through import takes_views, writer_for
 
 
 class Side(enum.Enum):
@@ -136,6 +136,14 @@ class Leg(Protocol):
         tunnel = self.tunnel
         tunnel.last_moved = tunnel.now()
         self._forward(data)
+
+    def takes_views(self) -> bool:
+        """True once what this leg reads is sent on at once by a writer that copies what it keeps.
+
+        A TLS leg may then hand over views of its reused scratch buffer
+        instead of a fresh bytes object per read (:mod:`tunnelkit.tls_direct`).
+        """
+        return takes_views(self._forward)
 
     def intercept(self, handler: Callable[[bytes], None] | None) -> None:
         """Until the tunnel is joined, give what is read to ``handler`` instead of holding it.

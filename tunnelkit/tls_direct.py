@@ -56,12 +56,16 @@ def usable(connection: Any) -> bool:
     return AVAILABLE and getattr(connection, "_from_ssl", None) is not None
 
 
-def read_records(connection: Any, size: int, deliver: Any) -> bool:
+def read_records(connection: Any, size: int, deliver: Any, views: bool = False) -> bool:
     """Decrypt what the connection holds, handing it to ``deliver`` in chunks of up to ``size``.
 
-    Returns True if OpenSSL simply wants more input; False if it stopped for
-    another reason, which the caller's pyOpenSSL path must then meet.
+    With ``views``, each chunk is a view of the scratch buffer, valid only
+    during the call (for a receiver that sends it on at once or copies it);
+    otherwise bytes. Returns True if OpenSSL simply wants more input; False if
+    it stopped for another reason, which the caller's pyOpenSSL path must
+    then meet.
     """
+    take = _view if views else _copy
     ssl = connection._ssl
     capacity = size + _RECORD_ROOM
     buffer = _buffer(capacity)
@@ -71,14 +75,23 @@ def read_records(connection: Any, size: int, deliver: Any) -> bool:
         if count > 0:
             total += count
             if capacity - total < _RECORD_ROOM:
-                deliver(_ffi.buffer(buffer, total)[:])
+                deliver(take(buffer, total))
                 # ``deliver`` may have run other TLS work through the buffer.
                 buffer = _buffer(capacity)
                 total = 0
             continue
         if total:
-            deliver(_ffi.buffer(buffer, total)[:])
+            deliver(take(buffer, total))
         return bool(_lib.SSL_get_error(ssl, count) == _lib.SSL_ERROR_WANT_READ)
+
+
+def _view(buffer: Any, size: int) -> memoryview:
+    return memoryview(_ffi.buffer(buffer, size))
+
+
+def _copy(buffer: Any, size: int) -> bytes:
+    data: bytes = _ffi.buffer(buffer, size)[:]
+    return data
 
 
 def write_records(connection: Any, data: bytes) -> int:

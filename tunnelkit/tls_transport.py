@@ -167,7 +167,9 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
             self._direct
             and not self._lostTLSConnection
             and not self._input_ended
-            and tls_direct.read_records(connection, self.factory.read_size, self._deliver_one)
+            and tls_direct.read_records(
+                connection, self.factory.read_size, self._deliver_one, self._views_welcome()
+            )
         ):
             self._flushSendBIO()
             return
@@ -190,6 +192,10 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
             self._end_input()
         if self._tlsConnection is not None:
             self._flushSendBIO()
+
+    def _views_welcome(self) -> bool:
+        takes = getattr(self.wrappedProtocol, "takes_views", None)
+        return bool(takes is not None and takes())
 
     def _deliver_one(self, data: bytes) -> None:
         if not self._aborted:
