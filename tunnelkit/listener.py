@@ -43,6 +43,7 @@ class TunnelFactory(Factory):
         write_through: bool = True,
         client_leg: Callable[[Tunnel], Leg] | None = None,
         idle_watch: IdleWatch | None = None,
+        tunnel_log: Callable[[TunnelRecord, str], None] = log_tunnel_closed,
     ) -> None:
         self.listener = listener
         self.registry = registry
@@ -54,6 +55,7 @@ class TunnelFactory(Factory):
         self.write_through = write_through
         self.client_leg = client_leg
         self.idle_watch = idle_watch
+        self.tunnel_log = tunnel_log
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) if refused."""
@@ -97,5 +99,7 @@ class TunnelFactory(Factory):
         raise NotImplementedError
 
     def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:
+        # Logged before the registry hears of it: the last discard of a drain
+        # lets shutdown go on, and the log is flushed then.
+        self.tunnel_log(record, self.listener)
         self.registry.discard(tunnel)
-        log_tunnel_closed(record, self.listener)

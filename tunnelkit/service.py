@@ -5,7 +5,8 @@ port already in use is a one-line error and a non-zero exit in the shell that
 started it rather than a traceback in a log file. On stop (SIGTERM, SIGINT)
 the service stops accepting at once and drains live tunnels (see
 :meth:`TunnelRegistry.drain`); ``twistd`` waits for that before it exits.
-SIGHUP calls ``on_reload`` (TLS certificates are read again).
+SIGHUP calls ``on_reload`` (TLS certificates are read again); ``on_stopped``
+runs once the drain is over (the last access-log events are emitted).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class TunnelService(Service):
         *,
         reactor: Any = None,
         on_reload: Callable[[], object] | None = None,
+        on_stopped: Callable[[], object] | None = None,
     ) -> None:
         self.listeners = list(listeners)
         self.factory_for = factory_for
@@ -99,6 +101,7 @@ class TunnelService(Service):
         self.ports: list[IListeningPort] = []
         self.reactor = reactor
         self.on_reload = on_reload
+        self.on_stopped = on_stopped
         self._previous_sighup: Any = None
 
     def listen(self) -> None:
@@ -162,7 +165,13 @@ class TunnelService(Service):
         done: Deferred[Any] = gatherResults(stopping)
         done.addBoth(lambda _: self.registry.drain(self.drain_timeout))
         done.addCallback(self._forget_exit_signal)
+        done.addBoth(self._stopped)
         return done
+
+    def _stopped(self, result: object) -> object:
+        if self.on_stopped is not None:
+            self.on_stopped()
+        return result
 
     def _forget_exit_signal(self, result: None) -> None:
         if getattr(self.reactor, "_exitSignal", None) is not None:

@@ -37,6 +37,7 @@ from tunnelkit.resolver import system_resolver
 from tunnelkit.service import ListenError, TunnelService, default_max_tunnels, raise_fd_limit
 from tunnelkit.sockopts import DEFAULT_READ_SIZE, SocketOptions, tuned_reactor
 from tunnelkit.target_policy import ClientPolicy, TargetPolicy
+from tunnelkit.tunnel_log import TunnelLog
 
 if TYPE_CHECKING:
     from tunnelkit.htpasswd import Htpasswd
@@ -443,6 +444,7 @@ def build_service(config: Options) -> TunnelService:
     )
     timeouts = Timeouts(idle=config["idle-timeout"] or None, fin=config["fin-timeout"] or None)
     idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
+    tunnel_log = TunnelLog(reactor)
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
 
     def factory_for(listener: str) -> IProtocolFactory:
@@ -452,6 +454,7 @@ def build_service(config: Options) -> TunnelService:
             "clock": reactor,
             "timeouts": timeouts,
             "idle_watch": idle_watch,
+            "tunnel_log": tunnel_log,
             "read_size": config.socket_options.read_size,
             "clients": config.clients,
             "write_through": not config["no-write-through"],
@@ -496,6 +499,7 @@ def build_service(config: Options) -> TunnelService:
         config["drain-timeout"],
         reactor=reactor,
         on_reload=config.tls.reload if config.tls is not None else None,
+        on_stopped=tunnel_log.flush,
     )
 
 
