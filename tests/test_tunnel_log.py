@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
+from records import a_record
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.relay import CloseKind, Side, TunnelRecord
 from tunnelkit.tunnel_log import TunnelLog
-
-
-def record(client: str) -> TunnelRecord:
-    return TunnelRecord(
-        client=client,
-        backend="b:1",
-        backend_address="127.0.0.1:1",
-        bytes_up=1,
-        bytes_down=2,
-        duration=0.5,
-        connect_time=0.1,
-        closed_by=Side.CLIENT,
-        close_kind=CloseKind.FIN,
-        reason="client sent FIN",
-    )
 
 
 def closed_clients(events: list[LogEvent]) -> list[str]:
@@ -34,9 +19,9 @@ def test_batched_in_order_within_the_delay() -> None:
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        log(record("a:1"), "l")
+        log(a_record("a:1"), "l")
         clock.advance(0.01)
-        log(record("b:2"), "l")
+        log(a_record("b:2"), "l")
         assert closed_clients(events) == []
         assert len(clock.getDelayedCalls()) == 1
         clock.advance(0.01)
@@ -52,7 +37,7 @@ def test_flush_emits_now() -> None:
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        log(record("a:1"), "l")
+        log(a_record("a:1"), "l")
         log.flush()
         assert closed_clients(events) == ["a:1"]
         assert clock.getDelayedCalls() == []
