@@ -73,7 +73,7 @@ class Harness:
             timeouts=Timeouts(idle=None, fin=None),
             read_size=65536,
         )
-        self.factory._ended = self._ended  # type: ignore[method-assign]
+        self.factory._on_ended = self._ended
         self.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "198.51.100.5", 5000))
         self.leg: Any = self.factory.buildProtocol(self.client.getPeer())
         self.leg.makeConnection(self.client)

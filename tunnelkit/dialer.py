@@ -52,7 +52,7 @@ class _Attempt(ClientFactory):
     def __init__(self, factory: IProtocolFactory) -> None:
         self.factory: IProtocolFactory | None = factory
         self.connector: IConnector | None = None
-        self.result: Deferred[IProtocol] = Deferred(self._cancel)
+        self.result: Deferred[IProtocol] | None = Deferred(self._cancel)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         assert self.factory is not None
@@ -60,6 +60,7 @@ class _Attempt(ClientFactory):
         if protocol is None:
             return None
         result = self.result
+        assert result is not None
         make = protocol.makeConnection
 
         def made(transport: Any) -> None:
@@ -70,7 +71,7 @@ class _Attempt(ClientFactory):
             # transport keeps this factory (as its connector's) as long as it
             # lives: what it no longer needs is let go.
             del protocol.makeConnection
-            self.factory = self.connector = None
+            self.factory = self.connector = self.result = None
             make(transport)
             result.callback(protocol)
 
@@ -78,9 +79,10 @@ class _Attempt(ClientFactory):
         return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
+        result, self.result = self.result, None
         self.factory = self.connector = None
-        if not self.result.called:
-            self.result.errback(reason)
+        if result is not None and not result.called:
+            result.errback(reason)
 
     def _cancel(self, result: Deferred[IProtocol]) -> None:
         # As Twisted's endpoints do: the attempt is still connecting (else the
@@ -109,8 +111,10 @@ class AddressEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         attempt = _Attempt(protocolFactory)
+        result = attempt.result
+        assert result is not None
         attempt.connector = self.reactor.connectTCP(self.host, self.port, attempt)
-        return attempt.result
+        return result
 
 
 @attrs.frozen

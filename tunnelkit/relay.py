@@ -118,7 +118,6 @@ class Leg(Protocol):
         self.tunnel = tunnel
         self.side = side
         self.received = 0
-        self.address = "-"
         self.read_done = False
         self.lost = False
         # Created on first use: most legs never hold anything.
@@ -128,8 +127,18 @@ class Leg(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.bufferSize = self.tunnel.read_size
-        self.address = describe(self.transport.getPeer())
         self.tunnel.leg_connected(self)
+
+    @property
+    def address(self) -> str:
+        """The peer's address for the log record, ``-`` if never connected.
+
+        Described when asked (once, when the tunnel ends) rather than kept:
+        the string would cost every idle tunnel 64 bytes per leg. Twisted's
+        transports answer ``getPeer`` from what they kept, also once closed.
+        """
+        transport = self.transport
+        return "-" if transport is None else describe(transport.getPeer())
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
@@ -230,7 +239,8 @@ class Tunnel:
         self.details: dict[str, object] = {}
         self._on_end = on_end
         self._first: tuple[Side, CloseKind, str] | None = None
-        self._timers: dict[str, IDelayedCall] = {}
+        # Created by the first timer armed: idle tunnels have none.
+        self._timers: dict[str, IDelayedCall] | None = None
         #: The clock's ``seconds``, read on every chunk relayed (for the idle watch).
         self.now = clock.seconds
         self._ended = False
@@ -365,18 +375,21 @@ class Tunnel:
         Modes arm their own deadlines here (CONNECT's header timeout), so that
         every timer of a tunnel is cancelled when it ends.
         """
-        if self._ended or name in self._timers:
+        if self._timers is None:
+            self._timers = {}
+        timers = self._timers
+        if self._ended or name in timers:
             return
 
         def fire() -> None:
-            del self._timers[name]
+            del timers[name]
             action()
 
-        self._timers[name] = self.clock.callLater(seconds, fire)
+        timers[name] = self.clock.callLater(seconds, fire)
 
     def disarm(self, name: str) -> None:
         """Cancel the timer ``name`` if it is armed."""
-        timer = self._timers.pop(name, None)
+        timer = self._timers.pop(name, None) if self._timers else None
         if timer is not None and timer.active():
             timer.cancel()
 
@@ -397,10 +410,10 @@ class Tunnel:
         self._ended = True
         if self.idle_watch is not None:
             self.idle_watch.discard(self)
-        for timer in self._timers.values():
+        for timer in (self._timers or {}).values():
             if timer.active():
                 timer.cancel()
-        self._timers.clear()
+        self._timers = None
         side, kind, reason = self._first or (Side.PROXY, CloseKind.ERROR, "unknown")
         backend = self.backend
         self._on_end(

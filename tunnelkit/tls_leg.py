@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnelkit.relay import CloseKind, Leg, Side, Tunnel, describe
+from tunnelkit.relay import CloseKind, Leg, Side, Tunnel
 from tunnelkit.tls_server import ServerTLS, openssl_reason
 
 
@@ -66,7 +66,6 @@ class HandshakeLeg(Leg):
 
     def connectionMade(self) -> None:
         # Not Leg.connectionMade: the mode hears of the client after the handshake.
-        self.address = describe(self.transport.getPeer())
         timeout = self.tls.settings.handshake_timeout
         self.tunnel.arm("handshake", timeout, self._timed_out)
 
