@@ -235,8 +235,7 @@ class Tunnel:
         self.connect_time: float | None = None
         self.pending: Deferred[Any] | None = None
         self.on_client_connected: Callable[[Tunnel], None] | None = None
-        #: Mode-specific facts for the log record (CONNECT target, user, status).
-        self.details: dict[str, object] = {}
+        self._details: dict[str, object] | None = None
         self._on_end = on_end
         self._first: tuple[Side, CloseKind, str] | None = None
         # Created by the first timer armed: idle tunnels have none.
@@ -247,6 +246,17 @@ class Tunnel:
         if idle_watch is None and timeouts.idle:
             idle_watch = IdleWatch(clock, timeouts.idle)
         self.idle_watch = idle_watch
+
+    @property
+    def details(self) -> dict[str, object]:
+        """Mode-specific facts for the log record (CONNECT target, user, status; TLS).
+
+        Made on first use: a plain forwarded tunnel has none, and an empty
+        dict would cost each idle one 64 bytes.
+        """
+        if self._details is None:
+            self._details = {}
+        return self._details
 
     # -- set-up ------------------------------------------------------------
 
@@ -429,7 +439,7 @@ class Tunnel:
                 closed_by=side,
                 close_kind=kind,
                 reason=reason,
-                details=self.details,
+                details=self._details if self._details is not None else {},
             ),
         )
         # Each leg points at the tunnel and the tunnel at each leg: a cycle
