@@ -70,7 +70,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from peers import listening
+from peers import listening, twistd_argv
 from procs import (
     CLK_TCK,
     START_TIMEOUT,
@@ -491,13 +491,9 @@ def start_tunnelkit(workdir: Path, serial: int) -> Running:
     twistd = VENV_BIN / "twistd"
     if not twistd.exists():
         raise BenchError(f"{twistd} not found: run this script with the venv's python")
-    argv = [
-        str(twistd),
-        "-n",
-        "--pidfile",
-        str(workdir / f"{tag}.pid"),
-        "--logfile",
-        str(workdir / f"{tag}.twistd.log"),
+    argv = twistd_argv(
+        workdir,
+        tag,
         "tunnelkit",
         "--mode",
         "connect",
@@ -508,7 +504,7 @@ def start_tunnelkit(workdir: Path, serial: int) -> Running:
         # Stop within a second on SIGTERM (the default lets tunnels drain for 30 s).
         "--drain-timeout",
         "1",
-    ]
+    )
     proc = Proc("tunnelkit", argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log")
 
     def found() -> int | None:

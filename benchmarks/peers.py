@@ -248,13 +248,9 @@ def tunnelkit_spec(
         if malloc_tuned:
             env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
         tag = f"{name}-{next(_STARTS)}"
-        argv = [
-            str(VENV_BIN / "twistd"),
-            "-n",
-            "--pidfile",
-            str(workdir / f"{tag}.pid"),
-            "--logfile",
-            str(workdir / f"{tag}.twistd.log"),
+        argv = twistd_argv(
+            workdir,
+            tag,
             "tunnelkit",
             # ADDR:PORT form: backlog 1024 (an endpoint string would get Twisted's 50).
             "--listen",
@@ -268,7 +264,7 @@ def tunnelkit_spec(
             "3600",
             "--drain-timeout",
             "1",
-        ]
+        )
         if no_write_through:
             argv.append("--no-write-through")
         argv += extra
@@ -286,26 +282,27 @@ def tunnelkit_spec(
     return ProxySpec(name, ("twistd",), start, note)
 
 
-def start_portforward(
-    backend_port: int, workdir: Path, listen: str = "tcp:0:interface=127.0.0.1"
-) -> Running:
-    """``twistd portforward`` on the Twisted endpoint ``listen`` (port 0: read from its log)."""
-    tag = f"portforward-{next(_STARTS)}"
-    argv = [
+def twistd_argv(workdir: Path, tag: str, *plugin_args: str) -> list[str]:
+    """``twistd -n`` with its pid and log files named ``tag`` in ``workdir``, then the plugin."""
+    return [
         str(VENV_BIN / "twistd"),
         "-n",
         "--pidfile",
         str(workdir / f"{tag}.pid"),
         "--logfile",
         str(workdir / f"{tag}.twistd.log"),
-        "portforward",
-        "-p",
-        listen,
-        "-h",
-        "127.0.0.1",
-        "-d",
-        str(backend_port),
+        *plugin_args,
     ]
+
+
+def start_portforward(
+    backend_port: int, workdir: Path, listen: str = "tcp:0:interface=127.0.0.1"
+) -> Running:
+    """``twistd portforward`` on the Twisted endpoint ``listen`` (port 0: read from its log)."""
+    tag = f"portforward-{next(_STARTS)}"
+    argv = twistd_argv(
+        workdir, tag, "portforward", "-p", listen, "-h", "127.0.0.1", "-d", str(backend_port)
+    )
     proc = Proc("portforward", argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log")
     port = port_from_log(proc, _TWISTED_PORT)
     return Running("portforward", port, proc, argv)
