@@ -373,12 +373,14 @@ def all_proxies(
     default_read_size: int,
     *,
     no_write_through: bool = False,
+    no_splice: bool = False,
     malloc_tuned: bool = False,
 ) -> list[ProxySpec]:
     """Every system in the order of the tables.
 
-    With ``read_sizes``, one tunnelkit row per size; ``no_write_through`` and
-    ``malloc_tuned`` add a diagnostic row (``+nowt``, ``+malloc``) after each.
+    With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
+    ``no_splice`` and ``malloc_tuned`` add a diagnostic row (``+nowt``,
+    ``+nosplice``, ``+malloc``) after each.
     """
     names = (
         [(rs, f"tunnelkit-{size_label(rs)}") for rs in read_sizes]
@@ -390,6 +392,8 @@ def all_proxies(
         tunnelkits.append(tunnelkit_spec(rs, name))
         if no_write_through:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nowt", no_write_through=True))
+        if no_splice:
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+nosplice", extra=("--splice", "off")))
         if malloc_tuned:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
     return [

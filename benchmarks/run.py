@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="diagnostic: add a tunnelkit row run with --no-write-through",
     )
     parser.add_argument(
+        "--no-splice",
+        action="store_true",
+        help="diagnostic: add a tunnelkit row run with --splice off (the Python relay path)",
+    )
+    parser.add_argument(
         "--malloc-tuned",
         action="store_true",
         help="diagnostic: add a tunnelkit row started with GLIBC_TUNABLES (see peers.py)",
@@ -148,6 +153,7 @@ def proxies(args: argparse.Namespace) -> list[peers.ProxySpec]:
         args.read_sizes,
         args.read_size,
         no_write_through=args.no_write_through,
+        no_splice=args.no_splice,
         malloc_tuned=args.malloc_tuned,
     )
 

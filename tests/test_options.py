@@ -75,6 +75,7 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--bogus"], "--bogus not recognized"),
         # --mode connect: bad mode, proxy-only options in forward mode, bad rules and auth files.
         (["--mode", "socks9", "--listen", "1"], "--mode must be one of"),
+        (["--listen", "1", "--to", "a:1", "--splice", "sometimes"], "--splice must be one of"),
         (["--listen", "1", "--to", "a:1", "--allow-dest", "10.0.0.0/8"], "--allow-dest applies"),
         (["--mode", "connect", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
         (["--mode", "connect", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),

@@ -608,25 +608,70 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-# -- the same with Twisted's queued writes only ---------------------------
+# -- the same on each relay path ----------------------------------------------
+#
+# The classes above run with the defaults (--splice auto: bulk tests switch to
+# splice(2) mid-stream). Each path is also forced: splice from the join, the
+# Python path with writes sent straight to the socket, and with Twisted's
+# queued writes only.
+
+SPLICE_ON = ("--splice", "on")
+PYTHON_PATH = ("--splice", "off")
+QUEUED_WRITES = ("--splice", "off", "--no-write-through")
+
+
+class SplicedDataTests(DataTests):
+    """DataTests with every tunnel spliced from its join."""
+
+    extra_args = SPLICE_ON
+
+
+class SplicedConcurrencyTests(ConcurrencyTests):
+    """ConcurrencyTests with every tunnel spliced."""
+
+    extra_args = SPLICE_ON
+
+
+class SplicedCloseTests(CloseTests):
+    """CloseTests with every tunnel spliced: FIN, RST and the close timers."""
+
+    extra_args = SPLICE_ON
+
+
+class SplicedIdleTests(IdleTests):
+    """IdleTests with every tunnel spliced: the idle timer sees spliced bytes."""
+
+    extra_args = SPLICE_ON
+
+
+class UnsplicedDataTests(DataTests):
+    """DataTests on the Python path only."""
+
+    extra_args = PYTHON_PATH
+
+
+class UnsplicedCloseTests(CloseTests):
+    """CloseTests on the Python path only."""
+
+    extra_args = PYTHON_PATH
 
 
 class QueuedDataTests(DataTests):
     """DataTests with --no-write-through: both write paths keep every promise."""
 
-    extra_args = ("--no-write-through",)
+    extra_args = QUEUED_WRITES
 
 
 class QueuedConcurrencyTests(ConcurrencyTests):
     """ConcurrencyTests with --no-write-through."""
 
-    extra_args = ("--no-write-through",)
+    extra_args = QUEUED_WRITES
 
 
 class QueuedCloseTests(CloseTests):
     """CloseTests with --no-write-through."""
 
-    extra_args = ("--no-write-through",)
+    extra_args = QUEUED_WRITES
 
 
 def download(address: str, size: int) -> tuple[int, str]:
@@ -645,7 +690,11 @@ def wait_records(tk: Process, count: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("write_path", [(), ("--no-write-through",)], ids=["direct", "queued"])
+@pytest.mark.parametrize(
+    "write_path",
+    [(), ("--splice", "on"), ("--splice", "off"), ("--splice", "off", "--no-write-through")],
+    ids=["auto", "spliced", "direct", "queued"],
+)
 def test_slow_reader_keeps_proxy_memory_flat(
     tmp_path: Path, serve: Serve, write_path: tuple[str, ...]
 ) -> None:

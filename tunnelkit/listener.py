@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from tunnelkit.idle_watch import IdleWatch
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import Leg, Timeouts, Tunnel, TunnelRecord
+from tunnelkit.splice import PipePool
 from tunnelkit.target_policy import ClientPolicy
 from tunnelkit.tunnel_log import log_tunnel_closed
 
@@ -44,6 +45,7 @@ class TunnelFactory(Factory):
         client_leg: Callable[[Tunnel], Leg] | None = None,
         idle_watch: IdleWatch | None = None,
         tunnel_log: Callable[[TunnelRecord, str], None] = log_tunnel_closed,
+        pipes: PipePool | None = None,
     ) -> None:
         self.listener = listener
         self.registry = registry
@@ -56,6 +58,7 @@ class TunnelFactory(Factory):
         self.client_leg = client_leg
         self.idle_watch = idle_watch
         self.tunnel_log = tunnel_log
+        self.pipes = pipes
         # Bound once: every tunnel keeps these two, and a bound method made
         # per tunnel is 64 bytes of each idle connection.
         self._on_ended = self._ended
@@ -73,6 +76,7 @@ class TunnelFactory(Factory):
             write_through=self.write_through,
             client_leg=self.client_leg,
             idle_watch=self.idle_watch,
+            pipes=self.pipes,
         )
         if not self.registry.admit(tunnel):
             return self.overloaded()

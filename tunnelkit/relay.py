@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.idle_watch import IdleWatch
+from tunnelkit.splice import PipePool, Splicer, start_splicing
 from tunnelkit.write_through import takes_views, writer_for
 
 
@@ -145,6 +146,9 @@ class Leg(Protocol):
         tunnel = self.tunnel
         tunnel.last_moved = tunnel.now()
         self._forward(data)
+        if len(data) >= tunnel.read_size and tunnel.pipes is not None and tunnel.backend:
+            # A read that filled the whole read size: bulk, worth splicing.
+            tunnel.splice()
 
     def takes_views(self) -> bool:
         """True once what this leg reads is sent on at once by a writer that copies what it keeps.
@@ -208,7 +212,9 @@ class Tunnel:
     idle socket (see :mod:`tunnelkit.write_through`); ``client_leg`` makes a
     client leg of another kind (a TLS listener's waits for its handshake);
     ``idle_watch`` is the listener's shared idle timer (by default the tunnel
-    gets one of its own).
+    gets one of its own); with ``pipes``, a plain tunnel is relayed with
+    ``splice(2)`` once joined (``pipes.eager``) or once one of its reads fills
+    a whole read size (see :mod:`tunnelkit.splice`).
     """
 
     def __init__(
@@ -222,6 +228,7 @@ class Tunnel:
         write_through: bool = True,
         client_leg: Callable[[Tunnel], Leg] | None = None,
         idle_watch: IdleWatch | None = None,
+        pipes: PipePool | None = None,
     ) -> None:
         self.clock = clock
         self.write_through = write_through
@@ -246,6 +253,8 @@ class Tunnel:
         if idle_watch is None and timeouts.idle:
             idle_watch = IdleWatch(clock, timeouts.idle)
         self.idle_watch = idle_watch
+        self.pipes = pipes
+        self.splicer: Splicer | None = None
 
     @property
     def details(self) -> dict[str, object]:
@@ -283,6 +292,8 @@ class Tunnel:
         backend_transport.registerProducer(client_transport, True)
         backend.start_forwarding(writer_for(client_transport, self.write_through))
         self.client.start_forwarding(writer_for(backend_transport, self.write_through))
+        if self.pipes is not None and self.pipes.eager:
+            self.splice()
         self.last_moved = self.clock.seconds()
         if self.idle_watch is not None:
             self.idle_watch.add(self)
@@ -290,6 +301,12 @@ class Tunnel:
             self._pass_eof(self.client, backend)
         else:
             client_transport.resumeProducing()
+
+    def splice(self) -> None:
+        """Relay with ``splice(2)`` from now on if both legs are plain sockets (tried once)."""
+        pipes, self.pipes = self.pipes, None
+        if pipes is not None and self.backend is not None:
+            self.splicer = start_splicing(pipes, self, self.client, self.backend)
 
     def fail(self, reason: str, kind: CloseKind = CloseKind.ERROR) -> None:
         """The backend could not be opened: close the client and say why."""
@@ -424,6 +441,11 @@ class Tunnel:
             if timer.active():
                 timer.cancel()
         self._timers = None
+        if self.splicer is not None:
+            self.details["spliced"] = True
+            # Also cuts the splicer's link back to the tunnel.
+            self.splicer.close()
+            self.splicer = None
         side, kind, reason = self._first or (Side.PROXY, CloseKind.ERROR, "unknown")
         backend = self.backend
         self._on_end(

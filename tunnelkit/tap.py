@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
+from tunnelkit import splice
 from tunnelkit.addresses import HostPort, backend_address, listen_description, tls_host_port
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
 from tunnelkit.dialer import Backend, Dialer, host_endpoint
@@ -48,6 +49,9 @@ log = Logger(namespace="tunnelkit.tap")
 
 #: The values of ``--mode``.
 MODES = ("forward", "connect")
+
+#: The values of ``--splice``.
+SPLICE_CHOICES = ("auto", "on", "off")
 
 
 def _number(kind: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
@@ -112,6 +116,14 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["mode", "m", "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)."],
+        [
+            "splice",
+            None,
+            "auto",
+            "Move bytes in the kernel with splice(2) (plain TCP/UNIX legs, Linux): auto"
+            " (tunnels that move bulk data), on (every tunnel; fails where splice is"
+            " missing), off.",
+        ],
         ["keepalive", None, None, "TCP keepalive idle time, seconds (off by default).", _count],
         ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default).", _bytes],
         ["rcvbuf", None, None, "SO_RCVBUF for both legs, bytes (kernel default).", _bytes],
@@ -270,6 +282,10 @@ class Options(usage.Options):
             raise usage.UsageError("--listen is required (e.g. --listen 8888)")
         if self["mode"] not in MODES:
             raise usage.UsageError(f"--mode must be one of {', '.join(MODES)}")
+        if self["splice"] not in SPLICE_CHOICES:
+            raise usage.UsageError(f"--splice must be one of {', '.join(SPLICE_CHOICES)}")
+        if self["splice"] == "on" and not splice.AVAILABLE:
+            raise usage.UsageError("--splice on: this system has no splice(2) (Linux only)")
         if self["mode"] == "forward":
             if not self["to"]:
                 raise usage.UsageError("--to is required (e.g. --to 127.0.0.1:80)")
@@ -446,6 +462,11 @@ def build_service(config: Options) -> TunnelService:
     idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
     tunnel_log = TunnelLog(reactor)
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
+    pipes = (
+        splice.PipePool(eager=config["splice"] == "on")
+        if config["splice"] != "off" and splice.AVAILABLE
+        else None
+    )
 
     def factory_for(listener: str) -> IProtocolFactory:
         common: dict[str, Any] = {
@@ -458,6 +479,7 @@ def build_service(config: Options) -> TunnelService:
             "read_size": config.socket_options.read_size,
             "clients": config.clients,
             "write_through": not config["no-write-through"],
+            "pipes": pipes,
         }
         if config.tls is not None:
             return _terminate_tls(config, common)
@@ -491,6 +513,11 @@ def build_service(config: Options) -> TunnelService:
             event="backend_insecure",
         )
 
+    def stopped() -> None:
+        tunnel_log.flush()
+        if pipes is not None:
+            pipes.close()
+
     return TunnelService(
         config.listeners,
         factory_for,
@@ -499,7 +526,7 @@ def build_service(config: Options) -> TunnelService:
         config["drain-timeout"],
         reactor=reactor,
         on_reload=config.tls.reload if config.tls is not None else None,
-        on_stopped=tunnel_log.flush,
+        on_stopped=stopped,
     )
 
 

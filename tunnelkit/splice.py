@@ -1,0 +1,288 @@
+"""Relay a plain stream tunnel inside the kernel with ``splice(2)``.
+
+On the Python path every chunk is copied from the kernel into a bytes object
+and back. Once a tunnel is plain on both legs (TCP or UNIX sockets, no TLS,
+no request left to read), Linux can move the bytes socket -> pipe -> socket
+without them ever reaching user space, as HAProxy does. The reactor still
+drives everything: the two transports keep their places in the event loop
+and only their ``doRead``/``doWrite`` change (their class is swapped for a
+subclass that asks the tunnel's :class:`Splicer` first), so readiness,
+half-close, resets, timeouts and producer registration are Twisted's as
+before. The splicer keeps the relay's promises:
+
+* **Order.** A direction splices only while nothing is queued in Twisted's
+  write buffer of its destination; otherwise it reads the ordinary way
+  (``_FALLBACK``) and its bytes queue behind the earlier ones.
+* **Backpressure.** Bytes the destination did not take stay in the pipe: the
+  source stops reading and the destination waits for writability; at most a
+  pipe's capacity (:data:`PIPE_SIZE`) is in flight per direction.
+* **EOF and resets.** A read of 0 bytes is EOF (``CONNECTION_DONE``, a
+  half-close, exactly what Twisted's ``doRead`` returns), errors are
+  ``CONNECTION_LOST``; EOF is only ever seen with an empty pipe, so the FIN
+  follows the last byte.
+* **Counts and idle time** are kept per spliced chunk as per read.
+
+Pipes come from a :class:`PipePool` shared by the process: a direction holds
+one only while its destination is slow, so idle tunnels hold no file
+descriptors and a busy process needs only a few pipes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+
+if TYPE_CHECKING:
+    from tunnelkit.relay import Leg, Tunnel
+
+#: Capacity asked of each pipe: the kernel's default ``pipe-max-size``. On loopback,
+#: 1 MiB pipes moved more bytes per CPU-second than pipes of 256 KiB
+#: (docs/performance.md); the kernel fills pipe pages only with bytes in flight.
+PIPE_SIZE = 1 << 20
+
+#: True where ``os.splice`` and ``F_SETPIPE_SZ`` exist (Linux, Python 3.10+).
+AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
+
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+
+#: errno values meaning "splice cannot work on these descriptors": read the ordinary way.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
+
+#: Returned by :meth:`Splicer.read`/:meth:`Splicer.write`: let Twisted's own method do it.
+_FALLBACK = object()
+
+Pipe = tuple[int, int, int]
+"""A pipe: read end, write end, capacity in bytes."""
+
+
+class PipePool:
+    """Empty pipes for every tunnel of the process, made on demand and reused.
+
+    ``size`` is asked of each new pipe with ``F_SETPIPE_SZ``; the kernel may
+    refuse (``/proc/sys/fs/pipe-max-size``, the per-user pipe page limits),
+    and the pipe is then used at the size it has. ``keep`` bounds how many
+    idle pipes stay open. The pool also carries the ``--splice`` policy:
+    ``eager`` splices every plain tunnel from its join; otherwise a tunnel is
+    spliced once one of its reads fills a whole read size, so request/response
+    traffic of small messages keeps the Python path (cheaper per message) and
+    bulk transfers move in the kernel, like HAProxy's ``option splice-auto``.
+    """
+
+    def __init__(self, size: int = PIPE_SIZE, *, eager: bool = False, keep: int = 16) -> None:
+        self.size = size
+        #: Splice every plain tunnel from its join (``--splice on``), not only bulk ones.
+        self.eager = eager
+        self.keep = keep
+        self._free: list[Pipe] = []
+        self.made = 0
+
+    def take(self) -> Pipe | None:
+        """An empty pipe, or ``None`` if none can be made now (out of descriptors)."""
+        if self._free:
+            return self._free.pop()
+        try:
+            read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, self.size)
+        except OSError:
+            capacity = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        self.made += 1
+        return read_end, write_end, capacity
+
+    def give(self, pipe: Pipe) -> None:
+        """Return an *empty* pipe."""
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            self.discard(pipe)
+
+    @staticmethod
+    def discard(pipe: Pipe) -> None:
+        """Close a pipe that may hold bytes no one will read."""
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+    def close(self) -> None:
+        """Close the idle pipes (on shutdown; pipes in use belong to their tunnels)."""
+        free, self._free = self._free, []
+        for pipe in free:
+            self.discard(pipe)
+
+
+class _Direction:
+    """One way through the tunnel: what is read from ``source`` goes to ``dest``."""
+
+    __slots__ = ("dest", "dest_fd", "leg", "pending", "pipe", "source", "source_fd")
+
+    def __init__(self, leg: Leg, source: Any, dest: Any) -> None:
+        self.leg = leg
+        self.source = source
+        self.dest = dest
+        self.source_fd: int = source.fileno()
+        self.dest_fd: int = dest.fileno()
+        #: The pipe holding bytes ``dest`` has not taken yet, if any.
+        self.pipe: Pipe | None = None
+        self.pending = 0
+
+
+def _queued(transport: Any) -> bool:
+    """Whether Twisted holds bytes for ``transport`` or is closing its writing side."""
+    return bool(
+        transport._tempDataLen
+        or transport.offset < len(transport.dataBuffer)
+        or transport.disconnecting
+        or transport._writeDisconnecting
+        or not transport.connected
+    )
+
+
+class Splicer:
+    """The splice state of one joined tunnel (both directions)."""
+
+    __slots__ = ("_down", "_pool", "_tunnel", "_up", "enabled")
+
+    def __init__(self, pool: PipePool, tunnel: Tunnel, client: Leg, backend: Leg) -> None:
+        self._pool = pool
+        self._tunnel = tunnel
+        self._up = _Direction(client, client.transport, backend.transport)
+        self._down = _Direction(backend, backend.transport, client.transport)
+        self.enabled = True
+
+    def read(self, source: Any) -> object:
+        """``doRead`` of a spliced transport: one splice in, as much out as the peer takes."""
+        d = self._up if source is self._up.source else self._down
+        if d.pipe is not None:
+            # Resumed while the destination still has our bytes: wait for it.
+            source.stopReading()
+            return None
+        pipe = self._pool.take() if self.enabled and not _queued(d.dest) else None
+        if pipe is None:
+            return _FALLBACK
+        try:
+            moved = os.splice(d.source_fd, pipe[1], pipe[2], flags=_FLAGS)
+        except OSError as e:
+            self._pool.give(pipe)
+            return self._read_failed(e)
+        if not moved:
+            self._pool.give(pipe)
+            return CONNECTION_DONE
+        d.leg.received += moved
+        tunnel = self._tunnel
+        tunnel.last_moved = tunnel.now()
+        left = _drain(pipe, d.dest_fd, moved)
+        if left:
+            # The destination is slow (or broken: its doWrite meets the error).
+            d.pipe = pipe
+            d.pending = left
+            source.stopReading()
+            d.dest.startWriting()
+        else:
+            self._pool.give(pipe)
+        return None
+
+    def _read_failed(self, error: OSError) -> object:
+        if isinstance(error, BlockingIOError):
+            return None
+        if error.errno in _UNSUPPORTED:
+            self.enabled = False
+            return _FALLBACK
+        return CONNECTION_LOST
+
+    def write(self, dest: Any) -> object:
+        """``doWrite`` of a spliced transport: drain our pipe into it, then Twisted's own."""
+        d = self._up if dest is self._up.dest else self._down
+        pipe = d.pipe
+        if pipe is None:
+            return _FALLBACK
+        try:
+            while d.pending:
+                d.pending -= os.splice(pipe[0], d.dest_fd, d.pending, flags=_FLAGS)
+        except BlockingIOError:
+            return None
+        except OSError:
+            d.pipe = None
+            d.pending = 0
+            self._pool.discard(pipe)
+            return CONNECTION_LOST
+        d.pipe = None
+        self._pool.give(pipe)
+        if not d.leg.read_done:
+            d.source.resumeProducing()
+        # Twisted's doWrite stops watching for writability and carries out a
+        # close or half-close asked for meanwhile.
+        return _FALLBACK
+
+    def in_flight(self) -> int:
+        """Bytes read from one side that the other has not taken yet (held in pipes)."""
+        return self._up.pending + self._down.pending
+
+    def close(self) -> None:
+        """The tunnel ended: bytes still in a pipe can no longer be delivered."""
+        for d in (self._up, self._down):
+            if d.pipe is not None:
+                self._pool.discard(d.pipe)
+                d.pipe = None
+                d.pending = 0
+
+
+def _drain(pipe: Pipe, dest_fd: int, count: int) -> int:
+    """Splice up to ``count`` bytes from ``pipe`` to ``dest_fd``; return how many are left."""
+    try:
+        while count:
+            count -= os.splice(pipe[0], dest_fd, count, flags=_FLAGS)
+    except OSError:
+        # Would block, or an error the destination's doWrite will meet again.
+        pass
+    return count
+
+
+_spliced_classes: dict[type[tcp.Connection], type] = {}
+
+
+def _spliced_class(kind: type[tcp.Connection]) -> type:
+    """``kind`` with ``doRead``/``doWrite`` that ask the tunnel's splicer first."""
+    spliced = _spliced_classes.get(kind)
+    if spliced is not None:
+        return spliced
+    # Twisted's FileDescriptor methods are untyped.
+    base_read: Callable[[Any], object] = kind.doRead
+    base_write: Callable[[Any], object] = kind.doWrite
+
+    def doRead(self: Any) -> object:
+        why = self.protocol.tunnel.splicer.read(self)
+        return base_read(self) if why is _FALLBACK else why
+
+    def doWrite(self: Any) -> object:
+        why = self.protocol.tunnel.splicer.write(self)
+        return base_write(self) if why is _FALLBACK else why
+
+    spliced = type(f"Spliced{kind.__name__}", (kind,), {"doRead": doRead, "doWrite": doWrite})
+    _spliced_classes[kind] = spliced
+    return spliced
+
+
+def can_splice(transport: Any) -> bool:
+    """True for Twisted's own TCP and UNIX stream transports (not TLS, not in-memory ones)."""
+    return isinstance(transport, tcp.Connection) and all(
+        hasattr(transport, name)
+        for name in ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting")
+    )
+
+
+def start_splicing(pool: PipePool, tunnel: Tunnel, client: Leg, backend: Leg) -> Splicer | None:
+    """Splice ``tunnel`` from now on if both of its transports allow it."""
+    transports = (client.transport, backend.transport)
+    if not all(can_splice(t) for t in transports):
+        return None
+    splicer = Splicer(pool, tunnel, client, backend)
+    for transport in transports:
+        transport.__class__ = _spliced_class(type(transport))
+    return splicer
