@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import clientFromString, serverFromString
+from twisted.internet.endpoints import SSL4ServerEndpoint, clientFromString, serverFromString
 from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -49,6 +49,9 @@ log = Logger(namespace="tunnelkit.tap")
 
 #: The values of ``--mode``.
 MODES = ("forward", "connect")
+
+#: The most ``--workers``: more processes than this only compete for the cores.
+MAX_WORKERS = 256
 
 #: The values of ``--splice``.
 SPLICE_CHOICES = ("auto", "on", "off")
@@ -145,6 +148,13 @@ class Options(usage.Options):
             _seconds,
         ],
         ["drain-timeout", None, 30.0, "On SIGTERM, seconds to let tunnels finish.", _seconds],
+        [
+            "workers",
+            None,
+            1,
+            "Processes accepting on the listeners (one core each), supervised by this one.",
+            _number(int, 1, "a whole number from 1"),
+        ],
         [
             "max-connections",
             None,
@@ -270,6 +280,8 @@ class Options(usage.Options):
         self["deny-client"].append(value)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        #: The plugin's own arguments, as given: ``--workers`` passes them on.
+        self.arguments = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
@@ -282,10 +294,7 @@ class Options(usage.Options):
             raise usage.UsageError("--listen is required (e.g. --listen 8888)")
         if self["mode"] not in MODES:
             raise usage.UsageError(f"--mode must be one of {', '.join(MODES)}")
-        if self["splice"] not in SPLICE_CHOICES:
-            raise usage.UsageError(f"--splice must be one of {', '.join(SPLICE_CHOICES)}")
-        if self["splice"] == "on" and not splice.AVAILABLE:
-            raise usage.UsageError("--splice on: this system has no splice(2) (Linux only)")
+        self._performance()
         if self["mode"] == "forward":
             if not self["to"]:
                 raise usage.UsageError("--to is required (e.g. --to 127.0.0.1:80)")
@@ -307,11 +316,25 @@ class Options(usage.Options):
             read_size=self["read-size"],
         )
         self.listeners = [(text, self._server_endpoint(text)) for text in self["listen"]]
+        for text, endpoint in self.listeners:
+            if self["workers"] > 1 and isinstance(endpoint, SSL4ServerEndpoint):
+                raise usage.UsageError(
+                    f"--workers: the workers cannot share the TLS of --listen {text!r};"
+                    " use --tls-cert/--tls-key with a tcp: listener"
+                )
         outbound = tuned_reactor(self.reactor, self.socket_options)
         types = client_endpoint_types()
         self.backends = [
             Backend(text, self._client_endpoint(outbound, text, types)) for text in self["to"]
         ]
+
+    def _performance(self) -> None:
+        if self["workers"] > MAX_WORKERS:
+            raise usage.UsageError(f"--workers: at most {MAX_WORKERS}")
+        if self["splice"] not in SPLICE_CHOICES:
+            raise usage.UsageError(f"--splice must be one of {', '.join(SPLICE_CHOICES)}")
+        if self["splice"] == "on" and not splice.AVAILABLE:
+            raise usage.UsageError("--splice on: this system has no splice(2) (Linux only)")
 
     def _policies(self) -> None:
         try:
@@ -539,5 +562,17 @@ def makeService(config: Options) -> IService:
         print(f"tunnelkit: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     top = MultiService()
-    tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
+    if config["workers"] > 1:
+        from tunnelkit.workers import Workers
+
+        workers = Workers(
+            config["workers"],
+            config.arguments,
+            tunnels.ports,
+            config["drain-timeout"],
+            config.reactor,
+        )
+        workers.setServiceParent(top)  # type: ignore[no-untyped-call]
+    else:
+        tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
     return top

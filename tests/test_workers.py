@@ -1,0 +1,191 @@
+"""``--workers N``: worker processes share the listeners under one supervising ``twistd``.
+
+Every test runs ``twistd -n tunnelkit --workers 2`` as a process (JSON log on
+stdout, where the supervisor re-publishes its workers' events) against a
+threaded echo backend, with random payloads checked by SHA-256.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from certs import write_ca, write_pair
+from loopback import Serve, connect, echo, echo_through, sha256
+from processes import Process, json_events, run, twistd, twistd_argv
+from tls_clients import client_context, tls_exchange
+
+JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
+
+
+def events_named(
+    process: Process, name: str, count: int, timeout: float = 20
+) -> list[dict[str, Any]]:
+    def enough(text: str) -> list[dict[str, Any]] | None:
+        found = [e for e in json_events(text) if e.get("event") == name]
+        return found if len(found) >= count else None
+
+    return process.wait_for(enough, f"{count} {name} events", timeout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purpose (its parent has not reaped it yet).
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if alive(p)]}"
+        time.sleep(0.05)
+
+
+@contextmanager
+def supervisor(
+    tmp_path: Path, backend: str, *args: str
+) -> Iterator[tuple[Process, str, dict[int, int]]]:
+    """``twistd -n tunnelkit --workers 2``; yields it, its address and worker number -> pid."""
+    argv = ("--listen", "127.0.0.1:0", "--to", backend, "--workers", "2", "--drain-timeout", "3")
+    with twistd(*argv, *args, cwd=tmp_path, twistd_options=JSON_LOG) as tk:
+        [address] = tk.wait_listening()
+        ready = events_named(tk, "worker_ready", 2)
+        pids = {e["worker"]: e["pid"] for e in ready}
+        try:
+            yield tk, address, pids
+        finally:
+            tk.kill()
+            wait_gone(list(pids.values()))
+
+
+def echo_many(address: str, count: int, size: int) -> None:
+    """``count`` concurrent clients, each echoing ``size`` random bytes; all must come back intact."""
+
+    def one(_: int) -> None:
+        payload = os.urandom(size)
+        assert sha256(echo_through(address, payload)) == sha256(payload)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(count)))
+
+
+def test_workers_share_the_listener_and_log_through_the_supervisor(
+    tmp_path: Path, serve: Serve
+) -> None:
+    """Two worker processes (children of twistd) relay 40 tunnels; their records reach the supervisor's log."""
+    backend = serve(echo)
+    with supervisor(tmp_path, backend.address) as (tk, address, pids):
+        assert sorted(pids) == [0, 1]
+        for pid in pids.values():
+            with open(f"/proc/{pid}/stat") as stat:
+                assert int(stat.read().rsplit(")", 1)[1].split()[1]) == tk.pid
+        echo_many(address, 40, 256 * 1024)
+        records = events_named(tk, "tunnel_closed", 40)
+        assert {r["worker"] for r in records} <= {0, 1}
+        assert all(r["bytes_up"] == r["bytes_down"] == 256 * 1024 for r in records)
+        # The supervisor itself accepts nothing: its only sockets are the listener and pipes.
+        assert not [
+            e
+            for e in json_events(tk.stdout)
+            if e.get("event") == "tunnel_closed" and "worker" not in e
+        ]
+
+
+def test_a_dead_worker_is_restarted(tmp_path: Path, serve: Serve) -> None:
+    """SIGKILL to a worker: the supervisor logs worker_exited and starts a new one; service goes on."""
+    backend = serve(echo)
+    with supervisor(tmp_path, backend.address) as (tk, address, pids):
+        os.kill(pids[0], signal.SIGKILL)
+        [exited] = events_named(tk, "worker_exited", 1)
+        assert exited["worker"] == 0 and exited["log_level"]["name"] == "warn"
+        restarted = events_named(tk, "worker_ready", 3)[2]
+        assert restarted["worker"] == 0 and restarted["pid"] != pids[0]
+        pids[0] = restarted["pid"]
+        echo_many(address, 10, 64 * 1024)
+
+
+def test_tls_workers_reload_on_sighup(tmp_path: Path, serve: Serve) -> None:
+    """--tls-cert with workers: each terminates TLS; SIGHUP reaches every worker, which reloads."""
+    backend = serve(echo)
+    ca = trustme.CA()
+    pair = write_pair(ca, tmp_path, "localhost")
+    tls = ("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+    with supervisor(tmp_path, backend.address, *tls) as (tk, address, pids):
+        ctx = client_context(write_ca(ca, tmp_path))
+        payload = os.urandom(1 << 20)
+        pump = tls_exchange(address, ctx, "localhost", payload)
+        assert (pump.received, pump.digest.hexdigest()) == (len(payload), sha256(payload))
+        tk.send_signal(signal.SIGHUP)
+        reloaded = events_named(tk, "tls_reloaded", 2)
+        assert sorted(e["worker"] for e in reloaded) == [0, 1]
+        assert all(alive(p) for p in pids.values())
+
+
+def test_sigterm_drains_the_workers_and_exits_0(tmp_path: Path, serve: Serve) -> None:
+    """SIGTERM: the workers stop accepting, a live tunnel finishes its exchange, everything exits 0."""
+    backend = serve(echo)
+    with supervisor(tmp_path, backend.address) as (tk, address, pids):
+        with connect(address) as sock:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+            tk.send_signal(signal.SIGTERM)
+            events_named(tk, "drain_started", 1)
+            payload = os.urandom(1 << 20)
+            assert sha256(echo_open(sock, payload)) == sha256(payload)
+        assert tk.wait() == 0
+        wait_gone(list(pids.values()))
+
+
+def echo_open(sock: Any, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        chunk = sock.recv(1 << 20)
+        assert chunk, "closed before the echo was complete"
+        got += chunk
+    return bytes(got)
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path, serve: Serve) -> None:
+    """SIGKILL to the supervisor (no chance to stop them): the workers notice and exit."""
+    backend = serve(echo)
+    with supervisor(tmp_path, backend.address) as (tk, _, pids):
+        tk.kill()
+        wait_gone(list(pids.values()), timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--workers", "0"), "below 1"),
+        (("--workers", "257"), "at most 256"),
+    ],
+)
+def test_worker_count_errors(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    done = run(twistd_argv("--listen", "0", "--to", "127.0.0.1:9", *args), tmp_path)
+    assert done.returncode != 0
+    assert message in done.stdout
+
+
+def test_workers_refuse_an_ssl_listener(tmp_path: Path) -> None:
+    """An ``ssl:`` listener's TLS lives in the supervisor's endpoint: refused, --tls-cert named instead."""
+    pair = write_pair(trustme.CA(), tmp_path, "localhost")
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+    done = run(twistd_argv("--listen", listen, "--to", "127.0.0.1:9", "--workers", "2"), tmp_path)
+    assert done.returncode != 0
+    assert "use --tls-cert" in done.stdout

@@ -1,0 +1,76 @@
+"""A worker process of ``--workers N``: ``python -m tunnelkit.worker PID FDS OPTIONS...``.
+
+Started by :class:`tunnelkit.workers.Workers` (process ``PID``) with its
+listening sockets at the descriptor numbers ``FDS`` (comma-separated, in ``--listen``
+order) and the same plugin options. It builds the same service, adopts the
+sockets instead of listening, and writes its log as JSON lines on standard
+output for the supervisor to re-publish. SIGTERM/SIGINT drain it as they
+would a single process; SIGHUP reloads TLS files (or is ignored). It exits
+if its supervisor goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, globalLogBeginner, jsonFileLogObserver
+
+log = Logger(namespace="tunnelkit.worker")
+
+#: Seconds between checks that the supervisor is still there.
+ORPHAN_CHECK = 1.0
+
+
+def adopt(reactor: Any, fd: int, factory: Any) -> Any:
+    """Accept on the inherited listening socket ``fd`` with ``factory``."""
+    probe = socket.socket(fileno=fd)
+    family = probe.family
+    probe.detach()
+    port = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)  # adoptStreamPort listens on a duplicate
+    return port
+
+
+def main(argv: list[str]) -> None:
+    from twisted.internet import reactor
+
+    from tunnelkit.tap import Options, build_service
+
+    supervisor = int(argv[0])
+    fds = [int(fd) for fd in argv[1].split(",")]
+    # The supervisor forwards SIGHUP; without TLS to reload it must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    globalLogBeginner.beginLoggingTo(
+        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False, discardBuffer=True
+    )
+    config = Options(reactor)
+    config.parseOptions(argv[2:])
+    service = build_service(config)
+    names = [name for name, _ in service.listeners]
+    service.ports = [
+        adopt(reactor, fd, service.factory_for(name)) for name, fd in zip(names, fds, strict=True)
+    ]
+
+    def orphaned() -> None:
+        if os.getppid() != supervisor:
+            watch.stop()
+            reactor.stop()
+
+    watch = LoopingCall(orphaned)
+    reactor.callWhenRunning(service.startService)
+    reactor.callWhenRunning(
+        log.info, "worker ready (pid {pid})", event="worker_ready", pid=os.getpid()
+    )
+    # Checked at once too: the supervisor may have died while this one started.
+    reactor.callWhenRunning(watch.start, ORPHAN_CHECK)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
