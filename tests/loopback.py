@@ -31,8 +31,9 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tunnelkit.build import build_service
 from tunnelkit.relay import Tunnel
-from tunnelkit.tap import Options, build_service
+from tunnelkit.tap import Options
 
 MiB = 1024 * 1024
 

@@ -82,6 +82,12 @@ def json_events(text: str) -> list[dict[str, Any]]:
     return events
 
 
+def mapped_cryptography(pid: int) -> int:
+    """How many of the process's memory mappings are cryptography's (OpenSSL's) libraries."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum("cryptography" in line for line in maps)
+
+
 def listening_addresses(text: str) -> list[str]:
     """Addresses of the ``listening`` events in a text or JSON (``twist``) log."""
     found = [m[1] for m in _LISTENING.finditer(text)]

@@ -6,10 +6,11 @@ import pytest
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
+from tunnelkit.build import build_service
 from tunnelkit.connect_mode import ConnectFactory
 from tunnelkit.dialer import AddressEndpoint
-from tunnelkit.sockopts import DEFAULT_READ_SIZE
-from tunnelkit.tap import Options, build_service
+from tunnelkit.socket_options import DEFAULT_READ_SIZE
+from tunnelkit.tap import Options
 
 
 def parse(*argv: str) -> Options:

@@ -20,7 +20,7 @@ import pytest
 import trustme
 from certs import write_ca, write_pair
 from loopback import Serve, connect, echo, echo_through, sha256
-from processes import Process, json_events, run, twistd, twistd_argv
+from processes import Process, json_events, mapped_cryptography, run, twistd, twistd_argv
 from tls_clients import client_context, tls_exchange
 
 JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
@@ -94,6 +94,8 @@ def test_workers_share_the_listener_and_log_through_the_supervisor(
         for pid in pids.values():
             with open(f"/proc/{pid}/stat") as stat:
                 assert int(stat.read().rsplit(")", 1)[1].split()[1]) == tk.pid
+            # Plain TCP: no worker loads the TLS stack either.
+            assert mapped_cryptography(pid) == 0
         echo_many(address, 40, 256 * 1024)
         records = events_named(tk, "tunnel_closed", 40)
         assert {r["worker"] for r in records} <= {0, 1}

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import describe
-from tunnelkit.sockopts import SocketOptions
+from tunnelkit.socket_options import SocketOptions
 
 log = Logger(namespace="tunnelkit.service")
 

@@ -35,10 +35,11 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import tcp
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
 if TYPE_CHECKING:
+    from twisted.internet import tcp
+
     from tunnelkit.relay import Leg, Tunnel
 
 #: Capacity asked of each pipe: the kernel's default ``pipe-max-size``. On loopback,
@@ -271,6 +272,9 @@ def _spliced_class(kind: type[tcp.Connection]) -> type:
 
 def can_splice(transport: Any) -> bool:
     """True for Twisted's own TCP and UNIX stream transports (not TLS, not in-memory ones)."""
+    # Imported here: the command line checks AVAILABLE before the reactor may be loaded.
+    from twisted.internet import tcp
+
     return isinstance(transport, tcp.Connection) and all(
         hasattr(transport, name)
         for name in ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting")

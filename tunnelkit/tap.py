@@ -2,7 +2,10 @@
 
 Every option is validated while parsing, before ``twistd`` daemonizes, and a
 bad one ends the command with a one-line message and exit status 1 (twistd's
-own handling would print the whole usage text first).
+own handling would print the whole usage text first). This module imports
+nothing of the reactor: whether the TLS stack may load is decided from the
+options first (:mod:`tunnelkit.tls_stack`); the service is built by
+:mod:`tunnelkit.build`.
 """
 
 from __future__ import annotations
@@ -12,40 +15,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, clientFromString, serverFromString
-from twisted.internet.interfaces import (
-    IProtocolFactory,
-    IStreamClientEndpoint,
-    IStreamClientEndpointStringParserWithReactor,
-    IStreamServerEndpoint,
-)
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
-from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from tunnelkit import splice
-from tunnelkit.addresses import HostPort, backend_address, listen_description, tls_host_port
-from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
-from tunnelkit.dialer import Backend, Dialer, host_endpoint
-from tunnelkit.forward import ForwardFactory
-from tunnelkit.idle_watch import IdleWatch
-from tunnelkit.listener import TunnelFactory
-from tunnelkit.registry import TunnelRegistry
-from tunnelkit.relay import Timeouts
-from tunnelkit.resolver import system_resolver
-from tunnelkit.service import ListenError, TunnelService, default_max_tunnels, raise_fd_limit
-from tunnelkit.sockopts import DEFAULT_READ_SIZE, SocketOptions, tuned_reactor
+from tunnelkit import splice, tls_stack
+from tunnelkit.socket_options import DEFAULT_READ_SIZE, SocketOptions
 from tunnelkit.target_policy import ClientPolicy, TargetPolicy
-from tunnelkit.tunnel_log import TunnelLog
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamServerEndpoint
+
+    from tunnelkit.dialer import Backend
     from tunnelkit.htpasswd import Htpasswd
     from tunnelkit.tls_backend import BackendTLS
     from tunnelkit.tls_server import ServerTLS, ServerTLSSettings
-
-log = Logger(namespace="tunnelkit.tap")
 
 #: The values of ``--mode``.
 MODES = ("forward", "connect")
@@ -75,12 +57,6 @@ _seconds = _number(float, 0, "a number of seconds")
 _positive_seconds = _number(float, 0.001, "a positive number of seconds")
 _bytes = _number(int, 1, "a positive whole number of bytes")
 _count = _number(int, 1, "a positive whole number")
-
-
-def client_endpoint_types() -> frozenset[str]:
-    """Prefixes ``clientFromString`` understands: built-ins and installed plugins."""
-    plugins = getPlugins(IStreamClientEndpointStringParserWithReactor)
-    return frozenset({"tcp", "ssl", "unix"} | {p.prefix.lower() for p in plugins})
 
 
 class Options(usage.Options):
@@ -302,11 +278,6 @@ class Options(usage.Options):
                 if self[name]:
                     raise usage.UsageError(f"--{name} applies to --mode connect only")
         self._policies()
-        self._tls()
-        if self.reactor is None:
-            from twisted.internet import reactor
-
-            self.reactor = reactor
         self.socket_options = SocketOptions(
             nodelay=not self["no-nodelay"],
             keepalive=self["keepalive"],
@@ -315,18 +286,22 @@ class Options(usage.Options):
             mss=self["mss"],
             read_size=self["read-size"],
         )
-        self.listeners = [(text, self._server_endpoint(text)) for text in self["listen"]]
-        for text, endpoint in self.listeners:
-            if self["workers"] > 1 and isinstance(endpoint, SSL4ServerEndpoint):
-                raise usage.UsageError(
-                    f"--workers: the workers cannot share the TLS of --listen {text!r};"
-                    " use --tls-cert/--tls-key with a tcp: listener"
-                )
-        outbound = tuned_reactor(self.reactor, self.socket_options)
-        types = client_endpoint_types()
-        self.backends = [
-            Backend(text, self._client_endpoint(outbound, text, types)) for text in self["to"]
-        ]
+        # Decided before anything imports the reactor (twisted.internet.tcp
+        # imports pyOpenSSL when it can): see tunnelkit.tls_stack.
+        if not tls_stack.needed(self["listen"], self["to"], self.tls_options_given()):
+            tls_stack.keep_out()
+        self._tls()
+        if self.reactor is None:
+            from twisted.internet import reactor
+
+            self.reactor = reactor
+        from tunnelkit.build import open_endpoints
+
+        open_endpoints(self)
+
+    def tls_options_given(self) -> bool:
+        """Whether any option asks for TLS towards clients or backends."""
+        return bool(self["tls-cert"] or self["backend-tls"])
 
     def _performance(self) -> None:
         if self["workers"] > MAX_WORKERS:
@@ -412,149 +387,12 @@ class Options(usage.Options):
             handshake_timeout=self["tls-handshake-timeout"],
         )
 
-    def _server_endpoint(self, text: str) -> IStreamServerEndpoint:
-        try:
-            endpoint: IStreamServerEndpoint = serverFromString(
-                self.reactor, listen_description(text)
-            )
-            return endpoint
-        except Exception as e:
-            raise usage.UsageError(f"--listen {text!r}: {e}") from None
-
-    def _client_endpoint(
-        self, outbound: Any, text: str, types: frozenset[str]
-    ) -> IStreamClientEndpoint:
-        try:
-            address = backend_address(text, types)
-            tls_target = tls_host_port(text)
-            if tls_target is not None or (self["backend-tls"] and isinstance(address, HostPort)):
-                return self._tls_endpoint(outbound, tls_target or address)
-            if isinstance(address, HostPort):
-                return host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
-            client: IStreamClientEndpoint = clientFromString(outbound, address)
-            return client
-        except Exception as e:
-            raise usage.UsageError(f"--to {text!r}: {e}") from None
-
-    def _tls_endpoint(self, outbound: Any, address: Any) -> IStreamClientEndpoint:
-        from tunnelkit.tls_backend import TLSClientEndpoint
-
-        assert self.backend_tls is not None and isinstance(address, HostPort)
-        inner = host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
-        return TLSClientEndpoint(
-            inner,
-            self.backend_tls.creator(address.host),
-            read_size=self.socket_options.read_size,
-            write_through=not self["no-write-through"],
-        )
-
-
-def _connect_settings(config: Options, dialer: Dialer | None) -> ConnectSettings:
-    reactor = config.reactor
-    users = config.users
-    authenticate = None
-    if users is not None:
-
-        def authenticate(user: str, password: str) -> Deferred[bool]:
-            # bcrypt takes tens of milliseconds of CPU: never on the reactor thread.
-            checked: Deferred[bool] = deferToThreadPool(
-                reactor, reactor.getThreadPool(), users.check, user, password
-            )
-            return checked
-
-    return ConnectSettings(
-        policy=config.targets,
-        resolve=system_resolver(reactor),
-        outbound=tuned_reactor(reactor, config.socket_options),
-        connect_timeout=config["connect-timeout"],
-        header_timeout=config["header-timeout"],
-        authenticate=authenticate,
-        fixed=dialer,
-    )
-
-
-def build_service(config: Options) -> TunnelService:
-    """The tunnel service for parsed options, not yet listening."""
-    reactor = config.reactor
-    max_tunnels = config["max-connections"] or default_max_tunnels(raise_fd_limit())
-    registry = TunnelRegistry(reactor, max_tunnels)
-    dialer = (
-        Dialer(config.backends, reactor, config["connect-timeout"]) if config.backends else None
-    )
-    timeouts = Timeouts(idle=config["idle-timeout"] or None, fin=config["fin-timeout"] or None)
-    idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
-    tunnel_log = TunnelLog(reactor)
-    settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
-    pipes = (
-        splice.PipePool(eager=config["splice"] == "on")
-        if config["splice"] != "off" and splice.AVAILABLE
-        else None
-    )
-
-    def factory_for(listener: str) -> IProtocolFactory:
-        common: dict[str, Any] = {
-            "listener": listener,
-            "registry": registry,
-            "clock": reactor,
-            "timeouts": timeouts,
-            "idle_watch": idle_watch,
-            "tunnel_log": tunnel_log,
-            "read_size": config.socket_options.read_size,
-            "clients": config.clients,
-            "write_through": not config["no-write-through"],
-            "pipes": pipes,
-        }
-        if config.tls is not None:
-            return _terminate_tls(config, common)
-        return mode_factory(common)
-
-    def mode_factory(common: dict[str, Any]) -> TunnelFactory:
-        if settings is not None:
-            return ConnectFactory(settings=settings, **common)
-        assert dialer is not None
-        return ForwardFactory(dialer=dialer, **common)
-
-    def _terminate_tls(config: Options, common: dict[str, Any]) -> IProtocolFactory:
-        from tunnelkit.tls_leg import HandshakeLeg
-        from tunnelkit.tls_transport import RelayTLSFactory
-
-        tls = config.tls
-        assert tls is not None
-        factory = mode_factory({**common, "client_leg": lambda tunnel: HandshakeLeg(tunnel, tls)})
-        return RelayTLSFactory(
-            tls,
-            False,
-            factory,
-            read_size=common["read_size"],
-            write_through=common["write_through"],
-        )
-
-    if config.backend_tls is not None and config.backend_tls.settings.insecure:
-        log.warn(
-            "--backend-insecure: backend certificates are not verified; anyone on the path"
-            " can read and change the traffic",
-            event="backend_insecure",
-        )
-
-    def stopped() -> None:
-        tunnel_log.flush()
-        if pipes is not None:
-            pipes.close()
-
-    return TunnelService(
-        config.listeners,
-        factory_for,
-        registry,
-        config.socket_options,
-        config["drain-timeout"],
-        reactor=reactor,
-        on_reload=config.tls.reload if config.tls is not None else None,
-        on_stopped=stopped,
-    )
-
 
 def makeService(config: Options) -> IService:
     """Listen now (before daemonizing) and return the service for twistd to run."""
+    from tunnelkit.build import build_service
+    from tunnelkit.service import ListenError
+
     tunnels = build_service(config)
     try:
         tunnels.listen()

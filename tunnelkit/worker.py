@@ -37,9 +37,7 @@ def adopt(reactor: Any, fd: int, factory: Any) -> Any:
 
 
 def main(argv: list[str]) -> None:
-    from twisted.internet import reactor
-
-    from tunnelkit.tap import Options, build_service
+    from tunnelkit.tap import Options
 
     supervisor = int(argv[0])
     fds = [int(fd) for fd in argv[1].split(",")]
@@ -48,8 +46,12 @@ def main(argv: list[str]) -> None:
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False, discardBuffer=True
     )
-    config = Options(reactor)
+    # Parsed before the reactor is imported: a worker without TLS loads no TLS stack.
+    config = Options()
     config.parseOptions(argv[2:])
+    reactor = config.reactor
+    from tunnelkit.build import build_service
+
     service = build_service(config)
     names = [name for name, _ in service.listeners]
     service.ports = [
