@@ -292,9 +292,7 @@ class Options(usage.Options):
             tls_stack.keep_out()
         self._tls()
         if self.reactor is None:
-            from twisted.internet import reactor
-
-            self.reactor = reactor
+            self.reactor = _reactor()
         from tunnelkit.build import open_endpoints
 
         open_endpoints(self)
@@ -386,6 +384,17 @@ class Options(usage.Options):
             client_optional=bool(self["tls-client-optional"]),
             handshake_timeout=self["tls-handshake-timeout"],
         )
+
+
+def _reactor() -> Any:
+    """tunnelkit's epoll reactor where there is epoll and none is installed yet."""
+    try:
+        from tunnelkit.reactor import installed
+    except ImportError:  # no epoll on this system
+        from twisted.internet import reactor
+
+        return reactor
+    return installed()
 
 
 def makeService(config: Options) -> IService:

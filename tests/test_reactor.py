@@ -1,0 +1,81 @@
+"""tunnelkit's epoll reactor: events dispatched without a log context, errors contained."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from processes import twistd
+from twisted.internet.error import ConnectionDone
+from twisted.logger import LogEvent, globalLogPublisher
+
+from tunnelkit.reactor import EPollReactor
+
+
+class Reader:
+    """A read descriptor on one end of a socket pair, recording what happens to it."""
+
+    def __init__(self, sock: socket.socket, *, lost_raises: bool = False) -> None:
+        self.sock = sock
+        self.lost_raises = lost_raises
+        self.reads = 0
+        self.lost: list[Any] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "Reader"
+
+    def doRead(self) -> object:
+        self.reads += 1
+        data = self.sock.recv(100)
+        return None if data else ConnectionDone()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.append(reason)
+        if self.lost_raises:
+            raise RuntimeError("connectionLost blew up")
+
+
+def test_a_failing_event_does_not_stop_the_others() -> None:
+    """One descriptor's handler raising is logged; the next ready descriptor is still served."""
+    reactor = EPollReactor()  # type: ignore[no-untyped-call]
+    logged: list[LogEvent] = []
+    globalLogPublisher.addObserver(logged.append)
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        bad = Reader(pairs[0][0], lost_raises=True)
+        good = Reader(pairs[1][0])
+        reactor.addReader(bad)
+        reactor.addReader(good)
+        pairs[0][1].close()  # EOF: doRead returns ConnectionDone, connectionLost raises
+        pairs[1][1].sendall(b"x")
+        reactor.doPoll(1)
+        assert bad.lost and good.reads == 1
+        assert any(e.get("log_failure") is not None for e in logged)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        reactor.removeAll()
+        reactor._poller.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize(
+    ("twistd_options", "expected"),
+    [((), "tunnelkit.reactor.EPollReactor"), (("--reactor", "poll"), "PollReactor")],
+    ids=["default", "--reactor poll"],
+)
+def test_twistd_uses_it_unless_told_otherwise(
+    tmp_path: Path, twistd_options: tuple[str, ...], expected: str
+) -> None:
+    """twistd -n tunnelkit runs on this reactor; twistd --reactor still wins."""
+    argv = ("--listen", "127.0.0.1:0", "--to", "127.0.0.1:9")
+    with twistd(*argv, cwd=tmp_path, twistd_options=twistd_options) as tk:
+        tk.wait_listening()
+        line = tk.wait_for(lambda text: "reactor class:" in text and text, "reactor class")
+        assert f"reactor class: {expected}" in line or expected in line.split("reactor class:")[1]
