@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tunnelkit.addresses import (
-    SHORT_FORM_BACKLOG,
+    DEFAULT_BACKLOG,
     AddressError,
     HostPort,
     backend_address,
@@ -13,7 +13,7 @@ from tunnelkit.addresses import (
 )
 
 TYPES = frozenset({"tcp", "ssl", "unix", "tls"})
-B = SHORT_FORM_BACKLOG
+B = DEFAULT_BACKLOG
 
 
 @pytest.mark.parametrize(
@@ -23,13 +23,20 @@ B = SHORT_FORM_BACKLOG
         ("127.0.0.1:8888", f"tcp:8888:interface=127.0.0.1:backlog={B}"),
         ("localhost:8888", f"tcp:8888:interface=127.0.0.1:backlog={B}"),
         ("[::1]:8888", f"tcp6:8888:interface=\\:\\:1:backlog={B}"),
-        ("tcp:8443:interface=127.0.0.1", "tcp:8443:interface=127.0.0.1"),
-        ("unix:/run/tk.sock", "unix:/run/tk.sock"),
+        ("tcp:8443:interface=127.0.0.1", f"tcp:8443:interface=127.0.0.1:backlog={B}"),
+        ("TCP6:8443", f"TCP6:8443:backlog={B}"),
+        ("unix:/run/tk.sock", f"unix:/run/tk.sock:backlog={B}"),
+        ("ssl:443:privateKey=k.pem", f"ssl:443:privateKey=k.pem:backlog={B}"),
+        # backlog= given: kept as it is, per listener.
+        ("tcp:8443:backlog=4096", "tcp:8443:backlog=4096"),
+        ("unix:/run/a\\:backlog=b:backlog=8", "unix:/run/a\\:backlog=b:backlog=8"),
+        # A path that merely contains "backlog=" after an escaped colon gets one.
+        ("unix:/run/a\\:backlog=b", f"unix:/run/a\\:backlog=b:backlog={B}"),
         ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
     ],
 )
 def test_listen_forms(text: str, expected: str) -> None:
-    """Short listen forms become TCP endpoint strings; endpoint strings pass through."""
+    """Short listen forms become TCP endpoint strings; endpoint strings get a backlog of 1024 unless they set one."""
     assert listen_description(text) == expected
 
 

@@ -130,3 +130,17 @@ def test_connect_mode_with_to_builds_a_fixed_tunnel() -> None:
     assert isinstance(factory, ConnectFactory)
     assert factory.settings.fixed is not None
     assert [b.name for b in factory.settings.fixed.backends] == ["127.0.0.1:6379"]
+
+
+@pytest.mark.parametrize(
+    ("listen", "backlog"),
+    [
+        ("127.0.0.1:0", 1024),
+        ("tcp:0:interface=127.0.0.1", 1024),
+        ("tcp:0:interface=127.0.0.1:backlog=7", 7),
+    ],
+)
+def test_listen_backlog(listen: str, backlog: int) -> None:
+    """Every TCP listener gets a backlog of 1024 (Twisted's is 50) unless its string sets one."""
+    [(_, endpoint)] = parse("--listen", listen, "--to", "a:1").listeners
+    assert endpoint._backlog == backlog  # type: ignore[attr-defined]

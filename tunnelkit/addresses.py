@@ -13,10 +13,15 @@ import re
 
 import attrs
 
-#: Listen backlog given to short-form listeners. Twisted's default of 50 is
-#: marginal for connection bursts (socat's backlog of 5 pushed its p99 past a
-#: second in the peer benchmarks); the kernel caps it at ``somaxconn`` anyway.
-SHORT_FORM_BACKLOG = 1024
+#: Listen backlog of every listener whose string does not give one. Twisted's
+#: default of 50 is marginal for connection bursts (socat's backlog of 5 pushed
+#: its p99 past a second in the peer benchmarks); the kernel caps it at
+#: ``somaxconn`` anyway. ``backlog=N`` in an endpoint string sets it per listener.
+DEFAULT_BACKLOG = 1024
+
+#: Endpoint types that take a ``backlog`` parameter (``systemd:`` sockets already listen).
+_BACKLOG_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix"})
+_HAS_BACKLOG = re.compile(r"(?<!\\):backlog=", re.IGNORECASE)
 
 _PORT = r"(?P<port>\d{1,5})"
 _V6 = re.compile(r"^\[(?P<host>[0-9A-Fa-f:.%\w-]+)\]:" + _PORT + "$")
@@ -46,14 +51,16 @@ def listen_description(text: str) -> str:
 
     ``8888`` listens on all IPv4 addresses, ``ADDR:8888`` on one IPv4 address
     (``localhost`` meaning 127.0.0.1) and ``[V6]:8888`` on one IPv6 address.
-    Anything else is taken to be an endpoint string already.
+    Anything else is taken to be an endpoint string already; ``tcp:``,
+    ``tcp6:``, ``ssl:`` and ``unix:`` ones get ``backlog=1024`` unless they
+    say otherwise.
     """
     text = text.strip()
     if not text:
         raise AddressError("empty listen address")
     if m := _BARE_PORT.match(text):
         port = _port(m["port"], allow_zero=True)
-        return f"tcp:{port}:backlog={SHORT_FORM_BACKLOG}"
+        return f"tcp:{port}:backlog={DEFAULT_BACKLOG}"
     if m := _V6.match(text):
         host = m["host"]
         try:
@@ -61,17 +68,25 @@ def listen_description(text: str) -> str:
         except ValueError:
             raise AddressError(f"{host!r} is not an IPv6 address") from None
         port = _port(m["port"], allow_zero=True)
-        return f"tcp6:{port}:interface={_escape(host)}:backlog={SHORT_FORM_BACKLOG}"
+        return f"tcp6:{port}:interface={_escape(host)}:backlog={DEFAULT_BACKLOG}"
     if m := _HOST_PORT.match(text):
         host = "127.0.0.1" if m["host"] == "localhost" else m["host"]
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
             # Not an address: it is an endpoint type such as "tcp:8888".
-            return text
+            return _with_backlog(text)
         port = _port(m["port"], allow_zero=True)
-        return f"tcp:{port}:interface={host}:backlog={SHORT_FORM_BACKLOG}"
-    return text
+        return f"tcp:{port}:interface={host}:backlog={DEFAULT_BACKLOG}"
+    return _with_backlog(text)
+
+
+def _with_backlog(description: str) -> str:
+    """``description`` with ``backlog=`` :data:`DEFAULT_BACKLOG` if its type takes one and it has none."""
+    kind = description.partition(":")[0].lower()
+    if kind not in _BACKLOG_TYPES or _HAS_BACKLOG.search(description):
+        return description
+    return f"{description}:backlog={DEFAULT_BACKLOG}"
 
 
 @attrs.frozen
