@@ -94,6 +94,8 @@ class Window:
 
     proxy_pid: int | None
     backend_pid: int
+    #: The proxy's resident worker processes (not waited for: they never exit).
+    workers: int = 0
     t: float = 0.0
     proxy: float = 0.0
     backend: float = 0.0
@@ -104,7 +106,7 @@ class Window:
 
     def start(self) -> Window:
         if self.proxy_pid is not None:
-            settle_children(self.proxy_pid, timeout=3.0)
+            settle_children(self.proxy_pid, timeout=3.0, at_most=self.workers)
             self.proxy = cpu_seconds(self.proxy_pid)
         self.backend = cpu_seconds(self.backend_pid)
         self.clients = children_cpu()
@@ -145,7 +147,13 @@ def _after_client(running: Running) -> None:
     # socat's per-connection children exit (and are reaped) shortly after the
     # client is done; their CPU is only in the parent's totals after that.
     if running.proc is not None:
-        settle_children(running.proc.pid, timeout=3.0)
+        settle_children(running.proc.pid, timeout=3.0, at_most=running.workers)
+
+
+def _window(running: Running, backend_pid: int) -> Window:
+    """A started CPU window around a client run through ``running``."""
+    pid = running.proc.pid if running.proc else None
+    return Window(pid, backend_pid, workers=running.workers).start()
 
 
 # -- iperf3 ----------------------------------------------------------------
@@ -163,7 +171,7 @@ def _iperf_json(stdout: str, stderr: str) -> dict[str, Any]:
 
 def measure_iperf(running: Running, backend_pid: int, seconds: int) -> dict[str, float]:
     """Single-stream iperf3 client -> proxy -> iperf3 server; Gbit/s and MB per proxy CPU-s."""
-    window = Window(running.proc.pid if running.proc else None, backend_pid).start()
+    window = _window(running, backend_pid)
     result = run_bounded(
         ["iperf3", "-c", "127.0.0.1", "-p", str(running.port), "-t", str(seconds), "--json"],
         seconds + 30,
@@ -214,7 +222,7 @@ def measure_wrk(
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://127.0.0.1:{running.port}{BODY_PATH}")
-    window = Window(running.proc.pid if running.proc else None, backend_pid).start()
+    window = _window(running, backend_pid)
     result = run_bounded(argv, seconds + 30)
     _after_client(running)
     figures = window.finish()
@@ -239,7 +247,7 @@ def measure_idle(
     if running.proc is None:
         raise BenchError("idle connections need a proxy process")
     pid = running.proc.pid
-    settle_children(pid, timeout=5.0)
+    settle_children(pid, timeout=5.0, at_most=running.workers)
     time.sleep(0.2)
     before = memory(pid)
     cpu_before = cpu_seconds(pid)
@@ -263,7 +271,7 @@ def measure_idle(
     finally:
         for sock in socks:
             sock.close()
-    settle_children(pid, timeout=10.0)
+    settle_children(pid, timeout=10.0, at_most=running.workers)
     return {
         "connections": float(count),
         "idle_rss_mb": before.rss_kb / 1024,

@@ -8,16 +8,19 @@ from their log; the others are given a port that the kernel just handed out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import itertools
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from procs import START_TIMEOUT, BenchError, Proc, free_port
+from procs import START_TIMEOUT, BenchError, Proc, children_count, free_port
 
 #: The interpreter running the benchmark; its venv has twistd and tunnelkit.
 VENV_BIN = Path(sys.executable).parent
@@ -33,6 +36,7 @@ _STARTS = itertools.count(1)
 
 _TWISTED_PORT = re.compile(r"starting on (\d+)")
 _LISTENING_PORT = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+_WORKER_READY = re.compile(r"worker ready \(pid \d+\)")
 
 
 def listening(port: int) -> bool:
@@ -172,6 +176,9 @@ class Running:
     port: int
     proc: Proc | None
     argv: list[str] = field(default_factory=list)
+    #: Child processes that live as long as the proxy (nginx's and tunnelkit's
+    #: workers): the waits for per-connection children to exit leave them be.
+    workers: int = 0
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -186,10 +193,19 @@ class ProxySpec:
     needs: tuple[str, ...]
     start: Callable[[int, Path], Running]
     note: str = ""
+    #: Why it cannot run although its executables are there (a missing nginx
+    #: module, say), or None; asked only when nothing in ``needs`` is missing.
+    check: Callable[[], str | None] | None = None
 
     def missing(self) -> list[str]:
         """Executables this proxy needs that are not installed."""
         return [n for n in self.needs if shutil.which(n) is None and not (VENV_BIN / n).exists()]
+
+    def unavailable(self) -> str | None:
+        """Why this proxy cannot run here (the note of a skipped system), or None."""
+        if missing := self.missing():
+            return f"{', '.join(missing)} not installed (try --install)"
+        return self.check() if self.check is not None else None
 
 
 def _direct(backend_port: int, workdir: Path) -> Running:
@@ -240,8 +256,10 @@ def tunnelkit_spec(
     Twisted, as before write-through existed); ``malloc_tuned`` starts it with
     :data:`MALLOC_TUNABLES`. Both are diagnostic rows: they show what a
     mechanism is worth on this machine. ``extra`` is appended to the command
-    line (tls_bench.py passes ``--tls-cert``/``--tls-key``).
+    line (tls_bench.py passes ``--tls-cert``/``--tls-key``; the ``-w2`` row
+    ``--workers 2``, whose start waits until both workers are ready).
     """
+    workers = workers_option(extra)
 
     def start(backend_port: int, workdir: Path) -> Running:
         env = dict(SNAPSHOT)
@@ -252,7 +270,7 @@ def tunnelkit_spec(
             workdir,
             tag,
             "tunnelkit",
-            # ADDR:PORT form: backlog 1024 (an endpoint string would get Twisted's 50).
+            # ADDR:PORT form (backlog 1024, like every tunnelkit listener).
             "--listen",
             "127.0.0.1:0",
             "--to",
@@ -272,7 +290,9 @@ def tunnelkit_spec(
             name, argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log", env=env
         )
         port = port_from_log(proc, _LISTENING_PORT)
-        return Running(name, port, proc, argv)
+        if workers:
+            wait_workers_ready(proc, workers)
+        return Running(name, port, proc, argv, workers=workers)
 
     note = f"--read-size {read_size}" + (" --no-write-through" if no_write_through else "")
     if malloc_tuned:
@@ -280,6 +300,36 @@ def tunnelkit_spec(
     if extra:
         note += " " + " ".join(extra)
     return ProxySpec(name, ("twistd",), start, note)
+
+
+def workers_option(argv: Sequence[str]) -> int:
+    """The N of ``--workers N`` in ``argv``; 0 when tunnelkit runs as one process."""
+    count = 1
+    for i, arg in enumerate(argv):
+        if arg == "--workers" and i + 1 < len(argv):
+            count = int(argv[i + 1])
+        elif arg.startswith("--workers="):
+            count = int(arg.partition("=")[2])
+    return count if count > 1 else 0
+
+
+def wait_workers_ready(proc: Proc, count: int, timeout: float = START_TIMEOUT) -> None:
+    """Wait until ``count`` tunnelkit workers have logged ``worker ready``.
+
+    The supervisor reports its port before its workers have imported
+    Twisted: an idle-memory baseline read then would miss a worker's heap and
+    charge it to the connections, and a CPU window would count its start.
+    """
+
+    def ready() -> bool:
+        return len(_WORKER_READY.findall(proc.output(limit=1 << 20))) >= count
+
+    proc.wait_for(ready, f"{count} workers ready", timeout)
+
+
+def wait_children(proc: Proc, count: int, timeout: float = START_TIMEOUT) -> None:
+    """Wait until ``proc`` has ``count`` child processes (nginx forks its workers after listening)."""
+    proc.wait_for(lambda: children_count(proc.pid) >= count, f"{count} worker processes", timeout)
 
 
 def twistd_argv(workdir: Path, tag: str, *plugin_args: str) -> list[str]:
@@ -368,6 +418,150 @@ def haproxy_starter(
     return start
 
 
+NGINX_STREAM_CONF = """\
+{load_module}daemon off;
+master_process on;
+worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections {connections}; }}
+stream {{
+    access_log off;
+    server {{
+        listen 127.0.0.1:{port}{listen_extra} backlog=1024;
+{server_extra}        proxy_pass 127.0.0.1:{backend_port};
+    }}
+}}
+"""
+
+#: Where Debian's libnginx-mod-stream puts the module (nginx-light builds it dynamic).
+NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+
+@functools.cache
+def nginx_stream_support() -> tuple[str | None, str]:
+    """(why nginx stream cannot run, or None; the ``load_module`` line it needs).
+
+    Cached: ``nginx -V`` does not change during a run, and starts ask every time.
+    """
+    nginx = shutil.which("nginx")
+    if nginx is None:
+        return "nginx not installed (try --install)", ""
+    try:
+        built = subprocess.run(
+            [nginx, "-V"], capture_output=True, text=True, timeout=10, check=False
+        ).stderr
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nginx -V failed: {e}", ""
+    options = built.split()
+    if "--with-stream" in options:
+        return None, ""
+    if "--with-stream=dynamic" in options:
+        if NGINX_STREAM_MODULE.exists():
+            return None, f"load_module {NGINX_STREAM_MODULE};\n"
+        return f"{NGINX_STREAM_MODULE} missing (libnginx-mod-stream; try --install)", ""
+    return "nginx is built without the stream module", ""
+
+
+def nginx_stream_unavailable() -> str | None:
+    """Why nginx ``stream {}`` cannot run here, or None (a :attr:`ProxySpec.check`)."""
+    return nginx_stream_support()[0]
+
+
+def nginx_stream_starter(
+    name: str,
+    *,
+    workers: int,
+    connections: int,
+    listen_extra: str = "",
+    server_extra: str = "",
+) -> Callable[[int, Path], Running]:
+    """A start function for nginx ``stream {}`` in front of the backend, nothing logged per connection.
+
+    ``listen_extra`` goes after the address of the ``listen`` line (tls_bench
+    passes `` ssl``), ``server_extra`` is inserted before ``proxy_pass``
+    (whole lines, such as the certificate's).
+    """
+
+    def start(backend_port: int, workdir: Path) -> Running:
+        why, load_module = nginx_stream_support()
+        if why is not None:
+            raise BenchError(why)
+        port = free_port()
+        ndir = workdir / f"{name}-{next(_STARTS)}"
+        ndir.mkdir()
+        conf = ndir / "nginx.conf"
+        conf.write_text(
+            NGINX_STREAM_CONF.format(
+                load_module=load_module,
+                dir=ndir,
+                workers=workers,
+                connections=connections,
+                port=port,
+                listen_extra=listen_extra,
+                server_extra=server_extra,
+                backend_port=backend_port,
+            )
+        )
+        argv = ["nginx", "-e", "stderr", "-p", str(ndir), "-c", str(conf)]
+        proc = Proc(name, argv, ndir / "nginx.log")
+        wait_listening(proc, port)
+        wait_children(proc, workers)
+        return Running(name, port, proc, argv, workers=workers)
+
+    return start
+
+
+RINETD_CONF = """\
+pidlogfile {pidfile}
+127.0.0.1 {port} 127.0.0.1 {backend_port}
+"""
+
+
+def _rinetd(backend_port: int, workdir: Path) -> Running:
+    """rinetd in the foreground; its pid file in the temp dir (its default is /var/run/rinetd.pid)."""
+    port = free_port()
+    tag = f"rinetd-{next(_STARTS)}"
+    conf = workdir / f"{tag}.conf"
+    conf.write_text(
+        RINETD_CONF.format(pidfile=workdir / f"{tag}.pid", port=port, backend_port=backend_port)
+    )
+    argv = ["rinetd", "-f", "-c", str(conf)]
+    proc = Proc("rinetd", argv, workdir / f"{tag}.log")
+    wait_listening(proc, port)
+    return Running("rinetd", port, proc, argv)
+
+
+@functools.cache
+def uvloop_importable() -> bool:
+    """Whether this interpreter (the one that runs asyncio_forward.py) can import uvloop."""
+    try:
+        importlib.import_module("uvloop")
+    except ImportError:
+        return False
+    return True
+
+
+def asyncio_name() -> str:
+    """The asyncio row's name says which loop asyncio_forward.py will run on."""
+    return "asyncio+uvloop" if uvloop_importable() else "asyncio"
+
+
+def _asyncio_forward(backend_port: int, workdir: Path) -> Running:
+    """benchmarks/asyncio_forward.py: plain asyncio Protocols, uvloop when importable."""
+    name = asyncio_name()
+    port = free_port()
+    loop = "uvloop" if uvloop_importable() else "asyncio"
+    argv = [sys.executable, str(HERE / "asyncio_forward.py"), str(port), str(backend_port), loop]
+    proc = Proc(name, argv, workdir / f"asyncio-{next(_STARTS)}.log")
+    wait_listening(proc, port)
+    return Running(name, port, proc, argv)
+
+
+#: The worker count of the tunnelkit multi-process row: one per core of this 2-core machine.
+TUNNELKIT_WORKERS = 2
+
+
 def all_proxies(
     read_sizes: list[int] | None,
     default_read_size: int,
@@ -380,7 +574,9 @@ def all_proxies(
 
     With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
     ``no_splice`` and ``malloc_tuned`` add a diagnostic row (``+nowt``,
-    ``+nosplice``, ``+malloc``) after each.
+    ``+nosplice``, ``+malloc``) after each. Without a sweep, ``tunnelkit-w2``
+    (``--workers 2``) follows: the multi-core figure beside the single
+    process, as haproxy (2 threads) and nginx (2 workers) use both cores.
     """
     names = (
         [(rs, f"tunnelkit-{size_label(rs)}") for rs in read_sizes]
@@ -396,6 +592,14 @@ def all_proxies(
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nosplice", extra=("--splice", "off")))
         if malloc_tuned:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
+    if not read_sizes:
+        tunnelkits.append(
+            tunnelkit_spec(
+                default_read_size,
+                f"tunnelkit-w{TUNNELKIT_WORKERS}",
+                extra=("--workers", str(TUNNELKIT_WORKERS)),
+            )
+        )
     return [
         ProxySpec("direct", (), _direct, "no proxy: the client talks to the backend"),
         *tunnelkits,
@@ -407,6 +611,21 @@ def all_proxies(
             ("haproxy",),
             haproxy_starter(True),
             "haproxy mode tcp, option splice-auto",
+        ),
+        ProxySpec(
+            "nginx-stream",
+            ("nginx",),
+            nginx_stream_starter("nginx-stream", workers=2, connections=8192),
+            "nginx stream {} proxy_pass, worker_processes 2, no access log",
+            check=nginx_stream_unavailable,
+        ),
+        ProxySpec("rinetd", ("rinetd",), _rinetd, "rinetd -f, one forwarding rule, single process"),
+        ProxySpec(
+            asyncio_name(),
+            (),
+            _asyncio_forward,
+            "benchmarks/asyncio_forward.py: asyncio Protocols"
+            + (" on uvloop" if uvloop_importable() else " (uvloop not installed)"),
         ),
     ]
 

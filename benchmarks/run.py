@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Compare tunnelkit with a direct connection, ``twistd portforward``, socat and haproxy on loopback.
+"""Compare tunnelkit with a direct connection and every peer on loopback.
 
-One command measures, for every system, with the proxies interleaved in each
+The peers: ``twistd portforward``, socat, haproxy (with and without splice),
+nginx ``stream {}``, rinetd and a plain asyncio forwarder (on uvloop when it
+is installed); tunnelkit runs as one process and with ``--workers 2``. One
+command measures, for every system, with the proxies interleaved in each
 repetition (so slow drift of a shared machine hits them all alike):
 
 a) iperf3 single-stream throughput through the proxy;
@@ -11,8 +14,9 @@ d) RSS per idle connection with 1,000 connections held open.
 
 Usage (from the repository root)::
 
-    .venv/bin/python benchmarks/run.py                 # full run, ~25 min
+    .venv/bin/python benchmarks/run.py                 # full run, ~35 min
     .venv/bin/python benchmarks/run.py --short         # under 2 minutes
+    .venv/bin/python benchmarks/run.py --plot docs/performance.png
     .venv/bin/python benchmarks/run.py --only tunnelkit,portforward --read-sizes 65536,262144,1048576
 
 See benchmarks/README.md and docs/performance.md.
@@ -40,6 +44,7 @@ from typing import Any
 
 import loads
 import peers
+import plot
 import report
 from procs import BenchError, raise_nofile, stop_all, wait_quiet
 
@@ -50,15 +55,22 @@ DEFAULT_READ_SIZE = 256 * 1024
 ROOT = Path(__file__).resolve().parent.parent
 
 GROUPS = ["iperf", "wrk", "idle"]
-PEERS = ["iperf3", "wrk", "socat", "haproxy", "nginx-light"]
+#: Debian packages of the clients and peers (``--install``).
+PEERS = ["iperf3", "wrk", "socat", "haproxy", "nginx-light", "libnginx-mod-stream", "rinetd"]
+#: The Python packages of the harness (uvloop for a peer, matplotlib for --plot), for the venv.
+REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
+#: A name in --only that selects every row of its family (read-size sweep, -w2, diagnostic
+#: rows; the asyncio row is named after its loop).
+FAMILIES = ("tunnelkit", "asyncio")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Loopback benchmark: direct, tunnelkit, twistd portforward, socat, haproxy.",
+        description="Loopback benchmark: tunnelkit against direct, twistd portforward, socat, "
+        "haproxy, nginx stream, rinetd, asyncio.",
     )
     parser.add_argument(
-        "--short", action="store_true", help="2 repetitions of 2 s runs: under 2 minutes"
+        "--short", action="store_true", help="1 repetition of 2 s runs: under 2 minutes"
     )
     parser.add_argument("--only", help="comma-separated systems to run (see --list)")
     parser.add_argument("--list", action="store_true", help="list the systems and exit")
@@ -67,9 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(GROUPS),
         help="comma-separated subset of iperf,wrk,idle (default: all)",
     )
-    parser.add_argument("--install", action="store_true", help=f"apt-get install {' '.join(PEERS)}")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help=f"apt-get install {' '.join(PEERS)}; pip install -r benchmarks/requirements.txt",
+    )
     parser.add_argument("--json", type=Path, help="write every run and the medians to this file")
-    parser.add_argument("--reps", type=int, help="repetitions (default 5; --short 2)")
+    parser.add_argument(
+        "--plot", type=Path, help="write a PNG of the headline figures (needs matplotlib)"
+    )
+    parser.add_argument("--reps", type=int, help="repetitions (default 5; --short 1)")
     parser.add_argument("--seconds", type=int, help="length of each iperf3/wrk run (default 10)")
     parser.add_argument(
         "--idle-conns", type=int, default=1000, help="idle connections to hold (default 1000)"
@@ -121,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     short = args.short
-    args.reps = args.reps or (2 if short else 5)
+    # One repetition in short mode: ten systems x three figure groups already take ~80 s.
+    args.reps = args.reps or (1 if short else 5)
     args.seconds = args.seconds or (2 if short else 10)
     args.retries = args.retries if args.retries is not None else (0 if short else 2)
     if args.quiet_wait is None:
@@ -147,6 +167,13 @@ def install(packages: list[str] = PEERS) -> None:
         subprocess.run(cmd, env=env, check=True, timeout=900)
 
 
+def install_requirements() -> None:
+    """pip-install requirements.txt into the venv that runs this script (bounded too)."""
+    cmd = [str(peers.VENV_BIN / "pip"), "install", "-q", "-r", str(REQUIREMENTS)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, timeout=900)
+
+
 def proxies(args: argparse.Namespace) -> list[peers.ProxySpec]:
     """Every system the options describe, before --only and installation checks."""
     return peers.all_proxies(
@@ -164,19 +191,18 @@ def select(args: argparse.Namespace) -> tuple[list[peers.ProxySpec], list[str]]:
     notes = []
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-        # "tunnelkit" in --only selects every tunnelkit row of a read-size sweep.
         specs = [
             s
             for s in specs
-            if s.name in wanted or (s.name.startswith("tunnelkit") and "tunnelkit" in wanted)
+            if s.name in wanted or any(s.name.startswith(f) and f in wanted for f in FAMILIES)
         ]
-        known = {s.name for s in proxies(args)} | {"tunnelkit"}
+        known = {s.name for s in proxies(args)} | set(FAMILIES)
         if unknown := set(wanted) - known:
             raise SystemExit(f"run.py: unknown systems: {', '.join(sorted(unknown))} (see --list)")
     kept = []
     for s in specs:
-        if missing := s.missing():
-            notes.append(f"skipped {s.name}: {', '.join(missing)} not installed (try --install)")
+        if (why := s.unavailable()) is not None:
+            notes.append(f"skipped {s.name}: {why}")
         else:
             kept.append(s)
     return kept, notes
@@ -190,9 +216,12 @@ def tool_versions(extra: dict[str, list[str]] | None = None) -> dict[str, str]:
         "socat": ["socat", "-V"],
         "haproxy": ["haproxy", "-v"],
         "nginx": ["nginx", "-v"],
+        "rinetd": ["rinetd", "-v"],
         "twisted": [sys.executable, "-c", "import twisted; print(twisted.__version__)"],
         **(extra or {}),
     }
+    if peers.uvloop_importable():
+        probes["uvloop"] = [sys.executable, "-c", "import uvloop; print(uvloop.__version__)"]
     out = {}
     for name, cmd in probes.items():
         if shutil.which(cmd[0]) is None:
@@ -451,6 +480,40 @@ def environment(
     }
 
 
+def write_outputs(
+    args: argparse.Namespace, bench: Bench, env: dict[str, Any], names: list[str]
+) -> None:
+    """The --json record and the --plot picture, from the same medians as the tables."""
+    summary = report.summarize(bench.runs, names)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"environment": env, "summary": summary, "runs": bench.runs}
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"\nraw results: {args.json}")
+    if args.plot:
+        plot.write_plot(
+            summary,
+            names,
+            args.plot,
+            date=dt.datetime.fromisoformat(env["date"]).strftime("%Y-%m-%d %H:%M UTC"),
+            reps=args.reps,
+            seconds=args.seconds,
+            notes=plot_notes(env, bench.out_of_time),
+        )
+        print(f"plot: {args.plot}")
+
+
+def plot_notes(env: dict[str, Any], out_of_time: bool) -> list[str]:
+    """The lines of the plot's legend cell that say where and how the figures were taken."""
+    notes = [env["machine"], f"tunnelkit {env['tunnelkit_revision']}"]
+    if env["http_backend"]:
+        notes.append(f"HTTP backend: {env['http_backend'].split(',')[0]}")
+    notes += [n for n in env["notes"] if n.startswith("skipped")]
+    if out_of_time:
+        notes.append("stopped early at the time limit")
+    return notes
+
+
 def install_signal_handlers() -> None:
     """Whatever ends the runner (Ctrl-C, SIGTERM, an exception) stops what it started."""
     atexit.register(stop_all)
@@ -471,11 +534,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.install:
         install()
+        install_requirements()
     nofile = raise_nofile()
     specs, notes = select(args)
     if not specs:
         raise SystemExit("run.py: nothing to run")
     groups = args.figures = usable_groups(args, nofile, notes)
+    if args.plot and (why := plot.unavailable()) is not None:
+        # Said now, not after a 25-minute run.
+        notes.append(f"no plot: {why}")
+        args.plot = None
     for n in notes:
         print(n)
     install_signal_handlers()
@@ -520,15 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOTE: stopped early at the {args.max_minutes:g} min limit")
     print()
     print(report.render(bench.runs, names, report_groups))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "environment": env,
-            "summary": report.summarize(bench.runs, names),
-            "runs": bench.runs,
-        }
-        args.json.write_text(json.dumps(payload, indent=1))
-        print(f"\nraw results: {args.json}")
+    write_outputs(args, bench, env, names)
     return 1 if any(not r["ok"] for r in bench.runs) else 0
 
 

@@ -68,10 +68,8 @@ from procs import BenchError, Proc, free_port, raise_nofile, stop_all, wait_quie
 
 HERE = Path(__file__).resolve().parent
 
-#: Debian packages of the peers (``--install``); haproxy and nginx-light are run.py's too.
+#: Debian packages of the peers (``--install``); all but stunnel4 and hitch are run.py's too.
 PACKAGES = ["haproxy", "stunnel4", "hitch", "nginx-light", "libnginx-mod-stream"]
-#: Where Debian's libnginx-mod-stream puts the module (nginx-light builds it dynamic).
-NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 #: The name the client asks for and verifies; the certificates also carry 127.0.0.1.
 SERVER_NAME = "localhost"
 KEYS = ("ecdsa", "rsa")
@@ -336,73 +334,19 @@ def hitch_starter(certs: Certs) -> Callable[[int, Path], peers.Running]:
     return start
 
 
-NGINX_STREAM_CONF = """\
-{load_module}daemon off;
-master_process on;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 1024; }}
-stream {{
-    server {{
-        listen 127.0.0.1:{port} ssl backlog=1024;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        proxy_pass 127.0.0.1:{backend_port};
-    }}
-}}
-"""
-
-
-def nginx_stream_support() -> tuple[str | None, str]:
-    """(why nginx stream cannot run, or None; the ``load_module`` line it needs)."""
-    nginx = shutil.which("nginx")
-    if nginx is None:
-        return "nginx not installed (try --install)", ""
-    try:
-        built = subprocess.run(
-            [nginx, "-V"], capture_output=True, text=True, timeout=10, check=False
-        ).stderr
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"nginx -V failed: {e}", ""
-    options = built.split()
-    if "--with-stream" in options:
-        return None, ""
-    if "--with-stream=dynamic" in options:
-        if NGINX_STREAM_MODULE.exists():
-            return None, f"load_module {NGINX_STREAM_MODULE};\n"
-        return f"{NGINX_STREAM_MODULE} missing (libnginx-mod-stream; try --install)", ""
-    return "nginx is built without the stream module", ""
-
-
 def nginx_starter(certs: Certs) -> Callable[[int, Path], peers.Running]:
     """nginx ``stream {}`` with ``listen ... ssl``, 1 worker, nothing logged per connection."""
-
-    def start(backend_port: int, workdir: Path) -> peers.Running:
-        why, load_module = nginx_stream_support()
-        if why is not None:
-            raise BenchError(why)
-        port = free_port()
-        ndir = workdir / f"nginx-{next(_SERIAL)}"
-        ndir.mkdir()
-        conf = ndir / "nginx.conf"
-        conf.write_text(
-            NGINX_STREAM_CONF.format(
-                load_module=load_module,
-                dir=ndir,
-                port=port,
-                cert=certs.cert,
-                key=certs.key,
-                backend_port=backend_port,
-            )
-        )
-        argv = ["nginx", "-e", "stderr", "-p", str(ndir), "-c", str(conf)]
-        proc = Proc("nginx", argv, ndir / "nginx.log")
-        peers.wait_listening(proc, port)
-        return peers.Running("nginx", port, proc, argv)
-
-    return start
+    return peers.nginx_stream_starter(
+        "nginx",
+        workers=1,
+        connections=1024,
+        listen_extra=" ssl",
+        server_extra=(
+            "        ssl_protocols TLSv1.2 TLSv1.3;\n"
+            f"        ssl_certificate {certs.cert};\n"
+            f"        ssl_certificate_key {certs.key};\n"
+        ),
+    )
 
 
 def systems(certs: Certs) -> list[peers.ProxySpec]:
@@ -446,6 +390,7 @@ def systems(certs: Certs) -> list[peers.ProxySpec]:
             ("nginx",),
             nginx_starter(certs),
             "stream, listen ... ssl, ssl_protocols TLSv1.2 TLSv1.3, 1 worker",
+            check=peers.nginx_stream_unavailable,
         ),
         peers.ProxySpec(
             "portforward",
@@ -458,10 +403,8 @@ def systems(certs: Certs) -> list[peers.ProxySpec]:
 
 def unavailable(spec: peers.ProxySpec) -> str | None:
     """Why ``spec`` cannot run here (not installed, no stream module, no TLS options yet)."""
-    if missing := spec.missing():
-        return f"{', '.join(missing)} not installed (try --install)"
-    if spec.name == "nginx":
-        return nginx_stream_support()[0]
+    if (why := spec.unavailable()) is not None:
+        return why
     if spec.name == "tunnelkit":
         try:
             out = subprocess.run(
