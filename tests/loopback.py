@@ -573,7 +573,10 @@ class Forwarder:
             globalLogPublisher.removeObserver(self._log)
             raise
         bound: Any = self.service.ports[0].getHost()
-        self.address = join_address(bound.host, bound.port)
+        #: ``host:port``, or the path of a ``unix:`` listener.
+        self.address = (
+            join_address(bound.host, bound.port) if hasattr(bound, "host") else bound.name
+        )
 
     @property
     def tunnels(self) -> list[Tunnel]:

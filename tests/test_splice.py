@@ -11,13 +11,25 @@ than buffering, and that pipes are reused and closed.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Generator
 from typing import Any
 
 import pytest
-from loopback import LoopbackTestCase, MiB, connect, echo, echo_through, recv_all, sha256
+from loopback import (
+    Forwarder,
+    LoopbackTestCase,
+    MiB,
+    connect,
+    echo,
+    echo_through,
+    exchange,
+    recv_all,
+    sha256,
+)
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -146,6 +158,32 @@ class SpliceUseTests(LoopbackTestCase):
         """--splice off: 16 MiB through a 64 KiB read size stay on the Python path."""
         args = ("--splice", "off", "--read-size", "65536")
         assert not (yield self.one_tunnel(*args, payload_size=16 * MiB))
+
+    @inlineCallbacks
+    def test_unix_client_leg_is_spliced(self) -> Inline:
+        """A unix: listener in front of a TCP backend: spliced too, 16 MiB echoed intact."""
+        backend = self.serve(echo)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "tk.sock")
+        fwd = Forwarder("--to", backend.address, "--splice", "on", listen=f"unix:{path}")
+        self.addCleanup(fwd.stop)
+        payload = os.urandom(16 * MiB)
+
+        def client() -> bytes:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(30)
+                sock.connect(path)
+                return exchange(sock, payload)
+
+        got = yield deferToThread(client)
+        assert sha256(got) == sha256(payload)
+        [record] = yield fwd.closed(1)
+        assert (record["bytes_up"], record["bytes_down"], record["spliced"]) == (
+            16 * MiB,
+            16 * MiB,
+            True,
+        )
 
     @inlineCallbacks
     def test_stalled_reader_leaves_bytes_in_a_pipe_and_pauses_the_writer(self) -> Inline:
