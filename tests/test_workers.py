@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +23,10 @@ from certs import write_ca, write_pair
 from loopback import Serve, connect, echo, echo_through, sha256
 from processes import Process, json_events, mapped_cryptography, run, twistd, twistd_argv
 from tls_clients import client_context, tls_exchange
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from tunnelkit.workers import Workers
 
 JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
 
@@ -191,3 +196,47 @@ def test_workers_refuse_an_ssl_listener(tmp_path: Path) -> None:
     done = run(twistd_argv("--listen", listen, "--to", "127.0.0.1:9", "--workers", "2"), tmp_path)
     assert done.returncode != 0
     assert "use --tls-cert" in done.stdout
+
+
+class FlakySpawner(Clock):
+    """A clock whose spawnProcess fails ``failures`` times (EAGAIN), then returns a fake process."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.spawned: list[list[str]] = []
+
+    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kw: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        self.spawned.append(args)
+        return SimpleNamespace(pid=4242 + len(self.spawned))
+
+
+class FakePort:
+    def stopReading(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return 7
+
+
+def test_a_worker_that_cannot_be_spawned_is_retried_with_backoff() -> None:
+    """fork() failing (EAGAIN) is logged as worker_exited and retried after 1 s, then 2 s."""
+    reactor = FlakySpawner(failures=2)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        workers = Workers(1, ["--listen", "1"], [FakePort()], 1.0, reactor)  # type: ignore[list-item]
+        workers.start_worker(0)
+        reactor.advance(1)
+        assert not reactor.spawned
+        reactor.advance(2)
+        assert len(reactor.spawned) == 1
+        assert reactor.spawned[0][3:] == [str(os.getpid()), "7", "--listen", "1", "--workers", "1"]
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    exits = [e for e in logged if e.get("event") == "worker_exited"]
+    assert [e["delay"] for e in exits] == [1.0, 2.0]
+    assert "could not start" in exits[0]["status"]

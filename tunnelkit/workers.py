@@ -164,13 +164,17 @@ class Workers(Service):
         protocol = _WorkerProtocol(self, number)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({fd: fd for fd in self.fds})
-        process = self.reactor.spawnProcess(
-            protocol,
-            sys.executable,
-            worker_argv(self.arguments, self.fds),
-            env=dict(os.environ),
-            childFDs=child_fds,
-        )
+        try:
+            process = self.reactor.spawnProcess(
+                protocol,
+                sys.executable,
+                worker_argv(self.arguments, self.fds),
+                env=dict(os.environ),
+                childFDs=child_fds,
+            )
+        except OSError as e:  # out of processes, memory or descriptors: try again later
+            self._restart_later(number, 0.0, f"could not start: {e}")
+            return
         protocol.started = self.reactor.seconds()
         self.workers[number] = process
         self._protocols[number] = protocol
@@ -188,7 +192,10 @@ class Workers(Service):
         if self._stopping:
             return
         status = "exited normally" if reason.check(ProcessDone) else reason.getErrorMessage()
-        lived = self.reactor.seconds() - protocol.started
+        self._restart_later(number, self.reactor.seconds() - protocol.started, status)
+
+    def _restart_later(self, number: int, lived: float, status: str) -> None:
+        """Start worker ``number`` again: at once if it had lived long, else after a growing pause."""
         delay = 0.0 if lived >= HEALTHY_AFTER else max(1.0, 2 * self._delays.get(number, 0.5))
         self._delays[number] = min(delay, MAX_RESTART_DELAY)
         log.warn(
