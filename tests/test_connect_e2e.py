@@ -411,6 +411,19 @@ def test_pipelined_bytes_reach_target_once(
     assert target.outcome() == sha256(payload)
 
 
+def test_bulk_tunnel_is_spliced_after_the_200(open_proxy: Proxy, target: ThreadedServer) -> None:
+    """16 MiB pipelined behind the header: spliced once bulk (--splice auto), still in order, once, after the 200."""
+    payload = os.urandom(16 * MiB)
+    request = connect_request(target.address)
+    received = echo_through(open_proxy.address, request + payload)
+    assert received[: len(ESTABLISHED)] == ESTABLISHED
+    assert sha256(received[len(ESTABLISHED) :]) == sha256(payload)
+    assert target.outcome() == sha256(payload)
+    record = open_proxy.closed("the bulk tunnel", target=target.address)
+    assert (record["bytes_up"], record["bytes_down"]) == (16 * MiB, 16 * MiB)
+    assert record["spliced"] is True
+
+
 def test_header_byte_by_byte(open_proxy: Proxy, target: ThreadedServer) -> None:
     """A header that arrives one byte per segment is parsed, and the bytes after it arrive once."""
     payload = os.urandom(64 * 1024)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import trustme
 from certs import write_ca, write_pair
-from loopback import Serve, connect, echo, echo_through, sha256
+from loopback import Serve, connect, echo, echo_through, exchange, sha256
 from processes import Process, json_events, mapped_cryptography, run, twistd, twistd_argv
 from tls_clients import client_context, tls_exchange
 from twisted.internet.task import Clock
@@ -240,3 +241,26 @@ def test_a_worker_that_cannot_be_spawned_is_retried_with_backoff() -> None:
     exits = [e for e in logged if e.get("event") == "worker_exited"]
     assert [e["delay"] for e in exits] == [1.0, 2.0]
     assert "could not start" in exits[0]["status"]
+
+
+def test_workers_share_a_unix_listener_and_leave_nothing_behind(
+    tmp_path: Path, serve: Serve
+) -> None:
+    """unix: with 2 workers: clients are served; on SIGTERM the socket file and its lock go, no traceback."""
+    backend = serve(echo)
+    path = tmp_path / "tk.sock"
+    argv = ("--listen", f"unix:{path}", "--to", backend.address, "--workers", "2")
+    with twistd(*argv, "--drain-timeout", "3", cwd=tmp_path, twistd_options=JSON_LOG) as tk:
+        tk.wait_listening()
+        pids = [e["pid"] for e in events_named(tk, "worker_ready", 2)]
+        for _ in range(6):
+            payload = os.urandom(64 * 1024)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(str(path))
+                assert sha256(exchange(sock, payload)) == sha256(payload)
+        assert tk.stop() == 0
+        wait_gone(pids)
+        assert "Traceback" not in tk.output and "Unhandled error" not in tk.output, tk.output
+    assert not path.exists()
+    assert not Path(f"{path}.lock").exists()

@@ -31,8 +31,13 @@ def adopt(reactor: Any, fd: int, factory: Any) -> Any:
     probe = socket.socket(fileno=fd)
     family = probe.family
     probe.detach()
-    port = reactor.adoptStreamPort(fd, family, factory)
-    os.close(fd)  # adoptStreamPort listens on a duplicate
+    if family == socket.AF_UNIX:
+        from tunnelkit.shared_port import SharedUNIXPort
+
+        port = SharedUNIXPort.adopt(reactor, fd, factory)
+    else:
+        port = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)  # the port listens on a duplicate
     return port
 
 

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ProcessProtocol
@@ -242,14 +242,17 @@ class Workers(Service):
             self.drain_timeout + STOP_MARGIN, self.signal_all, signal.SIGKILL
         )
 
-        def all_ended(result: object) -> None:
+        def all_ended(result: object) -> Deferred[Any]:
             if killer.active():
                 killer.cancel()
-            for port in self.ports:
-                port.stopListening()
             # As TunnelService does: a stop that ran its course exits with status 0.
             if getattr(self.reactor, "_exitSignal", None) is not None:
                 self.reactor._exitSignal = None
+            # Waited for: a unix: listener removes its socket file and lock then.
+            closed: Deferred[Any] = gatherResults(
+                [maybeDeferred(port.stopListening) for port in self.ports]
+            )
+            return closed
 
         done: Deferred[Any] = gatherResults(ended)
         return done.addCallback(all_ended)
