@@ -1,4 +1,4 @@
-"""Shared pytest set-up: a deterministic Hypothesis profile, and the ``serve`` fixture.
+"""Shared pytest set-up: tunnelkit's reactor, a deterministic Hypothesis profile, the ``serve`` fixture.
 
 Parser properties must give the same verdict on every CI run, so examples are
 derived from each test's source rather than drawn at random, and no deadline
@@ -16,8 +16,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import settings
 
+from tunnelkit.reactor import installed as installed_reactor
+
 if TYPE_CHECKING:
     from loopback import Serve, ThreadedServer
+
+# The in-process tests run on the reactor tunnelkit installs in production
+# (tests/test_reactor.py checks); twistd subprocess tests cover --reactor too.
+installed_reactor()
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -65,6 +65,13 @@ def test_a_failing_event_does_not_stop_the_others() -> None:
             b.close()
 
 
+def test_the_in_process_suite_runs_on_it() -> None:
+    """conftest.py installs it, so the relay tests exercise the reactor production uses."""
+    from twisted.internet import reactor
+
+    assert type(reactor) is EPollReactor
+
+
 @pytest.mark.parametrize(
     ("twistd_options", "expected"),
     [((), "tunnelkit.reactor.EPollReactor"), (("--reactor", "poll"), "PollReactor")],
