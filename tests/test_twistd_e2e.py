@@ -68,6 +68,20 @@ def test_twistd_forwards_python_client(tmp_path: Path, serve: Serve) -> None:
     assert backend.accepted == 1
 
 
+def test_no_access_log(tmp_path: Path, serve: Serve) -> None:
+    """--no-access-log: tunnels work and end as usual, and no tunnel_closed event is logged."""
+    backend = serve(echo)
+    argv = ("--listen", "127.0.0.1:0", "--to", backend.address, "--no-access-log")
+    with twistd(*argv, cwd=tmp_path) as tk:
+        [address] = tk.wait_listening()
+        for _ in range(3):
+            assert_echoes(address, 64 * 1024)
+        # The drain on SIGTERM flushes any access-log event still queued.
+        assert_clean_stop(tk, tk.stop())
+    assert backend.accepted == 3
+    assert tunnel_closed_events(tk.output) == []
+
+
 def test_curl_through_twistd(tmp_path: Path) -> None:
     """curl fetches a 3 MiB file from an HTTP backend through twistd byte for byte."""
     curl = shutil.which("curl")

@@ -29,7 +29,7 @@ from tunnelkit.forward import ForwardFactory
 from tunnelkit.idle_watch import IdleWatch
 from tunnelkit.listener import TunnelFactory
 from tunnelkit.registry import TunnelRegistry
-from tunnelkit.relay import Timeouts
+from tunnelkit.relay import Timeouts, TunnelRecord
 from tunnelkit.resolver import system_resolver
 from tunnelkit.service import TunnelService, default_max_tunnels, raise_fd_limit
 from tunnelkit.sockopts import tuned_reactor
@@ -124,6 +124,10 @@ def _connect_settings(config: Options, dialer: Dialer | None) -> ConnectSettings
     )
 
 
+def _unlogged(record: TunnelRecord, listener: str) -> None:
+    """``--no-access-log``: the record of a tunnel is dropped."""
+
+
 def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
@@ -149,7 +153,7 @@ def build_service(config: Options) -> TunnelService:
             "clock": reactor,
             "timeouts": timeouts,
             "idle_watch": idle_watch,
-            "tunnel_log": tunnel_log,
+            "tunnel_log": _unlogged if config["no-access-log"] else tunnel_log,
             "read_size": config.socket_options.read_size,
             "clients": config.clients,
             "write_through": not config["no-write-through"],

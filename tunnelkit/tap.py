@@ -80,6 +80,11 @@ class Options(usage.Options):
             None,
             "Always queue writes in Twisted (diagnostics; slower): see docs/performance.md.",
         ],
+        [
+            "no-access-log",
+            None,
+            "Log no tunnel_closed event per connection (other events are still logged).",
+        ],
         ["tls-strict-sni", None, "Refuse TLS clients whose SNI name no --tls-cert serves."],
         [
             "tls-client-optional",
