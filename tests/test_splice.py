@@ -154,6 +154,11 @@ class SpliceUseTests(LoopbackTestCase):
         assert (yield self.one_tunnel("--read-size", "65536", payload_size=16 * MiB))
 
     @inlineCallbacks
+    def test_auto_splices_bulk_with_a_huge_read_size(self) -> Inline:
+        """--splice auto with --read-size 16 MiB: reads never fill it, a 256 KiB read still marks bulk."""
+        assert (yield self.one_tunnel("--read-size", str(16 * MiB), payload_size=32 * MiB))
+
+    @inlineCallbacks
     def test_off_never_splices(self) -> Inline:
         """--splice off: 16 MiB through a 64 KiB read size stay on the Python path."""
         args = ("--splice", "off", "--read-size", "65536")

@@ -141,7 +141,7 @@ def build_service(config: Options) -> TunnelService:
     tunnel_log = TunnelLog(reactor)
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
     pipes = (
-        splice.PipePool(eager=config["splice"] == "on")
+        splice.PipePool(eager=config["splice"] == "on", read_size=config.socket_options.read_size)
         if config["splice"] != "off" and splice.AVAILABLE
         else None
     )

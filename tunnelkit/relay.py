@@ -146,8 +146,9 @@ class Leg(Protocol):
         tunnel = self.tunnel
         tunnel.last_moved = tunnel.now()
         self._forward(data)
-        if len(data) >= tunnel.read_size and tunnel.pipes is not None and tunnel.backend:
-            # A read that filled the whole read size: bulk, worth splicing.
+        pipes = tunnel.pipes
+        if pipes is not None and len(data) >= pipes.bulk_read and tunnel.backend:
+            # A read of bulk size: worth splicing from now on.
             tunnel.splice()
 
     def takes_views(self) -> bool:
@@ -213,8 +214,8 @@ class Tunnel:
     client leg of another kind (a TLS listener's waits for its handshake);
     ``idle_watch`` is the listener's shared idle timer (by default the tunnel
     gets one of its own); with ``pipes``, a plain tunnel is relayed with
-    ``splice(2)`` once joined (``pipes.eager``) or once one of its reads fills
-    a whole read size (see :mod:`tunnelkit.splice`).
+    ``splice(2)`` once joined (``pipes.eager``) or once one of its reads is
+    of bulk size (``pipes.bulk_read``; see :mod:`tunnelkit.splice`).
     """
 
     def __init__(

@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 #: (docs/performance.md); the kernel fills pipe pages only with bytes in flight.
 PIPE_SIZE = 1 << 20
 
+#: A read this long (or the whole ``--read-size``, if smaller) marks a tunnel as
+#: bulk for ``--splice auto``. Reads fill at most what the socket holds, so a
+#: larger ``--read-size`` alone would never be reached.
+BULK_READ = 256 * 1024
+
 #: True where ``os.splice`` and ``F_SETPIPE_SZ`` exist (Linux, Python 3.10+).
 AVAILABLE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 
@@ -70,15 +75,25 @@ class PipePool:
     and the pipe is then used at the size it has. ``keep`` bounds how many
     idle pipes stay open. The pool also carries the ``--splice`` policy:
     ``eager`` splices every plain tunnel from its join; otherwise a tunnel is
-    spliced once one of its reads fills a whole read size, so request/response
+    spliced once one of its reads fills ``bulk_read``, so request/response
     traffic of small messages keeps the Python path (cheaper per message) and
     bulk transfers move in the kernel, like HAProxy's ``option splice-auto``.
     """
 
-    def __init__(self, size: int = PIPE_SIZE, *, eager: bool = False, keep: int = 16) -> None:
+    def __init__(
+        self,
+        size: int = PIPE_SIZE,
+        *,
+        eager: bool = False,
+        read_size: int = BULK_READ,
+        keep: int = 16,
+    ) -> None:
         self.size = size
         #: Splice every plain tunnel from its join (``--splice on``), not only bulk ones.
         self.eager = eager
+        #: A read at least this long marks a tunnel as bulk: the read size, at
+        #: most :data:`BULK_READ` (a larger read size may never be filled).
+        self.bulk_read = min(read_size, BULK_READ)
         self.keep = keep
         self._free: list[Pipe] = []
         self.made = 0
