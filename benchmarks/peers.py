@@ -568,13 +568,14 @@ def all_proxies(
     *,
     no_write_through: bool = False,
     no_splice: bool = False,
+    no_access_log: bool = False,
     malloc_tuned: bool = False,
 ) -> list[ProxySpec]:
     """Every system in the order of the tables.
 
     With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
-    ``no_splice`` and ``malloc_tuned`` add a diagnostic row (``+nowt``,
-    ``+nosplice``, ``+malloc``) after each. Without a sweep, ``tunnelkit-w2``
+    ``no_splice``, ``no_access_log`` and ``malloc_tuned`` add a diagnostic row
+    (``+nowt``, ``+nosplice``, ``+nolog``, ``+malloc``) after each. Without a sweep, ``tunnelkit-w2``
     (``--workers 2``) follows: the multi-core figure beside the single
     process, as haproxy (2 threads) and nginx (2 workers) use both cores.
     """
@@ -590,6 +591,8 @@ def all_proxies(
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nowt", no_write_through=True))
         if no_splice:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nosplice", extra=("--splice", "off")))
+        if no_access_log:
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+nolog", extra=("--no-access-log",)))
         if malloc_tuned:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
     if not read_sizes:

@@ -114,6 +114,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="diagnostic: add a tunnelkit row run with --splice off (the Python relay path)",
     )
     parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="diagnostic: add a tunnelkit row run with --no-access-log (the peers log nothing)",
+    )
+    parser.add_argument(
         "--malloc-tuned",
         action="store_true",
         help="diagnostic: add a tunnelkit row started with GLIBC_TUNABLES (see peers.py)",
@@ -181,6 +186,7 @@ def proxies(args: argparse.Namespace) -> list[peers.ProxySpec]:
         args.read_size,
         no_write_through=args.no_write_through,
         no_splice=args.no_splice,
+        no_access_log=args.no_access_log,
         malloc_tuned=args.malloc_tuned,
     )
 
