@@ -22,8 +22,10 @@ if TYPE_CHECKING:
     from loopback import Serve, ThreadedServer
 
 # The in-process tests run on the reactor tunnelkit installs in production
-# (tests/test_reactor.py checks); twistd subprocess tests cover --reactor too.
-installed_reactor()
+# (tests/test_reactor.py checks, and runs the relay suite once more on
+# Twisted's own with TUNNELKIT_TEST_REACTOR=twisted).
+if os.environ.get("TUNNELKIT_TEST_REACTOR", "tunnelkit") == "tunnelkit":
+    installed_reactor()
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

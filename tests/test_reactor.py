@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from processes import twistd
+from twisted.internet import epollreactor
 from twisted.internet.error import ConnectionDone
 from twisted.logger import LogEvent, globalLogPublisher
 
@@ -69,7 +73,29 @@ def test_the_in_process_suite_runs_on_it() -> None:
     """conftest.py installs it, so the relay tests exercise the reactor production uses."""
     from twisted.internet import reactor
 
-    assert type(reactor) is EPollReactor
+    if os.environ.get("TUNNELKIT_TEST_REACTOR", "tunnelkit") == "tunnelkit":
+        assert type(reactor) is EPollReactor
+    else:
+        assert type(reactor) is epollreactor.EPollReactor
+
+
+@pytest.mark.skipif(
+    os.environ.get("TUNNELKIT_TEST_REACTOR") == "twisted", reason="already the nested run"
+)
+def test_the_relay_suite_passes_on_twisteds_own_reactor(tmp_path: Path) -> None:
+    """The relay socket suite, run again in a child pytest on Twisted's EPollReactor (the fast path off)."""
+    tests = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", str(tests / "test_relay_sockets.py")],
+        cwd=tmp_path,
+        env={**os.environ, "TUNNELKIT_TEST_REACTOR": "twisted"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
 
 
 @pytest.mark.parametrize(
