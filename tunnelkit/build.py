@@ -47,56 +47,56 @@ def client_endpoint_types() -> frozenset[str]:
     return frozenset({"tcp", "ssl", "unix"} | {p.prefix.lower() for p in plugins})
 
 
-def open_endpoints(self: Options) -> None:
-    """Make the listeners' and backends' endpoints of ``self`` (nothing listens or connects yet)."""
-    self.listeners = [(text, _server_endpoint(self, text)) for text in self["listen"]]
-    for text, endpoint in self.listeners:
-        if self["workers"] > 1 and isinstance(endpoint, SSL4ServerEndpoint):
+def open_endpoints(config: Options) -> None:
+    """Make the listeners' and backends' endpoints of ``config`` (nothing listens or connects yet)."""
+    config.listeners = [(text, _server_endpoint(config, text)) for text in config["listen"]]
+    for text, endpoint in config.listeners:
+        if config["workers"] > 1 and isinstance(endpoint, SSL4ServerEndpoint):
             raise usage.UsageError(
                 f"--workers: the workers cannot share the TLS of --listen {text!r};"
                 " use --tls-cert/--tls-key with a tcp: listener"
             )
-    outbound = tuned_reactor(self.reactor, self.socket_options)
+    outbound = tuned_reactor(config.reactor, config.socket_options)
     types = client_endpoint_types()
-    self.backends = [
-        Backend(text, _client_endpoint(self, outbound, text, types)) for text in self["to"]
+    config.backends = [
+        Backend(text, _client_endpoint(config, outbound, text, types)) for text in config["to"]
     ]
 
 
-def _server_endpoint(self: Options, text: str) -> IStreamServerEndpoint:
+def _server_endpoint(config: Options, text: str) -> IStreamServerEndpoint:
     try:
-        endpoint: IStreamServerEndpoint = serverFromString(self.reactor, listen_description(text))
+        endpoint: IStreamServerEndpoint = serverFromString(config.reactor, listen_description(text))
         return endpoint
     except Exception as e:
         raise usage.UsageError(f"--listen {text!r}: {e}") from None
 
 
 def _client_endpoint(
-    self: Options, outbound: Any, text: str, types: frozenset[str]
+    config: Options, outbound: Any, text: str, types: frozenset[str]
 ) -> IStreamClientEndpoint:
     try:
         address = backend_address(text, types)
         tls_target = tls_host_port(text)
-        if tls_target is not None or (self["backend-tls"] and isinstance(address, HostPort)):
-            return _tls_endpoint(self, outbound, tls_target or address)
+        if tls_target is not None or (config["backend-tls"] and isinstance(address, HostPort)):
+            return _tls_endpoint(config, outbound, tls_target or address)
         if isinstance(address, HostPort):
-            return host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
+            return host_endpoint(outbound, address.host, address.port, config["connect-timeout"])
         client: IStreamClientEndpoint = clientFromString(outbound, address)
         return client
     except Exception as e:
         raise usage.UsageError(f"--to {text!r}: {e}") from None
 
 
-def _tls_endpoint(self: Options, outbound: Any, address: Any) -> IStreamClientEndpoint:
+def _tls_endpoint(config: Options, outbound: Any, address: Any) -> IStreamClientEndpoint:
     from tunnelkit.tls_backend import TLSClientEndpoint
 
-    assert self.backend_tls is not None and isinstance(address, HostPort)
-    inner = host_endpoint(outbound, address.host, address.port, self["connect-timeout"])
+    assert config.backend_tls is not None and isinstance(address, HostPort)
+    inner = host_endpoint(outbound, address.host, address.port, config["connect-timeout"])
     return TLSClientEndpoint(
         inner,
-        self.backend_tls.creator(address.host),
-        read_size=self.socket_options.read_size,
-        write_through=not self["no-write-through"],
+        config.backend_tls.creator(address.host),
+        read_size=config.socket_options.read_size,
+        write_through=not config["no-write-through"],
     )
 
 

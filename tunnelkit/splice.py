@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 
+from tunnelkit.write_through import has_fast_path, must_queue
+
 if TYPE_CHECKING:
     from twisted.internet import tcp
 
@@ -149,17 +151,6 @@ class _Direction:
         self.pending = 0
 
 
-def _queued(transport: Any) -> bool:
-    """Whether Twisted holds bytes for ``transport`` or is closing its writing side."""
-    return bool(
-        transport._tempDataLen
-        or transport.offset < len(transport.dataBuffer)
-        or transport.disconnecting
-        or transport._writeDisconnecting
-        or not transport.connected
-    )
-
-
 class Splicer:
     """The splice state of one joined tunnel (both directions)."""
 
@@ -179,7 +170,7 @@ class Splicer:
             # Resumed while the destination still has our bytes: wait for it.
             source.stopReading()
             return None
-        pipe = self._pool.take() if self.enabled and not _queued(d.dest) else None
+        pipe = self._pool.take() if self.enabled and not must_queue(d.dest) else None
         if pipe is None:
             return _FALLBACK
         try:
@@ -193,9 +184,13 @@ class Splicer:
         d.leg.received += moved
         tunnel = self._tunnel
         tunnel.last_moved = tunnel.now()
-        left = _drain(pipe, d.dest_fd, moved)
+        try:
+            left = _drain(pipe, d.dest_fd, moved)
+        except OSError:
+            # Broken: the destination's doWrite meets the error again and reports it.
+            left = moved
         if left:
-            # The destination is slow (or broken: its doWrite meets the error).
+            # The destination is slow (or broken): its doWrite takes over.
             d.pipe = pipe
             d.pending = left
             source.stopReading()
@@ -219,15 +214,14 @@ class Splicer:
         if pipe is None:
             return _FALLBACK
         try:
-            while d.pending:
-                d.pending -= os.splice(pipe[0], d.dest_fd, d.pending, flags=_FLAGS)
-        except BlockingIOError:
-            return None
+            d.pending = _drain(pipe, d.dest_fd, d.pending)
         except OSError:
             d.pipe = None
             d.pending = 0
             self._pool.discard(pipe)
             return CONNECTION_LOST
+        if d.pending:
+            return None
         d.pipe = None
         self._pool.give(pipe)
         if not d.leg.read_done:
@@ -250,12 +244,14 @@ class Splicer:
 
 
 def _drain(pipe: Pipe, dest_fd: int, count: int) -> int:
-    """Splice up to ``count`` bytes from ``pipe`` to ``dest_fd``; return how many are left."""
+    """Splice up to ``count`` bytes from ``pipe`` to ``dest_fd``; return how many are left.
+
+    Stops when the destination would block; raises ``OSError`` when it is broken.
+    """
     try:
         while count:
             count -= os.splice(pipe[0], dest_fd, count, flags=_FLAGS)
-    except OSError:
-        # Would block, or an error the destination's doWrite will meet again.
+    except (BlockingIOError, InterruptedError):
         pass
     return count
 
@@ -285,21 +281,10 @@ def _spliced_class(kind: type[tcp.Connection]) -> type:
     return spliced
 
 
-def can_splice(transport: Any) -> bool:
-    """True for Twisted's own TCP and UNIX stream transports (not TLS, not in-memory ones)."""
-    # Imported here: the command line checks AVAILABLE before the reactor may be loaded.
-    from twisted.internet import tcp
-
-    return isinstance(transport, tcp.Connection) and all(
-        hasattr(transport, name)
-        for name in ("socket", "dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting")
-    )
-
-
 def start_splicing(pool: PipePool, tunnel: Tunnel, client: Leg, backend: Leg) -> Splicer | None:
     """Splice ``tunnel`` from now on if both of its transports allow it."""
     transports = (client.transport, backend.transport)
-    if not all(can_splice(t) for t in transports):
+    if not all(has_fast_path(t) for t in transports):
         return None
     splicer = Splicer(pool, tunnel, client, backend)
     for transport in transports:

@@ -138,7 +138,7 @@ class Workers(Service):
         self.ports = list(ports)
         self.drain_timeout = drain_timeout
         self.reactor = reactor
-        self.workers: dict[int, Any] = {}
+        #: The live workers by number; each protocol's ``transport`` is its process.
         self._protocols: dict[int, _WorkerProtocol] = {}
         self._delays: dict[int, float] = {}
         self._stopping = False
@@ -176,7 +176,6 @@ class Workers(Service):
             self._restart_later(number, 0.0, f"could not start: {e}")
             return
         protocol.started = self.reactor.seconds()
-        self.workers[number] = process
         self._protocols[number] = protocol
         log.info(
             "worker {worker} started (pid {pid})",
@@ -187,7 +186,6 @@ class Workers(Service):
 
     def worker_ended(self, protocol: _WorkerProtocol, reason: Failure) -> None:
         number = protocol.number
-        self.workers.pop(number, None)
         self._protocols.pop(number, None)
         if self._stopping:
             return
@@ -217,17 +215,14 @@ class Workers(Service):
         One still starting would die of it (the default action); it reads
         the files fresh anyway.
         """
-        for number, protocol in self._protocols.items():
+        for protocol in list(self._protocols.values()):
             if protocol.ready:
-                with contextlib.suppress(OSError, ProcessExitedAlready):
-                    self.workers[number].signalProcess(signal.SIGHUP)
+                _signal(protocol, signal.SIGHUP)
 
     def signal_all(self, signum: int) -> None:
         """Send ``signum`` to every live worker."""
-        for process in list(self.workers.values()):
-            # One that ended meanwhile has its processEnded on the way.
-            with contextlib.suppress(OSError, ProcessExitedAlready):
-                process.signalProcess(signum)
+        for protocol in list(self._protocols.values()):
+            _signal(protocol, signum)
 
     def stopService(self) -> Deferred[None]:
         """SIGTERM every worker, wait for their drains (bounded), then close the listeners."""
@@ -256,3 +251,11 @@ class Workers(Service):
 
         done: Deferred[Any] = gatherResults(ended)
         return done.addCallback(all_ended)
+
+
+def _signal(protocol: _WorkerProtocol, signum: int) -> None:
+    # One that ended meanwhile has its processEnded on the way.
+    process = protocol.transport
+    if process is not None:
+        with contextlib.suppress(OSError, ProcessExitedAlready):
+            process.signalProcess(signum)

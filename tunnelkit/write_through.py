@@ -25,8 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import tcp
-
 _FAST_PATH_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnecting", "socket")
 
 
@@ -43,13 +41,7 @@ class _WriteThrough:
     def __call__(self, data: bytes | memoryview) -> None:
         """Send ``data`` (bytes, or a view of a buffer that is reused once this returns)."""
         transport = self._transport
-        if (
-            transport._tempDataLen
-            or transport.offset < len(transport.dataBuffer)
-            or transport.disconnecting
-            or transport._writeDisconnecting
-            or not transport.connected
-        ):
+        if must_queue(transport):
             transport.write(bytes(data))
             return
         try:
@@ -65,6 +57,21 @@ class _WriteThrough:
             transport.write(bytes(data[sent:]))
 
 
+def must_queue(transport: Any) -> bool:
+    """Whether bytes for ``transport`` must go through Twisted: some are queued already, or it closes.
+
+    Also the splice path's test (:mod:`tunnelkit.splice`): bytes sent past
+    Twisted would overtake the queued ones.
+    """
+    return bool(
+        transport._tempDataLen
+        or transport.offset < len(transport.dataBuffer)
+        or transport.disconnecting
+        or transport._writeDisconnecting
+        or not transport.connected
+    )
+
+
 def takes_views(writer: Callable[[bytes], None]) -> bool:
     """True if ``writer`` copies what it keeps, so it may be given a view of a reused buffer."""
     return isinstance(writer, _WriteThrough)
@@ -74,13 +81,27 @@ def takes_views(writer: Callable[[bytes], None]) -> bool:
 _checked: dict[type, bool] = {}
 
 
-def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
-    """The function the relay calls to send to ``transport``."""
-    if not enabled or not isinstance(transport, tcp.Connection):
-        write: Callable[[bytes], None] = transport.write
-        return write
+def has_fast_path(transport: Any) -> bool:
+    """True for Twisted's TCP and UNIX transports with the attributes the fast paths read.
+
+    Not for TLS wrappers or in-memory transports; also what splicing needs.
+    """
+    # Imported here: tunnelkit.splice (which the command line reads before the
+    # reactor may load) imports this module, and tcp imports the TLS stack.
+    from twisted.internet import tcp
+
+    if not isinstance(transport, tcp.Connection):
+        return False
     kind = type(transport)
     usable = _checked.get(kind)
     if usable is None:
         usable = _checked[kind] = all(hasattr(transport, name) for name in _FAST_PATH_ATTRIBUTES)
-    return _WriteThrough(transport) if usable else transport.write
+    return usable
+
+
+def writer_for(transport: Any, enabled: bool = True) -> Callable[[bytes], None]:
+    """The function the relay calls to send to ``transport``."""
+    if enabled and has_fast_path(transport):
+        return _WriteThrough(transport)
+    write: Callable[[bytes], None] = transport.write
+    return write
