@@ -569,6 +569,8 @@ class Forwarder:
         globalLogPublisher.addObserver(self._log)
         try:
             self.service.listen()
+            # As twistd does once daemonized: the native engine takes the ports here.
+            self.service.startService()
         except BaseException:
             globalLogPublisher.removeObserver(self._log)
             raise
@@ -579,9 +581,43 @@ class Forwarder:
         )
 
     @property
+    def native(self) -> bool:
+        """Whether the native engine relays (else Twisted does)."""
+        return self.service.native is not None
+
+    @property
     def tunnels(self) -> list[Tunnel]:
-        """The tunnels live right now."""
+        """The tunnels live right now (Twisted's path only: the engine's are in C)."""
         return list(self.service.registry.active)
+
+    def pending_connects(self) -> int:
+        """How many tunnels wait for their backend to connect."""
+        if self.service.native is not None:
+            states = [state for _, _, state in self.service.native.engine.tunnels()]
+            return states.count("connecting")
+        return sum(tunnel.pending is not None for tunnel in self.tunnels)
+
+    @contextlib.contextmanager
+    def joined_sockets(self) -> Iterator[list[tuple[socket.socket, socket.socket]]]:
+        """The proxy's (client-facing, backend-facing) sockets of each joined tunnel.
+
+        For the engine's tunnels they are duplicates of its descriptors
+        (same sockets, so getsockopt reads the real options), closed after.
+        """
+        if self.service.native is None:
+            yield [proxy_sockets(t) for t in self.tunnels if t.backend is not None]
+            return
+        pairs = [
+            (socket.socket(fileno=os.dup(client)), socket.socket(fileno=os.dup(backend)))
+            for client, backend, state in self.service.native.engine.tunnels()
+            if state == "joined"
+        ]
+        try:
+            yield pairs
+        finally:
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
 
     def closed(
         self, count: int = 1, timeout: float = RECORD_TIMEOUT

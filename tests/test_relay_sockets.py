@@ -33,7 +33,6 @@ from loopback import (
     echo,
     echo_through,
     exchange_counting,
-    proxy_sockets,
     read_slowly,
     recv_all,
     recv_exactly,
@@ -379,10 +378,7 @@ class UnreachableBackendTests(LoopbackTestCase):
             fwd = self.forward("--to", silent, "--connect-timeout", "5")
             sock = connect(fwd.address)
             try:
-                yield poll(
-                    lambda: [t for t in fwd.tunnels if t.pending is not None],
-                    lambda: "a pending attempt",
-                )
+                yield poll(fwd.pending_connects, lambda: "a pending attempt")
             finally:
                 reset(sock)
             [record] = yield fwd.closed(1, timeout=2)
@@ -556,23 +552,26 @@ class SocketOptionTests(LoopbackTestCase):
         )
         with connect(fwd.address) as client:
             yield round_trip(client)
-            [tunnel] = fwd.tunnels
-            for leg, sock in zip(("client", "backend"), proxy_sockets(tunnel), strict=True):
-                options = {
-                    "TCP_NODELAY": socket_option(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY),
-                    "SO_KEEPALIVE": socket_option(sock, socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                    "TCP_KEEPIDLE": socket_option(sock, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                    "SO_SNDBUF": socket_option(sock, socket.SOL_SOCKET, socket.SO_SNDBUF),
-                    "SO_RCVBUF": socket_option(sock, socket.SOL_SOCKET, socket.SO_RCVBUF),
-                }
-                assert options == {
-                    "TCP_NODELAY": 1,
-                    "SO_KEEPALIVE": 1,
-                    "TCP_KEEPIDLE": 30,
-                    "SO_SNDBUF": 2 * SNDBUF,
-                    "SO_RCVBUF": 2 * RCVBUF,
-                }, leg
-                assert_maxseg(socket_option(sock, socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+            with fwd.joined_sockets() as joined:
+                [pair] = joined
+                for leg, sock in zip(("client", "backend"), pair, strict=True):
+                    options = {
+                        "TCP_NODELAY": socket_option(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                        "SO_KEEPALIVE": socket_option(sock, socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                        "TCP_KEEPIDLE": socket_option(
+                            sock, socket.IPPROTO_TCP, socket.TCP_KEEPIDLE
+                        ),
+                        "SO_SNDBUF": socket_option(sock, socket.SOL_SOCKET, socket.SO_SNDBUF),
+                        "SO_RCVBUF": socket_option(sock, socket.SOL_SOCKET, socket.SO_RCVBUF),
+                    }
+                    assert options == {
+                        "TCP_NODELAY": 1,
+                        "SO_KEEPALIVE": 1,
+                        "TCP_KEEPIDLE": 30,
+                        "SO_SNDBUF": 2 * SNDBUF,
+                        "SO_RCVBUF": 2 * RCVBUF,
+                    }, leg
+                    assert_maxseg(socket_option(sock, socket.IPPROTO_TCP, socket.TCP_MAXSEG))
             # The peers send segments of at most the MSS the proxy announced.
             assert_maxseg(socket_option(client, socket.IPPROTO_TCP, socket.TCP_MAXSEG))
             client.shutdown(socket.SHUT_WR)
@@ -586,10 +585,11 @@ class SocketOptionTests(LoopbackTestCase):
         fwd = self.forward("--to", backend.address, *args)
         with connect(fwd.address) as client:
             yield round_trip(client)
-            [tunnel] = fwd.tunnels
-            for sock in proxy_sockets(tunnel):
-                assert socket_option(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY) == expected
-                assert socket_option(sock, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+            with fwd.joined_sockets() as joined:
+                [pair] = joined
+                for sock in pair:
+                    assert socket_option(sock, socket.IPPROTO_TCP, socket.TCP_NODELAY) == expected
+                    assert socket_option(sock, socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
         yield fwd.closed(1)
 
     def test_nodelay_is_the_default(self) -> Deferred[None]:
@@ -610,14 +610,28 @@ def fd_count(pid: int) -> int:
 
 # -- the same on each relay path ----------------------------------------------
 #
-# The classes above run with the defaults (--splice auto: bulk tests switch to
-# splice(2) mid-stream). Each path is also forced: splice from the join, the
-# Python path with writes sent straight to the socket, and with Twisted's
-# queued writes only.
+# The classes above run with the defaults: --engine auto, which is the native
+# engine for these options (test_auto_is_native says so), and --splice auto
+# (bulk tests switch to splice(2) mid-stream). Each path is also forced: the
+# engine splicing from the join or never, and Twisted's path (--engine
+# python) with the same three splice settings and with queued writes only.
 
 SPLICE_ON = ("--splice", "on")
-PYTHON_PATH = ("--splice", "off")
-QUEUED_WRITES = ("--splice", "off", "--no-write-through")
+SPLICE_OFF = ("--splice", "off")
+PYTHON = ("--engine", "python")
+QUEUED_WRITES = (*PYTHON, "--splice", "off", "--no-write-through")
+
+
+class EngineChoiceTests(LoopbackTestCase):
+    """--engine auto picks the native engine for plain forwarding, python keeps Twisted's path."""
+
+    def test_auto_is_native(self) -> None:
+        """With the defaults the classes above test the native engine, not Twisted's path."""
+        assert self.forward("--to", "127.0.0.1:9").native
+
+    def test_python_is_twisted(self) -> None:
+        """--engine python relays with Twisted."""
+        assert not self.forward("--to", "127.0.0.1:9", *PYTHON).native
 
 
 class SplicedDataTests(DataTests):
@@ -645,15 +659,87 @@ class SplicedIdleTests(IdleTests):
 
 
 class UnsplicedDataTests(DataTests):
-    """DataTests on the Python path only."""
+    """DataTests with no splice(2) at all."""
 
-    extra_args = PYTHON_PATH
+    extra_args = SPLICE_OFF
 
 
 class UnsplicedCloseTests(CloseTests):
-    """CloseTests on the Python path only."""
+    """CloseTests with no splice(2) at all."""
 
-    extra_args = PYTHON_PATH
+    extra_args = SPLICE_OFF
+
+
+class PythonDataTests(DataTests):
+    """DataTests on Twisted's path."""
+
+    extra_args = PYTHON
+
+
+class PythonConcurrencyTests(ConcurrencyTests):
+    """ConcurrencyTests on Twisted's path."""
+
+    extra_args = PYTHON
+
+
+class PythonUnreachableBackendTests(UnreachableBackendTests):
+    """UnreachableBackendTests on Twisted's path."""
+
+    extra_args = PYTHON
+
+
+class PythonCloseTests(CloseTests):
+    """CloseTests on Twisted's path."""
+
+    extra_args = PYTHON
+
+
+class PythonIdleTests(IdleTests):
+    """IdleTests on Twisted's path."""
+
+    extra_args = PYTHON
+
+
+class PythonSocketOptionTests(SocketOptionTests):
+    """SocketOptionTests on Twisted's path."""
+
+    extra_args = PYTHON
+
+
+class PythonSplicedDataTests(DataTests):
+    """DataTests on Twisted's path, every tunnel spliced from its join."""
+
+    extra_args = (*PYTHON, *SPLICE_ON)
+
+
+class PythonSplicedConcurrencyTests(ConcurrencyTests):
+    """ConcurrencyTests on Twisted's path, every tunnel spliced."""
+
+    extra_args = (*PYTHON, *SPLICE_ON)
+
+
+class PythonSplicedCloseTests(CloseTests):
+    """CloseTests on Twisted's path, every tunnel spliced."""
+
+    extra_args = (*PYTHON, *SPLICE_ON)
+
+
+class PythonSplicedIdleTests(IdleTests):
+    """IdleTests on Twisted's path, every tunnel spliced."""
+
+    extra_args = (*PYTHON, *SPLICE_ON)
+
+
+class PythonUnsplicedDataTests(DataTests):
+    """DataTests on Twisted's path with no splice(2)."""
+
+    extra_args = (*PYTHON, *SPLICE_OFF)
+
+
+class PythonUnsplicedCloseTests(CloseTests):
+    """CloseTests on Twisted's path with no splice(2)."""
+
+    extra_args = (*PYTHON, *SPLICE_OFF)
 
 
 class QueuedDataTests(DataTests):

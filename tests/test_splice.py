@@ -126,6 +126,9 @@ def test_splice_on_fails_where_there_is_no_splice(monkeypatch: pytest.MonkeyPatc
 class SpliceUseTests(LoopbackTestCase):
     """Which tunnels are spliced, and what a spliced tunnel does with a slow reader."""
 
+    #: These tests look into the Python splicer; the engine has its own tests.
+    extra_args = ("--engine", "python")
+
     @inlineCallbacks
     def one_tunnel(self, *args: str, payload_size: int) -> Generator[Deferred[Any], Any, bool]:
         """Echo ``payload_size`` random bytes through a forwarder; return whether it spliced."""

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from tunnelkit import splice
+from tunnelkit import native, splice
 from tunnelkit.addresses import HostPort, backend_address, listen_description, tls_host_port
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
 from tunnelkit.dialer import Backend, Dialer, host_endpoint
@@ -132,7 +132,12 @@ def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
     max_tunnels = config["max-connections"] or default_max_tunnels(raise_fd_limit())
-    registry = TunnelRegistry(reactor, max_tunnels)
+    use_native = config["engine"] != "python" and native.why_not_native(config) is None
+    registry = (
+        native.NativeRegistry(reactor, max_tunnels)
+        if use_native
+        else TunnelRegistry(reactor, max_tunnels)
+    )
     dialer = (
         Dialer(config.backends, reactor, config["connect-timeout"]) if config.backends else None
     )
@@ -191,7 +196,26 @@ def build_service(config: Options) -> TunnelService:
             event="backend_insecure",
         )
 
+    relay = (
+        native.NativeRelay(
+            reactor,
+            config.backends,
+            registry=registry,  # type: ignore[arg-type]
+            timeouts=timeouts,
+            connect_timeout=config["connect-timeout"],
+            socket_options=config.socket_options,
+            splice=config["splice"] if splice.AVAILABLE else "off",
+            bulk_read=min(splice.BULK_READ, config.socket_options.read_size),
+            log_records=not config["no-access-log"],
+            restricts_clients=config.clients.restricts,
+        )
+        if use_native
+        else None
+    )
+
     def stopped() -> None:
+        if relay is not None:
+            relay.close()
         tunnel_log.flush()
         if pipes is not None:
             pipes.close()
@@ -205,4 +229,5 @@ def build_service(config: Options) -> TunnelService:
         reactor=reactor,
         on_reload=config.tls.reload if config.tls is not None else None,
         on_stopped=stopped,
+        native=relay,
     )

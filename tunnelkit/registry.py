@@ -33,31 +33,48 @@ class TunnelRegistry:
         """Add ``tunnel`` unless the cap is reached (then log once per burst)."""
         if len(self.active) >= self.max_tunnels:
             self.refused += 1
-            if not self._warned_full:
-                self._warned_full = True
-                log.warn(
-                    "connection limit of {max_tunnels} tunnels reached; refusing new clients",
-                    event="connection_limit",
-                    max_tunnels=self.max_tunnels,
-                )
+            self.warn_full()
             return False
         self.accepted += 1
         self.active.add(tunnel)
         return True
+
+    def warn_full(self) -> None:
+        """The cap refused a client: say so once per burst."""
+        if not self._warned_full:
+            self._warned_full = True
+            log.warn(
+                "connection limit of {max_tunnels} tunnels reached; refusing new clients",
+                event="connection_limit",
+                max_tunnels=self.max_tunnels,
+            )
+
+    def live(self) -> int:
+        """How many tunnels are live."""
+        return len(self.active)
+
+    def abort_all(self, reason: str) -> None:
+        """Cut every live tunnel now (the drain deadline)."""
+        for tunnel in list(self.active):
+            tunnel.abort(reason)
 
     def discard(self, tunnel: Tunnel) -> None:
         """Forget an ended tunnel; fire :meth:`wait_empty` waiters when none is left."""
         self.active.discard(tunnel)
         if len(self.active) < self.max_tunnels:
             self._warned_full = False
-        if not self.active:
+        self.emptied()
+
+    def emptied(self) -> None:
+        """Fire the :meth:`wait_empty` waiters if no tunnel is live."""
+        if self._empty and not self.live():
             waiters, self._empty = self._empty, []
             for waiter in waiters:
                 waiter.callback(None)
 
     def wait_empty(self) -> Deferred[None]:
         """A Deferred that fires once no tunnel is live."""
-        if not self.active:
+        if not self.live():
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._empty.append(waiter)
@@ -65,12 +82,12 @@ class TunnelRegistry:
 
     def drain(self, timeout: float) -> Deferred[None]:
         """Let live tunnels finish for ``timeout`` seconds, then abort the rest."""
-        if not self.active:
+        if not self.live():
             return succeed(None)
         log.info(
             "draining {count} tunnels for up to {timeout:g} s",
             event="drain_started",
-            count=len(self.active),
+            count=self.live(),
             timeout=timeout,
         )
         done = self.wait_empty()
@@ -79,10 +96,9 @@ class TunnelRegistry:
             log.warn(
                 "drain deadline reached; aborting {count} tunnels",
                 event="drain_deadline",
-                count=len(self.active),
+                count=self.live(),
             )
-            for tunnel in list(self.active):
-                tunnel.abort(f"shutdown: drain deadline ({timeout:g} s)")
+            self.abort_all(f"shutdown: drain deadline ({timeout:g} s)")
 
         timer = self.clock.callLater(timeout, deadline)
 

@@ -15,7 +15,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
@@ -26,6 +26,9 @@ from twisted.python.failure import Failure
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import describe
 from tunnelkit.socket_options import SocketOptions
+
+if TYPE_CHECKING:
+    from tunnelkit.native import NativeRelay
 
 log = Logger(namespace="tunnelkit.service")
 
@@ -92,6 +95,7 @@ class TunnelService(Service):
         reactor: Any = None,
         on_reload: Callable[[], object] | None = None,
         on_stopped: Callable[[], object] | None = None,
+        native: NativeRelay | None = None,
     ) -> None:
         self.listeners = list(listeners)
         self.factory_for = factory_for
@@ -99,6 +103,8 @@ class TunnelService(Service):
         self.socket_options = socket_options
         self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
+        self.factories: list[IProtocolFactory] = []
+        self.native = native
         self.reactor = reactor
         self.on_reload = on_reload
         self.on_stopped = on_stopped
@@ -108,14 +114,15 @@ class TunnelService(Service):
         """Start every listener now; raise :class:`ListenError` on the first failure."""
         for name, endpoint in self.listeners:
             outcome: list[Any] = []
-            endpoint.listen(self.factory_for(name)).addBoth(outcome.append)
+            factory = self.factory_for(name)
+            endpoint.listen(factory).addBoth(outcome.append)
             if not outcome:
                 raise ListenError(f"listener {name!r} did not start synchronously")
             if isinstance(outcome[0], Failure):
                 self._close_ports()
                 raise ListenError(f"cannot listen on {name}: {outcome[0].getErrorMessage()}")
             port: IListeningPort = outcome[0]
-            self.ports.append(port)
+            self.add_port(factory, port)
             sock = getattr(port, "socket", None)
             if sock is not None:
                 try:
@@ -130,16 +137,26 @@ class TunnelService(Service):
                 address=describe(port.getHost()),
             )
 
+    def add_port(self, factory: IProtocolFactory, port: IListeningPort) -> None:
+        """Serve ``port`` (listening, or adopted by a worker) with ``factory``."""
+        self.ports.append(port)
+        self.factories.append(factory)
+
     def _close_ports(self) -> None:
         for port in self.ports:
             port.stopListening()
         self.ports.clear()
+        self.factories.clear()
 
     def startService(self) -> None:
         """Runs after ``twistd`` has daemonized: claim the UNIX socket locks."""
         super().startService()  # type: ignore[no-untyped-call]
         for port in self.ports:
             claim_unix_lock(port)
+        if self.native is not None:
+            # Here, not at listen(): the supervisor of --workers listens but
+            # never starts this service, and must not accept.
+            self.native.start(list(zip(self.factories, self.ports, strict=True)))
         if self.on_reload is not None and self.reactor is not None:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
 
@@ -160,8 +177,11 @@ class TunnelService(Service):
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None
+        if self.native is not None:
+            self.native.stop_accepting()
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]
         self.ports.clear()
+        self.factories.clear()
         done: Deferred[Any] = gatherResults(stopping)
         done.addBoth(lambda _: self.registry.drain(self.drain_timeout))
         done.addCallback(self._forget_exit_signal)

@@ -35,6 +35,9 @@ MODES = ("forward", "connect")
 #: The most ``--workers``: more processes than this only compete for the cores.
 MAX_WORKERS = 256
 
+#: The values of ``--engine``.
+ENGINE_CHOICES = ("auto", "native", "python")
+
 #: The values of ``--splice``.
 SPLICE_CHOICES = ("auto", "on", "off")
 
@@ -107,6 +110,13 @@ class Options(usage.Options):
             "Move bytes in the kernel with splice(2) (plain TCP/UNIX legs, Linux): auto"
             " (tunnels that move bulk data), on (every tunnel; fails where splice is"
             " missing), off.",
+        ],
+        [
+            "engine",
+            None,
+            "auto",
+            "Who relays plain forwarding: auto (the native engine where the options allow"
+            " it), native (insist), python (always Twisted); see docs/performance.md.",
         ],
         ["keepalive", None, None, "TCP keepalive idle time, seconds (off by default).", _count],
         ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default).", _bytes],
@@ -301,6 +311,12 @@ class Options(usage.Options):
         from tunnelkit.build import open_endpoints
 
         open_endpoints(self)
+        if self["engine"] == "native":
+            from tunnelkit.native import why_not_native
+
+            why = why_not_native(self)
+            if why is not None:
+                raise usage.UsageError(f"--engine native: {why}")
 
     def tls_options_given(self) -> bool:
         """Whether any option asks for TLS towards clients or backends."""
@@ -313,6 +329,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--splice must be one of {', '.join(SPLICE_CHOICES)}")
         if self["splice"] == "on" and not splice.AVAILABLE:
             raise usage.UsageError("--splice on: this system has no splice(2) (Linux only)")
+        if self["engine"] not in ENGINE_CHOICES:
+            raise usage.UsageError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
 
     def _policies(self) -> None:
         try:

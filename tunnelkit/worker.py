@@ -59,9 +59,9 @@ def main(argv: list[str]) -> None:
 
     service = build_service(config)
     names = [name for name, _ in service.listeners]
-    service.ports = [
-        adopt(reactor, fd, service.factory_for(name)) for name, fd in zip(names, fds, strict=True)
-    ]
+    for name, fd in zip(names, fds, strict=True):
+        factory = service.factory_for(name)
+        service.add_port(factory, adopt(reactor, fd, factory))
 
     def orphaned() -> None:
         if os.getppid() != supervisor:

@@ -1,0 +1,1104 @@
+/*
+ * tunnelkit's native relay engine: accept, connect, relay and close plain
+ * TCP/UNIX tunnels without running Python per connection or per chunk.
+ *
+ * Why: a short connection cost tunnelkit's Twisted path about 165 us of CPU
+ * (accept, a non-blocking connect, two transports, Deferreds, four closes),
+ * nginx about 33 us, and a keep-alive request about 11 us against HAProxy's
+ * 7.6 us (docs/performance.md). That cost is Python's, not the kernel's, so
+ * the hot path of plain forwarding lives here, and Python keeps everything
+ * that is policy or configuration: endpoint parsing and listening (Twisted),
+ * the client policy (a Python callable), logging (records handed back in
+ * batches), drain and signals.
+ *
+ * How it fits Twisted: the engine's epoll descriptor is itself pollable, so
+ * the reactor watches it like any socket and calls Engine.run() when one of
+ * the engine's sockets is ready. Everything runs on the reactor thread; no
+ * lock, no thread. Timers are swept by Engine.tick(), which Python calls
+ * while tunnels exist.
+ *
+ * The relay keeps the promises of tunnelkit/relay.py: full duplex,
+ * backpressure (a direction whose destination refuses bytes stops reading
+ * its source, and at most one read is held per direction), half-close
+ * (EOF becomes shutdown(SHUT_WR) on the other side once what was read is
+ * sent), resets passed on as resets unless the reset side had already sent
+ * its FIN, connect timeout with failover to the next backend, idle, fin and
+ * close-grace timeouts, and one record per tunnel.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_EVENTS 256
+#define MAX_BACKENDS 64
+#define MAX_LISTENERS 64
+#define ACCEPTS_PER_EVENT 64
+#define PIPE_CAPACITY (1 << 20)
+#define PIPES_KEPT 64
+#define REASON_SIZE 512
+
+enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
+enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
+enum { S_CONNECTING = 0, S_JOINED, S_CLOSING, S_DEAD };
+enum { TAG_CLIENT = 0, TAG_BACKEND = 1, TAG_LISTENER = 2 };
+
+static const char *SIDE_NAMES[] = {"client", "backend", "proxy"};
+
+typedef struct {
+    struct sockaddr_storage addr;
+    socklen_t len;
+} backend_t;
+
+typedef struct {
+    int fd;
+    int id;
+} listener_t;
+
+/* One direction of a tunnel: bytes read from side `from`, sent to the other. */
+typedef struct {
+    char *buf;          /* bytes read but not yet sent (malloc'd on demand) */
+    size_t off, len;
+    int pipe_r, pipe_w; /* splice pipe, held only while bytes sit in it */
+    size_t piped;
+    unsigned eof : 1;   /* EOF read from the source */
+    unsigned shut : 1;  /* shutdown(SHUT_WR) sent to the destination */
+    unsigned long long bytes;
+} dir_t;
+
+typedef struct tunnel {
+    struct tunnel *prev, *next;
+    int fd[2];
+    uint32_t events[2]; /* interest registered in epoll (0: not registered) */
+    dir_t dir[2];       /* dir[CLIENT]: client -> backend; dir[BACKEND]: backend -> client */
+    int state;
+    int listener_id;
+    int backend_index;
+    int splicing;
+    int spliced;
+    int last_timed_out;   /* the last backend attempt hit the connect timeout */
+    double started, connected, last_moved;
+    double deadline;   /* connect attempt, while connecting */
+    double fin_at;     /* fin timeout, once half-closed (0: none) */
+    double grace_at;   /* close grace, once closing (0: none) */
+    int noted, closed_by, close_kind;
+    char reason[REASON_SIZE];
+    char errors[REASON_SIZE]; /* failed backend attempts, "name: why; ..." */
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+} tunnel_t;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int reserve_fd; /* kept free for the EMFILE accept guard */
+    size_t read_size;
+    size_t bulk_read;
+    int splice_mode; /* 0 off, 1 auto, 2 on */
+    double idle, fin, grace, connect_timeout;
+    long max_tunnels;
+    int log_records;
+    int nodelay, keepalive, sndbuf, rcvbuf, mss;
+    int accepting;
+    backend_t backends[MAX_BACKENDS];
+    PyObject *backend_names[MAX_BACKENDS];
+    int n_backends;
+    listener_t listeners[MAX_LISTENERS];
+    int n_listeners;
+    PyObject *client_check; /* callable(host, port, listener_id) -> bool, or NULL */
+    PyObject *records;      /* list of record tuples, taken by Python */
+    PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
+    char *scratch;
+    int pipes[PIPES_KEPT][2];
+    int n_pipes;
+    tunnel_t head;      /* circular list of live tunnels */
+    tunnel_t *graveyard; /* ended tunnels, freed after the event batch that ended them */
+    long active;
+    int warned_full;
+    unsigned long long accepted, refused;
+} Engine;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* -- small helpers ------------------------------------------------------ */
+
+static void note(tunnel_t *t, int side, int kind, const char *fmt, ...) {
+    if (t->noted)
+        return;
+    t->noted = 1;
+    t->closed_by = side;
+    t->close_kind = kind;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->reason, sizeof t->reason, fmt, ap);
+    va_end(ap);
+}
+
+static PyObject *describe(const struct sockaddr_storage *ss, socklen_t len) {
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        return PyUnicode_FromFormat("%s:%d", host, ntohs(a->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        return PyUnicode_FromFormat("[%s]:%d", host, ntohs(a->sin6_port));
+    }
+    if (ss->ss_family == AF_UNIX) {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)ss;
+        size_t n = len > offsetof(struct sockaddr_un, sun_path)
+                       ? strnlen(a->sun_path, len - offsetof(struct sockaddr_un, sun_path))
+                       : 0;
+        if (n == 0)
+            return PyUnicode_FromString("-");
+        return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, n);
+    }
+    return PyUnicode_FromString("-");
+}
+
+static void set_options(Engine *e, int fd, int family) {
+    if (family != AF_INET && family != AF_INET6)
+        return;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &e->nodelay, sizeof e->nodelay);
+    if (e->keepalive >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &e->keepalive, sizeof e->keepalive);
+    }
+    if (e->sndbuf >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &e->sndbuf, sizeof e->sndbuf);
+    if (e->rcvbuf >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &e->rcvbuf, sizeof e->rcvbuf);
+    if (e->mss >= 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &e->mss, sizeof e->mss);
+}
+
+static void close_abortively(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+static int take_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r >= 0)
+        return 0;
+    int p[2];
+    if (e->n_pipes > 0) {
+        e->n_pipes--;
+        p[0] = e->pipes[e->n_pipes][0];
+        p[1] = e->pipes[e->n_pipes][1];
+    } else {
+        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+            return -1;
+        fcntl(p[1], F_SETPIPE_SZ, PIPE_CAPACITY); /* the kernel may refuse: keep its size */
+    }
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    return 0;
+}
+
+static void give_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r < 0)
+        return;
+    if (d->piped == 0 && e->n_pipes < PIPES_KEPT) {
+        e->pipes[e->n_pipes][0] = d->pipe_r;
+        e->pipes[e->n_pipes][1] = d->pipe_w;
+        e->n_pipes++;
+    } else {
+        close(d->pipe_r);
+        close(d->pipe_w);
+    }
+    d->pipe_r = d->pipe_w = -1;
+    d->piped = 0;
+}
+
+static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped; }
+
+/* -- epoll interest ------------------------------------------------------ */
+
+/* Register what side `side` waits for. A socket that waits for nothing is
+ * taken out of epoll altogether: hang-ups cannot be masked, and a peer that
+ * closed while its reader is held back would otherwise wake the loop forever.
+ * (Its reset is then seen at the next read or write, as on Twisted's path.) */
+static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
+    int fd = t->fd[side];
+    if (fd < 0 || t->events[side] == want)
+        return;
+    struct epoll_event ev = {.events = want, .data.u64 = (uint64_t)(uintptr_t)t | (uint64_t)side};
+    if (want == 0)
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+    else if (t->events[side] == 0)
+        epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
+    else
+        epoll_ctl(e->epfd, EPOLL_CTL_MOD, fd, &ev);
+    t->events[side] = want;
+}
+
+/* What side `s` of a joined tunnel waits for: reading its own direction,
+ * writing what the other direction holds for it. */
+static void rewatch(Engine *e, tunnel_t *t, int s) {
+    uint32_t want = 0;
+    dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
+    if (t->state == S_JOINED && !out->eof && pending(out) == 0)
+        want |= EPOLLIN;
+    if (pending(in) > 0)
+        want |= EPOLLOUT;
+    watch(e, t, s, want);
+}
+
+static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
+    int fd = t->fd[side];
+    if (fd < 0)
+        return;
+    if (t->events[side])
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+    t->events[side] = 0;
+    if (abortive)
+        close_abortively(fd);
+    else
+        close(fd);
+    t->fd[side] = -1;
+}
+
+/* -- ending ---------------------------------------------------------------- */
+
+static void end_tunnel(Engine *e, tunnel_t *t) {
+    for (int s = 0; s < 2; s++) {
+        unwatch_close(e, t, s, 0);
+        free(t->dir[s].buf);
+        t->dir[s].buf = NULL;
+        give_pipe(e, &t->dir[s]);
+    }
+    t->prev->next = t->next;
+    t->next->prev = t->prev;
+    e->active--;
+    if (e->active < e->max_tunnels)
+        e->warned_full = 0;
+    if (e->log_records) {
+        double end = now();
+        PyObject *client = describe(&t->peer, t->peer_len);
+        PyObject *backend_address = Py_None;
+        PyObject *backend = PyUnicode_FromString("");
+        Py_INCREF(Py_None);
+        if (t->connected > 0 && t->backend_index >= 0) {
+            backend_t *b = &e->backends[t->backend_index];
+            Py_DECREF(backend_address);
+            backend_address = describe(&b->addr, b->len);
+            Py_DECREF(backend);
+            backend = e->backend_names[t->backend_index];
+            Py_INCREF(backend);
+        }
+        PyObject *connect_time = t->connected > 0 ? PyFloat_FromDouble(t->connected - t->started)
+                                                  : (Py_INCREF(Py_None), Py_None);
+        if (!t->noted)
+            note(t, PROXY, K_ERROR, "unknown");
+        PyObject *record = Py_BuildValue(
+            "(iNNNKKdNiisO)", t->listener_id, client, backend, backend_address,
+            t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
+            t->closed_by, t->close_kind, t->reason, t->spliced ? Py_True : Py_False);
+        if (record != NULL) {
+            PyList_Append(e->records, record);
+            Py_DECREF(record);
+        } else {
+            PyErr_Clear();
+        }
+    }
+    t->state = S_DEAD;
+    t->next = e->graveyard;
+    e->graveyard = t;
+}
+
+static void bury(Engine *e) {
+    while (e->graveyard != NULL) {
+        tunnel_t *t = e->graveyard;
+        e->graveyard = t->next;
+        free(t);
+    }
+}
+
+static void abort_tunnel(Engine *e, tunnel_t *t) {
+    for (int s = 0; s < 2; s++)
+        unwatch_close(e, t, s, 1);
+    end_tunnel(e, t);
+}
+
+/* Close what is left once nothing is held for it; a side still holding bytes
+ * for its peer waits (bounded by the close grace). Returns 1 if ended. */
+static int maybe_finish(Engine *e, tunnel_t *t) {
+    if (t->state != S_CLOSING)
+        return 0;
+    for (int s = 0; s < 2; s++) {
+        if (t->fd[s] >= 0 && pending(&t->dir[1 - s]) == 0)
+            unwatch_close(e, t, s, 0);
+    }
+    if (t->fd[CLIENT] < 0 && t->fd[BACKEND] < 0) {
+        end_tunnel(e, t);
+        return 1;
+    }
+    for (int s = 0; s < 2; s++)
+        if (t->fd[s] >= 0)
+            rewatch(e, t, s);
+    return 0;
+}
+
+/* Graceful close of both sides: stop reading, send what is held, then close. */
+static int close_both(Engine *e, tunnel_t *t) {
+    t->state = S_CLOSING;
+    if (t->grace_at == 0)
+        t->grace_at = now() + e->grace;
+    return maybe_finish(e, t);
+}
+
+/* Side `s` failed (reset or error): close it; the peer is reset too, unless
+ * `s` had already sent its FIN (then what it sent is complete: clean close). */
+static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
+    note(t, s, K_RST, "%s reset: %s", SIDE_NAMES[s], strerror(err));
+    int peer = 1 - s;
+    int clean = t->dir[s].eof;
+    unwatch_close(e, t, s, 1);
+    t->dir[peer].off = t->dir[peer].len = 0; /* nothing more can reach s */
+    give_pipe(e, &t->dir[peer]);
+    if (t->fd[peer] >= 0 && !clean) {
+        unwatch_close(e, t, peer, 1);
+    }
+    t->state = S_CLOSING;
+    if (t->grace_at == 0)
+        t->grace_at = now() + e->grace;
+    return maybe_finish(e, t);
+}
+
+/* -- the relay ------------------------------------------------------------- */
+
+static int send_eof_if_done(Engine *e, tunnel_t *t, int s);
+
+/* Send what direction s holds to its destination. Returns 1 if the tunnel ended. */
+static int flush(Engine *e, tunnel_t *t, int s) {
+    dir_t *d = &t->dir[s];
+    int dst = t->fd[1 - s];
+    if (dst < 0)
+        return 0;
+    while (d->len > d->off) {
+        ssize_t n = send(dst, d->buf + d->off, d->len - d->off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            return side_failed(e, t, 1 - s, errno);
+        }
+        d->off += n;
+    }
+    if (d->buf) {
+        free(d->buf);
+        d->buf = NULL;
+        d->off = d->len = 0;
+    }
+    while (d->piped > 0) {
+        ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            return side_failed(e, t, 1 - s, errno);
+        }
+        d->piped -= n;
+    }
+    give_pipe(e, d);
+    return send_eof_if_done(e, t, s);
+}
+
+/* Direction s has sent all it read: pass its EOF on, and close once both are done. */
+static int send_eof_if_done(Engine *e, tunnel_t *t, int s) {
+    dir_t *d = &t->dir[s];
+    if (!d->eof || d->shut || pending(d) > 0)
+        return 0;
+    if (t->state == S_CLOSING)
+        return maybe_finish(e, t);
+    if (t->dir[1 - s].eof) {
+        /* Both ways done: one close sends the FIN, without a shutdown first. */
+        d->shut = 1;
+        return close_both(e, t);
+    }
+    d->shut = 1;
+    if (t->fd[1 - s] >= 0)
+        shutdown(t->fd[1 - s], SHUT_WR);
+    if (e->fin > 0 && t->fin_at == 0)
+        t->fin_at = now() + e->fin;
+    return 0;
+}
+
+static int got_eof(Engine *e, tunnel_t *t, int s) {
+    t->dir[s].eof = 1;
+    note(t, s, K_FIN, "%s sent FIN", SIDE_NAMES[s]);
+    if (send_eof_if_done(e, t, s))
+        return 1;
+    rewatch(e, t, s);
+    return 0;
+}
+
+static void start_splicing(Engine *e, tunnel_t *t) {
+    if (!t->splicing && e->splice_mode > 0) {
+        t->splicing = 1;
+        t->spliced = 1;
+    }
+}
+
+/* Read once from side s and send it on at once; hold what the peer refuses. */
+static int relay_read(Engine *e, tunnel_t *t, int s) {
+    dir_t *d = &t->dir[s];
+    int src = t->fd[s], dst = t->fd[1 - s];
+    if (d->eof || pending(d) > 0 || dst < 0)
+        return 0;
+    if (t->splicing && take_pipe(e, d) == 0) {
+        ssize_t n = splice(src, NULL, d->pipe_w, NULL, PIPE_CAPACITY,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            d->bytes += n;
+            d->piped = n;
+            t->last_moved = now();
+            if (flush(e, t, s))
+                return 1;
+            rewatch(e, t, s);
+            rewatch(e, t, 1 - s);
+            return 0;
+        }
+        give_pipe(e, d);
+        if (n == 0)
+            return got_eof(e, t, s);
+        if (errno == EAGAIN || errno == EINTR)
+            return 0;
+        if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+            return side_failed(e, t, s, errno);
+        t->splicing = 0; /* this pair of descriptors cannot splice: read as usual */
+    }
+    ssize_t n = recv(src, e->scratch, e->read_size, 0);
+    if (n == 0)
+        return got_eof(e, t, s);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR)
+            return 0;
+        return side_failed(e, t, s, errno);
+    }
+    d->bytes += n;
+    t->last_moved = now();
+    if ((size_t)n >= e->bulk_read)
+        start_splicing(e, t);
+    ssize_t sent = send(dst, e->scratch, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            return side_failed(e, t, 1 - s, errno);
+        sent = 0;
+    }
+    if (sent < n) {
+        d->buf = malloc(n - sent);
+        if (d->buf == NULL) {
+            note(t, PROXY, K_ERROR, "out of memory");
+            abort_tunnel(e, t);
+            return 1;
+        }
+        memcpy(d->buf, e->scratch + sent, n - sent);
+        d->off = 0;
+        d->len = n - sent;
+        rewatch(e, t, s);
+        rewatch(e, t, 1 - s);
+    }
+    return 0;
+}
+
+/* -- connecting ------------------------------------------------------------ */
+
+static int try_backends(Engine *e, tunnel_t *t);
+
+static void join(Engine *e, tunnel_t *t) {
+    t->state = S_JOINED;
+    t->connected = now();
+    t->last_moved = t->connected;
+    if (e->splice_mode == 2)
+        start_splicing(e, t);
+    rewatch(e, t, BACKEND);
+    /* What the client sent meanwhile (even a FIN) waits in the kernel, in order. */
+    rewatch(e, t, CLIENT);
+}
+
+static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out) {
+    t->last_timed_out = timed_out;
+    size_t used = strlen(t->errors);
+    PyObject *name = e->backend_names[t->backend_index];
+    const char *text = PyUnicode_AsUTF8(name);
+    snprintf(t->errors + used, sizeof t->errors - used, "%s%s: %s", used ? "; " : "",
+             text ? text : "?", why);
+    if (t->events[BACKEND])
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], NULL);
+    t->events[BACKEND] = 0;
+    close(t->fd[BACKEND]);
+    t->fd[BACKEND] = -1;
+}
+
+/* Start the next backend attempt; when none is left, close the client and end. */
+static int try_backends(Engine *e, tunnel_t *t) {
+    while (++t->backend_index < e->n_backends) {
+        backend_t *b = &e->backends[t->backend_index];
+        int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            t->fd[BACKEND] = -1;
+            t->backend_index--;
+            note(t, PROXY, K_ERROR, "backend connect failed: %s", strerror(errno));
+            unwatch_close(e, t, CLIENT, 0);
+            end_tunnel(e, t);
+            return 1;
+        }
+        t->fd[BACKEND] = fd;
+        set_options(e, fd, b->addr.ss_family);
+        t->deadline = now() + e->connect_timeout;
+        if (connect(fd, (struct sockaddr *)&b->addr, b->len) == 0) {
+            join(e, t);
+            return 0;
+        }
+        if (errno == EINPROGRESS || errno == EINTR) {
+            watch(e, t, BACKEND, EPOLLOUT);
+            return 0;
+        }
+        attempt_failed(e, t, strerror(errno), 0);
+    }
+    t->backend_index = -1;
+    note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s", t->errors);
+    unwatch_close(e, t, CLIENT, 0);
+    end_tunnel(e, t);
+    return 1;
+}
+
+static int backend_connected(Engine *e, tunnel_t *t) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(t->fd[BACKEND], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err == 0) {
+        join(e, t);
+        return 0;
+    }
+    attempt_failed(e, t, strerror(err), 0);
+    return try_backends(e, t);
+}
+
+/* The client while its backend connects: its bytes wait in the kernel; a reset
+ * cancels the attempt; a FIN is kept for after the join. */
+static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
+    if (ev & (EPOLLERR | EPOLLHUP)) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(t->fd[CLIENT], SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err)
+            note(t, CLIENT, K_RST, "client reset: %s", strerror(err));
+        note(t, CLIENT, K_FIN, "client left before the backend connected");
+        abort_tunnel(e, t);
+        return 1;
+    }
+    if (ev & EPOLLRDHUP)
+        watch(e, t, CLIENT, 0); /* its FIN stays queued behind its bytes for the join */
+    return 0;
+}
+
+/* -- accepting -------------------------------------------------------------- */
+
+static PyObject *notice(Engine *e, PyObject *item) {
+    if (item == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyList_Append(e->notices, item);
+    Py_DECREF(item);
+    return item;
+}
+
+/* Returns -1 with a Python exception set if the client check raised. */
+static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
+    if (e->active >= e->max_tunnels) {
+        e->refused++;
+        if (!e->warned_full) {
+            e->warned_full = 1;
+            notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
+        }
+        close(fd);
+        return 0;
+    }
+    if (e->client_check != NULL && (ss->ss_family == AF_INET || ss->ss_family == AF_INET6)) {
+        char host[INET6_ADDRSTRLEN];
+        int port;
+        if (ss->ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)ss;
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+            port = ntohs(a->sin_port);
+        } else {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+            inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+            port = ntohs(a->sin6_port);
+        }
+        PyObject *ok = PyObject_CallFunction(e->client_check, "sii", host, port, l->id);
+        if (ok == NULL) {
+            close(fd);
+            return -1;
+        }
+        int allowed = PyObject_IsTrue(ok);
+        Py_DECREF(ok);
+        if (allowed != 1) {
+            e->refused++;
+            close(fd);
+            return allowed < 0 ? -1 : 0;
+        }
+    }
+    tunnel_t *t = calloc(1, sizeof *t);
+    if (t == NULL) {
+        close(fd);
+        return 0;
+    }
+    e->accepted++;
+    e->active++;
+    t->fd[CLIENT] = fd;
+    t->fd[BACKEND] = -1;
+    for (int s = 0; s < 2; s++)
+        t->dir[s].pipe_r = t->dir[s].pipe_w = -1;
+    t->listener_id = l->id;
+    t->backend_index = -1;
+    t->started = now();
+    t->last_moved = t->started;
+    memcpy(&t->peer, ss, len);
+    t->peer_len = len;
+    t->next = &e->head;
+    t->prev = e->head.prev;
+    e->head.prev->next = t;
+    e->head.prev = t;
+    watch(e, t, CLIENT, EPOLLRDHUP);
+    if (try_backends(e, t))
+        return 0;
+    return 0;
+}
+
+static int accept_clients(Engine *e, listener_t *l) {
+    for (int i = 0; i < ACCEPTS_PER_EVENT && e->accepting; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if ((errno == EMFILE || errno == ENFILE) && e->reserve_fd >= 0) {
+                /* Accept with the reserved descriptor and close at once: the
+                 * client is told, and the listener does not spin. */
+                close(e->reserve_fd);
+                fd = accept(l->fd, NULL, NULL);
+                if (fd >= 0)
+                    close(fd);
+                e->refused++;
+                e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                notice(e, Py_BuildValue("(si)", "accept_failed", EMFILE));
+                return 0;
+            }
+            return 0;
+        }
+        if (len == 0)
+            ss.ss_family = AF_UNIX;
+        if (admit(e, l, fd, &ss, len) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* -- dispatch ---------------------------------------------------------------- */
+
+static int read_error(int fd) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    return err ? err : ECONNRESET;
+}
+
+static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
+    if (t->state == S_DEAD || t->fd[s] < 0)
+        return;
+    if (t->state == S_CONNECTING) {
+        if (s == BACKEND)
+            backend_connected(e, t);
+        else
+            client_while_connecting(e, t, ev);
+        return;
+    }
+    if (ev & EPOLLOUT) {
+        if (flush(e, t, 1 - s))
+            return;
+        if (t->state == S_CLOSING) {
+            if (maybe_finish(e, t))
+                return;
+        } else {
+            rewatch(e, t, s);
+            rewatch(e, t, 1 - s);
+        }
+        if (t->state == S_DEAD || t->fd[s] < 0)
+            return;
+    }
+    if (t->state == S_JOINED && !t->dir[s].eof && pending(&t->dir[s]) == 0 &&
+        (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+        relay_read(e, t, s); /* a reset shows as the read's error */
+        return;
+    }
+    if (ev & EPOLLERR)
+        side_failed(e, t, s, read_error(t->fd[s]));
+}
+
+/* -- the Python type ----------------------------------------------------------- */
+
+static PyObject *Engine_run(Engine *e, PyObject *unused) {
+    struct epoll_event events[MAX_EVENTS];
+    int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    if (n < 0) {
+        if (errno == EINTR)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *result = Py_None;
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = events[i].data.u64;
+        int kind = (int)(tag & 3);
+        void *ptr = (void *)(uintptr_t)(tag & ~(uint64_t)3);
+        if (kind == TAG_LISTENER) {
+            listener_t *l = ptr;
+            if (l->fd >= 0 && accept_clients(e, l) < 0) {
+                result = NULL; /* the client check raised: report it after the batch */
+                break;
+            }
+            continue;
+        }
+        on_event(e, ptr, kind, events[i].events);
+    }
+    bury(e);
+    Py_XINCREF(result);
+    return result;
+}
+
+static PyObject *Engine_tick(Engine *e, PyObject *unused) {
+    double t_now = now();
+    tunnel_t *t = e->head.next;
+    while (t != &e->head) {
+        tunnel_t *next = t->next;
+        if (t->state == S_CONNECTING) {
+            if (t_now >= t->deadline) {
+                char why[64];
+                snprintf(why, sizeof why, "connect timeout (%g s)", e->connect_timeout);
+                attempt_failed(e, t, why, 1);
+                try_backends(e, t);
+            }
+        } else if (t->state == S_CLOSING) {
+            if (t->grace_at > 0 && t_now >= t->grace_at)
+                abort_tunnel(e, t);
+        } else if (t->fin_at > 0 && t_now >= t->fin_at) {
+            note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
+            abort_tunnel(e, t);
+        } else if (e->idle > 0 && t_now - t->last_moved >= e->idle) {
+            note(t, PROXY, K_TIMEOUT, "idle timeout (%g s without data)", e->idle);
+            close_both(e, t);
+        }
+        t = next;
+    }
+    bury(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_abort_all(Engine *e, PyObject *arg) {
+    const char *reason = PyUnicode_AsUTF8(arg);
+    if (reason == NULL)
+        return NULL;
+    while (e->head.next != &e->head) {
+        tunnel_t *t = e->head.next;
+        note(t, PROXY, K_SHUTDOWN, "%s", reason);
+        abort_tunnel(e, t);
+    }
+    bury(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_add_listener(Engine *e, PyObject *args) {
+    int fd, id;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &id))
+        return NULL;
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        listener_t *l = &e->listeners[i];
+        if (l->fd >= 0)
+            continue;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(uintptr_t)l | TAG_LISTENER};
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        l->fd = fd;
+        l->id = id;
+        Py_RETURN_NONE;
+    }
+    PyErr_SetString(PyExc_ValueError, "too many listeners for the native engine");
+    return NULL;
+}
+
+static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        if (e->listeners[i].fd == fd) {
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+            e->listeners[i].fd = -1;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *take(PyObject **list) {
+    PyObject *taken = *list;
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL)
+        return NULL;
+    *list = fresh;
+    return taken;
+}
+
+static PyObject *Engine_take_records(Engine *e, PyObject *unused) { return take(&e->records); }
+static PyObject *Engine_take_notices(Engine *e, PyObject *unused) { return take(&e->notices); }
+static PyObject *Engine_fileno(Engine *e, PyObject *unused) { return PyLong_FromLong(e->epfd); }
+
+/* The live tunnels' sockets and states, for tests and diagnostics. */
+static PyObject *Engine_tunnels(Engine *e, PyObject *unused) {
+    static const char *STATES[] = {"connecting", "joined", "closing", "dead"};
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (tunnel_t *t = e->head.next; t != &e->head; t = t->next) {
+        PyObject *item = Py_BuildValue("(iis)", t->fd[CLIENT], t->fd[BACKEND], STATES[t->state]);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+static PyObject *Engine_stats(Engine *e, PyObject *unused) {
+    return Py_BuildValue("{sl,sK,sK,si}", "active", e->active, "accepted", e->accepted, "refused",
+                         e->refused, "pipes", e->n_pipes);
+}
+
+static void close_all(Engine *e) {
+    while (e->head.next != &e->head) {
+        tunnel_t *t = e->head.next;
+        note(t, PROXY, K_SHUTDOWN, "engine closed");
+        abort_tunnel(e, t);
+    }
+    bury(e);
+    for (int i = 0; i < e->n_pipes; i++) {
+        close(e->pipes[i][0]);
+        close(e->pipes[i][1]);
+    }
+    e->n_pipes = 0;
+    if (e->epfd >= 0)
+        close(e->epfd);
+    if (e->reserve_fd >= 0)
+        close(e->reserve_fd);
+    e->epfd = e->reserve_fd = -1;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *unused) {
+    close_all(e);
+    Py_RETURN_NONE;
+}
+
+static int parse_backend(Engine *e, PyObject *item, int i) {
+    PyObject *name;
+    const char *host;
+    int port = 0;
+    backend_t *b = &e->backends[i];
+    memset(b, 0, sizeof *b);
+    if (!PyArg_ParseTuple(item, "Us|i", &name, &host, &port))
+        return -1;
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&b->addr;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&b->addr;
+    struct sockaddr_un *un = (struct sockaddr_un *)&b->addr;
+    if (host[0] == '/') {
+        if (strlen(host) >= sizeof un->sun_path) {
+            PyErr_Format(PyExc_ValueError, "UNIX socket path too long: %s", host);
+            return -1;
+        }
+        un->sun_family = AF_UNIX;
+        strcpy(un->sun_path, host);
+        b->len = offsetof(struct sockaddr_un, sun_path) + strlen(host) + 1;
+    } else if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(port);
+        b->len = sizeof *a4;
+    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(port);
+        b->len = sizeof *a6;
+    } else {
+        PyErr_Format(PyExc_ValueError, "not an IP address or UNIX socket path: %s", host);
+        return -1;
+    }
+    Py_INCREF(name);
+    e->backend_names[i] = name;
+    e->n_backends = i + 1;
+    return 0;
+}
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
+                             "grace", "connect_timeout", "max_tunnels", "log_records",
+                             "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
+                             NULL};
+    PyObject *backends, *check = Py_None;
+    Py_ssize_t read_size, bulk_read;
+    e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
+    e->nodelay = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$lppiiiiO", kwlist, &backends,
+                                     &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
+                                     &e->grace, &e->connect_timeout, &e->max_tunnels,
+                                     &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
+                                     &e->rcvbuf, &e->mss, &check))
+        return -1;
+    if (read_size <= 0 || bulk_read <= 0) {
+        PyErr_SetString(PyExc_ValueError, "read_size and bulk_read must be positive");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(backends, "backends must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count < 1 || count > MAX_BACKENDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "the native engine takes 1 to %d backends", MAX_BACKENDS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (parse_backend(e, PySequence_Fast_GET_ITEM(seq, i), (int)i) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    e->read_size = read_size;
+    e->bulk_read = bulk_read;
+    e->scratch = malloc(read_size);
+    if (e->scratch == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (check != Py_None) {
+        Py_INCREF(check);
+        e->client_check = check;
+    }
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (e->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (e == NULL)
+        return NULL;
+    e->epfd = e->reserve_fd = -1;
+    e->accepting = 1;
+    e->head.next = e->head.prev = &e->head;
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        e->listeners[i].fd = -1;
+    e->records = PyList_New(0);
+    e->notices = PyList_New(0);
+    if (e->records == NULL || e->notices == NULL) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    return (PyObject *)e;
+}
+
+static void Engine_dealloc(Engine *e) {
+    int log = e->log_records;
+    e->log_records = 0; /* no records for a dying engine */
+    close_all(e);
+    e->log_records = log;
+    for (int i = 0; i < e->n_backends; i++)
+        Py_XDECREF(e->backend_names[i]);
+    Py_XDECREF(e->client_check);
+    Py_XDECREF(e->records);
+    Py_XDECREF(e->notices);
+    free(e->scratch);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *Engine_get_active(Engine *e, void *closure) { return PyLong_FromLong(e->active); }
+
+static PyMethodDef Engine_methods[] = {
+    {"run", (PyCFunction)Engine_run, METH_NOARGS, "Handle every ready event (never blocks)."},
+    {"tick", (PyCFunction)Engine_tick, METH_NOARGS, "Fire the timers that are due."},
+    {"abort_all", (PyCFunction)Engine_abort_all, METH_O, "Reset every tunnel, with this reason."},
+    {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
+     "Accept on listening socket fd, recording listener id."},
+    {"remove_listener", (PyCFunction)Engine_remove_listener, METH_O, "Stop accepting on fd."},
+    {"take_records", (PyCFunction)Engine_take_records, METH_NOARGS,
+     "The records of the tunnels that ended since the last call."},
+    {"take_notices", (PyCFunction)Engine_take_notices, METH_NOARGS,
+     "Events for the log since the last call: (name, value) tuples."},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch."},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters."},
+    {"tunnels", (PyCFunction)Engine_tunnels, METH_NOARGS,
+     "(client fd, backend fd, state) of every live tunnel."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "Reset every tunnel and free everything."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"active", (getter)Engine_get_active, NULL, "Live tunnels.", NULL},
+    {NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelkit._engine.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Accepts, connects and relays plain tunnels; see tunnelkit/native.py.",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, "tunnelkit._engine", "tunnelkit's native relay engine.", -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,304 @@
+"""The native engine: plain forwarding with no Python per connection or per chunk.
+
+On the Twisted path a short connection costs about 165 µs of CPU (accept, a
+non-blocking connect, two transports, Deferreds, four closes), against
+nginx's 33 µs, and a keep-alive request about 11 µs: the cost is the
+interpreter's, spread over many layers. For the common case of plain
+forwarding (``--mode forward``, TCP or UNIX listeners, backends given as IP
+addresses or UNIX paths, no TLS), :mod:`tunnelkit._engine`, a small C
+module, accepts, connects, relays (``splice(2)`` for bulk) and closes the
+tunnels itself, with the same rules as :mod:`tunnelkit.relay`.
+
+Python keeps what is configuration or policy: Twisted parses the endpoint
+strings and opens the listening sockets (so errors, backlogs, socket
+options, ``systemd:`` and ``--workers`` are unchanged), the client policy is
+asked through a callable, every tunnel's record comes back for the access
+log, and the drain on shutdown is the registry's. The engine's epoll
+descriptor is watched by the reactor like any socket: one thread, no locks.
+
+``--engine auto`` (the default) uses the engine when the options allow it
+and the module is built, ``native`` insists (an error says why it cannot),
+``python`` never uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from tunnelkit.registry import TunnelRegistry
+from tunnelkit.relay import CloseKind, Side, Timeouts, TunnelRecord
+
+if TYPE_CHECKING:
+    from tunnelkit.dialer import Backend
+    from tunnelkit.listener import TunnelFactory
+    from tunnelkit.socket_options import SocketOptions
+
+log = Logger(namespace="tunnelkit.native")
+
+try:
+    from tunnelkit import _engine
+except ImportError:  # not built (no compiler at install time) or not Linux
+    _engine = None  # type: ignore[assignment]
+
+#: Seconds between timer sweeps while tunnels exist: the resolution of the
+#: connect, idle, fin and close-grace timeouts.
+TICK = 0.1
+
+_SIDES = (Side.CLIENT, Side.BACKEND, Side.PROXY)
+_KINDS = (CloseKind.FIN, CloseKind.RST, CloseKind.TIMEOUT, CloseKind.ERROR, CloseKind.SHUTDOWN)
+
+
+def built() -> bool:
+    """Whether the C module is there (it is compiled when tunnelkit is installed)."""
+    return _engine is not None
+
+
+def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] | None:
+    """``(name, host, port)`` or ``(name, path)`` for a backend the engine can dial, else ``None``.
+
+    The engine dials IP addresses and UNIX paths; names (resolved per
+    connection, happy eyeballs) and TLS stay on the Twisted path.
+    """
+    from twisted.internet.endpoints import UNIXClientEndpoint
+
+    from tunnelkit.dialer import AddressEndpoint
+
+    endpoint = backend.endpoint
+    if type(endpoint) is AddressEndpoint:
+        return (backend.name, endpoint.host, endpoint.port)
+    if type(endpoint) is UNIXClientEndpoint:
+        path = endpoint._path
+        return (backend.name, path) if path.startswith("/") else None
+    return None
+
+
+def why_not_native(config: Any) -> str | None:
+    """Why the options need the Twisted path, or ``None`` if the engine can serve them."""
+    reasons = [
+        (_engine is None, "the native engine is not built (no C compiler at install time?)"),
+        (config["mode"] != "forward", f"--mode {config['mode']} reads a request first"),
+        (config.tls is not None or config.backend_tls is not None, "TLS is relayed by Python"),
+        (config["no-write-through"], "--no-write-through is a diagnostic of the Python path"),
+    ]
+    reasons += [
+        (text.strip().lower().startswith(("ssl:", "tls:")), f"--listen {text!r} is a TLS listener")
+        for text in config["listen"]
+    ]
+    reasons += [
+        (native_backend(b) is None, f"--to {b.name!r} is not an IP address or a UNIX path")
+        for b in config.backends
+    ]
+    return next((why for applies, why in reasons if applies), None)
+
+
+def _port_socket(factory: Any, port: IListeningPort) -> int | None:
+    """The listening descriptor of a plain TCP or UNIX port serving ``factory`` itself, else ``None``.
+
+    A port whose factory is a wrapper (TLS from an endpoint plugin, say)
+    must keep reading through that wrapper.
+    """
+    from twisted.internet import tcp, unix
+
+    if isinstance(port, unix.Port | tcp.Port) and port.factory is factory:
+        fileno: int = port.fileno()
+        return fileno
+    return None
+
+
+class NativeRegistry(TunnelRegistry):
+    """The registry of an engine's tunnels: it counts and aborts them in C."""
+
+    def __init__(self, clock: Any, max_tunnels: int) -> None:
+        super().__init__(clock, max_tunnels)
+        self.engine: Any = None
+
+    def live(self) -> int:
+        return int(self.engine.active) if self.engine is not None else 0
+
+    def abort_all(self, reason: str) -> None:
+        if self.engine is not None:
+            self.engine.abort_all(reason)
+
+    def warn_full(self) -> None:
+        # The engine says it once per burst already.
+        self._warned_full = False
+        super().warn_full()
+
+
+@implementer(IReadDescriptor)
+class NativeRelay:
+    """Drives one :class:`tunnelkit._engine.Engine` from the reactor.
+
+    ``factories`` maps listener names to their :class:`TunnelFactory`: the
+    engine asks the factory's client policy and logs through its access log,
+    so records and refusals read the same as on the Twisted path.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        backends: Sequence[Backend],
+        *,
+        registry: NativeRegistry,
+        timeouts: Timeouts,
+        connect_timeout: float,
+        socket_options: SocketOptions,
+        splice: str,
+        bulk_read: int,
+        log_records: bool,
+        restricts_clients: bool,
+    ) -> None:
+        self.reactor = reactor
+        self.registry = registry
+        self._factories: list[TunnelFactory] = []
+        self._listening: list[int] = []
+        self._tick: IDelayedCall | None = None
+        options = socket_options
+        specs = [spec for spec in map(native_backend, backends) if spec is not None]
+        assert len(specs) == len(backends), "why_not_native() was not asked"
+        self.engine: Any = _engine.Engine(
+            specs,
+            options.read_size,
+            bulk_read,
+            {"off": 0, "auto": 1, "on": 2}[splice],
+            timeouts.idle or 0.0,
+            timeouts.fin or 0.0,
+            timeouts.close_grace,
+            connect_timeout,
+            max_tunnels=registry.max_tunnels,
+            log_records=log_records,
+            nodelay=options.nodelay,
+            keepalive=-1 if options.keepalive is None else options.keepalive,
+            sndbuf=-1 if options.sndbuf is None else options.sndbuf,
+            rcvbuf=-1 if options.rcvbuf is None else options.rcvbuf,
+            mss=-1 if options.mss is None else options.mss,
+            client_check=self._client_allowed if restricts_clients else None,
+        )
+        registry.engine = self.engine
+
+    # -- listeners ------------------------------------------------------------
+
+    def start(self, listeners: Sequence[tuple[Any, IListeningPort]]) -> None:
+        """Accept on these ``(factory, port)`` pairs in the engine from now on.
+
+        Each port stops being read by the reactor; a port the engine cannot
+        take (a TLS port) goes on accepting through Twisted and its factory.
+        """
+        self.reactor.addReader(self)
+        for factory, port in listeners:
+            fd = _port_socket(factory, port)
+            if fd is None:
+                continue
+            port.stopReading()  # type: ignore[attr-defined]
+            self.engine.add_listener(fd, len(self._factories))
+            self._factories.append(factory)
+            self._listening.append(fd)
+
+    def stop_accepting(self) -> None:
+        """Stop accepting (before the ports close their sockets); tunnels go on."""
+        for fd in self._listening:
+            self.engine.remove_listener(fd)
+        self._listening.clear()
+
+    def _client_allowed(self, host: str, port: int, listener: int) -> bool:
+        address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+        return self._factories[listener].client_allowed(address)
+
+    # -- the reactor's side ---------------------------------------------------
+
+    def fileno(self) -> int:
+        fileno: int = self.engine.fileno()
+        return fileno
+
+    def doRead(self) -> None:
+        """Some of the engine's sockets are ready: handle them all in C."""
+        try:
+            self.engine.run()
+        finally:
+            self._after()
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor stopped watching the engine (it is being closed)."""
+
+    def logPrefix(self) -> str:
+        return "tunnelkit-engine"
+
+    def close(self) -> None:
+        """Reset what is left, log it, and let the descriptors go."""
+        if self._tick is not None and self._tick.active():
+            self._tick.cancel()
+        self._tick = None
+        self.stop_accepting()
+        self.reactor.removeReader(self)
+        self.engine.abort_all("shutdown")
+        self._report()
+        self.engine.close()
+
+    def _timers(self) -> None:
+        self._tick = None
+        self.engine.tick()
+        self._after()
+
+    def _after(self) -> None:
+        self._report()
+        if self.engine.active:
+            if self._tick is None:
+                self._tick = self.reactor.callLater(TICK, self._timers)
+        else:
+            self.registry.emptied()
+
+    def _report(self) -> None:
+        notices = self.engine.take_notices()
+        for notice in notices:
+            self._notice(*notice)
+        records = self.engine.take_records()
+        if not records:
+            return
+        factories = self._factories
+        for (
+            listener,
+            client,
+            backend,
+            backend_address,
+            up,
+            down,
+            duration,
+            connect_time,
+            side,
+            kind,
+            reason,
+            spliced,
+        ) in records:
+            factory = factories[listener]
+            factory.tunnel_log(
+                TunnelRecord(
+                    client=client,
+                    backend=backend,
+                    backend_address=backend_address,
+                    bytes_up=up,
+                    bytes_down=down,
+                    duration=duration,
+                    connect_time=connect_time,
+                    closed_by=_SIDES[side],
+                    close_kind=_KINDS[kind],
+                    reason=reason,
+                    details={"spliced": True} if spliced else {},
+                ),
+                factory.listener,
+            )
+
+    def _notice(self, name: str, value: int) -> None:
+        if name == "connection_limit":
+            self.registry.warn_full()
+        elif name == "accept_failed":
+            log.warn(
+                "out of file descriptors: a client was accepted and closed at once",
+                event="accept_failed",
+            )
