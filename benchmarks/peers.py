@@ -236,7 +236,8 @@ def snapshot_tunnelkit(source: Path, workdir: Path) -> str:
         source, target / "tunnelkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
     )
     digest = hashlib.sha256()
-    for path in sorted((target / "tunnelkit").rglob("*.py")):
+    sources = [*(target / "tunnelkit").rglob("*.py"), *(target / "tunnelkit").rglob("*.c")]
+    for path in sorted(sources):
         digest.update(path.relative_to(target).as_posix().encode() + b"\0" + path.read_bytes())
     SNAPSHOT["PYTHONPATH"] = str(target)
     return digest.hexdigest()[:12]
@@ -570,12 +571,13 @@ def all_proxies(
     no_splice: bool = False,
     no_access_log: bool = False,
     malloc_tuned: bool = False,
+    python_engine: bool = False,
 ) -> list[ProxySpec]:
     """Every system in the order of the tables.
 
     With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
-    ``no_splice``, ``no_access_log`` and ``malloc_tuned`` add a diagnostic row
-    (``+nowt``, ``+nosplice``, ``+nolog``, ``+malloc``) after each. Without a sweep, ``tunnelkit-w2``
+    ``no_splice``, ``no_access_log``, ``malloc_tuned`` and ``python_engine`` add a diagnostic row
+    (``+nowt``, ``+nosplice``, ``+nolog``, ``+malloc``, ``+python``) after each. Without a sweep, ``tunnelkit-w2``
     (``--workers 2``) follows: the multi-core figure beside the single
     process, as haproxy (2 threads) and nginx (2 workers) use both cores.
     """
@@ -595,6 +597,8 @@ def all_proxies(
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nolog", extra=("--no-access-log",)))
         if malloc_tuned:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
+        if python_engine:
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+python", extra=("--engine", "python")))
     if not read_sizes:
         tunnelkits.append(
             tunnelkit_spec(

@@ -119,6 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="diagnostic: add a tunnelkit row run with --no-access-log (the peers log nothing)",
     )
     parser.add_argument(
+        "--python-engine",
+        action="store_true",
+        help="diagnostic: add a tunnelkit row run with --engine python (Twisted's relay path)",
+    )
+    parser.add_argument(
         "--malloc-tuned",
         action="store_true",
         help="diagnostic: add a tunnelkit row started with GLIBC_TUNABLES (see peers.py)",
@@ -188,6 +193,7 @@ def proxies(args: argparse.Namespace) -> list[peers.ProxySpec]:
         no_splice=args.no_splice,
         no_access_log=args.no_access_log,
         malloc_tuned=args.malloc_tuned,
+        python_engine=args.python_engine,
     )
 
 

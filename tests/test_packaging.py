@@ -88,6 +88,14 @@ def test_wheel_ships_only_the_plugin_file_under_twisted(wheel: Path) -> None:
     assert re.search(r"^tunnelkit = tunnelkit\.cli:main$", scripts, re.MULTILINE), scripts
 
 
+def test_wheel_carries_the_native_engine(wheel: Path) -> None:
+    """The wheel holds the compiled engine and is tagged for this platform, not py3-none-any."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert [n for n in names if re.fullmatch(r"tunnelkit/_engine\..*\.so", n)], names
+    assert not wheel.name.endswith("-none-any.whl"), wheel.name
+
+
 def test_wheel_install_registers_plugin_and_uninstall_keeps_twisted(
     wheel: Path, venv: Path, empty_dir: Path
 ) -> None:
@@ -98,6 +106,15 @@ def test_wheel_install_registers_plugin_and_uninstall_keeps_twisted(
         assert (plugins / "tunnelkit_plugin.py").is_file()
         assert _LISTED.search(twistd_help(venv, empty_dir))
         assert "--listen" in twistd_help(venv, empty_dir, "tunnelkit")
+        engine = run(
+            [
+                str(venv / "bin" / "python"),
+                "-c",
+                "from tunnelkit import native; print(native.built())",
+            ],
+            cwd=empty_dir,
+        )
+        assert engine.stdout.strip() == "True", engine.stdout
     finally:
         pip(venv, "uninstall", "-q", "-y", "tunnelkit")
     assert not (plugins / "tunnelkit_plugin.py").exists()

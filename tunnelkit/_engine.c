@@ -167,8 +167,7 @@ static PyObject *describe(const struct sockaddr_storage *ss, socklen_t len) {
         size_t n = len > offsetof(struct sockaddr_un, sun_path)
                        ? strnlen(a->sun_path, len - offsetof(struct sockaddr_un, sun_path))
                        : 0;
-        if (n == 0)
-            return PyUnicode_FromString("-");
+        /* An unnamed client socket, as most are: empty, as on Twisted's path. */
         return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, n);
     }
     return PyUnicode_FromString("-");
@@ -556,7 +555,6 @@ static int try_backends(Engine *e, tunnel_t *t) {
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0) {
             t->fd[BACKEND] = -1;
-            t->backend_index--;
             note(t, PROXY, K_ERROR, "backend connect failed: %s", strerror(errno));
             unwatch_close(e, t, CLIENT, 0);
             end_tunnel(e, t);
@@ -761,6 +759,11 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
 
 /* -- the Python type ----------------------------------------------------------- */
 
+/* Whether records or notices wait to be taken: Python skips two calls per wake-up otherwise. */
+static PyObject *news(Engine *e) {
+    return PyBool_FromLong(PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0);
+}
+
 static PyObject *Engine_run(Engine *e, PyObject *unused) {
     struct epoll_event events[MAX_EVENTS];
     int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
@@ -769,7 +772,7 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
             Py_RETURN_NONE;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-    PyObject *result = Py_None;
+    PyObject *result = Py_None; /* NULL once the client check raised */
     for (int i = 0; i < n; i++) {
         uint64_t tag = events[i].data.u64;
         int kind = (int)(tag & 3);
@@ -785,8 +788,9 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
         on_event(e, ptr, kind, events[i].events);
     }
     bury(e);
-    Py_XINCREF(result);
-    return result;
+    if (result == NULL)
+        return NULL;
+    return news(e);
 }
 
 static PyObject *Engine_tick(Engine *e, PyObject *unused) {
@@ -814,7 +818,7 @@ static PyObject *Engine_tick(Engine *e, PyObject *unused) {
         t = next;
     }
     bury(e);
-    Py_RETURN_NONE;
+    return news(e);
 }
 
 static PyObject *Engine_abort_all(Engine *e, PyObject *arg) {
@@ -862,7 +866,11 @@ static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Hand the list over and start a new one; an empty list stays (a call per
+ * reactor wake-up should not allocate when nothing happened). */
 static PyObject *take(PyObject **list) {
+    if (PyList_GET_SIZE(*list) == 0)
+        return PyTuple_New(0);
     PyObject *taken = *list;
     PyObject *fresh = PyList_New(0);
     if (fresh == NULL)
@@ -1049,8 +1057,10 @@ static void Engine_dealloc(Engine *e) {
 static PyObject *Engine_get_active(Engine *e, void *closure) { return PyLong_FromLong(e->active); }
 
 static PyMethodDef Engine_methods[] = {
-    {"run", (PyCFunction)Engine_run, METH_NOARGS, "Handle every ready event (never blocks)."},
-    {"tick", (PyCFunction)Engine_tick, METH_NOARGS, "Fire the timers that are due."},
+    {"run", (PyCFunction)Engine_run, METH_NOARGS,
+     "Handle every ready event (never blocks); True if there are records or notices to take."},
+    {"tick", (PyCFunction)Engine_tick, METH_NOARGS,
+     "Fire the timers that are due; True if there are records or notices to take."},
     {"abort_all", (PyCFunction)Engine_abort_all, METH_O, "Reset every tunnel, with this reason."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
      "Accept on listening socket fd, recording listener id."},

@@ -72,6 +72,9 @@ def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] |
 
     endpoint = backend.endpoint
     if type(endpoint) is AddressEndpoint:
+        # A scoped IPv6 address (fe80::1%eth0) needs the interface index: Twisted's path.
+        if "%" in endpoint.host:
+            return None
         return (backend.name, endpoint.host, endpoint.port)
     if type(endpoint) is UNIXClientEndpoint:
         path = endpoint._path
@@ -219,10 +222,9 @@ class NativeRelay:
 
     def doRead(self) -> None:
         """Some of the engine's sockets are ready: handle them all in C."""
-        try:
-            self.engine.run()
-        finally:
-            self._after()
+        if self.engine.run():
+            self._report()
+        self._after()
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor stopped watching the engine (it is being closed)."""
@@ -243,11 +245,11 @@ class NativeRelay:
 
     def _timers(self) -> None:
         self._tick = None
-        self.engine.tick()
+        if self.engine.tick():
+            self._report()
         self._after()
 
     def _after(self) -> None:
-        self._report()
         if self.engine.active:
             if self._tick is None:
                 self._tick = self.reactor.callLater(TICK, self._timers)
