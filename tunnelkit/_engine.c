@@ -48,7 +48,6 @@
 #define ACCEPTS_PER_EVENT 64
 #define PIPE_CAPACITY (1 << 20)
 #define PIPES_KEPT 64
-#define REASON_SIZE 512
 
 enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
 enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
@@ -94,8 +93,9 @@ typedef struct tunnel {
     double fin_at;     /* fin timeout, once half-closed (0: none) */
     double grace_at;   /* close grace, once closing (0: none) */
     int noted, closed_by, close_kind;
-    char reason[REASON_SIZE];
-    char errors[REASON_SIZE]; /* failed backend attempts, "name: why; ..." */
+    /* Allocated when first needed: an idle tunnel is about 300 bytes. */
+    char *reason;
+    char *errors; /* failed backend attempts, "name: why; ..." */
     struct sockaddr_storage peer;
     socklen_t peer_len;
 } tunnel_t;
@@ -146,7 +146,8 @@ static void note(tunnel_t *t, int side, int kind, const char *fmt, ...) {
     t->close_kind = kind;
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(t->reason, sizeof t->reason, fmt, ap);
+    if (vasprintf(&t->reason, fmt, ap) < 0)
+        t->reason = NULL;
     va_end(ap);
 }
 
@@ -312,7 +313,8 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
         PyObject *record = Py_BuildValue(
             "(iNNNKKdNiisO)", t->listener_id, client, backend, backend_address,
             t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
-            t->closed_by, t->close_kind, t->reason, t->spliced ? Py_True : Py_False);
+            t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
+            t->spliced ? Py_True : Py_False);
         if (record != NULL) {
             PyList_Append(e->records, record);
             Py_DECREF(record);
@@ -329,6 +331,8 @@ static void bury(Engine *e) {
     while (e->graveyard != NULL) {
         tunnel_t *t = e->graveyard;
         e->graveyard = t->next;
+        free(t->reason);
+        free(t->errors);
         free(t);
     }
 }
@@ -536,11 +540,13 @@ static void join(Engine *e, tunnel_t *t) {
 
 static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out) {
     t->last_timed_out = timed_out;
-    size_t used = strlen(t->errors);
-    PyObject *name = e->backend_names[t->backend_index];
-    const char *text = PyUnicode_AsUTF8(name);
-    snprintf(t->errors + used, sizeof t->errors - used, "%s%s: %s", used ? "; " : "",
-             text ? text : "?", why);
+    const char *name = PyUnicode_AsUTF8(e->backend_names[t->backend_index]);
+    char *errors;
+    if (asprintf(&errors, "%s%s%s: %s", t->errors ? t->errors : "", t->errors ? "; " : "",
+                 name ? name : "?", why) >= 0) {
+        free(t->errors);
+        t->errors = errors;
+    }
     if (t->events[BACKEND])
         epoll_ctl(e->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], NULL);
     t->events[BACKEND] = 0;
@@ -574,7 +580,8 @@ static int try_backends(Engine *e, tunnel_t *t) {
         attempt_failed(e, t, strerror(errno), 0);
     }
     t->backend_index = -1;
-    note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s", t->errors);
+    note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
+         t->errors ? t->errors : "no attempt made");
     unwatch_close(e, t, CLIENT, 0);
     end_tunnel(e, t);
     return 1;
@@ -625,15 +632,6 @@ static PyObject *notice(Engine *e, PyObject *item) {
 
 /* Returns -1 with a Python exception set if the client check raised. */
 static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
-    if (e->active >= e->max_tunnels) {
-        e->refused++;
-        if (!e->warned_full) {
-            e->warned_full = 1;
-            notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
-        }
-        close(fd);
-        return 0;
-    }
     if (e->client_check != NULL && (ss->ss_family == AF_INET || ss->ss_family == AF_INET6)) {
         char host[INET6_ADDRSTRLEN];
         int port;
@@ -658,6 +656,15 @@ static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, 
             close(fd);
             return allowed < 0 ? -1 : 0;
         }
+    }
+    if (e->active >= e->max_tunnels) {
+        e->refused++;
+        if (!e->warned_full) {
+            e->warned_full = 1;
+            notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
+        }
+        close(fd);
+        return 0;
     }
     tunnel_t *t = calloc(1, sizeof *t);
     if (t == NULL) {

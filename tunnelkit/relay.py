@@ -93,8 +93,9 @@ def describe(address: Any) -> str:
     port = getattr(address, "port", None)
     if host is not None and port is not None:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if name is not None:
+    if hasattr(address, "name"):
+        # A UNIX peer: its path, empty for the unnamed sockets most clients use.
+        name = address.name or ""
         return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
     return str(address)
 

@@ -269,11 +269,11 @@ def _spliced_class(kind: type[tcp.Connection]) -> type:
     base_write: Callable[[Any], object] = kind.doWrite
 
     def doRead(self: Any) -> object:
-        why = self.protocol.tunnel.splicer.read(self)
+        why = self._tunnelkit_splicer.read(self)
         return base_read(self) if why is _FALLBACK else why
 
     def doWrite(self: Any) -> object:
-        why = self.protocol.tunnel.splicer.write(self)
+        why = self._tunnelkit_splicer.write(self)
         return base_write(self) if why is _FALLBACK else why
 
     spliced = type(f"Spliced{kind.__name__}", (kind,), {"doRead": doRead, "doWrite": doWrite})
@@ -288,5 +288,8 @@ def start_splicing(pool: PipePool, tunnel: Tunnel, client: Leg, backend: Leg) ->
         return None
     splicer = Splicer(pool, tunnel, client, backend)
     for transport in transports:
+        # On the transport, not reached through its protocol: a backend from
+        # Twisted's unix: endpoint has a _WrappingProtocol in between.
+        transport._tunnelkit_splicer = splicer
         transport.__class__ = _spliced_class(type(transport))
     return splicer

@@ -1,0 +1,382 @@
+"""Plain forwarding end to end on both relay paths: the native engine and Twisted's.
+
+The native engine (tunnelkit/_engine.c driven by tunnelkit/native.py) takes
+over accept, client policy, the connection cap, failover, relay, half-close
+and the drain from Twisted when the options allow it. Each behaviour here is
+proved over real loopback sockets on the default engine (which must be the
+native one) and again with ``--engine python``, so both paths keep the same
+promises and log the same records. Payloads are random and checked by
+SHA-256; addresses are loopback, ports are 0, UNIX paths are temporary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+from loopback import (
+    IO_TIMEOUT,
+    Forwarder,
+    LoopbackTestCase,
+    MiB,
+    connect,
+    digest_then_reply,
+    echo,
+    exchange,
+    hashing_echo,
+    recv_all,
+    recv_exactly,
+    recv_outcome,
+    sha256,
+    silent_listener,
+    split_address,
+)
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest
+from zope.interface import implementer
+
+Inline = Generator[Deferred[Any], Any, None]
+
+#: How long a refused client may wait for the proxy to close it.
+CLOSE_TIMEOUT = 5.0
+
+
+@contextlib.contextmanager
+def refusing_address() -> Iterator[str]:
+    """A loopback port that refuses connections: bound (so nobody else gets it), not listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def connect_from(source: str, address: str, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A blocking client socket bound to loopback address ``source``, connected to ``address``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.bind((source, 0))
+        sock.connect(split_address(address))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def refused_client(address: str) -> tuple[int, bytes, str]:
+    """Connect and send nothing: the client's port, and what it got before the proxy closed it."""
+    with connect(address, timeout=CLOSE_TIMEOUT) as sock:
+        port: int = sock.getsockname()[1]
+        data, how = recv_outcome(sock)
+    return port, data, how
+
+
+def open_tunnel(address: str, source: str = "127.0.0.1") -> socket.socket:
+    """A client (from ``source``) whose tunnel to an echo backend is joined: ``ping`` came back."""
+    sock = connect_from(source, address)
+    try:
+        sock.sendall(b"ping")
+        assert recv_exactly(sock, 4) == b"ping"
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def end_tunnel(sock: socket.socket) -> bytes:
+    """Half-close a client, read what is left until EOF, close."""
+    with sock:
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def echoes(sock: socket.socket, size: int) -> bool:
+    """A random ``size``-byte payload and EOF sent on ``sock`` come back intact."""
+    with sock:
+        payload = os.urandom(size)
+        received = exchange(sock, payload)
+    return len(received) == size and sha256(received) == sha256(payload)
+
+
+def serve_one(listener: socket.socket, handler: Callable[[socket.socket], Any]) -> Any:
+    """Accept one connection on ``listener`` and return what ``handler`` makes of it."""
+    listener.settimeout(IO_TIMEOUT)
+    conn, _ = listener.accept()
+    with conn:
+        conn.settimeout(IO_TIMEOUT)
+        return handler(conn)
+
+
+@implementer(ILogObserver)
+class Events:
+    """A log observer keeping the events whose ``event`` field is one of ``names``."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+        self.seen: list[dict[str, Any]] = []
+
+    def __call__(self, event: LogEvent) -> None:
+        if event.get("event") in self.names:
+            self.seen.append(dict(event))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [event for event in self.seen if event["event"] == name]
+
+
+class NativeEngineTests(LoopbackTestCase):
+    """Client policy, the cap, failover, half-close, UNIX sockets, byte counts and drain, natively."""
+
+    #: Whether the forwarders of this class must relay with the native engine.
+    native = True
+
+    def forwarder(self, *args: str, listen: str = "127.0.0.1:0") -> Forwarder:
+        """A forwarder on this class's engine, stopped after the test unless the test stopped it."""
+        fwd = Forwarder(*self.extra_args, *args, listen=listen)
+        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        assert fwd.native is self.native, "the forwarder runs on the wrong engine"
+        return fwd
+
+    def observe(self, *names: str) -> Events:
+        """Keep the log events called ``names`` until the test ends."""
+        events = Events(*names)
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        return events
+
+    @inlineCallbacks
+    def test_client_policy(self) -> Inline:
+        """--allow-client: other clients are closed at once, unseen by the backend and unrecorded; allowed ones relay 1 MiB."""
+        events = self.observe("client_refused")
+        backend = self.serve(hashing_echo)
+        fwd = self.forwarder("--to", backend.address, "--allow-client", "127.0.0.2/32")
+        port, data, how = yield deferToThread(refused_client, fwd.address)
+        assert data == b"" and how in ("EOF", "RST"), (data, how)
+        [refused] = events.named("client_refused")
+        assert refused["client"] == f"127.0.0.1:{port}", refused
+        sock = yield deferToThread(connect_from, "127.0.0.2", fwd.address)
+        assert (yield deferToThread(echoes, sock, MiB))
+        [record] = yield fwd.closed(1)
+        assert record["client"].startswith("127.0.0.2:"), record
+        assert (record["bytes_up"], record["bytes_down"]) == (MiB, MiB)
+        assert backend.accepted == 1
+        assert len(fwd.records) == 1, fwd.records
+
+    @inlineCallbacks
+    def test_connection_cap(self) -> Inline:
+        """--max-connections 1: clients beyond it are closed at once, unseen by the backend, logged once per burst."""
+        events = self.observe("connection_limit")
+        backend = self.serve(echo)
+        fwd = self.forwarder("--to", backend.address, "--max-connections", "1")
+        first = yield deferToThread(open_tunnel, fwd.address)
+        self.addCleanup(first.close)
+        for _ in range(2):
+            _, data, how = yield deferToThread(refused_client, fwd.address)
+            assert data == b"" and how in ("EOF", "RST"), (data, how)
+        assert backend.accepted == 1
+        [limit] = events.named("connection_limit")
+        assert limit["max_tunnels"] == 1
+        assert (yield deferToThread(end_tunnel, first)) == b""
+        yield fwd.closed(1)
+        # The freed slot serves a new client; refusing the next starts a new burst.
+        second = yield deferToThread(open_tunnel, fwd.address)
+        self.addCleanup(second.close)
+        yield deferToThread(refused_client, fwd.address)
+        assert len(events.named("connection_limit")) == 2
+        assert (yield deferToThread(echoes, second, 64 * 1024))
+        records = yield fwd.closed(2)
+        assert [r["close_kind"] for r in records] == ["FIN", "FIN"], records
+        assert (backend.accepted, len(fwd.records)) == (2, 2)
+
+    @inlineCallbacks
+    def test_policy_refusal_at_the_cap(self) -> Inline:
+        """At the cap, a client the policy refuses is still logged as client_refused, not as connection_limit."""
+        events = self.observe("client_refused", "connection_limit")
+        backend = self.serve(echo)
+        fwd = self.forwarder(
+            "--to", backend.address, "--max-connections", "1", "--allow-client", "127.0.0.2/32"
+        )
+        allowed = yield deferToThread(open_tunnel, fwd.address, "127.0.0.2")
+        self.addCleanup(allowed.close)
+        port, _, _ = yield deferToThread(refused_client, fwd.address)
+        seen = [(event["event"], event.get("client")) for event in events.seen]
+        assert seen == [("client_refused", f"127.0.0.1:{port}")], seen
+
+    @inlineCallbacks
+    def test_failover_to_second_backend(self) -> Inline:
+        """A refused first --to fails over to the second, which the record names."""
+        backend = self.serve(hashing_echo)
+        with refusing_address() as refused:
+            fwd = self.forwarder("--to", refused, "--to", backend.address)
+            sock = yield deferToThread(connect, fwd.address)
+            assert (yield deferToThread(echoes, sock, 256 * 1024))
+            [record] = yield fwd.closed(1)
+        assert (record["backend"], record["backend_address"]) == (backend.address, backend.address)
+        assert record["connect_time"] is not None and record["connect_time"] >= 0, record
+        assert (record["closed_by"], record["close_kind"]) == ("client", "FIN")
+        assert backend.accepted == 1
+
+    @inlineCallbacks
+    def test_all_backends_refused(self) -> Inline:
+        """When every --to refuses, the client is closed and the record names each backend tried, in order."""
+        with refusing_address() as one, refusing_address() as two:
+            fwd = self.forwarder("--to", one, "--to", two)
+            _, data, how = yield deferToThread(refused_client, fwd.address)
+            [record] = yield fwd.closed(1)
+        assert data == b"" and how in ("EOF", "RST"), (data, how)
+        assert (record["closed_by"], record["close_kind"]) == ("proxy", "error"), record
+        reason = record["reason"]
+        assert reason.startswith("no backend connected:"), reason
+        assert one in reason and two in reason and reason.index(one) < reason.index(two), reason
+        assert (record["backend"], record["backend_address"], record["connect_time"]) == (
+            "-",
+            "-",
+            None,
+        )
+
+    @inlineCallbacks
+    def send_early_then_digest(self, size: int, *args: str) -> Generator[Any, Any, tuple[Any, ...]]:
+        """A client sends ``size`` random bytes and its FIN at once; the digest backend answers.
+
+        Returns the seconds the client took to send everything and its FIN,
+        and the tunnel's record.
+        """
+        backend = self.serve(digest_then_reply(b""))
+        fwd = self.forwarder(*args, "--to", backend.address)
+        payload = os.urandom(size)
+
+        def client() -> tuple[bytes, float]:
+            with connect(fwd.address) as sock:
+                started = time.monotonic()
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                sent = time.monotonic() - started
+                return recv_all(sock), sent
+
+        answer, sent = yield deferToThread(client)
+        assert answer == hashlib.sha256(payload).digest()
+        assert (yield deferToThread(backend.outcome)) == (size, sha256(payload))
+        [record] = yield fwd.closed(1)
+        assert (record["bytes_up"], record["bytes_down"]) == (size, 32)
+        assert (record["closed_by"], record["close_kind"]) == ("client", "FIN"), record
+        return sent, record
+
+    @inlineCallbacks
+    def test_early_data_and_fin(self) -> Inline:
+        """256 KiB and a FIN sent right after connect all reach the backend, whose reply reaches the client."""
+        yield self.send_early_then_digest(256 * 1024)
+
+    @inlineCallbacks
+    def test_data_and_fin_while_connecting(self) -> Inline:
+        """Data and a FIN that arrive while the backend is still connecting are relayed, in order, after the join."""
+        with silent_listener() as silent:
+            if silent is None:
+                raise SkipTest("this kernel answers SYNs beyond a full accept queue")
+            args = ("--connect-timeout", "0.5", "--to", silent)
+            sent, record = yield self.send_early_then_digest(32 * 1024, *args)
+        # The FIN was sent long before the first backend's connect timed out.
+        assert sent < 0.25 <= record["connect_time"], (sent, record)
+
+    @inlineCallbacks
+    def unix_echo(self, splice: str) -> Generator[Deferred[Any], Any, dict[str, Any]]:
+        """4 MiB through a unix: listener to a unix: backend and back, with ``--splice splice``; the record."""
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, True)
+        listen_path = os.path.join(directory, "proxy.sock")
+        backend_path = os.path.join(directory, "backend.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(backend_path)
+        listener.listen(8)
+        args = ("--to", f"unix:{backend_path}", "--splice", splice)
+        fwd = self.forwarder(*args, listen=f"unix:{listen_path}")
+        assert os.fsdecode(fwd.address) == listen_path
+        served = deferToThread(serve_one, listener, hashing_echo)
+        payload = os.urandom(4 * MiB)
+        sock = yield deferToThread(connect, listen_path)
+        with sock:
+            received = yield deferToThread(exchange, sock, payload)
+        assert len(received) == len(payload) and sha256(received) == sha256(payload)
+        assert (yield served) == sha256(payload)
+        records: list[dict[str, Any]] = yield fwd.closed(1)
+        [record] = records
+        assert (record["bytes_up"], record["bytes_down"]) == (4 * MiB, 4 * MiB)
+        assert record["backend"] == f"unix:{backend_path}", record
+        # An unnamed UNIX client is described as empty on both paths (docs/logging.md).
+        assert (record["client"], record["backend_address"]) == ("", backend_path), record
+        assert (record["closed_by"], record["close_kind"]) == ("client", "FIN")
+        return record
+
+    @inlineCallbacks
+    def test_unix_listener_and_backend(self) -> Inline:
+        """unix: listener to unix: backend, copying through user space: 4 MiB echoed intact, counted exactly."""
+        record = yield self.unix_echo("off")
+        assert "spliced" not in record, record
+
+    @inlineCallbacks
+    def test_unix_listener_and_backend_spliced(self) -> Inline:
+        """unix: listener to unix: backend, spliced from the join: 4 MiB echoed intact, counted exactly."""
+        record = yield self.unix_echo("on")
+        assert record["spliced"] is True, record
+
+    @inlineCallbacks
+    def test_exact_byte_counts(self) -> Inline:
+        """100,000 bytes up and a 3,000,000-byte reply down are counted exactly; the backend's FIN closes."""
+        up, down = os.urandom(100_000), os.urandom(3_000_000)
+
+        def reply_then_close(conn: socket.socket) -> tuple[str, bytes]:
+            request = recv_exactly(conn, len(up))
+            conn.sendall(down)
+            conn.shutdown(socket.SHUT_WR)
+            return sha256(request), recv_all(conn)
+
+        backend = self.serve(reply_then_close)
+        fwd = self.forwarder("--to", backend.address)
+
+        def client() -> bytes:
+            with connect(fwd.address) as sock:
+                sock.sendall(up)
+                return recv_all(sock)
+
+        received = yield deferToThread(client)
+        assert len(received) == len(down) and sha256(received) == sha256(down)
+        assert (yield deferToThread(backend.outcome)) == (sha256(up), b"")
+        [record] = yield fwd.closed(1)
+        assert (record["bytes_up"], record["bytes_down"]) == (100_000, 3_000_000)
+        assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN"), record
+
+    @inlineCallbacks
+    def test_drain_deadline_resets_idle_tunnel(self) -> Inline:
+        """On stop an idle tunnel is cut at the 2 s drain deadline and logged as a shutdown."""
+        from twisted.internet import reactor
+
+        backend = self.serve(echo)
+        fwd = self.forwarder("--to", backend.address)
+        sock = yield deferToThread(open_tunnel, fwd.address)
+        self.addCleanup(sock.close)
+        sock.settimeout(10)
+        ended = deferToThread(recv_outcome, sock)
+        started = reactor.seconds()
+        yield fwd.stop()
+        took = reactor.seconds() - started
+        data, how = yield ended
+        assert 1.5 <= took < 5, took
+        assert data == b"" and how in ("EOF", "RST"), (data, how)
+        [record] = yield fwd.closed(1)
+        assert (record["closed_by"], record["close_kind"]) == ("proxy", "shutdown"), record
+        assert "drain deadline" in record["reason"], record
+        assert (record["bytes_up"], record["bytes_down"]) == (4, 4)
+
+
+class PythonEngineTests(NativeEngineTests):
+    """The same promises on Twisted's relay (--engine python)."""
+
+    native = False
+    extra_args = ("--engine", "python")
