@@ -269,6 +269,27 @@ class NativeEngineTests(LoopbackTestCase):
         return sent, record
 
     @inlineCallbacks
+    def test_urgent_data_is_stepped_over(self) -> Inline:
+        """TCP urgent data on a spliced tunnel is dropped as by recv: the rest of the stream and the FIN still arrive."""
+        backend = self.serve(digest_then_reply(b""))
+        fwd = self.forwarder("--splice", "on", "--to", backend.address)
+        head, tail = os.urandom(64 * 1024), os.urandom(64 * 1024)
+
+        def client() -> bytes:
+            with connect(fwd.address) as sock:
+                sock.sendall(head)
+                sock.send(b"!", socket.MSG_OOB)
+                sock.sendall(tail)
+                sock.shutdown(socket.SHUT_WR)
+                return recv_all(sock)
+
+        answer = yield deferToThread(client)
+        assert answer == hashlib.sha256(head + tail).digest()
+        assert (yield deferToThread(backend.outcome)) == (len(head + tail), sha256(head + tail))
+        [record] = yield fwd.closed(1)
+        assert (record["bytes_up"], record["closed_by"]) == (len(head + tail), "client"), record
+
+    @inlineCallbacks
     def test_early_data_and_fin(self) -> Inline:
         """256 KiB and a FIN sent right after connect all reach the backend, whose reply reaches the client."""
         yield self.send_early_then_digest(256 * 1024)

@@ -43,6 +43,9 @@
 #include <unistd.h>
 
 #define MAX_EVENTS 256
+#ifndef RUN_ROUNDS
+#define RUN_ROUNDS 4
+#endif
 #define MAX_BACKENDS 64
 #define MAX_LISTENERS 64
 #define ACCEPTS_PER_EVENT 64
@@ -112,6 +115,7 @@ typedef struct {
     int log_records;
     int nodelay, keepalive, sndbuf, rcvbuf, mss;
     int accepting;
+    int running; /* inside run(): ended tunnels may still have events in the batch */
     backend_t backends[MAX_BACKENDS];
     PyObject *backend_names[MAX_BACKENDS];
     int n_backends;
@@ -295,16 +299,14 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
     if (e->log_records) {
         double end = now();
         PyObject *client = describe(&t->peer, t->peer_len);
-        PyObject *backend_address = Py_None;
-        PyObject *backend = PyUnicode_FromString("");
-        Py_INCREF(Py_None);
+        PyObject *backend, *backend_address;
         if (t->connected > 0 && t->backend_index >= 0) {
             backend_t *b = &e->backends[t->backend_index];
-            Py_DECREF(backend_address);
+            backend = Py_NewRef(e->backend_names[t->backend_index]);
             backend_address = describe(&b->addr, b->len);
-            Py_DECREF(backend);
-            backend = e->backend_names[t->backend_index];
-            Py_INCREF(backend);
+        } else {
+            backend = PyUnicode_FromString("");
+            backend_address = Py_NewRef(Py_None);
         }
         PyObject *connect_time = t->connected > 0 ? PyFloat_FromDouble(t->connected - t->started)
                                                   : (Py_INCREF(Py_None), Py_None);
@@ -315,12 +317,10 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
             t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
             t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
             t->spliced ? Py_True : Py_False);
-        if (record != NULL) {
-            PyList_Append(e->records, record);
-            Py_DECREF(record);
-        } else {
+        /* Allocation failures only lose the record, never the engine. */
+        if (record == NULL || PyList_Append(e->records, record) < 0)
             PyErr_Clear();
-        }
+        Py_XDECREF(record);
     }
     t->state = S_DEAD;
     t->next = e->graveyard;
@@ -328,6 +328,8 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
 }
 
 static void bury(Engine *e) {
+    if (e->running)
+        return; /* run() frees its batch's dead tunnels when the batch is over */
     while (e->graveyard != NULL) {
         tunnel_t *t = e->graveyard;
         e->graveyard = t->next;
@@ -455,10 +457,8 @@ static int got_eof(Engine *e, tunnel_t *t, int s) {
 }
 
 static void start_splicing(Engine *e, tunnel_t *t) {
-    if (!t->splicing && e->splice_mode > 0) {
+    if (e->splice_mode > 0)
         t->splicing = 1;
-        t->spliced = 1;
-    }
 }
 
 /* Read once from side s and send it on at once; hold what the peer refuses. */
@@ -473,6 +473,7 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
         if (n > 0) {
             d->bytes += n;
             d->piped = n;
+            t->spliced = 1;
             t->last_moved = now();
             if (flush(e, t, s))
                 return 1;
@@ -481,13 +482,14 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
             return 0;
         }
         give_pipe(e, d);
-        if (n == 0)
-            return got_eof(e, t, s);
-        if (errno == EAGAIN || errno == EINTR)
-            return 0;
-        if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
-            return side_failed(e, t, s, errno);
-        t->splicing = 0; /* this pair of descriptors cannot splice: read as usual */
+        /* 0 and EAGAIN are not conclusive: splice stops at TCP urgent data
+         * (0 if a FIN follows, else EAGAIN while the socket stays readable),
+         * so recv below, which steps over the urgent byte, has the last word. */
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+                return side_failed(e, t, s, errno);
+            t->splicing = 0; /* this pair of descriptors cannot splice: read as usual */
+        }
     }
     ssize_t n = recv(src, e->scratch, e->read_size, 0);
     if (n == 0)
@@ -541,17 +543,21 @@ static void join(Engine *e, tunnel_t *t) {
 static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out) {
     t->last_timed_out = timed_out;
     const char *name = PyUnicode_AsUTF8(e->backend_names[t->backend_index]);
+    if (name == NULL)
+        PyErr_Clear();
     char *errors;
     if (asprintf(&errors, "%s%s%s: %s", t->errors ? t->errors : "", t->errors ? "; " : "",
                  name ? name : "?", why) >= 0) {
         free(t->errors);
         t->errors = errors;
     }
-    if (t->events[BACKEND])
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], NULL);
-    t->events[BACKEND] = 0;
-    close(t->fd[BACKEND]);
-    t->fd[BACKEND] = -1;
+    if (t->fd[BACKEND] >= 0) {
+        if (t->events[BACKEND])
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], NULL);
+        t->events[BACKEND] = 0;
+        close(t->fd[BACKEND]);
+        t->fd[BACKEND] = -1;
+    }
 }
 
 /* Start the next backend attempt; when none is left, close the client and end. */
@@ -559,14 +565,11 @@ static int try_backends(Engine *e, tunnel_t *t) {
     while (++t->backend_index < e->n_backends) {
         backend_t *b = &e->backends[t->backend_index];
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-            t->fd[BACKEND] = -1;
-            note(t, PROXY, K_ERROR, "backend connect failed: %s", strerror(errno));
-            unwatch_close(e, t, CLIENT, 0);
-            end_tunnel(e, t);
-            return 1;
-        }
         t->fd[BACKEND] = fd;
+        if (fd < 0) {
+            attempt_failed(e, t, strerror(errno), 0);
+            continue;
+        }
         set_options(e, fd, b->addr.ss_family);
         t->deadline = now() + e->connect_timeout;
         if (connect(fd, (struct sockaddr *)&b->addr, b->len) == 0) {
@@ -582,6 +585,10 @@ static int try_backends(Engine *e, tunnel_t *t) {
     t->backend_index = -1;
     note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
          t->errors ? t->errors : "no attempt made");
+    /* What the client sent is read and dropped first: closing with unread
+     * bytes would send an RST instead of a FIN, unlike Twisted's path. */
+    for (int i = 0; i < 4 && recv(t->fd[CLIENT], e->scratch, e->read_size, MSG_DONTWAIT) > 0; i++)
+        ;
     unwatch_close(e, t, CLIENT, 0);
     end_tunnel(e, t);
     return 1;
@@ -620,18 +627,16 @@ static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
 
 /* -- accepting -------------------------------------------------------------- */
 
-static PyObject *notice(Engine *e, PyObject *item) {
-    if (item == NULL) {
+/* Queue a notice for Python; allocation failures only lose the notice. */
+static void notice(Engine *e, PyObject *item) {
+    if (item == NULL || PyList_Append(e->notices, item) < 0)
         PyErr_Clear();
-        return NULL;
-    }
-    PyList_Append(e->notices, item);
-    Py_DECREF(item);
-    return item;
+    Py_XDECREF(item);
 }
 
-/* Returns -1 with a Python exception set if the client check raised. */
-static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
+/* The client policy first, then the cap, as on Twisted's path (a refused
+ * client is logged as such even when the proxy is full). */
+static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
     if (e->client_check != NULL && (ss->ss_family == AF_INET || ss->ss_family == AF_INET6)) {
         char host[INET6_ADDRSTRLEN];
         int port;
@@ -645,16 +650,15 @@ static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, 
             port = ntohs(a->sin6_port);
         }
         PyObject *ok = PyObject_CallFunction(e->client_check, "sii", host, port, l->id);
-        if (ok == NULL) {
-            close(fd);
-            return -1;
-        }
-        int allowed = PyObject_IsTrue(ok);
-        Py_DECREF(ok);
+        int allowed = ok == NULL ? -1 : PyObject_IsTrue(ok);
+        Py_XDECREF(ok);
         if (allowed != 1) {
+            /* A policy that fails refuses: logged, and the engine goes on. */
+            if (allowed < 0)
+                PyErr_WriteUnraisable(e->client_check);
             e->refused++;
             close(fd);
-            return allowed < 0 ? -1 : 0;
+            return;
         }
     }
     if (e->active >= e->max_tunnels) {
@@ -664,12 +668,12 @@ static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, 
             notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
         }
         close(fd);
-        return 0;
+        return;
     }
     tunnel_t *t = calloc(1, sizeof *t);
     if (t == NULL) {
         close(fd);
-        return 0;
+        return;
     }
     e->accepted++;
     e->active++;
@@ -688,12 +692,10 @@ static int admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, 
     e->head.prev->next = t;
     e->head.prev = t;
     watch(e, t, CLIENT, EPOLLRDHUP);
-    if (try_backends(e, t))
-        return 0;
-    return 0;
+    try_backends(e, t);
 }
 
-static int accept_clients(Engine *e, listener_t *l) {
+static void accept_clients(Engine *e, listener_t *l) {
     for (int i = 0; i < ACCEPTS_PER_EVENT && e->accepting; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
@@ -711,16 +713,13 @@ static int accept_clients(Engine *e, listener_t *l) {
                 e->refused++;
                 e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
                 notice(e, Py_BuildValue("(si)", "accept_failed", EMFILE));
-                return 0;
             }
-            return 0;
+            return;
         }
         if (len == 0)
             ss.ss_family = AF_UNIX;
-        if (admit(e, l, fd, &ss, len) < 0)
-            return -1;
+        admit(e, l, fd, &ss, len);
     }
-    return 0;
 }
 
 /* -- dispatch ---------------------------------------------------------------- */
@@ -742,7 +741,9 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
             client_while_connecting(e, t, ev);
         return;
     }
-    if (ev & EPOLLOUT) {
+    /* A hang-up may come without EPOLLOUT (a UNIX peer that shut down with
+     * our bytes still in its buffer): the send then fails and ends it. */
+    if ((ev & EPOLLOUT) || ((ev & (EPOLLHUP | EPOLLERR)) && pending(&t->dir[1 - s]) > 0)) {
         if (flush(e, t, 1 - s))
             return;
         if (t->state == S_CLOSING) {
@@ -773,30 +774,30 @@ static PyObject *news(Engine *e) {
 
 static PyObject *Engine_run(Engine *e, PyObject *unused) {
     struct epoll_event events[MAX_EVENTS];
-    int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
-    if (n < 0) {
-        if (errno == EINTR)
-            Py_RETURN_NONE;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    PyObject *result = Py_None; /* NULL once the client check raised */
-    for (int i = 0; i < n; i++) {
-        uint64_t tag = events[i].data.u64;
-        int kind = (int)(tag & 3);
-        void *ptr = (void *)(uintptr_t)(tag & ~(uint64_t)3);
-        if (kind == TAG_LISTENER) {
-            listener_t *l = ptr;
-            if (l->fd >= 0 && accept_clients(e, l) < 0) {
-                result = NULL; /* the client check raised: report it after the batch */
-                break;
+    /* Events that arrive while a batch is handled are taken at once, a few
+     * rounds at most: each round saved is a pass through the reactor's loop. */
+    for (int round = 0; round < RUN_ROUNDS; round++) {
+        int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+        if (n < 0 && errno != EINTR)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        if (n <= 0)
+            break;
+        e->running = 1;
+        for (int i = 0; i < n; i++) {
+            uint64_t tag = events[i].data.u64;
+            int kind = (int)(tag & 3);
+            void *ptr = (void *)(uintptr_t)(tag & ~(uint64_t)3);
+            if (kind == TAG_LISTENER) {
+                listener_t *l = ptr;
+                if (l->fd >= 0)
+                    accept_clients(e, l);
+                continue;
             }
-            continue;
+            on_event(e, ptr, kind, events[i].events);
         }
-        on_event(e, ptr, kind, events[i].events);
+        e->running = 0;
+        bury(e);
     }
-    bury(e);
-    if (result == NULL)
-        return NULL;
     return news(e);
 }
 
@@ -914,6 +915,7 @@ static PyObject *Engine_stats(Engine *e, PyObject *unused) {
 }
 
 static void close_all(Engine *e) {
+    Py_CLEAR(e->client_check); /* it is a method of the object that holds this engine */
     while (e->head.next != &e->head) {
         tunnel_t *t = e->head.next;
         note(t, PROXY, K_SHUTDOWN, "engine closed");
@@ -981,6 +983,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
                              NULL};
     PyObject *backends, *check = Py_None;
     Py_ssize_t read_size, bulk_read;
+    if (e->epfd >= 0) {
+        PyErr_SetString(PyExc_TypeError, "an Engine is initialized once");
+        return -1;
+    }
     e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
     e->nodelay = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$lppiiiiO", kwlist, &backends,

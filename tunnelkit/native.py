@@ -123,16 +123,20 @@ class NativeRegistry(TunnelRegistry):
         self.engine: Any = None
 
     def live(self) -> int:
-        return int(self.engine.active) if self.engine is not None else 0
+        # Tunnels of a listener the engine could not take run on Twisted's
+        # path and are counted here too.
+        engine = int(self.engine.active) if self.engine is not None else 0
+        return engine + super().live()
 
     def abort_all(self, reason: str) -> None:
+        super().abort_all(reason)
         if self.engine is not None:
             self.engine.abort_all(reason)
 
-    def warn_full(self) -> None:
-        # The engine says it once per burst already.
+    def engine_full(self) -> None:
+        """The engine refused a client at the cap (it says so once per burst)."""
         self._warned_full = False
-        super().warn_full()
+        self.warn_full()
 
 
 @implementer(IReadDescriptor)
@@ -163,6 +167,7 @@ class NativeRelay:
         self._factories: list[TunnelFactory] = []
         self._listening: list[int] = []
         self._tick: IDelayedCall | None = None
+        self._closed = False
         options = socket_options
         specs = [spec for spec in map(native_backend, backends) if spec is not None]
         assert len(specs) == len(backends), "why_not_native() was not asked"
@@ -221,19 +226,33 @@ class NativeRelay:
         return fileno
 
     def doRead(self) -> None:
-        """Some of the engine's sockets are ready: handle them all in C."""
-        if self.engine.run():
-            self._report()
+        """Some of the engine's sockets are ready: handle them all in C.
+
+        Nothing may escape: the reactor would stop watching the engine, and
+        every listener and tunnel with it.
+        """
+        try:
+            if self.engine.run():
+                self._report()
+        except Exception:
+            log.failure("the native engine failed to handle its events")
         self._after()
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor stopped watching the engine (it is being closed)."""
+        """The reactor stopped watching the engine: only :meth:`close` should do that."""
+        if not self._closed:
+            log.critical(
+                "the native engine is no longer watched: {reason}",
+                event="engine_lost",
+                reason=reason.getErrorMessage(),
+            )
 
     def logPrefix(self) -> str:
         return "tunnelkit-engine"
 
     def close(self) -> None:
         """Reset what is left, log it, and let the descriptors go."""
+        self._closed = True
         if self._tick is not None and self._tick.active():
             self._tick.cancel()
         self._tick = None
@@ -298,7 +317,7 @@ class NativeRelay:
 
     def _notice(self, name: str, value: int) -> None:
         if name == "connection_limit":
-            self.registry.warn_full()
+            self.registry.engine_full()
         elif name == "accept_failed":
             log.warn(
                 "out of file descriptors: a client was accepted and closed at once",

@@ -16,10 +16,10 @@ before. The splicer keeps the relay's promises:
 * **Backpressure.** Bytes the destination did not take stay in the pipe: the
   source stops reading and the destination waits for writability; at most a
   pipe's capacity (:data:`PIPE_SIZE`) is in flight per direction.
-* **EOF and resets.** A read of 0 bytes is EOF (``CONNECTION_DONE``, a
-  half-close, exactly what Twisted's ``doRead`` returns), errors are
-  ``CONNECTION_LOST``; EOF is only ever seen with an empty pipe, so the FIN
-  follows the last byte.
+* **EOF and resets.** A splice of 0 bytes (or none possible) hands the
+  read to Twisted's ``doRead``, whose ``recv`` tells EOF (a half-close) from
+  TCP urgent data, where splice stops; errors are ``CONNECTION_LOST``. EOF
+  is only ever seen with an empty pipe, so the FIN follows the last byte.
 * **Counts and idle time** are kept per spliced chunk as per read.
 
 Pipes come from a :class:`PipePool` shared by the process: a direction holds
@@ -35,7 +35,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.main import CONNECTION_LOST
 
 from tunnelkit.write_through import has_fast_path, must_queue
 
@@ -179,8 +179,11 @@ class Splicer:
             self._pool.give(pipe)
             return self._read_failed(e)
         if not moved:
+            # Not necessarily EOF: splice stops at TCP urgent data (0 when a
+            # FIN follows it, else EAGAIN while the socket stays readable).
+            # Twisted's recv steps over the urgent byte and has the last word.
             self._pool.give(pipe)
-            return CONNECTION_DONE
+            return _FALLBACK
         d.leg.received += moved
         tunnel = self._tunnel
         tunnel.last_moved = tunnel.now()
@@ -201,7 +204,7 @@ class Splicer:
 
     def _read_failed(self, error: OSError) -> object:
         if isinstance(error, BlockingIOError):
-            return None
+            return _FALLBACK  # see read(): urgent data, or nothing to read
         if error.errno in _UNSUPPORTED:
             self.enabled = False
             return _FALLBACK
@@ -235,8 +238,13 @@ class Splicer:
         return self._up.pending + self._down.pending
 
     def close(self) -> None:
-        """The tunnel ended: bytes still in a pipe can no longer be delivered."""
+        """The tunnel ended: bytes still in a pipe can no longer be delivered.
+
+        Each transport lets go of the splicer too: they point at each other,
+        a cycle only the garbage collector would free otherwise.
+        """
         for d in (self._up, self._down):
+            vars(d.source).pop("_tunnelkit_splicer", None)
             if d.pipe is not None:
                 self._pool.discard(d.pipe)
                 d.pipe = None
