@@ -43,9 +43,6 @@
 #include <unistd.h>
 
 #define MAX_EVENTS 256
-#ifndef RUN_ROUNDS
-#define RUN_ROUNDS 4
-#endif
 #define MAX_BACKENDS 64
 #define MAX_LISTENERS 64
 #define ACCEPTS_PER_EVENT 64
@@ -774,30 +771,24 @@ static PyObject *news(Engine *e) {
 
 static PyObject *Engine_run(Engine *e, PyObject *unused) {
     struct epoll_event events[MAX_EVENTS];
-    /* Events that arrive while a batch is handled are taken at once, a few
-     * rounds at most: each round saved is a pass through the reactor's loop. */
-    for (int round = 0; round < RUN_ROUNDS; round++) {
-        int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
-        if (n < 0 && errno != EINTR)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        if (n <= 0)
-            break;
-        e->running = 1;
-        for (int i = 0; i < n; i++) {
-            uint64_t tag = events[i].data.u64;
-            int kind = (int)(tag & 3);
-            void *ptr = (void *)(uintptr_t)(tag & ~(uint64_t)3);
-            if (kind == TAG_LISTENER) {
-                listener_t *l = ptr;
-                if (l->fd >= 0)
-                    accept_clients(e, l);
-                continue;
-            }
-            on_event(e, ptr, kind, events[i].events);
+    int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    if (n < 0 && errno != EINTR)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    e->running = 1;
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = events[i].data.u64;
+        int kind = (int)(tag & 3);
+        void *ptr = (void *)(uintptr_t)(tag & ~(uint64_t)3);
+        if (kind == TAG_LISTENER) {
+            listener_t *l = ptr;
+            if (l->fd >= 0)
+                accept_clients(e, l);
+            continue;
         }
-        e->running = 0;
-        bury(e);
+        on_event(e, ptr, kind, events[i].events);
     }
+    e->running = 0;
+    bury(e);
     return news(e);
 }
 
