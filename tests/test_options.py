@@ -77,6 +77,11 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         # --mode connect: bad mode, proxy-only options in forward mode, bad rules and auth files.
         (["--mode", "socks9", "--listen", "1"], "--mode must be one of"),
         (["--listen", "1", "--to", "a:1", "--splice", "sometimes"], "--splice must be one of"),
+        (["--listen", "1", "--to", "a:1", "--engine", "turbo"], "--engine must be one of"),
+        # --engine native says why the options need Twisted's path.
+        (["--listen", "1", "--to", "a:1", "--engine", "native"], "is not an IP address"),
+        (["--mode", "connect", "--listen", "1", "--engine", "native"], "reads a request first"),
+        (["--listen", "1", "--to", "tls:127.0.0.1:1", "--engine", "native"], "TLS is relayed"),
         (["--listen", "1", "--to", "a:1", "--allow-dest", "10.0.0.0/8"], "--allow-dest applies"),
         (["--mode", "connect", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
         (["--mode", "connect", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),
