@@ -591,11 +591,16 @@ static int try_backends(Engine *e, tunnel_t *t) {
     return 1;
 }
 
-static int backend_connected(Engine *e, tunnel_t *t) {
+/* The connect finished: writable alone means it succeeded; an error or a
+ * hang-up is read back with SO_ERROR (one system call saved per tunnel). */
+static int backend_connected(Engine *e, tunnel_t *t, uint32_t ev) {
     int err = 0;
     socklen_t len = sizeof err;
-    if (getsockopt(t->fd[BACKEND], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+    if ((ev & (EPOLLERR | EPOLLHUP)) &&
+        getsockopt(t->fd[BACKEND], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
         err = errno;
+    if ((ev & (EPOLLERR | EPOLLHUP)) && err == 0)
+        err = ECONNRESET; /* hung up without saying why */
     if (err == 0) {
         join(e, t);
         return 0;
@@ -733,7 +738,7 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
         return;
     if (t->state == S_CONNECTING) {
         if (s == BACKEND)
-            backend_connected(e, t);
+            backend_connected(e, t, ev);
         else
             client_while_connecting(e, t, ev);
         return;
