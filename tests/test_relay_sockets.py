@@ -778,8 +778,15 @@ def wait_records(tk: Process, count: int) -> list[dict[str, Any]]:
 @pytest.mark.soak
 @pytest.mark.parametrize(
     "write_path",
-    [(), ("--splice", "on"), ("--splice", "off"), ("--splice", "off", "--no-write-through")],
-    ids=["auto", "spliced", "direct", "queued"],
+    [
+        (),
+        ("--splice", "on"),
+        ("--splice", "off"),
+        PYTHON,
+        (*PYTHON, "--splice", "on"),
+        QUEUED_WRITES,
+    ],
+    ids=["engine", "engine-spliced", "engine-direct", "python", "python-spliced", "queued"],
 )
 def test_slow_reader_keeps_proxy_memory_flat(
     tmp_path: Path, serve: Serve, write_path: tuple[str, ...]
