@@ -128,6 +128,7 @@ typedef struct {
     tunnel_t *graveyard; /* ended tunnels, freed after the event batch that ended them */
     long active;
     int warned_full;
+    int warned_fds; /* accept_failed said for this burst of EMFILE */
     unsigned long long accepted, refused;
 } Engine;
 
@@ -714,10 +715,14 @@ static void accept_clients(Engine *e, listener_t *l) {
                     close(fd);
                 e->refused++;
                 e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-                notice(e, Py_BuildValue("(si)", "accept_failed", EMFILE));
+                if (!e->warned_fds) { /* once per burst, as for the cap */
+                    e->warned_fds = 1;
+                    notice(e, Py_BuildValue("(si)", "accept_failed", EMFILE));
+                }
             }
             return;
         }
+        e->warned_fds = 0;
         if (len == 0)
             ss.ss_family = AF_UNIX;
         admit(e, l, fd, &ss, len);

@@ -320,6 +320,6 @@ class NativeRelay:
             self.registry.engine_full()
         elif name == "accept_failed":
             log.warn(
-                "out of file descriptors: a client was accepted and closed at once",
+                "out of file descriptors: new clients are accepted and closed at once",
                 event="accept_failed",
             )
