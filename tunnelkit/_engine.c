@@ -31,6 +31,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stddef.h>
@@ -162,8 +163,12 @@ static PyObject *describe(const struct sockaddr_storage *ss, socklen_t len) {
     }
     if (ss->ss_family == AF_INET6) {
         const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        char scope[IF_NAMESIZE + 1] = "";
         inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
-        return PyUnicode_FromFormat("[%s]:%d", host, ntohs(a->sin6_port));
+        /* A link-local peer's interface, as Python's socket module writes it. */
+        if (a->sin6_scope_id != 0 && if_indextoname(a->sin6_scope_id, scope + 1) != NULL)
+            scope[0] = '%';
+        return PyUnicode_FromFormat("[%s%s]:%d", host, scope, ntohs(a->sin6_port));
     }
     if (ss->ss_family == AF_UNIX) {
         const struct sockaddr_un *a = (const struct sockaddr_un *)ss;
