@@ -51,7 +51,7 @@ from processes import (
 
 
 def test_twistd_forwards_python_client(tmp_path: Path, serve: Serve) -> None:
-    """twistd -n tunnelkit --listen 127.0.0.1:P relays a 2 MiB echo intact and logs it once."""
+    """twistd -n tunnelkit --listen 127.0.0.1:P relays a 2 MiB echo intact on the native engine and logs it once."""
     backend = serve(echo)
     port = free_port()
     with twistd("--listen", f"127.0.0.1:{port}", "--to", backend.address, cwd=tmp_path) as tk:
@@ -59,6 +59,7 @@ def test_twistd_forwards_python_client(tmp_path: Path, serve: Serve) -> None:
         size = len(assert_echoes(f"127.0.0.1:{port}"))
         [closed] = tk.wait_for(tunnel_closed_events, "tunnel_closed")
         assert_clean_stop(tk, tk.stop())
+    assert "relaying with the native engine" in tk.output, tk.output
     assert (closed["bytes_up"], closed["bytes_down"]) == (size, size)
     assert (closed["backend"], closed["close_kind"], closed["closed_by"]) == (
         backend.address,

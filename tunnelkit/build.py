@@ -132,7 +132,16 @@ def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
     max_tunnels = config["max-connections"] or default_max_tunnels(raise_fd_limit())
-    use_native = config["engine"] != "python" and native.why_not_native(config) is None
+    why_python = (
+        "--engine python" if config["engine"] == "python" else native.why_not_native(config)
+    )
+    use_native = why_python is None
+    log.info(
+        "relaying with {engine}",
+        event="engine",
+        engine="the native engine" if use_native else f"Twisted ({why_python})",
+        native=use_native,
+    )
     registry = (
         native.NativeRegistry(reactor, max_tunnels)
         if use_native

@@ -95,7 +95,11 @@ def why_not_native(config: Any) -> str | None:
         for text in config["listen"]
     ]
     reasons += [
-        (native_backend(b) is None, f"--to {b.name!r} is not an IP address or a UNIX path")
+        (
+            native_backend(b) is None,
+            f"--to {b.name!r} is not an IP address or a UNIX path"
+            " (names are resolved per connection, by Twisted)",
+        )
         for b in config.backends
     ]
     return next((why for applies, why in reasons if applies), None)
