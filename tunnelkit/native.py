@@ -147,9 +147,9 @@ class NativeRegistry(TunnelRegistry):
 class NativeRelay:
     """Drives one :class:`tunnelkit._engine.Engine` from the reactor.
 
-    ``factories`` maps listener names to their :class:`TunnelFactory`: the
-    engine asks the factory's client policy and logs through its access log,
-    so records and refusals read the same as on the Twisted path.
+    Each listener it takes (:meth:`start`) keeps its :class:`TunnelFactory`:
+    the engine asks that factory's client policy and logs through its access
+    log, so records and refusals read the same as on Twisted's path.
     """
 
     def __init__(
