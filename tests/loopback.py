@@ -496,6 +496,14 @@ def fill_accept_queue(listener: socket.socket) -> list[socket.socket] | None:
 
 
 @contextlib.contextmanager
+def refusing_address() -> Iterator[str]:
+    """A loopback port that refuses connections: bound (so nobody else gets it), not listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@contextlib.contextmanager
 def silent_listener() -> Iterator[str | None]:
     """A loopback address whose SYNs go unanswered, or ``None`` if the kernel answers anyway."""
     server = ThreadedServer(echo, silent=True)

@@ -11,14 +11,13 @@ SHA-256; addresses are loopback, ports are 0, UNIX paths are temporary.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from loopback import (
@@ -34,6 +33,7 @@ from loopback import (
     recv_all,
     recv_exactly,
     recv_outcome,
+    refusing_address,
     sha256,
     silent_listener,
     split_address,
@@ -48,14 +48,6 @@ Inline = Generator[Deferred[Any], Any, None]
 
 #: How long a refused client may wait for the proxy to close it.
 CLOSE_TIMEOUT = 5.0
-
-
-@contextlib.contextmanager
-def refusing_address() -> Iterator[str]:
-    """A loopback port that refuses connections: bound (so nobody else gets it), not listening."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def connect_from(source: str, address: str, timeout: float = IO_TIMEOUT) -> socket.socket:

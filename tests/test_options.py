@@ -82,6 +82,16 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1", "--to", "a:1", "--engine", "native"], "is not an IP address"),
         (["--mode", "connect", "--listen", "1", "--engine", "native"], "reads a request first"),
         (["--listen", "1", "--to", "tls:127.0.0.1:1", "--engine", "native"], "TLS is relayed"),
+        (
+            ["--listen", "1", "--engine", "native"]
+            + [arg for port in range(1, 66) for arg in ("--to", f"127.0.0.1:{port}")],
+            "at most 64 backends",
+        ),
+        (
+            ["--to", "127.0.0.1:1", "--engine", "native"]
+            + [arg for port in range(1, 66) for arg in ("--listen", f"127.0.0.1:{port}")],
+            "at most 64 listeners",
+        ),
         (["--listen", "1", "--to", "a:1", "--allow-dest", "10.0.0.0/8"], "--allow-dest applies"),
         (["--mode", "connect", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
         (["--mode", "connect", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),

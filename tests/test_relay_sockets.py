@@ -10,14 +10,13 @@ SHA-256; addresses are loopback, ports are 0.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from loopback import (
     recv_all,
     recv_exactly,
     recv_outcome,
+    refusing_address,
     reset,
     sha256,
     silent_listener,
@@ -313,14 +313,6 @@ class ConcurrencyTests(LoopbackTestCase):
 
 
 # -- backends that cannot be reached --------------------------------------
-
-
-@contextlib.contextmanager
-def refusing_address() -> Iterator[str]:
-    """A loopback port that refuses connections: bound (so nobody else gets it), not listening."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def wait_for_close(address: str, timeout: float) -> tuple[bytes, str, float]:

@@ -53,7 +53,9 @@
 enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
 enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
 enum { S_CONNECTING = 0, S_JOINED, S_CLOSING, S_DEAD };
-enum { TAG_CLIENT = 0, TAG_BACKEND = 1, TAG_LISTENER = 2 };
+/* epoll tags: a tunnel's pointer with its side (CLIENT, BACKEND) in the low
+ * bits, or a listener's pointer with TAG_LISTENER. */
+enum { TAG_LISTENER = 2 };
 
 static const char *SIDE_NAMES[] = {"client", "backend", "proxy"};
 
@@ -94,7 +96,7 @@ typedef struct tunnel {
     double fin_at;     /* fin timeout, once half-closed (0: none) */
     double grace_at;   /* close grace, once closing (0: none) */
     int noted, closed_by, close_kind;
-    /* Allocated when first needed: an idle tunnel is about 300 bytes. */
+    /* Allocated when first needed: an idle tunnel is 384 bytes (x86-64). */
     char *reason;
     char *errors; /* failed backend attempts, "name: why; ..." */
     struct sockaddr_storage peer;
@@ -112,13 +114,11 @@ typedef struct {
     long max_tunnels;
     int log_records;
     int nodelay, keepalive, sndbuf, rcvbuf, mss;
-    int accepting;
     int running; /* inside run(): ended tunnels may still have events in the batch */
     backend_t backends[MAX_BACKENDS];
     PyObject *backend_names[MAX_BACKENDS];
     int n_backends;
     listener_t listeners[MAX_LISTENERS];
-    int n_listeners;
     PyObject *client_check; /* callable(host, port, listener_id) -> bool, or NULL */
     PyObject *records;      /* list of record tuples, taken by Python */
     PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
@@ -130,7 +130,6 @@ typedef struct {
     long active;
     int warned_full;
     int warned_fds; /* accept_failed said for this burst of EMFILE */
-    unsigned long long accepted, refused;
 } Engine;
 
 static double now(void) {
@@ -664,13 +663,11 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
             /* A policy that fails refuses: logged, and the engine goes on. */
             if (allowed < 0)
                 PyErr_WriteUnraisable(e->client_check);
-            e->refused++;
             close(fd);
             return;
         }
     }
     if (e->active >= e->max_tunnels) {
-        e->refused++;
         if (!e->warned_full) {
             e->warned_full = 1;
             notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
@@ -683,7 +680,6 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
         close(fd);
         return;
     }
-    e->accepted++;
     e->active++;
     t->fd[CLIENT] = fd;
     t->fd[BACKEND] = -1;
@@ -704,7 +700,7 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
 }
 
 static void accept_clients(Engine *e, listener_t *l) {
-    for (int i = 0; i < ACCEPTS_PER_EVENT && e->accepting; i++) {
+    for (int i = 0; i < ACCEPTS_PER_EVENT; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -718,7 +714,6 @@ static void accept_clients(Engine *e, listener_t *l) {
                 fd = accept(l->fd, NULL, NULL);
                 if (fd >= 0)
                     close(fd);
-                e->refused++;
                 e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
                 if (!e->warned_fds) { /* once per burst, as for the cap */
                     e->warned_fds = 1;
@@ -915,11 +910,6 @@ static PyObject *Engine_tunnels(Engine *e, PyObject *unused) {
     return list;
 }
 
-static PyObject *Engine_stats(Engine *e, PyObject *unused) {
-    return Py_BuildValue("{sl,sK,sK,si}", "active", e->active, "accepted", e->accepted, "refused",
-                         e->refused, "pipes", e->n_pipes);
-}
-
 static void close_all(Engine *e) {
     Py_CLEAR(e->client_check); /* it is a method of the object that holds this engine */
     while (e->head.next != &e->head) {
@@ -1046,7 +1036,6 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     if (e == NULL)
         return NULL;
     e->epfd = e->reserve_fd = -1;
-    e->accepting = 1;
     e->head.next = e->head.prev = &e->head;
     for (int i = 0; i < MAX_LISTENERS; i++)
         e->listeners[i].fd = -1;
@@ -1060,10 +1049,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
 }
 
 static void Engine_dealloc(Engine *e) {
-    int log = e->log_records;
     e->log_records = 0; /* no records for a dying engine */
     close_all(e);
-    e->log_records = log;
     for (int i = 0; i < e->n_backends; i++)
         Py_XDECREF(e->backend_names[i]);
     Py_XDECREF(e->client_check);
@@ -1089,7 +1076,6 @@ static PyMethodDef Engine_methods[] = {
     {"take_notices", (PyCFunction)Engine_take_notices, METH_NOARGS,
      "Events for the log since the last call: (name, value) tuples."},
     {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch."},
-    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Counters."},
     {"tunnels", (PyCFunction)Engine_tunnels, METH_NOARGS,
      "(client fd, backend fd, state) of every live tunnel."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "Reset every tunnel and free everything."},
@@ -1123,6 +1109,12 @@ PyMODINIT_FUNC PyInit__engine(void) {
     PyObject *m = PyModule_Create(&engine_module);
     if (m == NULL)
         return NULL;
+    /* Python checks the options against these before making an Engine. */
+    if (PyModule_AddIntConstant(m, "MAX_BACKENDS", MAX_BACKENDS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LISTENERS", MAX_LISTENERS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);

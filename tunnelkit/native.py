@@ -84,11 +84,20 @@ def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] |
 
 def why_not_native(config: Any) -> str | None:
     """Why the options need the Twisted path, or ``None`` if the engine can serve them."""
+    if _engine is None:
+        return "the native engine is not built (no C compiler at install time?)"
     reasons = [
-        (_engine is None, "the native engine is not built (no C compiler at install time?)"),
         (config["mode"] != "forward", f"--mode {config['mode']} reads a request first"),
         (config.tls is not None or config.backend_tls is not None, "TLS is relayed by Python"),
         (config["no-write-through"], "--no-write-through is a diagnostic of the Python path"),
+        (
+            len(config["listen"]) > _engine.MAX_LISTENERS,
+            f"it takes at most {_engine.MAX_LISTENERS} listeners",
+        ),
+        (
+            len(config.backends) > _engine.MAX_BACKENDS,
+            f"it takes at most {_engine.MAX_BACKENDS} backends",
+        ),
     ]
     reasons += [
         (text.strip().lower().startswith(("ssl:", "tls:")), f"--listen {text!r} is a TLS listener")
@@ -208,8 +217,9 @@ class NativeRelay:
             fd = _port_socket(factory, port)
             if fd is None:
                 continue
-            port.stopReading()  # type: ignore[attr-defined]
+            # Registered first: if that fails, the port still reads through Twisted.
             self.engine.add_listener(fd, len(self._factories))
+            port.stopReading()  # type: ignore[attr-defined]
             self._factories.append(factory)
             self._listening.append(fd)
 
@@ -291,33 +301,32 @@ class NativeRelay:
             listener,
             client,
             backend,
-            backend_address,
+            address,
             up,
             down,
-            duration,
-            connect_time,
+            took,
+            joined,
             side,
             kind,
             reason,
             spliced,
         ) in records:
             factory = factories[listener]
-            factory.tunnel_log(
-                TunnelRecord(
-                    client=client,
-                    backend=backend,
-                    backend_address=backend_address,
-                    bytes_up=up,
-                    bytes_down=down,
-                    duration=duration,
-                    connect_time=connect_time,
-                    closed_by=_SIDES[side],
-                    close_kind=_KINDS[kind],
-                    reason=reason,
-                    details={"spliced": True} if spliced else {},
-                ),
-                factory.listener,
+            details: dict[str, object] = {"spliced": True} if spliced else {}
+            record = TunnelRecord(
+                client,
+                backend,
+                address,
+                up,
+                down,
+                took,
+                joined,
+                _SIDES[side],
+                _KINDS[kind],
+                reason,
+                details,
             )
+            factory.tunnel_log(record, factory.listener)
 
     def _notice(self, name: str, value: int) -> None:
         if name == "connection_limit":
