@@ -315,11 +315,12 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
         if (!t->noted)
             note(t, PROXY, K_ERROR, "unknown");
         PyObject *record = Py_BuildValue(
-            "(iNNNKKdNiisO)", t->listener_id, client, backend, backend_address,
+            "(i(NNNKKdN)iisO)", t->listener_id, client, backend, backend_address,
             t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
             t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
             t->spliced ? Py_True : Py_False);
-        /* Allocation failures only lose the record, never the engine. */
+        /* (listener, TunnelRecord's first seven fields, side, kind, reason,
+         * spliced). Allocation failures only lose the record, never the engine. */
         if (record == NULL || PyList_Append(e->records, record) < 0)
             PyErr_Clear();
         Py_XDECREF(record);

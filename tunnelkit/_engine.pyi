@@ -4,7 +4,10 @@ from collections.abc import Callable, Sequence
 MAX_BACKENDS: int
 MAX_LISTENERS: int
 
-Record = tuple[int, str, str, str | None, int, int, float, float | None, int, int, str, bool]
+# client, backend, backend_address, bytes_up, bytes_down, duration, connect_time
+Fields = tuple[str, str, str | None, int, int, float, float | None]
+# listener, those fields, closed_by, close_kind, reason, spliced
+Record = tuple[int, Fields, int, int, str, bool]
 
 class Engine:
     active: int

@@ -36,6 +36,7 @@ from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import CloseKind, Side, Timeouts, TunnelRecord
 
 if TYPE_CHECKING:
+    from tunnelkit._engine import Record
     from tunnelkit.dialer import Backend
     from tunnelkit.listener import TunnelFactory
     from tunnelkit.socket_options import SocketOptions
@@ -293,39 +294,14 @@ class NativeRelay:
         notices = self.engine.take_notices()
         for notice in notices:
             self._notice(*notice)
-        records = self.engine.take_records()
+        records: Sequence[Record] = self.engine.take_records()
         if not records:
             return
         factories = self._factories
-        for (
-            listener,
-            client,
-            backend,
-            address,
-            up,
-            down,
-            took,
-            joined,
-            side,
-            kind,
-            reason,
-            spliced,
-        ) in records:
+        for listener, fields, side, kind, reason, spliced in records:
             factory = factories[listener]
             details: dict[str, object] = {"spliced": True} if spliced else {}
-            record = TunnelRecord(
-                client,
-                backend,
-                address,
-                up,
-                down,
-                took,
-                joined,
-                _SIDES[side],
-                _KINDS[kind],
-                reason,
-                details,
-            )
+            record = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
             factory.tunnel_log(record, factory.listener)
 
     def _notice(self, name: str, value: int) -> None:
