@@ -1,4 +1,4 @@
-"""The access log's batching: events leave in order, at most the delay late, all of them on flush."""
+"""The access log's batching: events leave in order, at most the delay late, all of them on flush, to one sink call."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from records import a_record
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.tunnel_log import TunnelLog
+from tunnelkit.tunnel_log import Batch, TunnelLog
 
 
 def closed_clients(events: list[LogEvent]) -> list[str]:
@@ -45,3 +45,21 @@ def test_flush_emits_now() -> None:
         assert closed_clients(events) == ["a:1"]
     finally:
         globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_batch_is_one_sink_call() -> None:
+    """The records queued within the delay reach the sink together, in order; an empty flush calls nothing."""
+    clock = Clock()
+    batches: list[list[str]] = []
+
+    def sink(batch: Batch) -> None:
+        batches.append([f"{record.client}@{listener}" for record, listener in batch])
+
+    log = TunnelLog(clock, sink=sink)
+    log(a_record("a:1"), "l1")
+    log(a_record("b:2"), "l2")
+    clock.advance(0.02)
+    log.flush()
+    log(a_record("c:3"), "l1")
+    log.flush()
+    assert batches == [["a:1@l1", "b:2@l2"], ["c:3@l1"]]
