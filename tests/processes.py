@@ -34,11 +34,15 @@ CLEAN_SIGTERM_EXIT = 0
 T = TypeVar("T")
 
 _LISTENING = re.compile(r"\[tunnelkit\.service#info\] listening on (\S+) \(")
-_TUNNEL_CLOSED = re.compile(
-    r"\[tunnelkit\.tunnel#info\] (?P<client>\S*) -> (?P<backend>\S+) \((?P<backend_address>\S+)\)"
+#: The text of a ``tunnel_closed`` event (tunnelkit.tunnel_log.tunnel_text).
+_TUNNEL_TEXT = (
+    r"(?P<client>\S*) -> (?P<backend>\S+) \((?P<backend_address>\S+)\)"
     r" (?P<close_kind>\S+) by (?P<closed_by>\S+) after (?P<duration>[\d.]+)s:"
     r" up (?P<bytes_up>\d+) B, down (?P<bytes_down>\d+) B; (?P<reason>.*)$"
 )
+_TUNNEL_CLOSED = re.compile(r"\[tunnelkit\.tunnel#info\] " + _TUNNEL_TEXT)
+#: A text line of ``--access-log``: twistd's timestamp, then the event's text.
+_ACCESS_LINE = re.compile(r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) " + _TUNNEL_TEXT)
 
 
 def executable(name: str) -> str:
@@ -95,17 +99,34 @@ def listening_addresses(text: str) -> list[str]:
     return found
 
 
+def _text_fields(match: re.Match[str]) -> dict[str, Any]:
+    event: dict[str, Any] = match.groupdict()
+    event["bytes_up"] = int(event["bytes_up"])
+    event["bytes_down"] = int(event["bytes_down"])
+    return event
+
+
 def tunnel_closed_events(text: str) -> list[dict[str, Any]]:
     """The ``tunnel_closed`` events of a text or JSON log, with the fields of docs/logging.md."""
-    events: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        if m := _TUNNEL_CLOSED.search(line):
-            event: dict[str, Any] = m.groupdict()
-            event["bytes_up"] = int(event["bytes_up"])
-            event["bytes_down"] = int(event["bytes_down"])
-            events.append(event)
+    events = [_text_fields(m) for line in text.splitlines() if (m := _TUNNEL_CLOSED.search(line))]
     events += [e for e in json_events(text) if e.get("event") == "tunnel_closed"]
     return events
+
+
+def access_log_records(text: str) -> list[dict[str, Any]]:
+    """The records of an ``--access-log`` file (text or JSON lines); any other line fails the test."""
+    records: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        if m := _ACCESS_LINE.match(line):
+            records.append(_text_fields(m))
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        assert isinstance(event, dict) and event.get("event") == "tunnel_closed", repr(line)
+        records.append(event)
+    return records
 
 
 class Process:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+from records import a_record
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
 
@@ -95,6 +99,17 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1", "--to", "a:1", "--allow-dest", "10.0.0.0/8"], "--allow-dest applies"),
         (["--mode", "connect", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
         (["--mode", "connect", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),
+        # --access-log: an unwritable path says which and why; contradictions and orphans.
+        (
+            ["--listen", "1", "--to", "a:1", "--access-log", "/nonexistent/a.log"],
+            "--access-log /nonexistent/a.log: No such file or directory",
+        ),
+        (["--listen", "1", "--to", "a:1", "--access-log", "/a", "--no-access-log"], "contradict"),
+        (
+            ["--listen", "1", "--to", "a:1", "--access-log", "/a", "--access-log-format", "xml"],
+            "--access-log-format must be one of text, json",
+        ),
+        (["--listen", "1", "--to", "a:1", "--access-log-format", "json"], "needs --access-log"),
     ],
 )
 def test_errors_are_one_line(argv: list[str], message: str) -> None:
@@ -159,3 +174,24 @@ def test_listen_backlog(listen: str, backlog: int) -> None:
     """Every TCP listener gets a backlog of 1024 (Twisted's is 50) unless its string sets one."""
     [(_, endpoint)] = parse("--listen", listen, "--to", "a:1").listeners
     assert endpoint._backlog == backlog  # type: ignore[attr-defined]
+
+
+def test_access_log_takes_the_records_and_reopens_on_sighup(tmp_path: Path) -> None:
+    """--access-log: the listeners' records go to the file, and SIGHUP's action reopens it."""
+    path = tmp_path / "a.log"
+    o = parse("--listen", "1", "--to", "127.0.0.1:1", "--access-log", str(path),
+              "--access-log-format", "json")  # fmt: skip
+    assert o.access_log is not None
+    try:
+        service = build_service(o)
+        tunnel_log = service.factory_for("1").tunnel_log
+        tunnel_log(a_record("127.0.0.1:7"), "1")
+        tunnel_log.flush()
+        [line] = path.read_text().splitlines()
+        assert json.loads(line)["client"] == "127.0.0.1:7"
+        path.rename(tmp_path / "a.log.1")
+        assert service.on_reload is not None
+        service.on_reload()
+        assert path.exists()
+    finally:
+        o.access_log.close()

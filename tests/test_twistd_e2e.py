@@ -336,6 +336,7 @@ BAD_COMMANDS = {
     "unparseable backend": ["--listen", "127.0.0.1:0", "--to", "nohost"],
     "missing --to": ["--listen", "127.0.0.1:0"],
     "port in use": ["--listen", "{busy}", "--to", "127.0.0.1:9"],
+    "bad access log": ["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--access-log", "/no/a"],
 }
 
 LAUNCHERS: dict[str, Callable[[Path], list[str]]] = {
@@ -360,5 +361,7 @@ def test_bad_command_is_one_line_error(
     assert "Traceback" not in result.stdout
     if case == "port in use":
         assert busy_port in lines[0]
+    if case == "bad access log":
+        assert "--access-log /no/a: No such file or directory" in lines[0]
     assert not (tmp_path / "tk.pid").exists()
     assert "Traceback" not in read_text(tmp_path / "tk.log")

@@ -6,6 +6,7 @@ the reactor and, when the options ask for TLS, the TLS stack are loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -128,6 +129,19 @@ def _unlogged(record: TunnelRecord, listener: str) -> None:
     """``--no-access-log``: the record of a tunnel is dropped."""
 
 
+def _on_sighup(*actions: Callable[[], object] | None) -> Callable[[], None] | None:
+    """What SIGHUP does: each of ``actions`` that is given, in turn; ``None`` if none is."""
+    chosen = [action for action in actions if action is not None]
+    if not chosen:
+        return None
+
+    def reload() -> None:
+        for action in chosen:
+            action()
+
+    return reload
+
+
 def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
@@ -152,7 +166,8 @@ def build_service(config: Options) -> TunnelService:
     )
     timeouts = Timeouts(idle=config["idle-timeout"] or None, fin=config["fin-timeout"] or None)
     idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
-    tunnel_log = TunnelLog(reactor)
+    access_log = config.access_log
+    tunnel_log = TunnelLog(reactor) if access_log is None else TunnelLog(reactor, sink=access_log)
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
     pipes = (
         splice.PipePool(eager=config["splice"] == "on", read_size=config.socket_options.read_size)
@@ -226,6 +241,8 @@ def build_service(config: Options) -> TunnelService:
         if relay is not None:
             relay.close()
         tunnel_log.flush()
+        if access_log is not None:
+            access_log.close()
         if pipes is not None:
             pipes.close()
 
@@ -236,7 +253,10 @@ def build_service(config: Options) -> TunnelService:
         config.socket_options,
         config["drain-timeout"],
         reactor=reactor,
-        on_reload=config.tls.reload if config.tls is not None else None,
+        on_reload=_on_sighup(
+            access_log.reopen if access_log is not None else None,
+            config.tls.reload if config.tls is not None else None,
+        ),
         on_stopped=stopped,
         native=relay,
     )

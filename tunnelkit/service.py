@@ -5,7 +5,8 @@ port already in use is a one-line error and a non-zero exit in the shell that
 started it rather than a traceback in a log file. On stop (SIGTERM, SIGINT)
 the service stops accepting at once and drains live tunnels (see
 :meth:`TunnelRegistry.drain`); ``twistd`` waits for that before it exits.
-SIGHUP calls ``on_reload`` (TLS certificates are read again); ``on_stopped``
+SIGHUP calls ``on_reload`` (TLS certificates are read again, ``--access-log``
+reopened); ``on_stopped``
 runs once the drain is over (the last access-log events are emitted).
 """
 

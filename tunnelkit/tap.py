@@ -24,6 +24,7 @@ from tunnelkit.target_policy import ClientPolicy, TargetPolicy
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IStreamServerEndpoint
 
+    from tunnelkit.access_log import AccessLogFile
     from tunnelkit.dialer import Backend
     from tunnelkit.htpasswd import Htpasswd
     from tunnelkit.tls_backend import BackendTLS
@@ -118,6 +119,14 @@ class Options(usage.Options):
             "Who relays plain forwarding: auto (the native engine where the options allow"
             " it), native (insist), python (always Twisted); see docs/performance.md.",
         ],
+        [
+            "access-log",
+            None,
+            None,
+            "Write the tunnel_closed records to this file instead of twistd's log (reopened"
+            " on SIGHUP); see docs/logging.md.",
+        ],
+        ["access-log-format", None, None, "Lines of --access-log: text (the default) or json."],
         ["keepalive", None, None, "TCP keepalive idle time, seconds (off by default).", _count],
         ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default).", _bytes],
         ["rcvbuf", None, None, "SO_RCVBUF for both legs, bytes (kernel default).", _bytes],
@@ -233,6 +242,7 @@ class Options(usage.Options):
         self.users: Htpasswd | None = None
         self.tls: ServerTLS | None = None
         self.backend_tls: BackendTLS | None = None
+        self.access_log: AccessLogFile | None = None
 
     def opt_listen(self, value: str) -> None:
         """Where to accept clients (repeatable)."""
@@ -317,6 +327,7 @@ class Options(usage.Options):
             why = why_not_native(self)
             if why is not None:
                 raise usage.UsageError(f"--engine native: {why}")
+        self._access_log()
 
     def tls_options_given(self) -> bool:
         """Whether any option asks for TLS towards clients or backends."""
@@ -331,6 +342,24 @@ class Options(usage.Options):
             raise usage.UsageError("--splice on: this system has no splice(2) (Linux only)")
         if self["engine"] not in ENGINE_CHOICES:
             raise usage.UsageError(f"--engine must be one of {', '.join(ENGINE_CHOICES)}")
+
+    def _access_log(self) -> None:
+        """Open --access-log now: a path that cannot be written fails here, before daemonizing."""
+        from tunnelkit.access_log import FORMATS, AccessLogFile
+
+        path, fmt = self["access-log"], self["access-log-format"]
+        if fmt is not None and fmt not in FORMATS:
+            raise usage.UsageError(f"--access-log-format must be one of {', '.join(FORMATS)}")
+        if path is None:
+            if fmt is not None:
+                raise usage.UsageError("--access-log-format needs --access-log")
+            return
+        if self["no-access-log"]:
+            raise usage.UsageError("--access-log and --no-access-log contradict each other")
+        try:
+            self.access_log = AccessLogFile(path, fmt or FORMATS[0])
+        except OSError as e:
+            raise usage.UsageError(f"--access-log {path}: {e.strerror or e}") from None
 
     def _policies(self) -> None:
         try:
@@ -434,6 +463,10 @@ def makeService(config: Options) -> IService:
     top = MultiService()
     if config["workers"] > 1:
         from tunnelkit.workers import Workers
+
+        if config.access_log is not None:
+            # Opened only to check the path: each worker opens and writes its own.
+            config.access_log.close()
 
         workers = Workers(
             config["workers"],

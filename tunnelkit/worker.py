@@ -5,7 +5,8 @@ listening sockets at the descriptor numbers ``FDS`` (comma-separated, in ``--lis
 order) and the same plugin options. It builds the same service, adopts the
 sockets instead of listening, and writes its log as JSON lines on standard
 output for the supervisor to re-publish. SIGTERM/SIGINT drain it as they
-would a single process; SIGHUP reloads TLS files (or is ignored). It exits
+would a single process; SIGHUP reloads TLS files and reopens ``--access-log``
+(or is ignored). It exits
 if its supervisor goes away.
 """
 
@@ -46,7 +47,7 @@ def main(argv: list[str]) -> None:
 
     supervisor = int(argv[0])
     fds = [int(fd) for fd in argv[1].split(",")]
-    # The supervisor forwards SIGHUP; without TLS to reload it must not kill us.
+    # The supervisor forwards SIGHUP; with nothing to reload it must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     globalLogBeginner.beginLoggingTo(
         [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False, discardBuffer=True
