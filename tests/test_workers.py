@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +22,17 @@ import pytest
 import trustme
 from certs import write_ca, write_pair
 from loopback import Serve, connect, echo, echo_through, exchange, sha256
-from processes import Process, json_events, mapped_cryptography, run, twistd, twistd_argv
+from processes import (
+    Process,
+    access_log_records,
+    json_events,
+    mapped_cryptography,
+    read_text,
+    run,
+    twistd,
+    twistd_argv,
+    wait_until,
+)
 from tls_clients import client_context, tls_exchange
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -112,6 +122,43 @@ def test_workers_share_the_listener_and_log_through_the_supervisor(
             for e in json_events(tk.stdout)
             if e.get("event") == "tunnel_closed" and "worker" not in e
         ]
+
+
+def open_files(pid: int) -> set[str]:
+    """What the descriptors of process ``pid`` point to."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with suppress(FileNotFoundError):  # closed meanwhile
+            found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
+
+
+def test_workers_append_to_one_access_log_and_reopen_it_on_sighup(
+    tmp_path: Path, serve: Serve
+) -> None:
+    """--access-log with 2 workers: each appends whole lines to the file itself; after a rename, SIGHUP makes both reopen it."""
+    backend = serve(echo)
+    path, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
+    with supervisor(tmp_path, backend.address, "--access-log", str(path)) as (tk, address, pids):
+        # The supervisor only checked the path; it writes nothing and holds no rotated file open.
+        assert str(path) not in open_files(tk.pid)
+        assert all(str(path) in open_files(pid) for pid in pids.values())
+        echo_many(address, 40, 64 * 1024)
+        wait_until(lambda: len(read_text(path).splitlines()) >= 40, "40 lines")
+        records = access_log_records(path.read_text())
+        assert len(records) == 40
+        assert all(r["bytes_up"] == r["bytes_down"] == 64 * 1024 for r in records)
+        assert not [e for e in json_events(tk.stdout) if e.get("event") == "tunnel_closed"]
+        path.rename(rotated)
+        tk.send_signal(signal.SIGHUP)
+        reopened = events_named(tk, "access_log_reopened", 2)
+        assert sorted(e["worker"] for e in reopened) == [0, 1]
+        for pid in pids.values():
+            assert str(path) in open_files(pid) and str(rotated) not in open_files(pid)
+        echo_many(address, 10, 1000)
+        wait_until(lambda: len(read_text(path).splitlines()) >= 10, "10 lines in the new file")
+        assert len(access_log_records(path.read_text())) == 10
+        assert len(access_log_records(rotated.read_text())) == 40
 
 
 def test_a_dead_worker_is_restarted(tmp_path: Path, serve: Serve) -> None:
@@ -241,6 +288,22 @@ def test_a_worker_that_cannot_be_spawned_is_retried_with_backoff() -> None:
     exits = [e for e in logged if e.get("event") == "worker_exited"]
     assert [e["delay"] for e in exits] == [1.0, 2.0]
     assert "could not start" in exits[0]["status"]
+
+
+def test_a_sighup_while_a_worker_starts_reaches_it_once_ready() -> None:
+    """A worker still starting (SIGHUP would kill it) gets the SIGHUP once it is ready: it may have opened the files before they were rotated."""
+    reactor = FlakySpawner(failures=0)
+    workers = Workers(1, ["--listen", "1"], [FakePort()], 1.0, reactor)  # type: ignore[list-item]
+    workers.start_worker(0)
+    protocol = workers._protocols[0]
+    sent: list[int] = []
+    protocol.transport = SimpleNamespace(signalProcess=sent.append)
+    workers.reload()
+    assert sent == []
+    protocol.outReceived(b'{"event": "worker_ready", "log_format": "ready"}\n')
+    assert sent == [signal.SIGHUP]
+    workers.reload()
+    assert sent == [signal.SIGHUP, signal.SIGHUP]
 
 
 def test_workers_share_a_unix_listener_and_leave_nothing_behind(

@@ -12,12 +12,13 @@ The supervisor (:class:`Workers`):
 
 * re-publishes every worker's log events in its own log (``--logfile``, the
   JSON observer), each with a ``worker`` field, so the access log and the
-  operational events stay one stream;
+  operational events stay one stream (with ``--access-log`` each worker
+  appends its records to that file itself);
 * restarts a worker that died, after a pause that grows while workers keep
   dying young (``worker_exited``, ``worker_started``);
-* forwards SIGHUP (TLS reload) to every worker; on SIGTERM/SIGINT it stops
-  them with SIGTERM, waits while they drain (``--drain-timeout`` plus a
-  margin, then SIGKILL) and exits.
+* forwards SIGHUP (TLS reload, ``--access-log`` reopen) to every worker; on
+  SIGTERM/SIGINT it stops them with SIGTERM, waits while they drain
+  (``--drain-timeout`` plus a margin, then SIGKILL) and exits.
 
 A worker exits on its own if the supervisor disappears (see
 :mod:`tunnelkit.worker`), so no orphan keeps serving a port.
@@ -80,6 +81,8 @@ class _WorkerProtocol(ProcessProtocol):
         self.started = 0.0
         #: Set by the worker's ``worker_ready`` event: its signal handlers are in place.
         self.ready = False
+        #: A SIGHUP came while the worker was starting: it gets one once ready.
+        self.reload_pending = False
         self.ended: Deferred[None] = Deferred()
         self._partial = b""
 
@@ -112,6 +115,8 @@ class _WorkerProtocol(ProcessProtocol):
         event["worker"] = self.number
         if event.get("event") == "worker_ready":
             self.ready = True
+            if self.reload_pending:
+                _signal(self, signal.SIGHUP)
         globalLogPublisher(event)
 
     def processEnded(self, reason: Failure) -> None:
@@ -210,14 +215,17 @@ class Workers(Service):
         self.reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
-        """SIGHUP to every worker that is ready for it.
+        """SIGHUP to every worker that is ready for it, and to the others once they are.
 
-        One still starting would die of it (the default action); it reads
-        the files fresh anyway.
+        One still starting would die of it (the default action), yet it may
+        have opened its files before they changed (the access log before
+        logrotate renamed it, certificates before their renewal).
         """
         for protocol in list(self._protocols.values()):
             if protocol.ready:
                 _signal(protocol, signal.SIGHUP)
+            else:
+                protocol.reload_pending = True
 
     def signal_all(self, signum: int) -> None:
         """Send ``signum`` to every live worker."""
