@@ -243,6 +243,10 @@ def snapshot_tunnelkit(source: Path, workdir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+#: Stands for the run's work directory in an ``extra`` argument of :func:`tunnelkit_spec`.
+WORKDIR = "{workdir}"
+
+
 def tunnelkit_spec(
     read_size: int,
     name: str = "tunnelkit",
@@ -258,7 +262,9 @@ def tunnelkit_spec(
     :data:`MALLOC_TUNABLES`. Both are diagnostic rows: they show what a
     mechanism is worth on this machine. ``extra`` is appended to the command
     line (tls_bench.py passes ``--tls-cert``/``--tls-key``; the ``-w2`` row
-    ``--workers 2``, whose start waits until both workers are ready).
+    ``--workers 2``, whose start waits until both workers are ready), with
+    :data:`WORKDIR` replaced by the run's work directory (the ``+filelog``
+    row's ``--access-log``).
     """
     workers = workers_option(extra)
 
@@ -286,7 +292,7 @@ def tunnelkit_spec(
         )
         if no_write_through:
             argv.append("--no-write-through")
-        argv += extra
+        argv += [arg.replace(WORKDIR, str(workdir)) for arg in extra]
         proc = Proc(
             name, argv, workdir / f"{tag}.out", app_log=workdir / f"{tag}.twistd.log", env=env
         )
@@ -570,16 +576,18 @@ def all_proxies(
     no_write_through: bool = False,
     no_splice: bool = False,
     no_access_log: bool = False,
+    file_log: bool = False,
     malloc_tuned: bool = False,
     python_engine: bool = False,
 ) -> list[ProxySpec]:
     """Every system in the order of the tables.
 
     With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
-    ``no_splice``, ``no_access_log``, ``malloc_tuned`` and ``python_engine`` add a diagnostic row
-    (``+nowt``, ``+nosplice``, ``+nolog``, ``+malloc``, ``+python``) after each. Without a sweep, ``tunnelkit-w2``
-    (``--workers 2``) follows: the multi-core figure beside the single
-    process, as haproxy (2 threads) and nginx (2 workers) use both cores.
+    ``no_splice``, ``no_access_log``, ``file_log``, ``malloc_tuned`` and ``python_engine`` add a
+    diagnostic row (``+nowt``, ``+nosplice``, ``+nolog``, ``+filelog``, ``+malloc``, ``+python``)
+    after each. Without a sweep, ``tunnelkit-w2`` (``--workers 2``) follows:
+    the multi-core figure beside the single process, as haproxy (2 threads)
+    and nginx (2 workers) use both cores.
     """
     names = (
         [(rs, f"tunnelkit-{size_label(rs)}") for rs in read_sizes]
@@ -595,6 +603,9 @@ def all_proxies(
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nosplice", extra=("--splice", "off")))
         if no_access_log:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+nolog", extra=("--no-access-log",)))
+        if file_log:
+            access_log = ("--access-log", f"{WORKDIR}/access.log")
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+filelog", extra=access_log))
         if malloc_tuned:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
         if python_engine:

@@ -119,6 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="diagnostic: add a tunnelkit row run with --no-access-log (the peers log nothing)",
     )
     parser.add_argument(
+        "--file-log",
+        action="store_true",
+        help="diagnostic: add a tunnelkit row writing its access log with --access-log",
+    )
+    parser.add_argument(
         "--python-engine",
         action="store_true",
         help="diagnostic: add a tunnelkit row run with --engine python (Twisted's relay path)",
@@ -192,6 +197,7 @@ def proxies(args: argparse.Namespace) -> list[peers.ProxySpec]:
         no_write_through=args.no_write_through,
         no_splice=args.no_splice,
         no_access_log=args.no_access_log,
+        file_log=args.file_log,
         malloc_tuned=args.malloc_tuned,
         python_engine=args.python_engine,
     )
