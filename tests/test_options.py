@@ -85,7 +85,10 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         # --engine native says why the options need Twisted's path.
         (["--listen", "1", "--to", "a:1", "--engine", "native"], "is not an IP address"),
         (["--mode", "connect", "--listen", "1", "--engine", "native"], "reads a request first"),
-        (["--listen", "1", "--to", "tls:127.0.0.1:1", "--engine", "native"], "TLS is relayed"),
+        (
+            ["--listen", "1", "--to", "tls:127.0.0.1:1", "--engine", "native"],
+            "TLS to backends is relayed",
+        ),
         (
             ["--listen", "1", "--engine", "native"]
             + [arg for port in range(1, 66) for arg in ("--to", f"127.0.0.1:{port}")],

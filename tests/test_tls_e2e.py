@@ -91,6 +91,21 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 SECLEVEL0 = "DEFAULT@SECLEVEL=0"
 
 _proxy_numbers = itertools.count()
+#: ``--engine`` of every proxy of the running test (see :func:`both_engines`).
+_engine = ["auto"]
+
+
+@pytest.fixture(autouse=True, params=["auto", "python"])
+def both_engines(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test twice: TLS terminated by the native engine (the default) and by Twisted's path.
+
+    TLS to backends is Twisted's either way: those tests run once.
+    """
+    if request.param == "python" and request.node.name.startswith("test_backend"):
+        pytest.skip("TLS to backends is relayed by Twisted with either engine")
+    _engine[0] = request.param
+    yield
+    _engine[0] = "auto"
 
 
 # -- the proxy under test -----------------------------------------------------
@@ -143,6 +158,8 @@ def tls_proxy(cwd: Path, *args: str, listen: str = "127.0.0.1:0") -> Iterator[Pr
         listen,
         "--drain-timeout",
         "2",
+        "--engine",
+        _engine[0],
         *args,
         cwd=directory,
         twistd_options=JSON_LOG,
@@ -597,10 +614,10 @@ def test_client_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> None:
 class SClientSession:
     """An interactive ``openssl s_client -tls1_2`` whose stdin stays open until told."""
 
-    def __init__(self, address: str, ca: Path) -> None:
+    def __init__(self, address: str, ca: Path, version: str = "-tls1_2") -> None:
         assert OPENSSL is not None
         host, port = split_address(address)
-        argv = [OPENSSL, "s_client", "-connect", f"{host}:{port}", "-tls1_2"]
+        argv = [OPENSSL, "s_client", "-connect", f"{host}:{port}", version]
         argv += ["-servername", "localhost", "-CAfile", str(ca)]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -700,6 +717,28 @@ def test_client_renegotiation_refused(tmp_path: Path, serve: Serve, pki: PKI) ->
         assert not renegotiated, f"the client renegotiated through tunnelkit:\n{output}"
         assert output.count("depth=0") == 1, output
         proxy.closed(1)
+
+
+@needs_openssl
+def test_client_key_update(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+    """s_client's K (a TLS 1.3 KeyUpdate asking for ours) mid-stream: the echo goes on, both ways."""
+    backend = serve(echo)
+    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+        session = SClientSession(proxy.address, pki.ca_path, "-tls1_3")
+        # One update: s_client (3.0) does not send a second one's next line.
+        lines = [f"line-{i}-{os.urandom(6).hex()}" for i in range(2)]
+        try:
+            session.send(lines[0])
+            assert session.wait_for(lines[0], 10), session.output
+            session.send("K")
+            assert session.wait_for("KEYUPDATE", 5), session.output
+            session.send(lines[1])
+            assert session.wait_for(lines[1], 5), f"no echo after a key update:\n{session.output}"
+        finally:
+            session.close()
+        [event] = proxy.closed(1)
+        assert event["close_kind"] == "FIN", event
+        assert event["bytes_up"] == event["bytes_down"] == sum(len(line) + 1 for line in lines)
 
 
 # -- 7. bulk both ways ------------------------------------------------------------------

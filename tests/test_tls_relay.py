@@ -40,6 +40,7 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from tunnelkit import native
 from tunnelkit.tls_transport import RelayTLSProtocol
 
 Inline = Generator[Deferred[Any], Any, None]
@@ -151,6 +152,14 @@ class TLSTestCase(LoopbackTestCase):
 
 
 class TerminationTests(TLSTestCase):
+    #: Whether these tests expect the native engine to terminate TLS (when it is built).
+    expect_native = True
+
+    def test_engine(self) -> None:
+        """TLS is terminated by the engine by default, by Twisted's path with --engine python."""
+        fwd = self.terminate("--to", "127.0.0.1:9")
+        assert fwd.native is (self.expect_native and native.built())
+
     @inlineCallbacks
     def test_both_ways_at_once(self) -> Inline:
         """8 MiB up and its echo down through a TLS client leg at the same time, hash-checked."""
@@ -448,8 +457,24 @@ class BackendTLSTests(TLSTestCase):
         assert fwd.tunnels == []
 
 
+class PythonTerminationTests(TerminationTests):
+    """The same, with TLS terminated by Twisted's path instead of the native engine."""
+
+    extra_args = ("--engine", "python")
+    expect_native = False
+
+
+class PythonHandshakeTests(HandshakeTests):
+    """The same, with TLS terminated by Twisted's path instead of the native engine."""
+
+    extra_args = ("--engine", "python")
+
+
 class PortableTerminationTests(TerminationTests):
-    """The same, with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
+    """Twisted's path, with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
+
+    extra_args = ("--engine", "python")
+    expect_native = False
 
     def setUp(self) -> None:
         super().setUp()

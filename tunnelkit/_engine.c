@@ -24,6 +24,16 @@
  * sent), resets passed on as resets unless the reset side had already sent
  * its FIN, connect timeout with failover to the next backend, idle, fin and
  * close-grace timeouts, and one record per tunnel.
+ *
+ * TLS termination (--tls-cert with plain TCP/UNIX listeners): Python makes
+ * each client's OpenSSL connection with pyOpenSSL, from the same contexts,
+ * SNI choice, ALPN and client-certificate rules as Twisted's path, and hands
+ * over its SSL pointer; the engine drives the handshake and the relay with
+ * OpenSSL's own functions, whose addresses Python takes from pyOpenSSL's
+ * bindings (so no OpenSSL headers or second libssl are needed here, and the
+ * calls reach the library that made the SSL object). The backend is dialled
+ * once the handshake is done; close_notify and a bare FIN are both the
+ * client's EOF, and the backend's EOF becomes close_notify then a FIN.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -52,7 +62,18 @@
 
 enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
 enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
-enum { S_CONNECTING = 0, S_JOINED, S_CLOSING, S_DEAD };
+enum { S_CONNECTING = 0, S_JOINED, S_CLOSING, S_DEAD, S_HANDSHAKE };
+/* OpenSSL's SSL_get_error() results, stable since 0.9.x. */
+enum {
+    TLS_ERROR_SSL = 1,
+    TLS_WANT_READ = 2,
+    TLS_WANT_WRITE = 3,
+    TLS_ERROR_SYSCALL = 5,
+    TLS_ZERO_RETURN = 6,
+};
+/* Room for one TLS record's plaintext: an SSL_read into at least this much
+ * leaves nothing decrypted behind, so socket readiness alone says when to read. */
+#define TLS_RECORD 16384
 /* epoll tags: a tunnel's pointer with its side (CLIENT, BACKEND) in the low
  * bits, or a listener's pointer with TAG_LISTENER. */
 enum { TAG_LISTENER = 2 };
@@ -77,6 +98,7 @@ typedef struct {
     size_t piped;
     unsigned eof : 1;   /* EOF read from the source */
     unsigned shut : 1;  /* shutdown(SHUT_WR) sent to the destination */
+    unsigned notify : 1; /* close_notify owed to a TLS destination before its FIN */
     unsigned long long bytes;
 } dir_t;
 
@@ -96,12 +118,29 @@ typedef struct tunnel {
     double fin_at;     /* fin timeout, once half-closed (0: none) */
     double grace_at;   /* close grace, once closing (0: none) */
     int noted, closed_by, close_kind;
-    /* Allocated when first needed: an idle tunnel is 384 bytes (x86-64). */
+    void *ssl;         /* the client's OpenSSL connection (TLS listeners), else NULL */
+    PyObject *tls;     /* the pyOpenSSL Connection that owns ssl */
+    unsigned handshaken : 1;
+    unsigned notified : 1;          /* close_notify sent (or given up) */
+    unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
+    /* Allocated when first needed: an idle tunnel is 400 bytes (x86-64). */
     char *reason;
     char *errors; /* failed backend attempts, "name: why; ..." */
     struct sockaddr_storage peer;
     socklen_t peer_len;
 } tunnel_t;
+
+/* The OpenSSL functions the engine calls, by address (see the top of the file). */
+typedef struct {
+    int (*do_handshake)(void *ssl);
+    int (*read)(void *ssl, void *buf, int len);
+    int (*write)(void *ssl, const void *buf, int len);
+    int (*shutdown)(void *ssl);
+    int (*get_error)(const void *ssl, int ret);
+    void (*clear_error)(void);
+    unsigned long (*next_error)(void);
+    const char *(*reason)(unsigned long code);
+} tls_api_t;
 
 typedef struct {
     PyObject_HEAD
@@ -123,6 +162,10 @@ typedef struct {
     PyObject *records;      /* list of record tuples, taken by Python */
     PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
     char *scratch;
+    size_t scratch_size;
+    tls_api_t tls;        /* set when tls_new is */
+    PyObject *tls_new;    /* callable(fd) -> (SSL address, pyOpenSSL Connection), or NULL */
+    double tls_timeout;   /* --tls-handshake-timeout */
     int pipes[PIPES_KEPT][2];
     int n_pipes;
     tunnel_t head;      /* circular list of live tunnels */
@@ -236,7 +279,89 @@ static void give_pipe(Engine *e, dir_t *d) {
     d->piped = 0;
 }
 
-static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped; }
+static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped + d->notify; }
+
+/* -- TLS ----------------------------------------------------------------------- */
+
+/* The reasons OpenSSL queued, ", "-joined as tunnelkit.tls_server.openssl_reason
+ * does, else what the system call said. Empties the queue. */
+static void tls_reason(Engine *e, int err, int saved_errno, char *out, size_t size) {
+    size_t used = 0;
+    unsigned long code;
+    out[0] = '\0';
+    while ((code = e->tls.next_error()) != 0) {
+        const char *reason = e->tls.reason(code);
+        if (reason == NULL || used + 1 >= size)
+            continue;
+        int n = snprintf(out + used, size - used, "%s%s", used ? ", " : "", reason);
+        used = n < 0 ? used : (size_t)n >= size - used ? size - 1 : used + n;
+    }
+    if (used == 0)
+        snprintf(out, size, "%s",
+                 err == TLS_ERROR_SYSCALL && saved_errno != 0 ? strerror(saved_errno)
+                 : err == TLS_ERROR_SSL                      ? "protocol error"
+                                                             : "the client closed the connection");
+}
+
+/* SSL_write as much of buf as the client's socket takes, as send() would:
+ * the count taken, or -1 with errno (EAGAIN when nothing was taken). A retry
+ * must offer the same bytes again (OpenSSL may hold an encrypted record of
+ * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER). */
+static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
+    size_t done = 0;
+    while (done < len) {
+        int chunk = len - done > (1 << 30) ? (1 << 30) : (int)(len - done);
+        e->tls.clear_error();
+        errno = 0;
+        int n = e->tls.write(t->ssl, buf + done, chunk);
+        if (n > 0) {
+            done += n;
+            continue;
+        }
+        int saved = errno;
+        int err = e->tls.get_error(t->ssl, n);
+        if (err == TLS_WANT_WRITE || err == TLS_WANT_READ || done > 0)
+            break; /* an error shows again at the next call */
+        if (err == TLS_ERROR_SSL) {
+            char why[256];
+            tls_reason(e, err, saved, why, sizeof why);
+            note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
+        }
+        e->tls.clear_error();
+        errno = saved ? saved : EPIPE;
+        return -1;
+    }
+    if (done == 0 && len > 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    return (ssize_t)done;
+}
+
+/* Send to side `to` of the tunnel: through TLS to a TLS client, else plain. */
+static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_t len) {
+    if (to == CLIENT && t->ssl != NULL)
+        return tls_send(e, t, buf, len);
+    return send(t->fd[to], buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+/* Send the close_notify owed to the client. 0: wait until it is writable. */
+static int tls_notify(Engine *e, tunnel_t *t) {
+    e->tls.clear_error();
+    int r = e->tls.shutdown(t->ssl);
+    if (r < 0 && e->tls.get_error(t->ssl, r) == TLS_WANT_WRITE)
+        return 0;
+    e->tls.clear_error(); /* sent, or the connection is broken: its FIN follows anyway */
+    t->dir[BACKEND].notify = 0;
+    t->notified = 1;
+    return 1;
+}
+
+/* A graceful end owes a handshaken client its close_notify, once. */
+static void owe_notify(tunnel_t *t) {
+    if (t->ssl != NULL && t->handshaken && !t->notified && t->fd[CLIENT] >= 0)
+        t->dir[BACKEND].notify = 1;
+}
 
 /* -- epoll interest ------------------------------------------------------ */
 
@@ -265,7 +390,7 @@ static void rewatch(Engine *e, tunnel_t *t, int s) {
     dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
     if (t->state == S_JOINED && !out->eof && pending(out) == 0)
         want |= EPOLLIN;
-    if (pending(in) > 0)
+    if (pending(in) > 0 || (s == CLIENT && t->read_wants_write))
         want |= EPOLLOUT;
     watch(e, t, s, want);
 }
@@ -298,7 +423,8 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
     e->active--;
     if (e->active < e->max_tunnels)
         e->warned_full = 0;
-    if (e->log_records) {
+    /* A failed handshake is reported even unlogged: Python counts it. */
+    if (e->log_records || (t->tls != NULL && !t->handshaken)) {
         double end = now();
         PyObject *client = describe(&t->peer, t->peer_len);
         PyObject *backend, *backend_address;
@@ -312,19 +438,24 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
         }
         PyObject *connect_time = t->connected > 0 ? PyFloat_FromDouble(t->connected - t->started)
                                                   : (Py_INCREF(Py_None), Py_None);
+        PyObject *tls = t->tls != NULL ? Py_BuildValue("(OO)", t->tls, t->handshaken ? Py_True : Py_False)
+                                       : (Py_INCREF(Py_None), Py_None);
         if (!t->noted)
             note(t, PROXY, K_ERROR, "unknown");
         PyObject *record = Py_BuildValue(
-            "(i(NNNKKdN)iisO)", t->listener_id, client, backend, backend_address,
+            "(i(NNNKKdN)iisON)", t->listener_id, client, backend, backend_address,
             t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
             t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
-            t->spliced ? Py_True : Py_False);
+            t->spliced ? Py_True : Py_False, tls);
         /* (listener, TunnelRecord's first seven fields, side, kind, reason,
-         * spliced). Allocation failures only lose the record, never the engine. */
+         * spliced, (TLS connection, handshaken) or None). Allocation failures
+         * only lose the record, never the engine. */
         if (record == NULL || PyList_Append(e->records, record) < 0)
             PyErr_Clear();
         Py_XDECREF(record);
     }
+    Py_CLEAR(t->tls); /* the record keeps it, for the access log's TLS fields */
+    t->ssl = NULL;
     t->state = S_DEAD;
     t->next = e->graveyard;
     e->graveyard = t;
@@ -369,6 +500,7 @@ static int maybe_finish(Engine *e, tunnel_t *t) {
 
 /* Graceful close of both sides: stop reading, send what is held, then close. */
 static int close_both(Engine *e, tunnel_t *t) {
+    owe_notify(t);
     t->state = S_CLOSING;
     if (t->grace_at == 0)
         t->grace_at = now() + e->grace;
@@ -383,6 +515,7 @@ static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
     int clean = t->dir[s].eof;
     unwatch_close(e, t, s, 1);
     t->dir[peer].off = t->dir[peer].len = 0; /* nothing more can reach s */
+    t->dir[peer].notify = 0;
     give_pipe(e, &t->dir[peer]);
     if (t->fd[peer] >= 0 && !clean) {
         unwatch_close(e, t, peer, 1);
@@ -404,7 +537,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
     if (dst < 0)
         return 0;
     while (d->len > d->off) {
-        ssize_t n = send(dst, d->buf + d->off, d->len - d->off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = put(e, t, 1 - s, d->buf + d->off, d->len - d->off);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return 0;
@@ -427,6 +560,8 @@ static int flush(Engine *e, tunnel_t *t, int s) {
         d->piped -= n;
     }
     give_pipe(e, d);
+    if (d->notify && !tls_notify(e, t))
+        return 0;
     return send_eof_if_done(e, t, s);
 }
 
@@ -453,15 +588,91 @@ static int send_eof_if_done(Engine *e, tunnel_t *t, int s) {
 static int got_eof(Engine *e, tunnel_t *t, int s) {
     t->dir[s].eof = 1;
     note(t, s, K_FIN, "%s sent FIN", SIDE_NAMES[s]);
-    if (send_eof_if_done(e, t, s))
+    if (s == BACKEND && t->ssl != NULL) {
+        owe_notify(t); /* the client hears close_notify, then the FIN */
+        if (flush(e, t, s))
+            return 1;
+        rewatch(e, t, CLIENT);
+    } else if (send_eof_if_done(e, t, s)) {
         return 1;
+    }
     rewatch(e, t, s);
     return 0;
 }
 
 static void start_splicing(Engine *e, tunnel_t *t) {
-    if (e->splice_mode > 0)
+    if (e->splice_mode > 0 && t->ssl == NULL) /* TLS bytes are rewritten: nothing to splice */
         t->splicing = 1;
+}
+
+/* Send the n bytes read into scratch from side s on to its peer; hold what
+ * the peer refuses (and stop reading s until it drains). 1 if the tunnel ended. */
+static int deliver(Engine *e, tunnel_t *t, int s, size_t n) {
+    dir_t *d = &t->dir[s];
+    ssize_t sent = put(e, t, 1 - s, e->scratch, n);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            return side_failed(e, t, 1 - s, errno);
+        sent = 0;
+    }
+    if ((size_t)sent < n) {
+        d->buf = malloc(n - sent);
+        if (d->buf == NULL) {
+            note(t, PROXY, K_ERROR, "out of memory");
+            abort_tunnel(e, t);
+            return 1;
+        }
+        memcpy(d->buf, e->scratch + sent, n - sent);
+        d->off = 0;
+        d->len = n - sent;
+        rewatch(e, t, s);
+        rewatch(e, t, 1 - s);
+    }
+    return 0;
+}
+
+/* Read what the TLS client sent: whole records, as many as the scratch holds. */
+static int tls_relay_read(Engine *e, tunnel_t *t) {
+    size_t got = 0;
+    int end = 0, err = 0, saved = 0; /* end: 1 EOF (close_notify or a bare FIN), 2 failed */
+    t->read_wants_write = 0;
+    while (e->scratch_size - got >= TLS_RECORD) {
+        e->tls.clear_error();
+        errno = 0;
+        size_t room = e->scratch_size - got;
+        int n = e->tls.read(t->ssl, e->scratch + got, room > (1 << 30) ? (1 << 30) : (int)room);
+        if (n > 0) {
+            got += n;
+            continue;
+        }
+        saved = errno;
+        err = e->tls.get_error(t->ssl, n);
+        if (err == TLS_WANT_WRITE) /* a key update to answer: retried once writable */
+            t->read_wants_write = 1;
+        else if (err == TLS_ZERO_RETURN || (err == TLS_ERROR_SYSCALL && saved == 0))
+            end = 1;
+        else if (err != TLS_WANT_READ)
+            end = 2;
+        break;
+    }
+    if (end == 2) {
+        char why[256];
+        tls_reason(e, err, saved, why, sizeof why);
+        if (err == TLS_ERROR_SSL)
+            note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
+        return side_failed(e, t, CLIENT, saved ? saved : EPROTO);
+    }
+    if (got > 0) {
+        t->dir[CLIENT].bytes += got;
+        t->last_moved = now();
+        if (deliver(e, t, CLIENT, got))
+            return 1;
+    }
+    if (end == 1)
+        return got_eof(e, t, CLIENT);
+    if (t->read_wants_write)
+        rewatch(e, t, CLIENT);
+    return 0;
 }
 
 /* Read once from side s and send it on at once; hold what the peer refuses. */
@@ -470,6 +681,8 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
     int src = t->fd[s], dst = t->fd[1 - s];
     if (d->eof || pending(d) > 0 || dst < 0)
         return 0;
+    if (s == CLIENT && t->ssl != NULL)
+        return tls_relay_read(e, t);
     if (t->splicing && take_pipe(e, d) == 0) {
         ssize_t n = splice(src, NULL, d->pipe_w, NULL, PIPE_CAPACITY,
                            SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -506,31 +719,13 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
     t->last_moved = now();
     if ((size_t)n >= e->bulk_read)
         start_splicing(e, t);
-    ssize_t sent = send(dst, e->scratch, n, MSG_NOSIGNAL | MSG_DONTWAIT);
-    if (sent < 0) {
-        if (errno != EAGAIN && errno != EINTR)
-            return side_failed(e, t, 1 - s, errno);
-        sent = 0;
-    }
-    if (sent < n) {
-        d->buf = malloc(n - sent);
-        if (d->buf == NULL) {
-            note(t, PROXY, K_ERROR, "out of memory");
-            abort_tunnel(e, t);
-            return 1;
-        }
-        memcpy(d->buf, e->scratch + sent, n - sent);
-        d->off = 0;
-        d->len = n - sent;
-        rewatch(e, t, s);
-        rewatch(e, t, 1 - s);
-    }
-    return 0;
+    return deliver(e, t, s, n);
 }
 
 /* -- connecting ------------------------------------------------------------ */
 
 static int try_backends(Engine *e, tunnel_t *t);
+static void turn_away(Engine *e, tunnel_t *t);
 
 static void join(Engine *e, tunnel_t *t) {
     t->state = S_JOINED;
@@ -588,12 +783,7 @@ static int try_backends(Engine *e, tunnel_t *t) {
     t->backend_index = -1;
     note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
          t->errors ? t->errors : "no attempt made");
-    /* What the client sent is read and dropped first: closing with unread
-     * bytes would send an RST instead of a FIN, unlike Twisted's path. */
-    for (int i = 0; i < 4 && recv(t->fd[CLIENT], e->scratch, e->read_size, MSG_DONTWAIT) > 0; i++)
-        ;
-    unwatch_close(e, t, CLIENT, 0);
-    end_tunnel(e, t);
+    turn_away(e, t);
     return 1;
 }
 
@@ -631,6 +821,66 @@ static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
     if (ev & EPOLLRDHUP)
         watch(e, t, CLIENT, 0); /* its FIN stays queued behind its bytes for the join */
     return 0;
+}
+
+/* -- the TLS handshake ------------------------------------------------------- */
+
+/* Close a client that will get no tunnel: what it sent is read and dropped
+ * first, as closing with unread bytes would send an RST instead of a FIN. */
+static void turn_away(Engine *e, tunnel_t *t) {
+    for (int i = 0; i < 4 && recv(t->fd[CLIENT], e->scratch, e->read_size, MSG_DONTWAIT) > 0; i++)
+        ;
+    unwatch_close(e, t, CLIENT, 0);
+    end_tunnel(e, t);
+}
+
+/* Go on with the handshake; once done, dial the backends. 1 if the tunnel ended. */
+static int tls_handshake(Engine *e, tunnel_t *t) {
+    e->tls.clear_error();
+    errno = 0;
+    int r = e->tls.do_handshake(t->ssl); /* may call Python: SNI, ALPN */
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(e->tls_new);
+    if (r == 1) {
+        t->handshaken = 1;
+        t->state = S_CONNECTING;
+        watch(e, t, CLIENT, EPOLLRDHUP);
+        return try_backends(e, t);
+    }
+    int saved = errno;
+    int err = e->tls.get_error(t->ssl, r);
+    if (err == TLS_WANT_READ || err == TLS_WANT_WRITE) {
+        watch(e, t, CLIENT, err == TLS_WANT_READ ? EPOLLIN : EPOLLOUT);
+        return 0;
+    }
+    char why[256];
+    tls_reason(e, err, saved, why, sizeof why);
+    note(t, CLIENT, K_ERROR, "TLS handshake failed: %s", why);
+    turn_away(e, t);
+    return 1;
+}
+
+/* A TLS listener's client: Python makes its OpenSSL connection, then the
+ * handshake waits for the ClientHello. */
+static void tls_start(Engine *e, tunnel_t *t) {
+    unsigned long long address = 0;
+    PyObject *connection = NULL;
+    PyObject *made = PyObject_CallFunction(e->tls_new, "i", t->fd[CLIENT]);
+    if (made != NULL && PyArg_ParseTuple(made, "KO", &address, &connection) && address != 0) {
+        t->ssl = (void *)(uintptr_t)address;
+        t->tls = Py_NewRef(connection);
+        Py_DECREF(made);
+        t->state = S_HANDSHAKE;
+        t->deadline = now() + e->tls_timeout;
+        watch(e, t, CLIENT, EPOLLIN);
+        return;
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(e->tls_new);
+    Py_XDECREF(made);
+    note(t, PROXY, K_ERROR, "TLS setup failed");
+    unwatch_close(e, t, CLIENT, 1);
+    end_tunnel(e, t);
 }
 
 /* -- accepting -------------------------------------------------------------- */
@@ -696,6 +946,10 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
     t->prev = e->head.prev;
     e->head.prev->next = t;
     e->head.prev = t;
+    if (e->tls_new != NULL) {
+        tls_start(e, t);
+        return;
+    }
     watch(e, t, CLIENT, EPOLLRDHUP);
     try_backends(e, t);
 }
@@ -742,6 +996,10 @@ static int read_error(int fd) {
 static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
     if (t->state == S_DEAD || t->fd[s] < 0)
         return;
+    if (t->state == S_HANDSHAKE) {
+        tls_handshake(e, t);
+        return;
+    }
     if (t->state == S_CONNECTING) {
         if (s == BACKEND)
             backend_connected(e, t, ev);
@@ -765,7 +1023,7 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
             return;
     }
     if (t->state == S_JOINED && !t->dir[s].eof && pending(&t->dir[s]) == 0 &&
-        (ev & (EPOLLIN | EPOLLHUP | EPOLLERR))) {
+        ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) || (s == CLIENT && t->read_wants_write))) {
         relay_read(e, t, s); /* a reset shows as the read's error */
         return;
     }
@@ -808,7 +1066,12 @@ static PyObject *Engine_tick(Engine *e, PyObject *unused) {
     tunnel_t *t = e->head.next;
     while (t != &e->head) {
         tunnel_t *next = t->next;
-        if (t->state == S_CONNECTING) {
+        if (t->state == S_HANDSHAKE) {
+            if (t_now >= t->deadline) {
+                note(t, PROXY, K_TIMEOUT, "TLS handshake timeout (%g s)", e->tls_timeout);
+                abort_tunnel(e, t);
+            }
+        } else if (t->state == S_CONNECTING) {
             if (t_now >= t->deadline) {
                 char why[64];
                 snprintf(why, sizeof why, "connect timeout (%g s)", e->connect_timeout);
@@ -895,7 +1158,7 @@ static PyObject *Engine_fileno(Engine *e, PyObject *unused) { return PyLong_From
 
 /* The live tunnels' sockets and states, for tests and diagnostics. */
 static PyObject *Engine_tunnels(Engine *e, PyObject *unused) {
-    static const char *STATES[] = {"connecting", "joined", "closing", "dead"};
+    static const char *STATES[] = {"connecting", "joined", "closing", "dead", "handshake"};
     PyObject *list = PyList_New(0);
     if (list == NULL)
         return NULL;
@@ -913,6 +1176,7 @@ static PyObject *Engine_tunnels(Engine *e, PyObject *unused) {
 
 static void close_all(Engine *e) {
     Py_CLEAR(e->client_check); /* it is a method of the object that holds this engine */
+    Py_CLEAR(e->tls_new);
     while (e->head.next != &e->head) {
         tunnel_t *t = e->head.next;
         note(t, PROXY, K_SHUTDOWN, "engine closed");
@@ -973,12 +1237,43 @@ static int parse_backend(Engine *e, PyObject *item, int i) {
     return 0;
 }
 
+/* tls=((the addresses of SSL_do_handshake, SSL_read, SSL_write, SSL_shutdown,
+ * SSL_get_error, ERR_clear_error, ERR_get_error, ERR_reason_error_string),
+ * new_connection(fd) -> (SSL address, owner), handshake timeout) */
+static int parse_tls(Engine *e, PyObject *tls) {
+    unsigned long long f[8];
+    PyObject *factory;
+    if (!PyArg_ParseTuple(tls, "(KKKKKKKK)Od", &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6],
+                          &f[7], &factory, &e->tls_timeout))
+        return -1;
+    for (int i = 0; i < 8; i++) {
+        if (f[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "a TLS function address is 0");
+            return -1;
+        }
+    }
+    if (!PyCallable_Check(factory)) {
+        PyErr_SetString(PyExc_TypeError, "new_connection must be callable");
+        return -1;
+    }
+    e->tls.do_handshake = (int (*)(void *))(uintptr_t)f[0];
+    e->tls.read = (int (*)(void *, void *, int))(uintptr_t)f[1];
+    e->tls.write = (int (*)(void *, const void *, int))(uintptr_t)f[2];
+    e->tls.shutdown = (int (*)(void *))(uintptr_t)f[3];
+    e->tls.get_error = (int (*)(const void *, int))(uintptr_t)f[4];
+    e->tls.clear_error = (void (*)(void))(uintptr_t)f[5];
+    e->tls.next_error = (unsigned long (*)(void))(uintptr_t)f[6];
+    e->tls.reason = (const char *(*)(unsigned long))(uintptr_t)f[7];
+    e->tls_new = Py_NewRef(factory);
+    return 0;
+}
+
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
                              "grace", "connect_timeout", "max_tunnels", "log_records",
                              "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
-                             NULL};
-    PyObject *backends, *check = Py_None;
+                             "tls", NULL};
+    PyObject *backends, *check = Py_None, *tls = Py_None;
     Py_ssize_t read_size, bulk_read;
     if (e->epfd >= 0) {
         PyErr_SetString(PyExc_TypeError, "an Engine is initialized once");
@@ -986,11 +1281,13 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     }
     e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
     e->nodelay = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$lppiiiiO", kwlist, &backends,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$lppiiiiOO", kwlist, &backends,
                                      &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
                                      &e->grace, &e->connect_timeout, &e->max_tunnels,
                                      &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
-                                     &e->rcvbuf, &e->mss, &check))
+                                     &e->rcvbuf, &e->mss, &check, &tls))
+        return -1;
+    if (tls != Py_None && parse_tls(e, tls) < 0)
         return -1;
     if (read_size <= 0 || bulk_read <= 0) {
         PyErr_SetString(PyExc_ValueError, "read_size and bulk_read must be positive");
@@ -1014,7 +1311,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     Py_DECREF(seq);
     e->read_size = read_size;
     e->bulk_read = bulk_read;
-    e->scratch = malloc(read_size);
+    /* TLS reads whole records: room for a few whatever --read-size says. */
+    e->scratch_size = e->tls_new != NULL && read_size < 4 * TLS_RECORD ? 4 * TLS_RECORD : read_size;
+    e->scratch = malloc(e->scratch_size);
     if (e->scratch == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -1055,6 +1354,7 @@ static void Engine_dealloc(Engine *e) {
     for (int i = 0; i < e->n_backends; i++)
         Py_XDECREF(e->backend_names[i]);
     Py_XDECREF(e->client_check);
+    Py_XDECREF(e->tls_new);
     Py_XDECREF(e->records);
     Py_XDECREF(e->notices);
     free(e->scratch);

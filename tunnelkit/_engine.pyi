@@ -1,13 +1,15 @@
 # Types of the C module tunnelkit/_engine.c (see tunnelkit/native.py).
 from collections.abc import Callable, Sequence
+from typing import Any
 
 MAX_BACKENDS: int
 MAX_LISTENERS: int
 
 # client, backend, backend_address, bytes_up, bytes_down, duration, connect_time
 Fields = tuple[str, str, str | None, int, int, float, float | None]
-# listener, those fields, closed_by, close_kind, reason, spliced
-Record = tuple[int, Fields, int, int, str, bool]
+# listener, those fields, closed_by, close_kind, reason, spliced,
+# (pyOpenSSL Connection, handshaken) for a TLS client else None
+Record = tuple[int, Fields, int, int, str, bool, tuple[Any, bool] | None]
 
 class Engine:
     active: int
@@ -30,6 +32,7 @@ class Engine:
         rcvbuf: int = -1,
         mss: int = -1,
         client_check: Callable[[str, int, int], bool] | None = None,
+        tls: tuple[tuple[int, ...], Callable[[int], tuple[int, Any]], float] | None = None,
     ) -> None: ...
     def run(self) -> bool: ...
     def tick(self) -> bool: ...

@@ -37,7 +37,9 @@ from tunnelkit.sockopts import tuned_reactor
 from tunnelkit.tunnel_log import TunnelLog
 
 if TYPE_CHECKING:
+    from tunnelkit.native_tls import EngineTLS
     from tunnelkit.tap import Options
+    from tunnelkit.tls_server import ServerTLS
 
 log = Logger(namespace="tunnelkit.tap")
 
@@ -142,6 +144,12 @@ def _on_sighup(*actions: Callable[[], object] | None) -> Callable[[], None] | No
     return reload
 
 
+def _engine_tls(tls: ServerTLS) -> EngineTLS:
+    from tunnelkit.native_tls import EngineTLS  # only a TLS process loads pyOpenSSL
+
+    return EngineTLS(tls)
+
+
 def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
@@ -232,6 +240,7 @@ def build_service(config: Options) -> TunnelService:
             bulk_read=min(splice.BULK_READ, config.socket_options.read_size),
             log_records=not config["no-access-log"],
             restricts_clients=config.clients.restricts,
+            tls=_engine_tls(config.tls) if config.tls is not None else None,
         )
         if use_native
         else None

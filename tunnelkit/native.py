@@ -5,9 +5,11 @@ non-blocking connect, two transports, Deferreds, four closes), against
 nginx's 33 µs, and a keep-alive request about 11 µs: the cost is the
 interpreter's, spread over many layers. For the common case of plain
 forwarding (``--mode forward``, TCP or UNIX listeners, backends given as IP
-addresses or UNIX paths, no TLS), :mod:`tunnelkit._engine`, a small C
+addresses or UNIX paths, no TLS to backends), :mod:`tunnelkit._engine`, a small C
 module, accepts, connects, relays (``splice(2)`` for bulk) and closes the
-tunnels itself, with the same rules as :mod:`tunnelkit.relay`.
+tunnels itself, with the same rules as :mod:`tunnelkit.relay`. It also
+terminates TLS (``--tls-cert``) with the connections pyOpenSSL makes
+(:mod:`tunnelkit.native_tls`).
 
 Python keeps what is configuration or policy: Twisted parses the endpoint
 strings and opens the listening sockets (so errors, backlogs, socket
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from tunnelkit._engine import Record
     from tunnelkit.dialer import Backend
     from tunnelkit.listener import TunnelFactory
+    from tunnelkit.native_tls import EngineTLS
     from tunnelkit.socket_options import SocketOptions
 
 log = Logger(namespace="tunnelkit.native")
@@ -87,9 +90,11 @@ def why_not_native(config: Any) -> str | None:
     """Why the options need the Twisted path, or ``None`` if the engine can serve them."""
     if _engine is None:
         return "the native engine is not built (no C compiler at install time?)"
+    tls_why = _tls_unavailable() if config.tls is not None else None
     reasons = [
         (config["mode"] != "forward", f"--mode {config['mode']} reads a request first"),
-        (config.tls is not None or config.backend_tls is not None, "TLS is relayed by Python"),
+        (config.backend_tls is not None, "TLS to backends is relayed by Python"),
+        (tls_why is not None, f"TLS is terminated by Python: {tls_why}"),
         (config["no-write-through"], "--no-write-through is a diagnostic of the Python path"),
         (
             len(config["listen"]) > _engine.MAX_LISTENERS,
@@ -113,6 +118,12 @@ def why_not_native(config: Any) -> str | None:
         for b in config.backends
     ]
     return next((why for applies, why in reasons if applies), None)
+
+
+def _tls_unavailable() -> str | None:
+    from tunnelkit.native_tls import unavailable
+
+    return unavailable()
 
 
 def _port_socket(factory: Any, port: IListeningPort) -> int | None:
@@ -175,9 +186,11 @@ class NativeRelay:
         bulk_read: int,
         log_records: bool,
         restricts_clients: bool,
+        tls: EngineTLS | None = None,
     ) -> None:
         self.reactor = reactor
         self.registry = registry
+        self.tls = tls
         self._factories: list[TunnelFactory] = []
         self._listening: list[int] = []
         self._tick: IDelayedCall | None = None
@@ -202,6 +215,7 @@ class NativeRelay:
             rcvbuf=-1 if options.rcvbuf is None else options.rcvbuf,
             mss=-1 if options.mss is None else options.mss,
             client_check=self._client_allowed if restricts_clients else None,
+            tls=tls.argument() if tls is not None else None,
         )
         registry.engine = self.engine
 
@@ -212,16 +226,20 @@ class NativeRelay:
 
         Each port stops being read by the reactor; a port the engine cannot
         take (a TLS port) goes on accepting through Twisted and its factory.
+        With :attr:`tls`, each factory wraps its mode's in TLS: the engine
+        takes the wrapped one and does the TLS itself (a port it cannot
+        take still terminates TLS through Twisted).
         """
         self.reactor.addReader(self)
         for factory, port in listeners:
             fd = _port_socket(factory, port)
             if fd is None:
                 continue
+            mode = factory.wrappedFactory if self.tls is not None else factory
             # Registered first: if that fails, the port still reads through Twisted.
             self.engine.add_listener(fd, len(self._factories))
             port.stopReading()  # type: ignore[attr-defined]
-            self._factories.append(factory)
+            self._factories.append(mode)
             self._listening.append(fd)
 
     def stop_accepting(self) -> None:
@@ -298,11 +316,27 @@ class NativeRelay:
         if not records:
             return
         factories = self._factories
-        for listener, fields, side, kind, reason, spliced in records:
+        for listener, fields, side, kind, why, spliced, tls in records:
             factory = factories[listener]
             details: dict[str, object] = {"spliced": True} if spliced else {}
+            reason = why if tls is None else self._tls_details(tls, kind, why, details)
             record = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
             factory.tunnel_log(record, factory.listener)
+
+    def _tls_details(
+        self, tls: tuple[Any, bool], kind: int, reason: str, details: dict[str, object]
+    ) -> str:
+        """Add a TLS tunnel's fields to ``details``; its reason, as Twisted's path words it."""
+        from tunnelkit.tls_leg import connection_details, failed_handshake
+
+        connection, handshaken = tls
+        if handshaken:
+            details.update(connection_details(connection))
+            return reason
+        assert self.tls is not None
+        refused, more = failed_handshake(self.tls.server, connection)
+        details.update(more)
+        return refused if refused and _KINDS[kind] is CloseKind.ERROR else reason
 
     def _notice(self, name: str, value: int) -> None:
         if name == "connection_limit":

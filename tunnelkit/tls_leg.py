@@ -82,18 +82,26 @@ class HandshakeLeg(Leg):
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         if not self.handshaken:
-            self.tls.handshake_failures += 1
-            handle = self.transport.getHandle()
-            sent = handle.get_servername() if handle is not None else None
-            name = sent.decode("ascii", "replace") if sent else None
-            if name:
-                self.tunnel.details["sni"] = name
-            if self.tls.refuses(name):
-                why = f"TLS handshake refused: no certificate for SNI name {name!r}"
-            else:
-                why = f"TLS handshake failed: {_why(reason)}"
+            refused, details = failed_handshake(self.tls, self.transport.getHandle())
+            self.tunnel.details.update(details)
+            why = refused or f"TLS handshake failed: {_why(reason)}"
             self.tunnel.note(Side.CLIENT, CloseKind.ERROR, why)
         super().connectionLost(reason)
+
+
+def failed_handshake(tls: ServerTLS, connection: Any) -> tuple[str | None, dict[str, object]]:
+    """Count a handshake that did not complete; say if strict SNI refused it, and its SNI name.
+
+    Shared by Twisted's path and the native engine's records, so both
+    count and word failures alike.
+    """
+    tls.handshake_failures += 1
+    sent = connection.get_servername() if connection is not None else None
+    name = sent.decode("ascii", "replace") if sent else None
+    details: dict[str, object] = {"sni": name} if name else {}
+    if tls.refuses(name):
+        return f"TLS handshake refused: no certificate for SNI name {name!r}", details
+    return None, details
 
 
 def _why(reason: Failure) -> str:
