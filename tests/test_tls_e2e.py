@@ -803,6 +803,32 @@ def test_stalled_tls_reader_keeps_memory_flat(tmp_path: Path, serve: Serve, pki:
     assert_rss_growth_below(64, baseline, rss_stalled, peak, stalled_at)
 
 
+#: Idle TLS tunnels held open by :func:`test_idle_tls_tunnels_are_small`.
+IDLE_TLS = 300
+
+
+def test_idle_tls_tunnels_are_small(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+    """300 idle TLS tunnels, each proven by an echo, cost twistd under 32 KiB each (no idle record buffers)."""
+    backend = serve(echo)
+    ctx = client_context(pki.ca_path)
+    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+        with contextlib.ExitStack() as stack:
+
+            def idle_client() -> None:
+                tls = stack.enter_context(tls_connect(proxy.address, ctx, "localhost"))
+                tls.sendall(b"?")
+                assert tls.recv(1) == b"?"
+
+            for _ in range(20):  # the first ones warm up allocator pools
+                idle_client()
+            baseline = proc_status_kib(proxy.process.pid, "VmRSS")
+            for _ in range(IDLE_TLS):
+                idle_client()
+            grown = proc_status_kib(proxy.process.pid, "VmRSS") - baseline
+        proxy.closed(IDLE_TLS + 20)
+    assert grown / IDLE_TLS < 32, f"{grown / IDLE_TLS:.1f} KiB per idle TLS tunnel"
+
+
 # -- 9. silent and garbage clients -------------------------------------------------------
 
 _HANDSHAKE_TIMEOUT_REASON = re.compile(r"TLS handshake timeout \(2(\.0*)? s\)")
