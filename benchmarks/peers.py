@@ -585,7 +585,8 @@ def all_proxies(
     With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
     ``no_splice``, ``no_access_log``, ``file_log``, ``malloc_tuned`` and ``python_engine`` add a
     diagnostic row (``+nowt``, ``+nosplice``, ``+nolog``, ``+filelog``, ``+malloc``, ``+python``)
-    after each. Without a sweep, ``tunnelkit-w2`` (``--workers 2``) follows:
+    after each. Without a sweep, ``tunnelkit-w2`` (``--workers 2``, and
+    ``tunnelkit-w2+filelog`` with ``file_log``) follows:
     the multi-core figure beside the single process, as haproxy (2 threads)
     and nginx (2 workers) use both cores.
     """
@@ -611,13 +612,13 @@ def all_proxies(
         if python_engine:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+python", extra=("--engine", "python")))
     if not read_sizes:
-        tunnelkits.append(
-            tunnelkit_spec(
-                default_read_size,
-                f"tunnelkit-w{TUNNELKIT_WORKERS}",
-                extra=("--workers", str(TUNNELKIT_WORKERS)),
-            )
-        )
+        workers = ("--workers", str(TUNNELKIT_WORKERS))
+        name = f"tunnelkit-w{TUNNELKIT_WORKERS}"
+        tunnelkits.append(tunnelkit_spec(default_read_size, name, extra=workers))
+        if file_log:
+            # Workers write the file themselves: no supervisor relaying their log lines.
+            extra = (*workers, "--access-log", f"{WORKDIR}/access.log")
+            tunnelkits.append(tunnelkit_spec(default_read_size, f"{name}+filelog", extra=extra))
     return [
         ProxySpec("direct", (), _direct, "no proxy: the client talks to the backend"),
         *tunnelkits,
