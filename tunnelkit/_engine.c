@@ -388,9 +388,12 @@ static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
 static void rewatch(Engine *e, tunnel_t *t, int s) {
     uint32_t want = 0;
     dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
-    if (t->state == S_JOINED && !out->eof && pending(out) == 0)
+    int reading = t->state == S_JOINED && !out->eof && pending(out) == 0;
+    if (reading)
         want |= EPOLLIN;
-    if (pending(in) > 0 || (s == CLIENT && t->read_wants_write))
+    /* A TLS read that must write first waits for writability, but only
+     * while the client is read at all (else a writable socket would spin). */
+    if (pending(in) > 0 || (reading && s == CLIENT && t->read_wants_write))
         want |= EPOLLOUT;
     watch(e, t, s, want);
 }
