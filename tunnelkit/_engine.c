@@ -345,15 +345,23 @@ static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_
     return send(t->fd[to], buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-/* Send the close_notify owed to the client. 0: wait until it is writable. */
+/* Send the close_notify owed to the client. 1: sent (or OpenSSL gave up on
+ * it); 0: wait until the client is writable; -1: the socket failed (errno). */
 static int tls_notify(Engine *e, tunnel_t *t) {
     e->tls.clear_error();
+    errno = 0;
     int r = e->tls.shutdown(t->ssl);
-    if (r < 0 && e->tls.get_error(t->ssl, r) == TLS_WANT_WRITE)
+    int saved = errno;
+    int err = r < 0 ? e->tls.get_error(t->ssl, r) : 0;
+    if (err == TLS_WANT_WRITE)
         return 0;
-    e->tls.clear_error(); /* sent, or the connection is broken: its FIN follows anyway */
+    e->tls.clear_error();
     t->dir[BACKEND].notify = 0;
     t->notified = 1;
+    if (err == TLS_ERROR_SYSCALL && saved != 0) {
+        errno = saved; /* a reset, reported as one rather than read back as EOF */
+        return -1;
+    }
     return 1;
 }
 
@@ -563,8 +571,13 @@ static int flush(Engine *e, tunnel_t *t, int s) {
         d->piped -= n;
     }
     give_pipe(e, d);
-    if (d->notify && !tls_notify(e, t))
-        return 0;
+    if (d->notify) {
+        int sent = tls_notify(e, t);
+        if (sent == 0)
+            return 0;
+        if (sent < 0)
+            return side_failed(e, t, CLIENT, errno);
+    }
     return send_eof_if_done(e, t, s);
 }
 
@@ -663,14 +676,16 @@ static int tls_relay_read(Engine *e, tunnel_t *t) {
         tls_reason(e, err, saved, why, sizeof why);
         if (err == TLS_ERROR_SSL)
             note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
-        return side_failed(e, t, CLIENT, saved ? saved : EPROTO);
     }
+    /* What was read before an error goes on first, as on the plain path. */
     if (got > 0) {
         t->dir[CLIENT].bytes += got;
         t->last_moved = now();
         if (deliver(e, t, CLIENT, got))
             return 1;
     }
+    if (end == 2)
+        return side_failed(e, t, CLIENT, saved ? saved : EPROTO);
     if (end == 1)
         return got_eof(e, t, CLIENT);
     if (t->read_wants_write)
