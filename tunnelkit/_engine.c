@@ -123,7 +123,7 @@ typedef struct tunnel {
     unsigned handshaken : 1;
     unsigned notified : 1;          /* close_notify sent (or given up) */
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
-    /* Allocated when first needed: an idle tunnel is 400 bytes (x86-64). */
+    /* Allocated when first needed: an idle tunnel is 408 bytes (x86-64). */
     char *reason;
     char *errors; /* failed backend attempts, "name: why; ..." */
     struct sockaddr_storage peer;
