@@ -403,4 +403,5 @@ def test_data_before_a_forged_record_reaches_the_backend(
     assert closed["bytes_up"] == 1 + len(payload), closed
     assert payload.startswith(received)
     assert how == "RST"
-    assert closed["close_kind"] in ("error", "RST"), closed
+    assert (closed["close_kind"], closed["closed_by"]) == ("error", "client"), closed
+    assert closed["reason"].startswith("client TLS error: decryption failed"), closed

@@ -86,6 +86,9 @@ class HandshakeLeg(Leg):
             self.tunnel.details.update(details)
             why = refused or f"TLS handshake failed: {_why(reason)}"
             self.tunnel.note(Side.CLIENT, CloseKind.ERROR, why)
+        elif reason.check(SSL.Error):
+            # Worded as the native engine words it, not as a reset with a raw error list.
+            self.tunnel.note(Side.CLIENT, CloseKind.ERROR, f"client TLS error: {_why(reason)}")
         super().connectionLost(reason)
 
 
