@@ -177,7 +177,10 @@ class Certificates:
                     self.exact.setdefault(name, context)
         self.default = contexts[0]
         self.fallback = _context(settings, None) if settings.strict_sni else self.default
-        self.default.set_tlsext_servername_callback(self._choose)
+        # One certificate and no strict SNI: every name gets the default, so
+        # no handshake pays for a call into Python to choose it.
+        if len(contexts) > 1 or settings.strict_sni:
+            self.default.set_tlsext_servername_callback(self._choose)
 
     def for_name(self, name: str | None) -> SSL.Context:
         """The context serving ``name`` (as sent in SNI)."""
