@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+import trustme
+from certs import write_pair
 from records import a_record
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
@@ -198,3 +200,26 @@ def test_access_log_takes_the_records_and_reopens_on_sighup(tmp_path: Path) -> N
         assert path.exists()
     finally:
         o.access_log.close()
+
+
+def test_engine_native_says_why_the_engine_cannot_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No built module, or a pyOpenSSL that lends no OpenSSL to it: --engine native says so; auto uses Twisted."""
+    from tunnelkit import native, native_tls
+
+    pair = write_pair(trustme.CA(), tmp_path, "localhost")
+    tls = ("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+    plain = ("--listen", "1", "--to", "127.0.0.1:1")
+    assert native.built() and native.why_not_native(parse(*plain, *tls)) is None
+
+    monkeypatch.setattr(native_tls, "_lib", None)
+    why = "TLS is terminated by Python: this pyOpenSSL has no OpenSSL._util bindings"
+    assert native.why_not_native(parse(*plain, *tls)) == why
+    with pytest.raises(SystemExit, match=f"--engine native: {why}"):
+        parse(*plain, *tls, "--engine", "native")
+    assert native.why_not_native(parse(*plain)) is None
+
+    monkeypatch.setattr(native, "_engine", None)
+    with pytest.raises(SystemExit, match="native engine is not built"):
+        parse(*plain, "--engine", "native")
