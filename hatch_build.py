@@ -9,6 +9,7 @@ the build goes on without it and ``--engine auto`` relays with Twisted;
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def compile_engine(root: Path) -> Path | None:
         return None
     source = root / SOURCE
     target = source.with_name("_engine" + sysconfig.get_config_var("EXT_SUFFIX"))
-    compiler = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    # $CC first, as setuptools does; then the compiler Python was built with.
+    compiler = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
     command = [
         *compiler,
         "-O2",

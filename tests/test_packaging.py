@@ -96,6 +96,18 @@ def test_wheel_carries_the_native_engine(wheel: Path) -> None:
     assert not wheel.name.endswith("-none-any.whl"), wheel.name
 
 
+def test_wheel_without_a_compiler_is_pure_python(tmp_path: Path) -> None:
+    """With no working compiler ($CC=false) the wheel still builds, says why, and is pure Python."""
+    argv = ["env", "CC=false", sys.executable, "-m", "pip", "wheel", "-v", "--no-deps"]
+    result = run([*argv, str(REPO), "-w", str(tmp_path)], cwd=tmp_path, timeout=PIP_TIMEOUT)
+    assert result.returncode == 0, result.stdout
+    assert "the native engine was not built" in result.stdout, result.stdout
+    [built] = tmp_path.glob("tunnelkit-*.whl")
+    assert built.name.endswith("-py3-none-any.whl"), built.name
+    with zipfile.ZipFile(built) as archive:
+        assert not [n for n in archive.namelist() if "_engine" in n and n.endswith(".so")]
+
+
 def test_wheel_install_registers_plugin_and_uninstall_keeps_twisted(
     wheel: Path, venv: Path, empty_dir: Path
 ) -> None:
