@@ -48,6 +48,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -59,6 +60,9 @@
 #define ACCEPTS_PER_EVENT 64
 #define PIPE_CAPACITY (1 << 20)
 #define PIPES_KEPT 64
+/* Tunnels served from the ready queue per run(): the bound on how long a
+ * busy engine keeps the reactor (timers, other sockets) waiting. */
+#define QUEUE_BUDGET 128
 
 enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
 enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
@@ -75,8 +79,10 @@ enum {
  * leaves nothing decrypted behind, so socket readiness alone says when to read. */
 #define TLS_RECORD 16384
 /* epoll tags: a tunnel's pointer with its side (CLIENT, BACKEND) in the low
- * bits, or a listener's pointer with TAG_LISTENER. */
-enum { TAG_LISTENER = 2 };
+ * bits, a listener's pointer with TAG_LISTENER, or TAG_WAKE alone. */
+enum { TAG_LISTENER = 2, TAG_WAKE = 3 };
+/* How a tunnel's socket is registered, once, for its whole life. */
+#define SOCKET_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET)
 
 static const char *SIDE_NAMES[] = {"client", "backend", "proxy"};
 
@@ -104,8 +110,10 @@ typedef struct {
 
 typedef struct tunnel {
     struct tunnel *prev, *next;
+    struct tunnel *qprev, *qnext; /* in the ready queue when queued */
     int fd[2];
-    uint32_t events[2]; /* interest registered in epoll (0: not registered) */
+    uint32_t want[2];   /* what each side waits for (EPOLLIN, EPOLLOUT, EPOLLRDHUP) */
+    uint32_t ready[2];  /* what epoll said of it, until a call says otherwise */
     dir_t dir[2];       /* dir[CLIENT]: client -> backend; dir[BACKEND]: backend -> client */
     int state;
     int listener_id;
@@ -120,6 +128,7 @@ typedef struct tunnel {
     int noted, closed_by, close_kind;
     void *ssl;         /* the client's OpenSSL connection (TLS listeners), else NULL */
     PyObject *tls;     /* the pyOpenSSL Connection that owns ssl */
+    unsigned queued : 1;
     unsigned handshaken : 1;
     unsigned notified : 1;          /* close_notify sent (or given up) */
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
@@ -169,6 +178,9 @@ typedef struct {
     int pipes[PIPES_KEPT][2];
     int n_pipes;
     tunnel_t head;      /* circular list of live tunnels */
+    tunnel_t queue;     /* circular list (qnext/qprev) of tunnels with work the kernel will not announce again */
+    int wake_fd;        /* eventfd: readable while the queue was left with work */
+    int wake_armed;
     tunnel_t *graveyard; /* ended tunnels, freed after the event batch that ended them */
     long active;
     int warned_full;
@@ -281,6 +293,10 @@ static void give_pipe(Engine *e, dir_t *d) {
 
 static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped + d->notify; }
 
+/* A call found side s with nothing to read (EPOLLIN) or no room to write
+ * (EPOLLOUT): epoll will say when that changes (see "readiness" below). */
+static inline void drained(tunnel_t *t, int s, uint32_t what) { t->ready[s] &= ~what; }
+
 /* -- TLS ----------------------------------------------------------------------- */
 
 /* The reasons OpenSSL queued, ", "-joined as tunnelkit.tls_server.openssl_reason
@@ -338,11 +354,15 @@ static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
     return (ssize_t)done;
 }
 
-/* Send to side `to` of the tunnel: through TLS to a TLS client, else plain. */
+/* Send to side `to` of the tunnel: through TLS to a TLS client, else plain.
+ * Less than len taken means the socket is full: epoll says when it has room. */
 static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_t len) {
-    if (to == CLIENT && t->ssl != NULL)
-        return tls_send(e, t, buf, len);
-    return send(t->fd[to], buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t n = to == CLIENT && t->ssl != NULL
+                    ? tls_send(e, t, buf, len)
+                    : send(t->fd[to], buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < (ssize_t)len)
+        drained(t, to, EPOLLOUT);
+    return n;
 }
 
 /* Send the close_notify owed to the client. 1: sent (or OpenSSL gave up on
@@ -353,8 +373,10 @@ static int tls_notify(Engine *e, tunnel_t *t) {
     int r = e->tls.shutdown(t->ssl);
     int saved = errno;
     int err = r < 0 ? e->tls.get_error(t->ssl, r) : 0;
-    if (err == TLS_WANT_WRITE)
+    if (err == TLS_WANT_WRITE) {
+        drained(t, CLIENT, EPOLLOUT);
         return 0;
+    }
     e->tls.clear_error();
     t->dir[BACKEND].notify = 0;
     t->notified = 1;
@@ -371,24 +393,58 @@ static void owe_notify(tunnel_t *t) {
         t->dir[BACKEND].notify = 1;
 }
 
-/* -- epoll interest ------------------------------------------------------ */
+/* -- readiness ------------------------------------------------------------ */
 
-/* Register what side `side` waits for. A socket that waits for nothing is
- * taken out of epoll altogether: hang-ups cannot be masked, and a peer that
- * closed while its reader is held back would otherwise wake the loop forever.
- * (Its reset is then seen at the next read or write, as on Twisted's path.) */
-static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
-    int fd = t->fd[side];
-    if (fd < 0 || t->events[side] == want)
+/* Each socket is registered once, edge-triggered, and closing it takes it
+ * out of epoll: two epoll_ctl calls per tunnel instead of six (and none when
+ * backpressure turns a direction off and on). The engine remembers what
+ * epoll said (ready[]) until a call shows otherwise (EAGAIN, a short read),
+ * and what each side waits for (want[]). A side that waits for something it
+ * is already known to be ready for goes on the ready queue, which run()
+ * serves after the kernel's events: the behaviour of a level-triggered
+ * registration, without its system calls. A side that waits for nothing is
+ * not served, whatever epoll says (a hang-up is seen at the next read or
+ * write, as on Twisted's path). */
+static void enqueue(Engine *e, tunnel_t *t) {
+    t->queued = 1;
+    t->qnext = &e->queue;
+    t->qprev = e->queue.qprev;
+    e->queue.qprev->qnext = t;
+    e->queue.qprev = t;
+}
+
+static void dequeue(tunnel_t *t) {
+    if (!t->queued)
         return;
-    struct epoll_event ev = {.events = want, .data.u64 = (uint64_t)(uintptr_t)t | (uint64_t)side};
-    if (want == 0)
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
-    else if (t->events[side] == 0)
-        epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
-    else
-        epoll_ctl(e->epfd, EPOLL_CTL_MOD, fd, &ev);
-    t->events[side] = want;
+    t->qprev->qnext = t->qnext;
+    t->qnext->qprev = t->qprev;
+    t->queued = 0;
+}
+
+/* What side s is ready for among what it waits for (hang-ups and errors always count). */
+static inline uint32_t due(const tunnel_t *t, int s) {
+    if (t->fd[s] < 0 || t->want[s] == 0)
+        return 0;
+    return t->ready[s] & (t->want[s] | EPOLLHUP | EPOLLERR);
+}
+
+static inline void mark(Engine *e, tunnel_t *t, int s) {
+    if (!t->queued && t->state != S_DEAD && due(t, s))
+        enqueue(e, t);
+}
+
+/* Register a new socket as side `side`, for its whole life. */
+static int enroll(Engine *e, tunnel_t *t, int side) {
+    struct epoll_event ev = {.events = SOCKET_EVENTS,
+                             .data.u64 = (uint64_t)(uintptr_t)t | (uint64_t)side};
+    t->want[side] = t->ready[side] = 0;
+    return epoll_ctl(e->epfd, EPOLL_CTL_ADD, t->fd[side], &ev);
+}
+
+/* Side `side` now waits for `want`. */
+static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
+    t->want[side] = want;
+    mark(e, t, side);
 }
 
 /* What side `s` of a joined tunnel waits for: reading its own direction,
@@ -406,13 +462,12 @@ static void rewatch(Engine *e, tunnel_t *t, int s) {
     watch(e, t, s, want);
 }
 
+/* Close side `side` (which takes it out of epoll: no descriptor is shared). */
 static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
     int fd = t->fd[side];
     if (fd < 0)
         return;
-    if (t->events[side])
-        epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
-    t->events[side] = 0;
+    t->want[side] = t->ready[side] = 0;
     if (abortive)
         close_abortively(fd);
     else
@@ -431,6 +486,7 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
     }
     t->prev->next = t->next;
     t->next->prev = t->prev;
+    dequeue(t);
     e->active--;
     if (e->active < e->max_tunnels)
         e->warned_full = 0;
@@ -564,10 +620,14 @@ static int flush(Engine *e, tunnel_t *t, int s) {
     while (d->piped > 0) {
         ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
+            if (errno == EAGAIN || errno == EINTR) {
+                drained(t, 1 - s, EPOLLOUT);
                 return 0;
+            }
             return side_failed(e, t, 1 - s, errno);
         }
+        if ((size_t)n < d->piped)
+            drained(t, 1 - s, EPOLLOUT);
         d->piped -= n;
     }
     give_pipe(e, d);
@@ -663,9 +723,12 @@ static int tls_relay_read(Engine *e, tunnel_t *t) {
         }
         saved = errno;
         err = e->tls.get_error(t->ssl, n);
-        if (err == TLS_WANT_WRITE) /* a key update to answer: retried once writable */
+        if (err == TLS_WANT_READ)
+            drained(t, CLIENT, EPOLLIN);
+        if (err == TLS_WANT_WRITE) { /* a key update to answer: retried once writable */
             t->read_wants_write = 1;
-        else if (err == TLS_ZERO_RETURN || (err == TLS_ERROR_SYSCALL && saved == 0))
+            drained(t, CLIENT, EPOLLOUT);
+        } else if (err == TLS_ZERO_RETURN || (err == TLS_ERROR_SYSCALL && saved == 0))
             end = 1;
         else if (err != TLS_WANT_READ)
             end = 2;
@@ -729,10 +792,16 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
     if (n == 0)
         return got_eof(e, t, s);
     if (n < 0) {
+        if (errno == EAGAIN)
+            drained(t, s, EPOLLIN);
         if (errno == EAGAIN || errno == EINTR)
             return 0;
         return side_failed(e, t, s, errno);
     }
+    /* A short read emptied the socket, unless it stopped at urgent data
+     * (EPOLLPRI) or before an EOF (EPOLLRDHUP) that the next read returns. */
+    if ((size_t)n < e->read_size && !(t->ready[s] & (EPOLLRDHUP | EPOLLPRI | EPOLLHUP)))
+        drained(t, s, EPOLLIN);
     d->bytes += n;
     t->last_moved = now();
     if ((size_t)n >= e->bulk_read)
@@ -744,6 +813,7 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
 
 static int try_backends(Engine *e, tunnel_t *t);
 static void turn_away(Engine *e, tunnel_t *t);
+static void out_of_fds(Engine *e, int err);
 
 static void join(Engine *e, tunnel_t *t) {
     t->state = S_JOINED;
@@ -767,13 +837,7 @@ static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_ou
         free(t->errors);
         t->errors = errors;
     }
-    if (t->fd[BACKEND] >= 0) {
-        if (t->events[BACKEND])
-            epoll_ctl(e->epfd, EPOLL_CTL_DEL, t->fd[BACKEND], NULL);
-        t->events[BACKEND] = 0;
-        close(t->fd[BACKEND]);
-        t->fd[BACKEND] = -1;
-    }
+    unwatch_close(e, t, BACKEND, 0);
 }
 
 /* Start the next backend attempt; when none is left, close the client and end. */
@@ -783,20 +847,31 @@ static int try_backends(Engine *e, tunnel_t *t) {
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         t->fd[BACKEND] = fd;
         if (fd < 0) {
+            /* Out of descriptors here rather than at accept (which of the two
+             * runs out first is chance): said once per burst all the same. */
+            if (errno == EMFILE || errno == ENFILE)
+                out_of_fds(e, EMFILE);
             attempt_failed(e, t, strerror(errno), 0);
             continue;
         }
+        e->warned_fds = 0; /* a tunnel got its descriptors: the burst is over */
         set_options(e, fd, b->addr.ss_family);
         t->deadline = now() + e->connect_timeout;
-        if (connect(fd, (struct sockaddr *)&b->addr, b->len) == 0) {
+        /* Registered once connect() has started: epoll calls an unconnected
+         * TCP socket hung up. */
+        int r = connect(fd, (struct sockaddr *)&b->addr, b->len);
+        int err = r == 0 || errno == EINPROGRESS || errno == EINTR ? 0 : errno;
+        if (err == 0 && enroll(e, t, BACKEND) < 0)
+            err = errno;
+        if (err == 0 && r == 0) {
             join(e, t);
             return 0;
         }
-        if (errno == EINPROGRESS || errno == EINTR) {
+        if (err == 0) {
             watch(e, t, BACKEND, EPOLLOUT);
             return 0;
         }
-        attempt_failed(e, t, strerror(errno), 0);
+        attempt_failed(e, t, strerror(err), 0);
     }
     t->backend_index = -1;
     note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
@@ -868,7 +943,9 @@ static int tls_handshake(Engine *e, tunnel_t *t) {
     int saved = errno;
     int err = e->tls.get_error(t->ssl, r);
     if (err == TLS_WANT_READ || err == TLS_WANT_WRITE) {
-        watch(e, t, CLIENT, err == TLS_WANT_READ ? EPOLLIN : EPOLLOUT);
+        uint32_t what = err == TLS_WANT_READ ? EPOLLIN : EPOLLOUT;
+        drained(t, CLIENT, what);
+        watch(e, t, CLIENT, what);
         return 0;
     }
     char why[256];
@@ -908,6 +985,14 @@ static void notice(Engine *e, PyObject *item) {
     if (item == NULL || PyList_Append(e->notices, item) < 0)
         PyErr_Clear();
     Py_XDECREF(item);
+}
+
+/* Tell Python the process is out of descriptors, once per burst (as for the cap). */
+static void out_of_fds(Engine *e, int err) {
+    if (!e->warned_fds) {
+        e->warned_fds = 1;
+        notice(e, Py_BuildValue("(si)", "accept_failed", err));
+    }
 }
 
 /* The client policy first, then the cap, as on Twisted's path (a refused
@@ -964,6 +1049,11 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
     t->prev = e->head.prev;
     e->head.prev->next = t;
     e->head.prev = t;
+    if (enroll(e, t, CLIENT) < 0) {
+        note(t, PROXY, K_ERROR, "epoll: %s", strerror(errno));
+        abort_tunnel(e, t);
+        return;
+    }
     if (e->tls_new != NULL) {
         tls_start(e, t);
         return;
@@ -988,14 +1078,10 @@ static void accept_clients(Engine *e, listener_t *l) {
                 if (fd >= 0)
                     close(fd);
                 e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-                if (!e->warned_fds) { /* once per burst, as for the cap */
-                    e->warned_fds = 1;
-                    notice(e, Py_BuildValue("(si)", "accept_failed", EMFILE));
-                }
+                out_of_fds(e, EMFILE);
             }
             return;
         }
-        e->warned_fds = 0;
         if (len == 0)
             ss.ss_family = AF_UNIX;
         admit(e, l, fd, &ss, len);
@@ -1049,6 +1135,34 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
         side_failed(e, t, s, read_error(t->fd[s]));
 }
 
+/* Serve side s for what it is ready for and waits for; then queue the
+ * tunnel if either side still has such work (a full read leaves more). */
+static void serve(Engine *e, tunnel_t *t, int s) {
+    uint32_t ev = due(t, s);
+    if (ev)
+        on_event(e, t, s, ev);
+    mark(e, t, CLIENT);
+    mark(e, t, BACKEND);
+}
+
+/* Serve the ready queue, at most QUEUE_BUDGET tunnels; if work is left, the
+ * wake-up eventfd makes the engine readable again, so the reactor comes back
+ * after its timers and other sockets. */
+static void serve_queue(Engine *e) {
+    for (int i = 0; i < QUEUE_BUDGET && e->queue.qnext != &e->queue; i++) {
+        tunnel_t *t = e->queue.qnext;
+        dequeue(t);
+        serve(e, t, CLIENT);
+        if (t->state != S_DEAD)
+            serve(e, t, BACKEND);
+    }
+    if (e->queue.qnext != &e->queue && !e->wake_armed) {
+        uint64_t one = 1;
+        if (write(e->wake_fd, &one, sizeof one) == sizeof one)
+            e->wake_armed = 1;
+    }
+}
+
 /* -- the Python type ----------------------------------------------------------- */
 
 /* Whether records or notices wait to be taken: Python skips two calls per wake-up otherwise. */
@@ -1070,10 +1184,19 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
             listener_t *l = ptr;
             if (l->fd >= 0)
                 accept_clients(e, l);
-            continue;
+        } else if (kind == TAG_WAKE) {
+            uint64_t count;
+            if (read(e->wake_fd, &count, sizeof count) == sizeof count)
+                e->wake_armed = 0;
+        } else {
+            tunnel_t *t = ptr;
+            if (t->state == S_DEAD || t->fd[kind] < 0)
+                continue; /* ended earlier in this batch */
+            t->ready[kind] |= events[i].events;
+            serve(e, t, kind);
         }
-        on_event(e, ptr, kind, events[i].events);
     }
+    serve_queue(e);
     e->running = 0;
     bury(e);
     return news(e);
@@ -1108,6 +1231,7 @@ static PyObject *Engine_tick(Engine *e, PyObject *unused) {
         }
         t = next;
     }
+    serve_queue(e);
     bury(e);
     return news(e);
 }
@@ -1133,8 +1257,16 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *args) {
         listener_t *l = &e->listeners[i];
         if (l->fd >= 0)
             continue;
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)(uintptr_t)l | TAG_LISTENER};
-        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        /* Exclusive: of the --workers sharing this socket, one is woken per
+         * connection, not all (kernels before 4.5 refuse the flag). */
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE,
+                                 .data.u64 = (uint64_t)(uintptr_t)l | TAG_LISTENER};
+        int r = epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
+        if (r < 0 && errno == EINVAL) {
+            ev.events = EPOLLIN;
+            r = epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
+        }
+        if (r < 0)
             return PyErr_SetFromErrno(PyExc_OSError);
         l->fd = fd;
         l->id = id;
@@ -1210,7 +1342,9 @@ static void close_all(Engine *e) {
         close(e->epfd);
     if (e->reserve_fd >= 0)
         close(e->reserve_fd);
-    e->epfd = e->reserve_fd = -1;
+    if (e->wake_fd >= 0)
+        close(e->wake_fd);
+    e->epfd = e->reserve_fd = e->wake_fd = -1;
 }
 
 static PyObject *Engine_close(Engine *e, PyObject *unused) {
@@ -1341,7 +1475,9 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
         e->client_check = check;
     }
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (e->epfd < 0) {
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event wake = {.events = EPOLLIN, .data.u64 = TAG_WAKE};
+    if (e->epfd < 0 || e->wake_fd < 0 || epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wake_fd, &wake) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }
@@ -1353,8 +1489,9 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e == NULL)
         return NULL;
-    e->epfd = e->reserve_fd = -1;
+    e->epfd = e->reserve_fd = e->wake_fd = -1;
     e->head.next = e->head.prev = &e->head;
+    e->queue.qnext = e->queue.qprev = &e->queue;
     for (int i = 0; i < MAX_LISTENERS; i++)
         e->listeners[i].fd = -1;
     e->records = PyList_New(0);
