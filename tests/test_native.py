@@ -388,6 +388,31 @@ class NativeEngineTests(LoopbackTestCase):
         assert (record["bytes_up"], record["bytes_down"]) == (4, 4)
 
 
+class EngineWaitTests(LoopbackTestCase):
+    """On tunnelkit's reactor the engine does the reactor's waiting (the reactor's epoll nested in the engine's)."""
+
+    @inlineCallbacks
+    def test_the_engine_waits_for_the_reactor(self) -> Inline:
+        """Nested while it runs, unnested after; tunnels relay and threads still wake the reactor."""
+        from twisted.internet import reactor
+
+        if getattr(reactor, "nest_engine", None) is None:
+            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
+        backend = self.serve(hashing_echo)
+        fwd = Forwarder("--to", backend.address)
+        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        relay = fwd.service.native
+        assert relay is not None
+        assert reactor._engine_wait == relay.wait
+        assert relay not in reactor.getReaders()
+        # deferToThread comes back through the reactor's waker, nested in the engine's epoll.
+        sock = yield deferToThread(connect, fwd.address)
+        assert (yield deferToThread(echoes, sock, MiB))
+        yield fwd.closed(1)
+        yield fwd.stop()
+        assert reactor._engine_wait is None
+
+
 class PythonEngineTests(NativeEngineTests):
     """The same promises on Twisted's relay (--engine python)."""
 

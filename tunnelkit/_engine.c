@@ -79,8 +79,10 @@ enum {
  * leaves nothing decrypted behind, so socket readiness alone says when to read. */
 #define TLS_RECORD 16384
 /* epoll tags: a tunnel's pointer with its side (CLIENT, BACKEND) in the low
- * bits, a listener's pointer with TAG_LISTENER, or TAG_WAKE alone. */
-enum { TAG_LISTENER = 2, TAG_WAKE = 3 };
+ * bits, a listener's pointer with TAG_LISTENER, or one of the two TAG_WAKE
+ * descriptors: the engine's eventfd (TAG_WAKE) or the reactor's own epoll
+ * descriptor, when the engine does the reactor's waiting (TAG_REACTOR). */
+enum { TAG_LISTENER = 2, TAG_WAKE = 3, TAG_REACTOR = 4 | TAG_WAKE };
 /* How a tunnel's socket is registered, once, for its whole life. */
 #define SOCKET_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET)
 
@@ -1170,11 +1172,26 @@ static PyObject *news(Engine *e) {
     return PyBool_FromLong(PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0);
 }
 
-static PyObject *Engine_run(Engine *e, PyObject *unused) {
+/* Wait up to timeout_ms for events (0: only take what is ready) and handle
+ * them all. Returns 1 if the reactor's epoll descriptor is ready, 0 if not,
+ * -1 with an exception set. */
+static int handle(Engine *e, int timeout_ms) {
     struct epoll_event events[MAX_EVENTS];
-    int n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
-    if (n < 0 && errno != EINTR)
-        return PyErr_SetFromErrno(PyExc_OSError);
+    int n;
+    if (timeout_ms != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout_ms);
+        Py_END_ALLOW_THREADS
+    } else {
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    }
+    if (n < 0) {
+        if (errno == EINTR)
+            return 1; /* a signal: Python's handlers run, and the reactor looks around */
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    int reactor = 0;
     e->running = 1;
     for (int i = 0; i < n; i++) {
         uint64_t tag = events[i].data.u64;
@@ -1184,7 +1201,9 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
             listener_t *l = ptr;
             if (l->fd >= 0)
                 accept_clients(e, l);
-        } else if (kind == TAG_WAKE) {
+        } else if (tag == TAG_REACTOR) {
+            reactor = 1;
+        } else if (tag == TAG_WAKE) {
             uint64_t count;
             if (read(e->wake_fd, &count, sizeof count) == sizeof count)
                 e->wake_armed = 0;
@@ -1199,7 +1218,47 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
     serve_queue(e);
     e->running = 0;
     bury(e);
+    return reactor;
+}
+
+static PyObject *Engine_run(Engine *e, PyObject *unused) {
+    if (handle(e, 0) < 0)
+        return NULL;
     return news(e);
+}
+
+/* wait(timeout): the reactor's poll, when the engine holds the reactor's
+ * epoll descriptor (nest()): block up to timeout seconds (None: no limit)
+ * with the GIL released, handle the engine's events, and say what Python
+ * has to do: 1 records or notices to take, 2 the reactor's descriptors are
+ * ready. The engine's sockets then wake the process directly, not through a
+ * second epoll and the reactor's dispatch. */
+static PyObject *Engine_wait(Engine *e, PyObject *arg) {
+    int timeout_ms = -1;
+    if (arg != Py_None) {
+        double seconds = PyFloat_AsDouble(arg);
+        if (seconds == -1.0 && PyErr_Occurred())
+            return NULL;
+        /* Rounded up, as Python's select.epoll does: never wake before a timer is due. */
+        double ms = seconds * 1000.0;
+        timeout_ms = ms <= 0 ? 0 : ms >= 0x7fffffff ? 0x7fffffff : (int)ms + (ms > (int)ms);
+    }
+    int reactor = handle(e, timeout_ms);
+    if (reactor < 0)
+        return NULL;
+    int more = PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0;
+    return PyLong_FromLong(more | (reactor << 1));
+}
+
+/* nest(fd): watch the reactor's epoll descriptor, for wait(). */
+static PyObject *Engine_nest(Engine *e, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_REACTOR};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_tick(Engine *e, PyObject *unused) {
@@ -1521,6 +1580,9 @@ static PyObject *Engine_get_active(Engine *e, void *closure) { return PyLong_Fro
 static PyMethodDef Engine_methods[] = {
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
      "Handle every ready event (never blocks); True if there are records or notices to take."},
+    {"wait", (PyCFunction)Engine_wait, METH_O,
+     "Block up to timeout s (None: no limit), handle events; 1: records or notices, 2: reactor ready."},
+    {"nest", (PyCFunction)Engine_nest, METH_O, "Watch the reactor's epoll descriptor fd, for wait()."},
     {"tick", (PyCFunction)Engine_tick, METH_NOARGS,
      "Fire the timers that are due; True if there are records or notices to take."},
     {"abort_all", (PyCFunction)Engine_abort_all, METH_O, "Reset every tunnel, with this reason."},

@@ -195,6 +195,7 @@ class NativeRelay:
         self._listening: list[int] = []
         self._tick: IDelayedCall | None = None
         self._closed = False
+        self._nested = False
         options = socket_options
         specs = [spec for spec in map(native_backend, backends) if spec is not None]
         assert len(specs) == len(backends), "why_not_native() was not asked"
@@ -230,7 +231,7 @@ class NativeRelay:
         takes the wrapped one and does the TLS itself (a port it cannot
         take still terminates TLS through Twisted).
         """
-        self.reactor.addReader(self)
+        self._nest()
         for factory, port in listeners:
             fd = _port_socket(factory, port)
             if fd is None:
@@ -257,6 +258,27 @@ class NativeRelay:
     def fileno(self) -> int:
         fileno: int = self.engine.fileno()
         return fileno
+
+    def _nest(self) -> None:
+        """Have the reactor wait in the engine (:meth:`wait`) if it can, else watch the engine's descriptor."""
+        nest = getattr(self.reactor, "nest_engine", None)
+        if nest is None:
+            self.reactor.addReader(self)
+            return
+        self.engine.nest(nest(self.wait))
+        self._nested = True
+
+    def wait(self, timeout: float | None) -> bool:
+        """The reactor's wait: up to ``timeout`` s for events, handled in C; whether the reactor's are ready."""
+        try:
+            todo = self.engine.wait(timeout)
+            if todo & 1:
+                self._report()
+        except Exception:
+            log.failure("the native engine failed to handle its events")
+            todo = 2
+        self._after()
+        return bool(todo & 2)
 
     def doRead(self) -> None:
         """Some of the engine's sockets are ready: handle them all in C.
@@ -290,7 +312,10 @@ class NativeRelay:
             self._tick.cancel()
         self._tick = None
         self.stop_accepting()
-        self.reactor.removeReader(self)
+        if self._nested:
+            self.reactor.nest_engine(None)
+        else:
+            self.reactor.removeReader(self)
         self.engine.abort_all("shutdown")
         self._report()
         self.engine.close()

@@ -9,6 +9,14 @@ it about six times per short connection. This reactor dispatches the event
 directly; errors are still caught and logged per event, so one failing
 descriptor cannot disturb the others.
 
+It also lets the native engine (:mod:`tunnelkit.native`) do its waiting:
+with an engine nested (:meth:`EPollReactor.nest_engine`), the engine's epoll
+descriptor holds the tunnels' sockets and this reactor's own epoll
+descriptor, so a tunnel's event wakes the engine directly instead of waking
+this epoll through the engine's, then being dispatched by Python to the
+engine. The reactor's descriptors are polled when the engine says they are
+ready.
+
 ``twistd --reactor NAME`` still chooses another reactor: this one is
 installed only when none is installed yet.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import epollreactor
@@ -29,7 +38,28 @@ log = Logger(namespace="tunnelkit.reactor")
 class EPollReactor(epollreactor.EPollReactor):
     """``EPollReactor`` whose poll loop calls ``_doReadOrWrite`` directly."""
 
+    #: The nested engine's wait (see :meth:`nest_engine`), else ``None``.
+    _engine_wait: Callable[[float | None], bool] | None = None
+
+    def nest_engine(self, wait: Callable[[float | None], bool] | None) -> int:
+        """Let ``wait(timeout)`` do the blocking; it says whether this reactor's descriptors are ready.
+
+        Returns the epoll descriptor ``wait`` must watch. ``None`` undoes it.
+        """
+        self._engine_wait = wait
+        fileno: int = self._poller.fileno()
+        return fileno
+
     def doPoll(self, timeout: float | None) -> None:
+        wait = self._engine_wait
+        if wait is not None:
+            try:
+                if not wait(timeout):
+                    return
+            except Exception:
+                # Never stop the loop: the reactor's own descriptors are polled as usual.
+                log.failure("the native engine's wait failed")
+            timeout = 0
         try:
             events = self._poller.poll(-1 if timeout is None else timeout, len(self._selectables))
         except InterruptedError:
