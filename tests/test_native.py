@@ -11,6 +11,7 @@ SHA-256; addresses are loopback, ports are 0, UNIX paths are temporary.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -386,6 +387,55 @@ class NativeEngineTests(LoopbackTestCase):
         assert (record["closed_by"], record["close_kind"]) == ("proxy", "shutdown"), record
         assert "drain deadline" in record["reason"], record
         assert (record["bytes_up"], record["bytes_down"]) == (4, 4)
+
+
+    @inlineCallbacks
+    def test_no_half_close_backend_first(self) -> Inline:
+        """--no-half-close: the backend's FIN closes both sides, after its 1 MiB reached the client intact."""
+        payload = os.urandom(MiB)
+
+        def speak_then_close(conn: socket.socket) -> bytes:
+            conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            return conn.recv(1)  # the proxy's FIN (half-close would wait for the client's)
+
+        backend = self.serve(speak_then_close)
+        fwd = self.forwarder("--to", backend.address, "--no-half-close")
+        sock = yield deferToThread(connect, fwd.address)
+        with sock:
+            received = yield deferToThread(recv_all, sock)
+            assert sha256(received) == sha256(payload)
+            # Ended while the client is still open.
+            [record] = yield fwd.closed(1)
+            assert (yield deferToThread(backend.outcome)) == b""
+        assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN"), record
+        assert (record["bytes_up"], record["bytes_down"]) == (0, MiB)
+
+    @inlineCallbacks
+    def test_no_half_close_client_first(self) -> Inline:
+        """--no-half-close: the client's FIN closes both once its 1 MiB reached the backend: no reply comes back."""
+        payload = os.urandom(MiB)
+
+        def digest_then_answer(conn: socket.socket) -> tuple[int, str]:
+            received = recv_all(conn)
+            with contextlib.suppress(OSError):  # the proxy may have reset it by now
+                conn.sendall(b"too late")
+            return len(received), sha256(received)
+
+        def send_then_read(address: str) -> tuple[bytes, str]:
+            with connect(address) as sock:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                return recv_outcome(sock)
+
+        backend = self.serve(digest_then_answer)
+        fwd = self.forwarder("--to", backend.address, "--no-half-close")
+        data, how = yield deferToThread(send_then_read, fwd.address)
+        assert (data, how) == (b"", "EOF")
+        assert (yield deferToThread(backend.outcome)) == (MiB, sha256(payload))
+        [record] = yield fwd.closed(1)
+        assert (record["closed_by"], record["close_kind"]) == ("client", "FIN"), record
+        assert (record["bytes_up"], record["bytes_down"]) == (MiB, 0)
 
 
 class EngineWaitTests(LoopbackTestCase):

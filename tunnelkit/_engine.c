@@ -161,6 +161,7 @@ typedef struct {
     size_t bulk_read;
     int splice_mode; /* 0 off, 1 auto, 2 on */
     double idle, fin, grace, connect_timeout;
+    int half_close; /* 0: the first EOF closes both sides (--no-half-close) */
     long max_tunnels;
     int log_records;
     int nodelay, keepalive, sndbuf, rcvbuf, mss;
@@ -666,6 +667,8 @@ static int send_eof_if_done(Engine *e, tunnel_t *t, int s) {
 static int got_eof(Engine *e, tunnel_t *t, int s) {
     t->dir[s].eof = 1;
     note(t, s, K_FIN, "%s sent FIN", SIDE_NAMES[s]);
+    if (!e->half_close)
+        return close_both(e, t); /* what was read is sent first, then both close */
     if (s == BACKEND && t->ssl != NULL) {
         owe_notify(t); /* the client hears close_notify, then the FIN */
         if (flush(e, t, s))
@@ -1481,7 +1484,7 @@ static int parse_tls(Engine *e, PyObject *tls) {
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
-                             "grace", "connect_timeout", "max_tunnels", "log_records",
+                             "grace", "connect_timeout", "half_close", "max_tunnels", "log_records",
                              "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
                              "tls", NULL};
     PyObject *backends, *check = Py_None, *tls = Py_None;
@@ -1492,9 +1495,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     }
     e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
     e->nodelay = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$lppiiiiOO", kwlist, &backends,
+    e->half_close = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOO", kwlist, &backends,
                                      &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
-                                     &e->grace, &e->connect_timeout, &e->max_tunnels,
+                                     &e->grace, &e->connect_timeout, &e->half_close, &e->max_tunnels,
                                      &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
                                      &e->rcvbuf, &e->mss, &check, &tls))
         return -1;

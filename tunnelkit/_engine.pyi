@@ -24,6 +24,7 @@ class Engine:
         grace: float,
         connect_timeout: float,
         *,
+        half_close: bool = True,
         max_tunnels: int,
         log_records: bool,
         nodelay: bool = True,

@@ -172,7 +172,11 @@ def build_service(config: Options) -> TunnelService:
     dialer = (
         Dialer(config.backends, reactor, config["connect-timeout"]) if config.backends else None
     )
-    timeouts = Timeouts(idle=config["idle-timeout"] or None, fin=config["fin-timeout"] or None)
+    timeouts = Timeouts(
+        idle=config["idle-timeout"] or None,
+        fin=config["fin-timeout"] or None,
+        half_close=not config["no-half-close"],
+    )
     idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
     access_log = config.access_log
     tunnel_log = TunnelLog(reactor) if access_log is None else TunnelLog(reactor, sink=access_log)

@@ -208,6 +208,7 @@ class NativeRelay:
             timeouts.fin or 0.0,
             timeouts.close_grace,
             connect_timeout,
+            half_close=timeouts.half_close,
             max_tunnels=registry.max_tunnels,
             log_records=log_records,
             nodelay=options.nodelay,

@@ -63,11 +63,18 @@ class Timeouts:
     ``close_grace`` bounds a graceful close: a leg still holding unsent data
     that long after ``loseConnection`` (its reader is stalled) is aborted, as
     Twisted's ``HTTPChannel`` does with its ``abortTimeout``.
+
+    ``half_close`` false (``--no-half-close``) gives a half-closed tunnel no
+    time at all: the first EOF closes both legs once what was read is sent,
+    as nginx's ``proxy_half_close off`` (its default) does. It saves a
+    shutdown, a wake-up and a read per short connection, and loses what a
+    peer sends after the other side's FIN.
     """
 
     idle: float | None = 3600.0
     fin: float | None = 60.0
     close_grace: float = 5.0
+    half_close: bool = True
 
 
 @attrs.frozen
@@ -343,7 +350,7 @@ class Tunnel:
         self._pass_eof(leg, peer)
 
     def _pass_eof(self, leg: Leg, peer: Leg) -> None:
-        if peer.read_done:
+        if peer.read_done or not self.timeouts.half_close:
             # Both directions are done: one close sends the FIN, without a
             # shutdown() and its writeConnectionLost event first.
             self._close_both()

@@ -89,6 +89,12 @@ class Options(usage.Options):
             None,
             "Log no tunnel_closed event per connection (other events are still logged).",
         ],
+        [
+            "no-half-close",
+            None,
+            "Close both sides at the first EOF, as nginx's proxy_half_close off does"
+            " (default: pass the EOF on and keep the other way open).",
+        ],
         ["tls-strict-sni", None, "Refuse TLS clients whose SNI name no --tls-cert serves."],
         [
             "tls-client-optional",
