@@ -569,6 +569,11 @@ def _asyncio_forward(backend_port: int, workdir: Path) -> Running:
 TUNNELKIT_WORKERS = 2
 
 
+#: What the nginx stream row does: close both sides at the first EOF
+#: (proxy_half_close off, its default) and log nothing.
+NGINX_LIKE = ("--no-half-close", "--no-access-log")
+
+
 def all_proxies(
     read_sizes: list[int] | None,
     default_read_size: int,
@@ -579,14 +584,16 @@ def all_proxies(
     file_log: bool = False,
     malloc_tuned: bool = False,
     python_engine: bool = False,
+    no_half_close: bool = False,
 ) -> list[ProxySpec]:
     """Every system in the order of the tables.
 
     With ``read_sizes``, one tunnelkit row per size; ``no_write_through``,
     ``no_splice``, ``no_access_log``, ``file_log``, ``malloc_tuned`` and ``python_engine`` add a
     diagnostic row (``+nowt``, ``+nosplice``, ``+nolog``, ``+filelog``, ``+malloc``, ``+python``)
-    after each. Without a sweep, ``tunnelkit-w2`` (``--workers 2``, and
-    ``tunnelkit-w2+filelog`` with ``file_log``) follows:
+    after each. ``no_half_close`` adds ``+nohalf``: ``--no-half-close --no-access-log``, the
+    close semantics and logging of the nginx stream row. Without a sweep, ``tunnelkit-w2``
+    (``--workers 2``, and ``tunnelkit-w2+filelog``/``+nohalf`` with ``file_log``/``no_half_close``) follows:
     the multi-core figure beside the single process, as haproxy (2 threads)
     and nginx (2 workers) use both cores.
     """
@@ -611,6 +618,8 @@ def all_proxies(
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+malloc", malloc_tuned=True))
         if python_engine:
             tunnelkits.append(tunnelkit_spec(rs, f"{name}+python", extra=("--engine", "python")))
+        if no_half_close:
+            tunnelkits.append(tunnelkit_spec(rs, f"{name}+nohalf", extra=NGINX_LIKE))
     if not read_sizes:
         workers = ("--workers", str(TUNNELKIT_WORKERS))
         name = f"tunnelkit-w{TUNNELKIT_WORKERS}"
@@ -619,6 +628,9 @@ def all_proxies(
             # Workers write the file themselves: no supervisor relaying their log lines.
             extra = (*workers, "--access-log", f"{WORKDIR}/access.log")
             tunnelkits.append(tunnelkit_spec(default_read_size, f"{name}+filelog", extra=extra))
+        if no_half_close:
+            extra = (*workers, *NGINX_LIKE)
+            tunnelkits.append(tunnelkit_spec(default_read_size, f"{name}+nohalf", extra=extra))
     return [
         ProxySpec("direct", (), _direct, "no proxy: the client talks to the backend"),
         *tunnelkits,

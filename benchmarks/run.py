@@ -124,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="diagnostic: add a tunnelkit row writing its access log with --access-log",
     )
     parser.add_argument(
+        "--no-half-close",
+        action="store_true",
+        help="diagnostic: add tunnelkit rows run with --no-half-close --no-access-log"
+        " (nginx stream's close semantics and logging)",
+    )
+    parser.add_argument(
         "--python-engine",
         action="store_true",
         help="diagnostic: add a tunnelkit row run with --engine python (Twisted's relay path)",
@@ -200,6 +206,7 @@ def proxies(args: argparse.Namespace) -> list[peers.ProxySpec]:
         file_log=args.file_log,
         malloc_tuned=args.malloc_tuned,
         python_engine=args.python_engine,
+        no_half_close=args.no_half_close,
     )
 
 
