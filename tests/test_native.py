@@ -462,6 +462,55 @@ class EngineWaitTests(LoopbackTestCase):
         yield fwd.stop()
         assert reactor._engine_wait is None
 
+    def nested_forwarder(self, backend_address: str) -> tuple[Forwarder, list[float | None]]:
+        """A forwarder whose engine does the reactor's waiting, and the list of its wait() timeouts."""
+        from twisted.internet import reactor
+
+        if getattr(reactor, "nest_engine", None) is None:
+            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
+        fwd = Forwarder("--to", backend_address)
+        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        relay = fwd.service.native
+        calls: list[float | None] = []
+
+        def counted(timeout: float | None) -> bool:
+            calls.append(timeout)
+            return relay.wait(timeout)
+
+        reactor.nest_engine(counted)
+        return fwd, calls
+
+    @inlineCallbacks
+    def test_relaying_stays_in_the_engine(self) -> Inline:
+        """200 round trips through a tunnel come back to Python a handful of times, not once per event."""
+        backend = self.serve(echo)
+        fwd, calls = self.nested_forwarder(backend.address)
+        sock = yield deferToThread(connect, fwd.address)
+        self.addCleanup(sock.close)
+
+        def round_trips() -> int:
+            calls.clear()
+            for i in range(200):
+                message = b"%05d" % i
+                sock.sendall(message)
+                assert recv_exactly(sock, 5) == message
+            return len(calls)
+
+        returns = yield deferToThread(round_trips)
+        assert returns < 20, returns
+
+    @inlineCallbacks
+    def test_records_come_while_other_tunnels_live(self) -> Inline:
+        """With a tunnel held open (the engine never empties), a short one's record still reaches the log soon."""
+        backend = self.serve(echo)
+        fwd, _ = self.nested_forwarder(backend.address)
+        held = yield deferToThread(open_tunnel, fwd.address)
+        self.addCleanup(held.close)
+        short = yield deferToThread(open_tunnel, fwd.address)
+        assert (yield deferToThread(end_tunnel, short)) == b""
+        [record] = yield fwd.closed(1, timeout=2)
+        assert (record["closed_by"], record["close_kind"]) == ("client", "FIN"), record
+
 
 class PythonEngineTests(NativeEngineTests):
     """The same promises on Twisted's relay (--engine python)."""

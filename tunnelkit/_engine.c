@@ -63,6 +63,11 @@
 /* Tunnels served from the ready queue per run(): the bound on how long a
  * busy engine keeps the reactor (timers, other sockets) waiting. */
 #define QUEUE_BUDGET 128
+/* Seconds between timer sweeps while tunnels exist: the resolution of the
+ * connect, handshake, idle, fin and close-grace timeouts. */
+#define TICK 0.1
+/* Records wait()'s loop lets pile up before it hands them to Python. */
+#define RECORD_BATCH 64
 
 enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
 enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
@@ -184,6 +189,7 @@ typedef struct {
     tunnel_t queue;     /* circular list (qnext/qprev) of tunnels with work the kernel will not announce again */
     int wake_fd;        /* eventfd: readable while the queue was left with work */
     int wake_armed;
+    double next_tick;   /* wait()'s next timer sweep */
     tunnel_t *graveyard; /* ended tunnels, freed after the event batch that ended them */
     long active;
     int warned_full;
@@ -1175,6 +1181,8 @@ static PyObject *news(Engine *e) {
     return PyBool_FromLong(PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0);
 }
 
+static void sweep(Engine *e);
+
 /* Wait up to timeout_ms for events (0: only take what is ready) and handle
  * them all. Returns 1 if the reactor's epoll descriptor is ready, 0 if not,
  * -1 with an exception set. */
@@ -1231,24 +1239,52 @@ static PyObject *Engine_run(Engine *e, PyObject *unused) {
 }
 
 /* wait(timeout): the reactor's poll, when the engine holds the reactor's
- * epoll descriptor (nest()): block up to timeout seconds (None: no limit)
- * with the GIL released, handle the engine's events, and say what Python
- * has to do: 1 records or notices to take, 2 the reactor's descriptors are
- * ready. The engine's sockets then wake the process directly, not through a
- * second epoll and the reactor's dispatch. */
+ * epoll descriptor (nest()). The engine's sockets then wake the process
+ * directly, not through a second epoll and the reactor's dispatch, and the
+ * engine keeps waiting and handling (GIL released while it blocks) until
+ * Python has something to do: the reactor's descriptors are ready (or a
+ * signal came), its next timer (timeout seconds; None: none) is due, a
+ * notice or RECORD_BATCH records wait, records are TICK old or the engine
+ * is empty, or the last tunnel ended (a drain waits for that). It sweeps its
+ * own timers every TICK meanwhile. Returns
+ * 1 | 2: 1 records or notices to take, 2 the reactor's descriptors are ready. */
 static PyObject *Engine_wait(Engine *e, PyObject *arg) {
-    int timeout_ms = -1;
+    double start = now(), deadline = -1; /* the reactor's timer; -1: none */
     if (arg != Py_None) {
         double seconds = PyFloat_AsDouble(arg);
         if (seconds == -1.0 && PyErr_Occurred())
             return NULL;
-        /* Rounded up, as Python's select.epoll does: never wake before a timer is due. */
-        double ms = seconds * 1000.0;
-        timeout_ms = ms <= 0 ? 0 : ms >= 0x7fffffff ? 0x7fffffff : (int)ms + (ms > (int)ms);
+        deadline = start + (seconds > 0 ? seconds : 0);
     }
-    int reactor = handle(e, timeout_ms);
-    if (reactor < 0)
-        return NULL;
+    long before = e->active;
+    int reactor = 0;
+    for (;;) {
+        double t = now();
+        if (e->active > 0 && t >= e->next_tick) {
+            sweep(e);
+            e->next_tick = t + TICK;
+        }
+        /* Checked before blocking: a sweep may have ended the last tunnel. */
+        Py_ssize_t records = PyList_GET_SIZE(e->records);
+        if (PyList_GET_SIZE(e->notices) > 0 || records >= RECORD_BATCH ||
+            (records > 0 && (e->active == 0 || t - start >= TICK)) || (before > 0 && e->active == 0))
+            break;
+        double until = deadline;
+        if (e->active > 0 && (until < 0 || e->next_tick < until))
+            until = e->next_tick;
+        int timeout_ms = -1;
+        if (until >= 0) {
+            /* Rounded up, as Python's select.epoll does: never wake before a timer is due. */
+            double ms = until > t ? (until - t) * 1000.0 : 0;
+            timeout_ms = ms >= 0x7fffffff ? 0x7fffffff : (int)ms + (ms > (int)ms);
+        }
+        reactor = handle(e, timeout_ms);
+        if (reactor < 0 || PyErr_CheckSignals() < 0)
+            return NULL;
+        /* A due reactor timer still lets the ready events above be handled once. */
+        if (reactor || (deadline >= 0 && now() >= deadline))
+            break;
+    }
     int more = PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0;
     return PyLong_FromLong(more | (reactor << 1));
 }
@@ -1264,7 +1300,8 @@ static PyObject *Engine_nest(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Engine_tick(Engine *e, PyObject *unused) {
+/* Fire the timers that are due. */
+static void sweep(Engine *e) {
     double t_now = now();
     tunnel_t *t = e->head.next;
     while (t != &e->head) {
@@ -1295,6 +1332,10 @@ static PyObject *Engine_tick(Engine *e, PyObject *unused) {
     }
     serve_queue(e);
     bury(e);
+}
+
+static PyObject *Engine_tick(Engine *e, PyObject *unused) {
+    sweep(e);
     return news(e);
 }
 
@@ -1585,7 +1626,7 @@ static PyMethodDef Engine_methods[] = {
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
      "Handle every ready event (never blocks); True if there are records or notices to take."},
     {"wait", (PyCFunction)Engine_wait, METH_O,
-     "Block up to timeout s (None: no limit), handle events; 1: records or notices, 2: reactor ready."},
+     "The reactor's poll: handle events until Python has work (see _engine.c); 1: records or notices, 2: reactor ready."},
     {"nest", (PyCFunction)Engine_nest, METH_O, "Watch the reactor's epoll descriptor fd, for wait()."},
     {"tick", (PyCFunction)Engine_tick, METH_NOARGS,
      "Fire the timers that are due; True if there are records or notices to take."},
@@ -1633,7 +1674,8 @@ PyMODINIT_FUNC PyInit__engine(void) {
         return NULL;
     /* Python checks the options against these before making an Engine. */
     if (PyModule_AddIntConstant(m, "MAX_BACKENDS", MAX_BACKENDS) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_LISTENERS", MAX_LISTENERS) < 0) {
+        PyModule_AddIntConstant(m, "MAX_LISTENERS", MAX_LISTENERS) < 0 ||
+        PyModule_AddObject(m, "TICK", PyFloat_FromDouble(TICK)) < 0) {
         Py_DECREF(m);
         return NULL;
     }

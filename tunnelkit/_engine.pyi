@@ -4,6 +4,7 @@ from typing import Any
 
 MAX_BACKENDS: int
 MAX_LISTENERS: int
+TICK: float
 
 # client, backend, backend_address, bytes_up, bytes_down, duration, connect_time
 Fields = tuple[str, str, str | None, int, int, float, float | None]

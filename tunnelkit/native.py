@@ -51,10 +51,6 @@ try:
 except ImportError:  # not built (no compiler at install time) or not Linux
     _engine = None  # type: ignore[assignment]
 
-#: Seconds between timer sweeps while tunnels exist: the resolution of the
-#: connect, idle, fin and close-grace timeouts.
-TICK = 0.1
-
 _SIDES = (Side.CLIENT, Side.BACKEND, Side.PROXY)
 _KINDS = (CloseKind.FIN, CloseKind.RST, CloseKind.TIMEOUT, CloseKind.ERROR, CloseKind.SHUTDOWN)
 
@@ -278,7 +274,9 @@ class NativeRelay:
         except Exception:
             log.failure("the native engine failed to handle its events")
             todo = 2
-        self._after()
+        # The engine sweeps its own timers while it waits: no tick to schedule.
+        if not self.engine.active:
+            self.registry.emptied()
         return bool(todo & 2)
 
     def doRead(self) -> None:
@@ -330,7 +328,7 @@ class NativeRelay:
     def _after(self) -> None:
         if self.engine.active:
             if self._tick is None:
-                self._tick = self.reactor.callLater(TICK, self._timers)
+                self._tick = self.reactor.callLater(_engine.TICK, self._timers)
         else:
             self.registry.emptied()
 
