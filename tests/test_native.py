@@ -462,6 +462,34 @@ class EngineWaitTests(LoopbackTestCase):
         yield fwd.stop()
         assert reactor._engine_wait is None
 
+    def two_forwarders(self) -> tuple[Forwarder, Forwarder]:
+        """Two forwarders in this process, both on the native engine, to one echo backend."""
+        backend = self.serve(hashing_echo)
+        pair = []
+        for _ in range(2):
+            fwd = Forwarder("--to", backend.address)
+            self.addCleanup(lambda fwd=fwd: fwd.stop() if fwd.service.running else None)
+            assert fwd.native
+            pair.append(fwd)
+        return pair[0], pair[1]
+
+    @inlineCallbacks
+    def test_a_second_engine_leaves_the_first_served(self) -> Inline:
+        """The reactor waits in one engine; a second relay in the process is watched as a reader: both relay."""
+        first, second = self.two_forwarders()
+        for fwd in (first, second):
+            sock = yield deferToThread(connect, fwd.address)
+            assert (yield deferToThread(echoes, sock, MiB))
+
+    @inlineCallbacks
+    def test_the_other_engine_relays_once_one_stops(self) -> Inline:
+        """Stopping the nested relay leaves the other one served (and stopping that one too)."""
+        for stopped in (0, 1):
+            pair = self.two_forwarders()
+            yield pair[stopped].stop()
+            sock = yield deferToThread(connect, pair[1 - stopped].address)
+            assert (yield deferToThread(echoes, sock, MiB))
+
     def nested_forwarder(self, backend_address: str) -> tuple[Forwarder, list[float | None]]:
         """A forwarder whose engine does the reactor's waiting, and the list of its wait() timeouts."""
         from twisted.internet import reactor
@@ -517,3 +545,45 @@ class PythonEngineTests(NativeEngineTests):
 
     native = False
     extra_args = ("--engine", "python")
+
+
+def epoll_targets(epfd: int) -> list[int]:
+    """The descriptors registered in epoll descriptor ``epfd`` of this process (from /proc)."""
+    with open(f"/proc/self/fdinfo/{epfd}") as info:
+        return [int(line.split()[1]) for line in info if line.startswith("tfd:")]
+
+
+def test_no_registration_outlives_a_closed_socket() -> None:
+    """A tunnel's sockets leave the engine's epoll when they close, even while another descriptor shares them.
+
+    close() alone leaves the registration while a fork()ed child (before its
+    exec) or a dup holds the socket, and its next event would name a freed tunnel.
+    """
+    try:
+        from tunnelkit import _engine
+    except ImportError:
+        raise SkipTest("the native engine is not built") from None
+    with socket.create_server(("127.0.0.1", 0)) as backend, socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        engine = _engine.Engine(
+            [("b", "127.0.0.1", backend.getsockname()[1])], 65536, 1 << 30, 0, 0.0, 0.0, 2.0, 5.0,
+            max_tunnels=10, log_records=False,
+        )
+        try:
+            engine.add_listener(listener.fileno(), 0)
+            idle = set(epoll_targets(engine.fileno()))  # the listener and the engine's eventfd
+            with socket.create_connection(listener.getsockname(), timeout=IO_TIMEOUT):
+                deadline = time.monotonic() + IO_TIMEOUT
+                while not [t for t in engine.tunnels() if t[2] == "joined"]:
+                    assert time.monotonic() < deadline, engine.tunnels()
+                    engine.run()
+                    time.sleep(0.001)
+                [(client_fd, backend_fd, _)] = engine.tunnels()
+                held = os.dup(client_fd)  # what a fork()ed child holds until its exec
+                try:
+                    engine.abort_all("test")
+                    assert set(epoll_targets(engine.fileno())) == idle
+                finally:
+                    os.close(held)
+        finally:
+            engine.close()

@@ -404,9 +404,9 @@ static void owe_notify(tunnel_t *t) {
 
 /* -- readiness ------------------------------------------------------------ */
 
-/* Each socket is registered once, edge-triggered, and closing it takes it
- * out of epoll: two epoll_ctl calls per tunnel instead of six (and none when
- * backpressure turns a direction off and on). The engine remembers what
+/* Each socket is registered once, edge-triggered, and removed before it is
+ * closed: four epoll_ctl calls per tunnel instead of six, and none when
+ * backpressure turns a direction off and on. The engine remembers what
  * epoll said (ready[]) until a call shows otherwise (EAGAIN, a short read),
  * and what each side waits for (want[]). A side that waits for something it
  * is already known to be ready for goes on the ready queue, which run()
@@ -471,11 +471,14 @@ static void rewatch(Engine *e, tunnel_t *t, int s) {
     watch(e, t, s, want);
 }
 
-/* Close side `side` (which takes it out of epoll: no descriptor is shared). */
+/* Close side `side`. Taken out of epoll first: close() alone leaves the
+ * registration while another descriptor shares the socket (a fork()ed child
+ * before its exec, a dup), and its next event would name a freed tunnel. */
 static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
     int fd = t->fd[side];
     if (fd < 0)
         return;
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
     t->want[side] = t->ready[side] = 0;
     if (abortive)
         close_abortively(fd);

@@ -257,12 +257,17 @@ class NativeRelay:
         return fileno
 
     def _nest(self) -> None:
-        """Have the reactor wait in the engine (:meth:`wait`) if it can, else watch the engine's descriptor."""
+        """Have the reactor wait in the engine (:meth:`wait`) if it can, else watch the engine's descriptor.
+
+        A reactor waits in one engine at most: another relay in the same
+        process (a second service) is watched as a reader.
+        """
         nest = getattr(self.reactor, "nest_engine", None)
-        if nest is None:
+        fileno = nest(self.wait) if nest is not None else None
+        if fileno is None:
             self.reactor.addReader(self)
             return
-        self.engine.nest(nest(self.wait))
+        self.engine.nest(fileno)
         self._nested = True
 
     def wait(self, timeout: float | None) -> bool:
@@ -312,6 +317,7 @@ class NativeRelay:
         self._tick = None
         self.stop_accepting()
         if self._nested:
+            self._nested = False
             self.reactor.nest_engine(None)
         else:
             self.reactor.removeReader(self)

@@ -41,11 +41,14 @@ class EPollReactor(epollreactor.EPollReactor):
     #: The nested engine's wait (see :meth:`nest_engine`), else ``None``.
     _engine_wait: Callable[[float | None], bool] | None = None
 
-    def nest_engine(self, wait: Callable[[float | None], bool] | None) -> int:
+    def nest_engine(self, wait: Callable[[float | None], bool] | None) -> int | None:
         """Let ``wait(timeout)`` do the blocking; it says whether this reactor's descriptors are ready.
 
-        Returns the epoll descriptor ``wait`` must watch. ``None`` undoes it.
+        Returns the epoll descriptor ``wait`` must watch, or ``None`` if
+        another engine already waits here (one at most). ``None`` undoes it.
         """
+        if wait is not None and self._engine_wait is not None:
+            return None
         self._engine_wait = wait
         fileno: int = self._poller.fileno()
         return fileno
