@@ -388,7 +388,6 @@ class NativeEngineTests(LoopbackTestCase):
         assert "drain deadline" in record["reason"], record
         assert (record["bytes_up"], record["bytes_down"]) == (4, 4)
 
-
     @inlineCallbacks
     def test_no_half_close_backend_first(self) -> Inline:
         """--no-half-close: the backend's FIN closes both sides, after its 1 MiB reached the client intact."""
@@ -563,11 +562,22 @@ def test_no_registration_outlives_a_closed_socket() -> None:
         from tunnelkit import _engine
     except ImportError:
         raise SkipTest("the native engine is not built") from None
-    with socket.create_server(("127.0.0.1", 0)) as backend, socket.create_server(("127.0.0.1", 0)) as listener:
+    with (
+        socket.create_server(("127.0.0.1", 0)) as backend,
+        socket.create_server(("127.0.0.1", 0)) as listener,
+    ):
         listener.setblocking(False)
         engine = _engine.Engine(
-            [("b", "127.0.0.1", backend.getsockname()[1])], 65536, 1 << 30, 0, 0.0, 0.0, 2.0, 5.0,
-            max_tunnels=10, log_records=False,
+            [("b", "127.0.0.1", backend.getsockname()[1])],
+            65536,
+            1 << 30,
+            0,
+            0.0,
+            0.0,
+            2.0,
+            5.0,
+            max_tunnels=10,
+            log_records=False,
         )
         try:
             engine.add_listener(listener.fileno(), 0)
@@ -578,7 +588,7 @@ def test_no_registration_outlives_a_closed_socket() -> None:
                     assert time.monotonic() < deadline, engine.tunnels()
                     engine.run()
                     time.sleep(0.001)
-                [(client_fd, backend_fd, _)] = engine.tunnels()
+                [(client_fd, _, _)] = engine.tunnels()
                 held = os.dup(client_fd)  # what a fork()ed child holds until its exec
                 try:
                     engine.abort_all("test")
