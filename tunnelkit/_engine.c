@@ -11,11 +11,13 @@
  * the client policy (a Python callable), logging (records handed back in
  * batches), drain and signals.
  *
- * How it fits Twisted: the engine's epoll descriptor is itself pollable, so
- * the reactor watches it like any socket and calls Engine.run() when one of
- * the engine's sockets is ready. Everything runs on the reactor thread; no
- * lock, no thread. Timers are swept by Engine.tick(), which Python calls
- * while tunnels exist.
+ * How it fits Twisted: on tunnelkit's reactor, the engine does the reactor's
+ * waiting (Engine.wait(), with the reactor's epoll descriptor nested in the
+ * engine's), sweeps its own timers, and returns to Python only when Python
+ * has work. On another reactor, the engine's epoll descriptor is watched
+ * like any socket, Engine.run() handles what is ready and Engine.tick()
+ * sweeps the timers. Everything runs on the reactor thread; no lock, no
+ * thread (the GIL is released only while epoll_wait blocks).
  *
  * The relay keeps the promises of tunnelkit/relay.py: full duplex,
  * backpressure (a direction whose destination refuses bytes stops reading

@@ -15,8 +15,11 @@ Python keeps what is configuration or policy: Twisted parses the endpoint
 strings and opens the listening sockets (so errors, backlogs, socket
 options, ``systemd:`` and ``--workers`` are unchanged), the client policy is
 asked through a callable, every tunnel's record comes back for the access
-log, and the drain on shutdown is the registry's. The engine's epoll
-descriptor is watched by the reactor like any socket: one thread, no locks.
+log, and the drain on shutdown is the registry's. On tunnelkit's reactor
+the engine does the reactor's waiting (the reactor's epoll descriptor
+nested in the engine's, :meth:`NativeRelay.wait`), and comes back to
+Python only when Python has work; on another reactor its epoll descriptor
+is watched like any socket. One thread, no locks.
 
 ``--engine auto`` (the default) uses the engine when the options allow it
 and the module is built, ``native`` insists (an error says why it cannot),
