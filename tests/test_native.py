@@ -504,7 +504,10 @@ class EngineWaitTests(LoopbackTestCase):
             calls.append(timeout)
             return relay.wait(timeout)
 
-        reactor.nest_engine(counted)
+        # Swap the relay's wait for the counting one (a reactor takes one engine).
+        reactor.nest_engine(None)
+        assert reactor.nest_engine(counted) is not None
+        assert reactor._engine_wait is counted
         return fwd, calls
 
     @inlineCallbacks
