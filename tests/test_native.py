@@ -461,6 +461,29 @@ class EngineWaitTests(LoopbackTestCase):
         yield fwd.stop()
         assert reactor._engine_wait is None
 
+    @inlineCallbacks
+    def test_a_failed_nest_falls_back_to_reading(self) -> Inline:
+        """If the engine cannot watch the reactor's descriptor, the reactor is un-nested and watches the engine."""
+        from twisted.internet import reactor
+
+        if getattr(reactor, "nest_engine", None) is None:
+            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
+        real = reactor.nest_engine
+
+        def bad_descriptor(wait: Any) -> int | None:
+            fileno = real(wait)
+            return -1 if wait is not None and fileno is not None else fileno
+
+        self.patch(reactor, "nest_engine", bad_descriptor)
+        backend = self.serve(hashing_echo)
+        fwd = Forwarder("--to", backend.address)
+        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        assert len(self.flushLoggedErrors(OSError)) == 1
+        assert reactor._engine_wait is None
+        assert fwd.service.native in reactor.getReaders()
+        sock = yield deferToThread(connect, fwd.address)
+        assert (yield deferToThread(echoes, sock, MiB))
+
     def two_forwarders(self) -> tuple[Forwarder, Forwarder]:
         """Two forwarders in this process, both on the native engine, to one echo backend."""
         backend = self.serve(hashing_echo)

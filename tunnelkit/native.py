@@ -156,6 +156,10 @@ class NativeRegistry(TunnelRegistry):
         super().abort_all(reason)
         if self.engine is not None:
             self.engine.abort_all(reason)
+            # The engine is empty now, and its wait may not come back to say
+            # so (nothing else to report without an access log): a drain
+            # waiting for it would hang.
+            self.emptied()
 
     def engine_full(self) -> None:
         """The engine refused a client at the cap (it says so once per burst)."""
@@ -267,11 +271,16 @@ class NativeRelay:
         """
         nest = getattr(self.reactor, "nest_engine", None)
         fileno = nest(self.wait) if nest is not None else None
-        if fileno is None:
-            self.reactor.addReader(self)
-            return
-        self.engine.nest(fileno)
-        self._nested = True
+        if nest is not None and fileno is not None:
+            try:
+                self.engine.nest(fileno)
+            except OSError:
+                log.failure("the reactor cannot wait in the native engine")
+                nest(None)
+            else:
+                self._nested = True
+                return
+        self.reactor.addReader(self)
 
     def wait(self, timeout: float | None) -> bool:
         """The reactor's wait: up to ``timeout`` s for events, handled in C; whether the reactor's are ready."""
