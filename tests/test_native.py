@@ -440,16 +440,27 @@ class NativeEngineTests(LoopbackTestCase):
 class EngineWaitTests(LoopbackTestCase):
     """On tunnelkit's reactor the engine does the reactor's waiting (the reactor's epoll nested in the engine's)."""
 
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        super().setUp()
+        if getattr(reactor, "nest_engine", None) is None:
+            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
+
+    def forwarder(self, backend_address: str) -> Forwarder:
+        """A native forwarder to ``backend_address``, stopped after the test unless the test stopped it."""
+        fwd = Forwarder("--to", backend_address)
+        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        assert fwd.native
+        return fwd
+
     @inlineCallbacks
     def test_the_engine_waits_for_the_reactor(self) -> Inline:
         """Nested while it runs, unnested after; tunnels relay and threads still wake the reactor."""
         from twisted.internet import reactor
 
-        if getattr(reactor, "nest_engine", None) is None:
-            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
         backend = self.serve(hashing_echo)
-        fwd = Forwarder("--to", backend.address)
-        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        fwd = self.forwarder(backend.address)
         relay = fwd.service.native
         assert relay is not None
         assert reactor._engine_wait == relay.wait
@@ -466,8 +477,6 @@ class EngineWaitTests(LoopbackTestCase):
         """If the engine cannot watch the reactor's descriptor, the reactor is un-nested and watches the engine."""
         from twisted.internet import reactor
 
-        if getattr(reactor, "nest_engine", None) is None:
-            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
         real = reactor.nest_engine
 
         def bad_descriptor(wait: Any) -> int | None:
@@ -476,8 +485,7 @@ class EngineWaitTests(LoopbackTestCase):
 
         self.patch(reactor, "nest_engine", bad_descriptor)
         backend = self.serve(hashing_echo)
-        fwd = Forwarder("--to", backend.address)
-        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        fwd = self.forwarder(backend.address)
         assert len(self.flushLoggedErrors(OSError)) == 1
         assert reactor._engine_wait is None
         assert fwd.service.native in reactor.getReaders()
@@ -487,13 +495,7 @@ class EngineWaitTests(LoopbackTestCase):
     def two_forwarders(self) -> tuple[Forwarder, Forwarder]:
         """Two forwarders in this process, both on the native engine, to one echo backend."""
         backend = self.serve(hashing_echo)
-        pair = []
-        for _ in range(2):
-            fwd = Forwarder("--to", backend.address)
-            self.addCleanup(lambda fwd=fwd: fwd.stop() if fwd.service.running else None)
-            assert fwd.native
-            pair.append(fwd)
-        return pair[0], pair[1]
+        return self.forwarder(backend.address), self.forwarder(backend.address)
 
     @inlineCallbacks
     def test_a_second_engine_leaves_the_first_served(self) -> Inline:
@@ -516,10 +518,7 @@ class EngineWaitTests(LoopbackTestCase):
         """A forwarder whose engine does the reactor's waiting, and the list of its wait() timeouts."""
         from twisted.internet import reactor
 
-        if getattr(reactor, "nest_engine", None) is None:
-            raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
-        fwd = Forwarder("--to", backend_address)
-        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
+        fwd = self.forwarder(backend_address)
         relay = fwd.service.native
         calls: list[float | None] = []
 

@@ -351,8 +351,9 @@ class Tunnel:
 
     def _pass_eof(self, leg: Leg, peer: Leg) -> None:
         if peer.read_done or not self.timeouts.half_close:
-            # Both directions are done: one close sends the FIN, without a
-            # shutdown() and its writeConnectionLost event first.
+            # Both directions are done (or --no-half-close ends both at the
+            # first EOF): one close sends the FIN, without a shutdown() and
+            # its writeConnectionLost event first.
             self._close_both()
             return
         peer_transport = peer.transport
