@@ -131,14 +131,24 @@ def _unlogged(record: TunnelRecord, listener: str) -> None:
     """``--no-access-log``: the record of a tunnel is dropped."""
 
 
-def _on_sighup(*actions: Callable[[], object] | None) -> Callable[[], None] | None:
-    """What SIGHUP does: each of ``actions`` that is given, in turn; ``None`` if none is."""
-    chosen = [action for action in actions if action is not None]
-    if not chosen:
-        return None
+def _on_sighup(*actions: tuple[str, Callable[[], object] | None]) -> Callable[[], None]:
+    """What SIGHUP does: each named action that is given, in turn, after one line saying which.
+
+    SIGHUP's default action ends the process, and logrotate and systemd's
+    ``ExecReload`` send it routinely, so it is always handled: a process with
+    nothing to reload says so and goes on serving.
+    """
+    chosen = [(name, action) for name, action in actions if action is not None]
 
     def reload() -> None:
-        for action in chosen:
+        if not chosen:
+            log.info("SIGHUP: nothing to reload", event="sighup", reloading=[])
+            return
+        names = [name for name, _ in chosen]
+        log.info(
+            "SIGHUP: reloading {what}", event="sighup", what=" and ".join(names), reloading=names
+        )
+        for _, action in chosen:
             action()
 
     return reload
@@ -267,8 +277,8 @@ def build_service(config: Options) -> TunnelService:
         config["drain-timeout"],
         reactor=reactor,
         on_reload=_on_sighup(
-            access_log.reopen if access_log is not None else None,
-            config.tls.reload if config.tls is not None else None,
+            ("the access log", access_log.reopen if access_log is not None else None),
+            ("the TLS certificates", config.tls.reload if config.tls is not None else None),
         ),
         on_stopped=stopped,
         native=relay,

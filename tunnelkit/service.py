@@ -6,8 +6,9 @@ started it rather than a traceback in a log file. On stop (SIGTERM, SIGINT)
 the service stops accepting at once and drains live tunnels (see
 :meth:`TunnelRegistry.drain`); ``twistd`` waits for that before it exits.
 SIGHUP calls ``on_reload`` (TLS certificates are read again, ``--access-log``
-reopened); ``on_stopped``
-runs once the drain is over (the last access-log events are emitted).
+reopened) and never stops the process, even with nothing to reload;
+``on_stopped`` runs once the drain is over (the last access-log events are
+emitted).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class TunnelService(Service):
         self.on_reload = on_reload
         self.on_stopped = on_stopped
         self._previous_sighup: Any = None
+        self._handling_sighup = False
 
     def listen(self) -> None:
         """Start every listener now; raise :class:`ListenError` on the first failure."""
@@ -131,6 +133,7 @@ class TunnelService(Service):
                 except OSError as e:
                     self._close_ports()
                     raise ListenError(f"cannot set socket options on {name}: {e}") from None
+            self._handle_sighup()
             log.info(
                 "listening on {address} ({listener})",
                 event="listening",
@@ -158,13 +161,18 @@ class TunnelService(Service):
             # Here, not at listen(): the supervisor of --workers listens but
             # never starts this service, and must not accept.
             self.native.start(list(zip(self.factories, self.ports, strict=True)))
-        if self.on_reload is not None and self.reactor is not None:
+        self._handle_sighup()
+
+    def _handle_sighup(self) -> None:
+        """From the first listener on: SIGHUP's default action would end the process."""
+        if self.reactor is not None and not self._handling_sighup:
             self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+            self._handling_sighup = True
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler runs between bytecodes: hand the work to the reactor.
-        assert self.on_reload is not None
-        self.reactor.callFromThread(self.on_reload)
+        if self.on_reload is not None:
+            self.reactor.callFromThread(self.on_reload)
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, drain (see :meth:`TunnelRegistry.drain`), exit 0.
@@ -175,9 +183,6 @@ class TunnelService(Service):
         remembered signal is cleared and the process exits with status 0.
         """
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
-            self._previous_sighup = None
         if self.native is not None:
             self.native.stop_accepting()
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]
@@ -190,6 +195,11 @@ class TunnelService(Service):
         return done
 
     def _stopped(self, result: object) -> object:
+        # SIGHUP stays handled until the drain is over: logrotate may rotate
+        # the access log of a process that is still draining.
+        if self._handling_sighup:
+            signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            self._handling_sighup = False
         if self.on_stopped is not None:
             self.on_stopped()
         return result
