@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,39 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1"], "--to is required"),
         (["--listen", "1", "--to", "nohost"], "--to 'nohost'"),
         (["--listen", "bogus:1:2", "--to", "a:1"], "--listen 'bogus:1:2'"),
-        (["--listen", "1", "--to", "a:1", "--idle-timeout", "soon"], "not a number of seconds"),
-        (["--listen", "1", "--to", "a:1", "--mss", "0"], "below 1"),
+        # A bad value names its option and says what it must be.
+        (
+            ["--listen", "1", "--to", "a:1", "--idle-timeout", "soon"],
+            "--idle-timeout: must be a number of seconds (0 or more), not 'soon'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--mss", "0"],
+            "--mss: must be a positive whole number of bytes, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--connect-timeout", "-1"],
+            "--connect-timeout: must be a positive number of seconds, not '-1'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--workers", "0"],
+            "--workers: must be a whole number from 1 to 256, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--workers", "257"],
+            "--workers: must be a whole number from 1 to 256, not '257'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--read-size", "0"],
+            "--read-size: must be a positive whole number of bytes, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--max-connections", "0"],
+            "--max-connections: must be a positive whole number, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--keepalive", "1.5"],
+            "--keepalive: must be a positive whole number of seconds, not '1.5'",
+        ),
         (["--listen", "1", "--to", "a:1", "--nodelay", "--no-nodelay"], "contradict"),
         (["--bogus"], "--bogus not recognized"),
         # --mode connect: bad mode, proxy-only options in forward mode, bad rules and auth files.
@@ -125,6 +157,13 @@ def test_errors_are_one_line(argv: list[str], message: str) -> None:
     assert text.startswith("tunnelkit: error:")
     assert message in text
     assert "\n" not in text
+
+
+def test_help_has_no_double_periods() -> None:
+    """Each option's help reads as sentences: Twisted's ". Must be ..." never follows a period."""
+    text = str(Options())
+    assert re.search(r"(?<!\.)\.\.(?!\.)", text) is None, text
+    assert "Must be a positive number of seconds." in text
 
 
 def test_zero_disables_idle_and_fin_timeouts() -> None:

@@ -43,24 +43,43 @@ ENGINE_CHOICES = ("auto", "native", "python")
 SPLICE_CHOICES = ("auto", "on", "off")
 
 
-def _number(kind: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
+def _number(
+    kind: Callable[[str], Any], low: float, what: str, high: float | None = None
+) -> Callable[[str], Any]:
     def coerce(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise ValueError(f"{text!r} is not {what}") from None
-        if value < low:
-            raise ValueError(f"{text!r} is below {low:g}")
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise ValueError(f"must be {what}, not {text!r}")
         return value
 
     coerce.coerceDoc = f"Must be {what}."  # type: ignore[attr-defined]
     return coerce
 
 
-_seconds = _number(float, 0, "a number of seconds")
+_seconds = _number(float, 0, "a number of seconds (0 or more)")
 _positive_seconds = _number(float, 0.001, "a positive number of seconds")
+_whole_seconds = _number(int, 1, "a positive whole number of seconds")
 _bytes = _number(int, 1, "a positive whole number of bytes")
 _count = _number(int, 1, "a positive whole number")
+
+
+class _NamedParameter(usage.CoerceParameter):
+    """A coerced option whose bad value is reported with the option's name.
+
+    Twisted's own says ``Parameter type enforcement failed: '-1' is below
+    0.001``, naming no option.
+    """
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: {e}") from None
 
 
 class Options(usage.Options):
@@ -133,46 +152,52 @@ class Options(usage.Options):
             " on SIGHUP); see docs/logging.md.",
         ],
         ["access-log-format", None, None, "Lines of --access-log: text (the default) or json."],
-        ["keepalive", None, None, "TCP keepalive idle time, seconds (off by default).", _count],
-        ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default).", _bytes],
-        ["rcvbuf", None, None, "SO_RCVBUF for both legs, bytes (kernel default).", _bytes],
-        ["mss", None, None, "TCP_MAXSEG, the TCP segment size for both legs, bytes.", _bytes],
-        ["read-size", None, DEFAULT_READ_SIZE, "Bytes read per event on each leg.", _bytes],
-        ["connect-timeout", None, 10.0, "Seconds to connect to a backend.", _positive_seconds],
+        [
+            "keepalive",
+            None,
+            None,
+            "TCP keepalive idle time, seconds (off by default)",
+            _whole_seconds,
+        ],
+        ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default)", _bytes],
+        ["rcvbuf", None, None, "SO_RCVBUF for both legs, bytes (kernel default)", _bytes],
+        ["mss", None, None, "TCP_MAXSEG, the TCP segment size for both legs, bytes", _bytes],
+        ["read-size", None, DEFAULT_READ_SIZE, "Bytes read per event on each leg", _bytes],
+        ["connect-timeout", None, 10.0, "Seconds to connect to a backend", _positive_seconds],
         [
             "idle-timeout",
             None,
             3600.0,
-            "Close a tunnel that moved no byte this long (0: never).",
+            "Close a tunnel that moved no byte this long (0: never)",
             _seconds,
         ],
         [
             "fin-timeout",
             None,
             60.0,
-            "Longest a half-closed tunnel may linger (0: no limit).",
+            "Longest a half-closed tunnel may linger (0: no limit)",
             _seconds,
         ],
-        ["drain-timeout", None, 30.0, "On SIGTERM, seconds to let tunnels finish.", _seconds],
+        ["drain-timeout", None, 30.0, "On SIGTERM, seconds to let tunnels finish", _seconds],
         [
             "workers",
             None,
             1,
-            "Processes accepting on the listeners (one core each), supervised by this one.",
-            _number(int, 1, "a whole number from 1"),
+            "Processes accepting on the listeners (one core each), supervised by this one",
+            _number(int, 1, f"a whole number from 1 to {MAX_WORKERS}", MAX_WORKERS),
         ],
         [
             "max-connections",
             None,
             None,
-            "Most tunnels at once (default: what the file-descriptor limit allows).",
+            "Most tunnels at once (default: what the file-descriptor limit allows)",
             _count,
         ],
         [
             "header-timeout",
             None,
             10.0,
-            "connect mode: seconds from accept to the end of the request head.",
+            "connect mode: seconds from accept to the end of the request head",
             _positive_seconds,
         ],
         [
@@ -189,7 +214,7 @@ class Options(usage.Options):
             "tls-handshake-timeout",
             None,
             10.0,
-            "Seconds a TLS client has to complete its handshake.",
+            "Seconds a TLS client has to complete its handshake",
             _positive_seconds,
         ],
         ["backend-ca", None, None, "CA file backend certificates must chain to (default: system)."],
@@ -249,6 +274,12 @@ class Options(usage.Options):
         self.tls: ServerTLS | None = None
         self.backend_tls: BackendTLS | None = None
         self.access_log: AccessLogFile | None = None
+
+    def _gather_parameters(self) -> tuple[Any, ...]:
+        # Every value option reports a bad value with its name (_NamedParameter).
+        *gathered, dispatch = super()._gather_parameters()  # type: ignore[misc]
+        named = {name: _NamedParameter(self, d.coerce) for name, d in dispatch.items()}
+        return (*gathered, named)
 
     def opt_listen(self, value: str) -> None:
         """Where to accept clients (repeatable)."""
@@ -340,8 +371,6 @@ class Options(usage.Options):
         return bool(self["tls-cert"] or self["backend-tls"])
 
     def _performance(self) -> None:
-        if self["workers"] > MAX_WORKERS:
-            raise usage.UsageError(f"--workers: at most {MAX_WORKERS}")
         if self["splice"] not in SPLICE_CHOICES:
             raise usage.UsageError(f"--splice must be one of {', '.join(SPLICE_CHOICES)}")
         if self["splice"] == "on" and not splice.AVAILABLE:
