@@ -277,8 +277,8 @@ class Options(usage.Options):
 
     def _gather_parameters(self) -> tuple[Any, ...]:
         # Every value option reports a bad value with its name (_NamedParameter).
-        *gathered, dispatch = super()._gather_parameters()  # type: ignore[misc]
-        named = {name: _NamedParameter(self, d.coerce) for name, d in dispatch.items()}
+        *gathered, dispatch = super()._gather_parameters()  # type: ignore[no-untyped-call]
+        named = {name: _NamedParameter(self, d.coerce) for name, d in dispatch.items()}  # type: ignore[no-untyped-call]
         return (*gathered, named)
 
     def opt_listen(self, value: str) -> None:
