@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tunnelkit.addresses import (
@@ -44,6 +46,20 @@ def test_listen_forms(text: str, expected: str) -> None:
 def test_listen_rejects(text: str) -> None:
     """Empty input, bad ports and bad IPv6 literals are refused with a reason."""
     with pytest.raises(AddressError):
+        listen_description(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (":21113", "no address before the port: 21113 listens on every interface"),
+        ("127.0.0.1:", "no port after 127.0.0.1"),
+        ("[::1]:", "no port after [::1]"),
+    ],
+)
+def test_listen_short_form_missing_a_part(text: str, reason: str) -> None:
+    """A short form without its address or its port says which part is missing."""
+    with pytest.raises(AddressError, match=re.escape(reason)):
         listen_description(text)
 
 

@@ -77,6 +77,17 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1"], "--to is required"),
         (["--listen", "1", "--to", "nohost"], "--to 'nohost'"),
         (["--listen", "bogus:1:2", "--to", "a:1"], "--listen 'bogus:1:2'"),
+        # --listen says which forms it takes, and which directory is missing.
+        (
+            ["--listen", "bogus:1:2", "--to", "a:1"],
+            "'bogus' is not an endpoint type; give PORT (every interface), ADDR:PORT,",
+        ),
+        (["--listen", ":21113", "--to", "a:1"], "--listen ':21113': no address before the port"),
+        (["--listen", "127.0.0.1:", "--to", "a:1"], "--listen '127.0.0.1:': no port after"),
+        (
+            ["--listen", "unix:/nonexistent/dir/tk.sock", "--to", "a:1"],
+            "--listen 'unix:/nonexistent/dir/tk.sock': directory /nonexistent/dir does not exist",
+        ),
         # A bad value names its option and says what it must be.
         (
             ["--listen", "1", "--to", "a:1", "--idle-timeout", "soon"],

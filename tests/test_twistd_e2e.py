@@ -339,6 +339,8 @@ BAD_COMMANDS = {
     "unknown flag": ["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--bogus"],
     "bad option value": ["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--drain-timeout", "x"],
     "unparseable listen": ["--listen", "bogus:1:2", "--to", "127.0.0.1:9"],
+    "listen without address": ["--listen", ":21113", "--to", "127.0.0.1:9"],
+    "socket directory missing": ["--listen", "unix:/nonexistent/d/tk.sock", "--to", "127.0.0.1:9"],
     "unparseable backend": ["--listen", "127.0.0.1:0", "--to", "nohost"],
     "missing --to": ["--listen", "127.0.0.1:0"],
     "port in use": ["--listen", "{busy}", "--to", "127.0.0.1:9"],
@@ -367,6 +369,8 @@ def test_bad_command_is_one_line_error(
     assert "Traceback" not in result.stdout
     if case == "port in use":
         assert busy_port in lines[0]
+    if case == "socket directory missing":
+        assert "directory /nonexistent/d does not exist" in lines[0]
     if case == "bad access log":
         assert "--access-log /no/a: No such file or directory" in lines[0]
     assert not (tmp_path / "tk.pid").exists()
