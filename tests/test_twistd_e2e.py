@@ -375,3 +375,34 @@ def test_bad_command_is_one_line_error(
         assert "--access-log /no/a: No such file or directory" in lines[0]
     assert not (tmp_path / "tk.pid").exists()
     assert "Traceback" not in read_text(tmp_path / "tk.log")
+
+
+@pytest.mark.parametrize("option", ["--logfile", "--pidfile"])
+@pytest.mark.parametrize("daemon", [False, True], ids=["-n", "daemon"])
+def test_twistd_file_in_missing_directory(tmp_path: Path, option: str, daemon: bool) -> None:
+    """twistd's --logfile or --pidfile in a missing directory: one error line naming it, exit 1, before listening or daemonizing."""
+    path = tmp_path / "missing" / "tk.file"
+    port = free_port()
+    twistd_options = [option, str(path), *([] if daemon else ["-n"])]
+    argv = [executable("twistd"), *twistd_options, "tunnelkit"]
+    result = run([*argv, "--listen", f"127.0.0.1:{port}", "--to", "127.0.0.1:9"], cwd=tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.splitlines() == [
+        f"tunnelkit: error: {option} {path}: directory {path.parent} does not exist (see --help)"
+    ]
+    assert not (tmp_path / "twistd.pid").exists()
+    with pytest.raises(ConnectionRefusedError):
+        connect(f"127.0.0.1:{port}").close()
+
+
+@pytest.mark.parametrize("launcher", ["twistd daemon", "tunnelkit"])
+def test_check_validates_without_listening(tmp_path: Path, busy_port: str, launcher: str) -> None:
+    """--check: good options print 'configuration OK' and exit 0 at once, binding nothing and writing no pid file."""
+    args = ["--listen", busy_port, "--to", "localhost:9", "--check"]
+    front = (
+        daemon_argv(tmp_path, "tk") if launcher == "twistd daemon" else [executable("tunnelkit")]
+    )
+    result = run([*front, *args], cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "tunnelkit: configuration OK\n")
+    assert not (tmp_path / "tk.pid").exists()
+    assert not (tmp_path / "tk.log").exists()

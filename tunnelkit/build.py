@@ -187,20 +187,29 @@ def _engine_tls(tls: ServerTLS) -> EngineTLS:
     return EngineTLS(tls)
 
 
+def why_twisted(config: Options) -> str | None:
+    """Why Twisted relays for ``config``; ``None`` when the native engine does."""
+    if config["engine"] == "python":
+        return "--engine python"
+    return native.why_not_native(config)
+
+
+def log_relay_plane(config: Options) -> None:
+    """Say once, at start-up, who relays the tunnels and why not the engine."""
+    why = why_twisted(config)
+    log.info(
+        "relaying with {engine}",
+        event="engine",
+        engine="the native engine" if why is None else f"Twisted, not the native engine: {why}",
+        native=why is None,
+    )
+
+
 def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
     max_tunnels = config["max-connections"] or default_max_tunnels(raise_fd_limit())
-    why_python = (
-        "--engine python" if config["engine"] == "python" else native.why_not_native(config)
-    )
-    use_native = why_python is None
-    log.info(
-        "relaying with {engine}",
-        event="engine",
-        engine="the native engine" if use_native else f"Twisted ({why_python})",
-        native=use_native,
-    )
+    use_native = why_twisted(config) is None
     registry = (
         native.NativeRegistry(reactor, max_tunnels)
         if use_native

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from tunnelkit import splice, tls_stack
+from tunnelkit import preflight, splice, tls_stack
 from tunnelkit.socket_options import DEFAULT_READ_SIZE, SocketOptions
 from tunnelkit.target_policy import ClientPolicy, TargetPolicy
 
@@ -125,6 +125,12 @@ class Options(usage.Options):
             "backend-insecure",
             None,
             "Do not verify backend certificates (warns: traffic can be read and changed).",
+        ],
+        [
+            "check",
+            None,
+            "Check the options, the files they name and that backend names resolve, then exit"
+            " (0: configuration OK, 1: the errors); nothing listens.",
         ],
     ]
     optParameters = [
@@ -365,6 +371,29 @@ class Options(usage.Options):
             if why is not None:
                 raise usage.UsageError(f"--engine native: {why}")
         self._access_log()
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """twistd's log and pid files now, before it daemonizes; with --check, the rest, and exit."""
+        for error in preflight.twistd_file_errors(self.parent):
+            raise usage.UsageError(error)
+        if self["check"]:
+            self._check()
+
+    def _check(self) -> NoReturn:
+        """``--check``: what only the network can tell (backend names), then exit 0 or 1."""
+        from tunnelkit.build import client_endpoint_types
+
+        if self.access_log is not None:
+            self.access_log.close()
+        names = preflight.named_backends(self["to"], client_endpoint_types())
+        errors = preflight.unresolved(names)
+        for error in errors:
+            print(f"tunnelkit: error: {error}", file=sys.stderr)
+        if errors:
+            raise SystemExit(1)
+        print("tunnelkit: configuration OK")
+        raise SystemExit(0)
 
     def tls_options_given(self) -> bool:
         """Whether any option asks for TLS towards clients or backends."""
@@ -486,15 +515,22 @@ def _reactor() -> Any:
 
 def makeService(config: Options) -> IService:
     """Listen now (before daemonizing) and return the service for twistd to run."""
-    from tunnelkit.build import build_service
+    from tunnelkit.build import build_service, client_endpoint_types, log_relay_plane
+    from tunnelkit.resolver import system_resolver
     from tunnelkit.service import ListenError
 
+    # Here, not in build_service: each worker of --workers builds one too.
+    log_relay_plane(config)
     tunnels = build_service(config)
     try:
         tunnels.listen()
     except ListenError as e:
         print(f"tunnelkit: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    names = preflight.named_backends(config["to"], client_endpoint_types())
+    if names:
+        resolve = system_resolver(config.reactor)
+        config.reactor.callWhenRunning(preflight.warn_unresolved, resolve, names)
     top = MultiService()
     if config["workers"] > 1:
         from tunnelkit.workers import Workers
