@@ -287,6 +287,16 @@ class Options(usage.Options):
         named = {name: _NamedParameter(self, d.coerce) for name, d in dispatch.items()}  # type: ignore[no-untyped-call]
         return (*gathered, named)
 
+    def opt_version(self) -> NoReturn:
+        """Print tunnelkit's version (and Twisted's) and exit."""
+        from importlib.metadata import version
+
+        from twisted import copyright
+
+        print(f"tunnelkit {version('tunnelkit')}")
+        print(f"Twisted {copyright.version}")
+        raise SystemExit(0)
+
     def opt_listen(self, value: str) -> None:
         """Where to accept clients (repeatable)."""
         self["listen"].append(value)
