@@ -265,7 +265,7 @@ def test_sigterm_drains_transfer_in_flight(tmp_path: Path, serve: Serve) -> None
         assert not download.done.is_set(), download.failure
         sigterm_at = time.monotonic()
         tk.send_signal(signal.SIGTERM)
-        tk.wait_for(lambda text: "draining 1 tunnels" in text, "drain_started", 5)
+        tk.wait_for(lambda text: "draining 1 tunnel for" in text, "drain_started", 5)
         with pytest.raises(ConnectionRefusedError):
             connect(address).close()
         refused_after = time.monotonic() - sigterm_at
@@ -317,7 +317,7 @@ def test_drain_timeout_resets_idle_tunnel(tmp_path: Path, serve: Serve, logged: 
         log = tk.stdout
     assert 0.8 <= cut_after <= 5, cut_after
     assert exited_after <= 6, exited_after
-    assert "drain deadline reached; aborting 1 tunnels" in log
+    assert "drain deadline reached; aborting 1 tunnel\n" in log
     if logged:
         [closed] = tunnel_closed_events(log)
         assert (closed["close_kind"], closed["closed_by"]) == ("shutdown", "proxy")
