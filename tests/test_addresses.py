@@ -12,6 +12,7 @@ from tunnelkit.addresses import (
     HostPort,
     backend_address,
     listen_description,
+    wildcard_scope,
 )
 
 TYPES = frozenset({"tcp", "ssl", "unix", "tls"})
@@ -52,7 +53,7 @@ def test_listen_rejects(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        (":21113", "no address before the port: 21113 listens on every interface"),
+        (":21113", "no address before the port: 21113 listens on all IPv4 interfaces"),
         ("127.0.0.1:", "no port after 127.0.0.1"),
         ("[::1]:", "no port after [::1]"),
     ],
@@ -95,3 +96,18 @@ def test_hostport_renders_v6_in_brackets() -> None:
     """IPv6 backends print as [addr]:port."""
     assert str(HostPort("::1", 80)) == "[::1]:80"
     assert str(HostPort("a.example", 80)) == "a.example:80"
+
+
+@pytest.mark.parametrize(
+    ("host", "scope"),
+    [
+        ("0.0.0.0", "; all IPv4 interfaces"),
+        ("::", "; all interfaces"),
+        ("127.0.0.1", ""),
+        ("::1", ""),
+        (None, ""),
+    ],
+)
+def test_wildcard_scope(host: str | None, scope: str) -> None:
+    """Only a wildcard bind (0.0.0.0, ::) gets the note that every network can reach it."""
+    assert wildcard_scope(host) == scope

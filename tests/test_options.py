@@ -12,6 +12,7 @@ from certs import write_pair
 from records import a_record
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tunnelkit.build import build_service
 from tunnelkit.connect_mode import ConnectFactory
@@ -80,7 +81,7 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         # --listen says which forms it takes, and which directory is missing.
         (
             ["--listen", "bogus:1:2", "--to", "a:1"],
-            "'bogus' is not an endpoint type; give PORT (every interface), ADDR:PORT,",
+            "'bogus' is not an endpoint type; give PORT (all IPv4 interfaces), ADDR:PORT,",
         ),
         (["--listen", ":21113", "--to", "a:1"], "--listen ':21113': no address before the port"),
         (["--listen", "127.0.0.1:", "--to", "a:1"], "--listen '127.0.0.1:': no port after"),
@@ -175,6 +176,19 @@ def test_help_has_no_double_periods() -> None:
     text = str(Options())
     assert re.search(r"(?<!\.)\.\.(?!\.)", text) is None, text
     assert "Must be a positive number of seconds." in text
+
+
+def test_bare_port_says_it_listens_on_all_interfaces() -> None:
+    """--listen 8888 binds 0.0.0.0: the help says so, and the start-up line names the bound address and the scope."""
+    assert "PORT (all IPv4 interfaces" in str(Options())
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        build_service(parse("--listen", "8888", "--to", "127.0.0.1:1")).listen()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if e.get("event") == "listening"]
+    assert line == "listening on 0.0.0.0:8888 (8888; all IPv4 interfaces)"
 
 
 def test_zero_disables_idle_and_fin_timeouts() -> None:

@@ -31,7 +31,7 @@ _NO_HOST = re.compile(r"^:" + _PORT + "$")
 _NO_PORT = re.compile(r"^(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.%\w-]*\]):$")
 
 #: What ``--listen`` accepts, for messages.
-LISTEN_FORMS = "PORT (every interface), ADDR:PORT, [V6ADDR]:PORT or an endpoint string"
+LISTEN_FORMS = "PORT (all IPv4 interfaces), ADDR:PORT, [V6ADDR]:PORT or an endpoint string"
 
 
 class AddressError(ValueError):
@@ -67,7 +67,7 @@ def listen_description(text: str) -> str:
         raise AddressError("empty listen address")
     if m := _NO_HOST.match(text):
         raise AddressError(
-            f"no address before the port: {m['port']} listens on every interface,"
+            f"no address before the port: {m['port']} listens on all IPv4 interfaces,"
             f" 127.0.0.1:{m['port']} on the loopback one only"
         )
     if m := _NO_PORT.match(text):
@@ -93,6 +93,18 @@ def listen_description(text: str) -> str:
         port = _port(m["port"], allow_zero=True)
         return f"tcp:{port}:interface={host}:backlog={DEFAULT_BACKLOG}"
     return _with_backlog(text)
+
+
+def wildcard_scope(host: str | None) -> str:
+    """``"; all IPv4 interfaces"`` for a listener bound to 0.0.0.0 (``"; all interfaces"`` for ::), else ``""``.
+
+    ``--listen 8888`` reaches every network the host is on; the start-up line says so.
+    """
+    if host == "0.0.0.0":
+        return "; all IPv4 interfaces"
+    if host == "::":
+        return "; all interfaces"
+    return ""
 
 
 def _with_backlog(description: str) -> str:

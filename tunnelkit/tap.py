@@ -90,8 +90,9 @@ class Options(usage.Options):
         "Relay every connection accepted on --listen to the first --to backend that "
         "connects, or with --mode connect to the target of an HTTP CONNECT request "
         "(loopback, private and link-local targets are refused unless --allow-dest "
-        "names them). ENDPOINT is PORT, ADDR:PORT, [V6ADDR]:PORT or any Twisted server "
-        "endpoint string (tcp:, ssl:, unix:, systemd:). BACKEND is HOST:PORT, "
+        "names them). ENDPOINT is PORT (all IPv4 interfaces: reachable from every network "
+        "the host is on), ADDR:PORT (e.g. 127.0.0.1:8888, this machine only), [V6ADDR]:PORT "
+        "or any Twisted server endpoint string (tcp:, ssl:, unix:, systemd:). BACKEND is HOST:PORT, "
         "[V6ADDR]:PORT (names resolve to IPv4 and IPv6) or a client endpoint string "
         "(tcp:, tls:, unix:)."
     )
@@ -298,7 +299,7 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def opt_listen(self, value: str) -> None:
-        """Where to accept clients (repeatable)."""
+        """Where to accept clients (repeatable); a bare PORT listens on all IPv4 interfaces."""
         self["listen"].append(value)
 
     def opt_to(self, value: str) -> None:
