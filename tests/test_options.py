@@ -287,3 +287,24 @@ def test_engine_native_says_why_the_engine_cannot_serve(
     monkeypatch.setattr(native, "_engine", None)
     with pytest.raises(SystemExit, match="native engine is not built"):
         parse(*plain, "--engine", "native")
+
+
+def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a built engine the start-up line says Twisted relays, why, and that pip install -v shows the build error."""
+    from tunnelkit import native
+    from tunnelkit.build import log_relay_plane
+
+    monkeypatch.setattr(native, "_engine", None)
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        log_relay_plane(parse("--listen", "1", "--to", "127.0.0.1:1"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if e.get("event") == "engine"]
+    assert line.startswith(
+        "relaying with Twisted, not the native engine: the native engine is not built"
+    )
+    assert "`pip install -v` shows why" in line
