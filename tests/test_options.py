@@ -191,6 +191,13 @@ def test_bare_port_says_it_listens_on_all_interfaces() -> None:
     assert line == "listening on 0.0.0.0:8888 (8888; all IPv4 interfaces)"
 
 
+def test_alpn_help_warns_about_h2() -> None:
+    """--help's --alpn example does not offer h2 to HTTP/1 backends and says when h2 is safe."""
+    text = " ".join(str(Options()).split())
+    assert "h2,http/1.1" not in text
+    assert "offer h2 only if every backend speaks HTTP/2" in text
+
+
 def test_zero_disables_idle_and_fin_timeouts() -> None:
     """--idle-timeout 0 and --fin-timeout 0 mean no limit."""
     o = parse("--listen", "1", "--to", "a:1", "--idle-timeout", "0", "--fin-timeout", "0")

@@ -215,7 +215,13 @@ class Options(usage.Options):
         ],
         ["tls-min-version", None, "1.2", "Oldest TLS version accepted from clients: 1.2 or 1.3."],
         ["tls-ciphers", None, None, "OpenSSL cipher list for TLS 1.2 clients."],
-        ["alpn", None, None, "ALPN protocols offered to clients, e.g. h2,http/1.1."],
+        [
+            "alpn",
+            None,
+            None,
+            "ALPN protocols offered to clients, e.g. http/1.1 (offer h2 only if every backend"
+            " speaks HTTP/2: tunnelkit does not translate).",
+        ],
         ["tls-client-ca", None, None, "Require client certificates signed by a CA in this file."],
         [
             "tls-handshake-timeout",
