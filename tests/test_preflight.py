@@ -148,3 +148,27 @@ def test_check_still_refuses_bad_options() -> None:
     """--check does not soften the usual errors: a bad option is still the one-line error."""
     with pytest.raises(SystemExit, match="--connect-timeout: must be"):
         parse("--listen", "1", "--to", "127.0.0.1:1", "--connect-timeout", "0", "--check")
+
+
+def test_start_up_resolves_names_once_running(
+    monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
+) -> None:
+    """makeService has the --to names resolved once the reactor runs, and warns (without failing) about those that do not resolve."""
+    from tunnelkit import resolver
+    from tunnelkit.tap import makeService
+
+    asked: list[str] = []
+
+    def resolve(host: str, port: int) -> Any:
+        asked.append(f"{host}:{port}")
+        return fail(ResolveError(f"cannot resolve {host!r}: Name or service not known"))
+
+    monkeypatch.setattr(resolver, "system_resolver", lambda reactor: resolve)
+    argv = ["--listen", "127.0.0.1:0", "--max-connections", "8", "--to", "127.0.0.1:1"]
+    config = parse(*argv, "--to", "gone.example:80")
+    makeService(config)
+    assert asked == []
+    config.reactor.run()
+    assert asked == ["gone.example:80"]
+    [warning] = [e for e in logged if e.get("event") == "backend_unresolved"]
+    assert warning["backend"] == "gone.example:80"
