@@ -2,7 +2,8 @@
 
 Every option is validated while parsing, before ``twistd`` daemonizes, and a
 bad one ends the command with a one-line message and exit status 1 (twistd's
-own handling would print the whole usage text first). This module imports
+own handling would print the whole usage text first); so are the log and pid
+files twistd itself will write (:mod:`tunnelkit.preflight`). This module imports
 nothing of the reactor: whether the TLS stack may load is decided from the
 options first (:mod:`tunnelkit.tls_stack`); the service is built by
 :mod:`tunnelkit.build`.
