@@ -40,7 +40,8 @@ _TUNNEL_TEXT = (
     r" (?P<close_kind>\S+) by (?P<closed_by>\S+) after (?P<duration>[\d.]+)s:"
     r" up (?P<bytes_up>\d+) B, down (?P<bytes_down>\d+) B; (?P<reason>.*)$"
 )
-_TUNNEL_CLOSED = re.compile(r"\[tunnelkit\.tunnel#info\] " + _TUNNEL_TEXT)
+#: A worker's events show its number after the level (tunnelkit.workers.tag_worker).
+_TUNNEL_CLOSED = re.compile(r"\[tunnelkit\.tunnel#info(?: worker \d+)?\] " + _TUNNEL_TEXT)
 #: A text line of ``--access-log``: twistd's timestamp, then the event's text.
 _ACCESS_LINE = re.compile(r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) " + _TUNNEL_TEXT)
 

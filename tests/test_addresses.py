@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tunnelkit.addresses import (
@@ -10,6 +12,7 @@ from tunnelkit.addresses import (
     HostPort,
     backend_address,
     listen_description,
+    wildcard_scope,
 )
 
 TYPES = frozenset({"tcp", "ssl", "unix", "tls"})
@@ -48,6 +51,20 @@ def test_listen_rejects(text: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        (":21113", "no address before the port: 21113 listens on all IPv4 interfaces"),
+        ("127.0.0.1:", "no port after 127.0.0.1"),
+        ("[::1]:", "no port after [::1]"),
+    ],
+)
+def test_listen_short_form_missing_a_part(text: str, reason: str) -> None:
+    """A short form without its address or its port says which part is missing."""
+    with pytest.raises(AddressError, match=re.escape(reason)):
+        listen_description(text)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("backend.example:80", HostPort("backend.example", 80)),
@@ -79,3 +96,18 @@ def test_hostport_renders_v6_in_brackets() -> None:
     """IPv6 backends print as [addr]:port."""
     assert str(HostPort("::1", 80)) == "[::1]:80"
     assert str(HostPort("a.example", 80)) == "a.example:80"
+
+
+@pytest.mark.parametrize(
+    ("host", "scope"),
+    [
+        ("0.0.0.0", "; all IPv4 interfaces"),
+        ("::", "; all interfaces"),
+        ("127.0.0.1", ""),
+        ("::1", ""),
+        (None, ""),
+    ],
+)
+def test_wildcard_scope(host: str | None, scope: str) -> None:
+    """Only a wildcard bind (0.0.0.0, ::) gets the note that every network can reach it."""
+    assert wildcard_scope(host) == scope

@@ -323,8 +323,8 @@ class NativeEngineTests(LoopbackTestCase):
         [record] = records
         assert (record["bytes_up"], record["bytes_down"]) == (4 * MiB, 4 * MiB)
         assert record["backend"] == f"unix:{backend_path}", record
-        # An unnamed UNIX client is described as empty on both paths (docs/logging.md).
-        assert (record["client"], record["backend_address"]) == ("", backend_path), record
+        # An unnamed UNIX client is "-" on both paths (docs/logging.md).
+        assert (record["client"], record["backend_address"]) == ("-", backend_path), record
         assert (record["closed_by"], record["close_kind"]) == ("client", "FIN")
         return record
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from certs import write_pair
 from records import a_record
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tunnelkit.build import build_service
 from tunnelkit.connect_mode import ConnectFactory
@@ -76,8 +78,50 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1"], "--to is required"),
         (["--listen", "1", "--to", "nohost"], "--to 'nohost'"),
         (["--listen", "bogus:1:2", "--to", "a:1"], "--listen 'bogus:1:2'"),
-        (["--listen", "1", "--to", "a:1", "--idle-timeout", "soon"], "not a number of seconds"),
-        (["--listen", "1", "--to", "a:1", "--mss", "0"], "below 1"),
+        # --listen says which forms it takes, and which directory is missing.
+        (
+            ["--listen", "bogus:1:2", "--to", "a:1"],
+            "'bogus' is not an endpoint type; give PORT (all IPv4 interfaces), ADDR:PORT,",
+        ),
+        (["--listen", ":21113", "--to", "a:1"], "--listen ':21113': no address before the port"),
+        (["--listen", "127.0.0.1:", "--to", "a:1"], "--listen '127.0.0.1:': no port after"),
+        (
+            ["--listen", "unix:/nonexistent/dir/tk.sock", "--to", "a:1"],
+            "--listen 'unix:/nonexistent/dir/tk.sock': directory /nonexistent/dir does not exist",
+        ),
+        # A bad value names its option and says what it must be.
+        (
+            ["--listen", "1", "--to", "a:1", "--idle-timeout", "soon"],
+            "--idle-timeout: must be a number of seconds (0 or more), not 'soon'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--mss", "0"],
+            "--mss: must be a positive whole number of bytes, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--connect-timeout", "-1"],
+            "--connect-timeout: must be a positive number of seconds, not '-1'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--workers", "0"],
+            "--workers: must be a whole number from 1 to 256, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--workers", "257"],
+            "--workers: must be a whole number from 1 to 256, not '257'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--read-size", "0"],
+            "--read-size: must be a positive whole number of bytes, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--max-connections", "0"],
+            "--max-connections: must be a positive whole number, not '0'",
+        ),
+        (
+            ["--listen", "1", "--to", "a:1", "--keepalive", "1.5"],
+            "--keepalive: must be a positive whole number of seconds, not '1.5'",
+        ),
         (["--listen", "1", "--to", "a:1", "--nodelay", "--no-nodelay"], "contradict"),
         (["--bogus"], "--bogus not recognized"),
         # --mode connect: bad mode, proxy-only options in forward mode, bad rules and auth files.
@@ -125,6 +169,33 @@ def test_errors_are_one_line(argv: list[str], message: str) -> None:
     assert text.startswith("tunnelkit: error:")
     assert message in text
     assert "\n" not in text
+
+
+def test_help_has_no_double_periods() -> None:
+    """Each option's help reads as sentences: Twisted's ". Must be ..." never follows a period."""
+    text = str(Options())
+    assert re.search(r"(?<!\.)\.\.(?!\.)", text) is None, text
+    assert "Must be a positive number of seconds." in text
+
+
+def test_bare_port_says_it_listens_on_all_interfaces() -> None:
+    """--listen 8888 binds 0.0.0.0: the help says so, and the start-up line names the bound address and the scope."""
+    assert "PORT (all IPv4 interfaces" in str(Options())
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        build_service(parse("--listen", "8888", "--to", "127.0.0.1:1")).listen()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if e.get("event") == "listening"]
+    assert line == "listening on 0.0.0.0:8888 (8888; all IPv4 interfaces)"
+
+
+def test_alpn_help_warns_about_h2() -> None:
+    """--help's --alpn example does not offer h2 to HTTP/1 backends and says when h2 is safe."""
+    text = " ".join(str(Options()).split())
+    assert "h2,http/1.1" not in text
+    assert "offer h2 only if every backend speaks HTTP/2" in text
 
 
 def test_zero_disables_idle_and_fin_timeouts() -> None:
@@ -223,3 +294,24 @@ def test_engine_native_says_why_the_engine_cannot_serve(
     monkeypatch.setattr(native, "_engine", None)
     with pytest.raises(SystemExit, match="native engine is not built"):
         parse(*plain, "--engine", "native")
+
+
+def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a built engine the start-up line says Twisted relays, why, and that pip install -v shows the build error."""
+    from tunnelkit import native
+    from tunnelkit.build import log_relay_plane
+
+    monkeypatch.setattr(native, "_engine", None)
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        log_relay_plane(parse("--listen", "1", "--to", "127.0.0.1:1"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [line] = [formatEvent(e) for e in events if e.get("event") == "engine"]
+    assert line.startswith(
+        "relaying with Twisted, not the native engine: the native engine is not built"
+    )
+    assert "`pip install -v` shows why" in line

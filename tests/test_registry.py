@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.dialer import Dialer
@@ -73,6 +74,31 @@ class RegistryTests(SynchronousTestCase):
         registry.drain(30)
         clock.advance(30)
         self.assertEqual(aborted, ["shutdown: drain deadline (30 s)"])
+
+    def test_drain_messages_count_in_words(self) -> None:
+        """The drain's messages say "1 tunnel" and "2 tunnels"."""
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for count in (1, 2):
+            clock = Clock()
+            registry = TunnelRegistry(clock, max_tunnels=5)
+            for _ in range(count):
+                t = tunnel(clock)
+                t.abort = lambda reason, kind=None: None  # type: ignore[method-assign]
+                registry.admit(t)
+            registry.drain(30)
+            clock.advance(30)
+        texts = [formatEvent(e) for e in events if e.get("event", "").startswith("drain_")]
+        self.assertEqual(
+            texts,
+            [
+                "draining 1 tunnel for up to 30 s",
+                "drain deadline reached; aborting 1 tunnel",
+                "draining 2 tunnels for up to 30 s",
+                "drain deadline reached; aborting 2 tunnels",
+            ],
+        )
 
     def test_drain_with_nothing_live_is_immediate(self) -> None:
         """With no live tunnel the drain is already done."""

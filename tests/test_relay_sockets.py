@@ -362,6 +362,25 @@ class UnreachableBackendTests(LoopbackTestCase):
         assert 0.8 <= record["duration"] < 8, record
 
     @inlineCallbacks
+    def test_bytes_up_counts_only_what_reached_a_backend(self) -> Inline:
+        """A client whose backend never connects logs bytes_up 0, though it sent 88 bytes (both planes agree)."""
+        with silent_listener() as silent:
+            if silent is None:
+                raise SkipTest("this kernel answers SYNs beyond a full accept queue")
+            fwd = self.forward("--to", silent, "--connect-timeout", "1")
+
+            def send_then_wait() -> tuple[bytes, str]:
+                with connect(fwd.address, timeout=20) as sock:
+                    sock.sendall(os.urandom(88))
+                    return recv_outcome(sock)
+
+            data, _how = yield deferToThread(send_then_wait)
+            [record] = yield fwd.closed(1)
+        assert data == b""
+        assert (record["close_kind"], record["backend"]) == ("timeout", "-"), record
+        assert (record["bytes_up"], record["bytes_down"]) == (0, 0), record
+
+    @inlineCallbacks
     def test_client_reset_mid_connect_cancels_attempt(self) -> Inline:
         """A client that resets while its backend is still connecting ends the tunnel at once."""
         with silent_listener() as silent:

@@ -6,7 +6,7 @@ from records import a_record
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.tunnel_log import Batch, TunnelLog
+from tunnelkit.tunnel_log import Batch, TunnelLog, tunnel_fields
 
 
 def closed_clients(events: list[LogEvent]) -> list[str]:
@@ -63,3 +63,10 @@ def test_a_batch_is_one_sink_call() -> None:
     log(a_record("c:3"), "l1")
     log.flush()
     assert batches == [["a:1@l1", "b:2@l2"], ["c:3@l1"]]
+
+
+def test_unnamed_unix_client_is_a_dash() -> None:
+    """A client without an address (an unnamed UNIX socket) is "-" in the text and the field, never a leading space."""
+    fields = tunnel_fields(a_record(""), "unix:/run/tk.sock")
+    assert fields["client"] == "-"
+    assert str(fields["text"]).startswith("- -> b:80 (127.0.0.1:80) FIN by client")

@@ -265,7 +265,7 @@ def test_sigterm_drains_transfer_in_flight(tmp_path: Path, serve: Serve) -> None
         assert not download.done.is_set(), download.failure
         sigterm_at = time.monotonic()
         tk.send_signal(signal.SIGTERM)
-        tk.wait_for(lambda text: "draining 1 tunnels" in text, "drain_started", 5)
+        tk.wait_for(lambda text: "draining 1 tunnel for" in text, "drain_started", 5)
         with pytest.raises(ConnectionRefusedError):
             connect(address).close()
         refused_after = time.monotonic() - sigterm_at
@@ -317,7 +317,7 @@ def test_drain_timeout_resets_idle_tunnel(tmp_path: Path, serve: Serve, logged: 
         log = tk.stdout
     assert 0.8 <= cut_after <= 5, cut_after
     assert exited_after <= 6, exited_after
-    assert "drain deadline reached; aborting 1 tunnels" in log
+    assert "drain deadline reached; aborting 1 tunnel\n" in log
     if logged:
         [closed] = tunnel_closed_events(log)
         assert (closed["close_kind"], closed["closed_by"]) == ("shutdown", "proxy")
@@ -339,6 +339,8 @@ BAD_COMMANDS = {
     "unknown flag": ["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--bogus"],
     "bad option value": ["--listen", "127.0.0.1:0", "--to", "127.0.0.1:9", "--drain-timeout", "x"],
     "unparseable listen": ["--listen", "bogus:1:2", "--to", "127.0.0.1:9"],
+    "listen without address": ["--listen", ":21113", "--to", "127.0.0.1:9"],
+    "socket directory missing": ["--listen", "unix:/nonexistent/d/tk.sock", "--to", "127.0.0.1:9"],
     "unparseable backend": ["--listen", "127.0.0.1:0", "--to", "nohost"],
     "missing --to": ["--listen", "127.0.0.1:0"],
     "port in use": ["--listen", "{busy}", "--to", "127.0.0.1:9"],
@@ -367,7 +369,40 @@ def test_bad_command_is_one_line_error(
     assert "Traceback" not in result.stdout
     if case == "port in use":
         assert busy_port in lines[0]
+    if case == "socket directory missing":
+        assert "directory /nonexistent/d does not exist" in lines[0]
     if case == "bad access log":
         assert "--access-log /no/a: No such file or directory" in lines[0]
     assert not (tmp_path / "tk.pid").exists()
     assert "Traceback" not in read_text(tmp_path / "tk.log")
+
+
+@pytest.mark.parametrize("option", ["--logfile", "--pidfile"])
+@pytest.mark.parametrize("daemon", [False, True], ids=["-n", "daemon"])
+def test_twistd_file_in_missing_directory(tmp_path: Path, option: str, daemon: bool) -> None:
+    """twistd's --logfile or --pidfile in a missing directory: one error line naming it, exit 1, before listening or daemonizing."""
+    path = tmp_path / "missing" / "tk.file"
+    port = free_port()
+    twistd_options = [option, str(path), *([] if daemon else ["-n"])]
+    argv = [executable("twistd"), *twistd_options, "tunnelkit"]
+    result = run([*argv, "--listen", f"127.0.0.1:{port}", "--to", "127.0.0.1:9"], cwd=tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.splitlines() == [
+        f"tunnelkit: error: {option} {path}: directory {path.parent} does not exist (see --help)"
+    ]
+    assert not (tmp_path / "twistd.pid").exists()
+    with pytest.raises(ConnectionRefusedError):
+        connect(f"127.0.0.1:{port}").close()
+
+
+@pytest.mark.parametrize("launcher", ["twistd daemon", "tunnelkit"])
+def test_check_validates_without_listening(tmp_path: Path, busy_port: str, launcher: str) -> None:
+    """--check: good options print 'configuration OK' and exit 0 at once, binding nothing and writing no pid file."""
+    args = ["--listen", busy_port, "--to", "localhost:9", "--check"]
+    front = (
+        daemon_argv(tmp_path, "tk") if launcher == "twistd daemon" else [executable("tunnelkit")]
+    )
+    result = run([*front, *args], cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "tunnelkit: configuration OK\n")
+    assert not (tmp_path / "tk.pid").exists()
+    assert not (tmp_path / "tk.log").exists()

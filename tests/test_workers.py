@@ -8,6 +8,7 @@ threaded echo backend, with random payloads checked by SHA-256.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import time
@@ -29,6 +30,7 @@ from processes import (
     mapped_cryptography,
     read_text,
     run,
+    tunnel_closed_events,
     twistd,
     twistd_argv,
     wait_until,
@@ -122,6 +124,35 @@ def test_workers_share_the_listener_and_log_through_the_supervisor(
             for e in json_events(tk.stdout)
             if e.get("event") == "tunnel_closed" and "worker" not in e
         ]
+
+
+def test_text_log_shows_each_workers_number_and_who_relays_once(
+    tmp_path: Path, serve: Serve
+) -> None:
+    """In a text log each worker's lines carry its number, and who relays (Twisted, for a name backend) is said once."""
+    backend = serve(echo)
+    port = backend.address.rsplit(":", 1)[1]
+    argv = ("--listen", "127.0.0.1:0", "--to", f"localhost:{port}", "--workers", "2")
+    with twistd(*argv, "--drain-timeout", "3", cwd=tmp_path) as tk:
+        [address] = tk.wait_listening()
+
+        def ready(text: str) -> set[str]:
+            found = set(re.findall(r"\[tunnelkit\.worker#info worker (\d)\] worker ready", text))
+            return found if len(found) == 2 else set()
+
+        assert tk.wait_for(ready, "both workers ready") == {"0", "1"}
+        echo_many(address, 4, 1024)
+        closed = tk.wait_for(lambda text: len(tunnel_closed_events(text)) == 4 or None, "4 records")
+        assert closed
+        assert tk.stop() == 0, tk.output
+    lines = [line for line in tk.stdout.splitlines() if "[tunnelkit.tunnel#info" in line]
+    assert len(lines) == 4
+    assert all(re.search(r"\[tunnelkit\.tunnel#info worker [01]\] ", line) for line in lines)
+    assert tk.stdout.count("relaying with") == 1, tk.stdout
+    assert (
+        f"relaying with Twisted, not the native engine: --to 'localhost:{port}' is not an IP"
+        " address or a UNIX path: the engine does not resolve names" in tk.stdout
+    )
 
 
 def open_files(pid: int) -> set[str]:
@@ -227,14 +258,16 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path, serve: Serve
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--workers", "0"), "below 1"),
-        (("--workers", "257"), "at most 256"),
+        (("--workers", "0"), "--workers: must be a whole number from 1 to 256, not '0'"),
+        (("--workers", "257"), "--workers: must be a whole number from 1 to 256, not '257'"),
     ],
 )
 def test_worker_count_errors(tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    """A worker count out of range is one error line that names --workers and its range."""
     done = run(twistd_argv("--listen", "0", "--to", "127.0.0.1:9", *args), tmp_path)
-    assert done.returncode != 0
-    assert message in done.stdout
+    assert done.returncode == 1
+    assert done.stdout.startswith(f"tunnelkit: error: {message}")
+    assert len(done.stdout.splitlines()) == 1
 
 
 def test_workers_refuse_an_ssl_listener(tmp_path: Path) -> None:

@@ -27,6 +27,11 @@ _PORT = r"(?P<port>\d{1,5})"
 _V6 = re.compile(r"^\[(?P<host>[0-9A-Fa-f:.%\w-]+)\]:" + _PORT + "$")
 _HOST_PORT = re.compile(r"^(?P<host>[A-Za-z0-9._-]+):" + _PORT + "$")
 _BARE_PORT = re.compile(r"^" + _PORT + "$")
+_NO_HOST = re.compile(r"^:" + _PORT + "$")
+_NO_PORT = re.compile(r"^(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.%\w-]*\]):$")
+
+#: What ``--listen`` accepts, for messages.
+LISTEN_FORMS = "PORT (all IPv4 interfaces), ADDR:PORT, [V6ADDR]:PORT or an endpoint string"
 
 
 class AddressError(ValueError):
@@ -53,11 +58,20 @@ def listen_description(text: str) -> str:
     (``localhost`` meaning 127.0.0.1) and ``[V6]:8888`` on one IPv6 address.
     Anything else is taken to be an endpoint string already; ``tcp:``,
     ``tcp6:``, ``ssl:`` and ``unix:`` ones get ``backlog=1024`` unless they
-    say otherwise.
+    say otherwise. A short form with its address or port left out
+    (``:8888``, ``127.0.0.1:``) is an error that says so, not an unknown
+    endpoint type.
     """
     text = text.strip()
     if not text:
         raise AddressError("empty listen address")
+    if m := _NO_HOST.match(text):
+        raise AddressError(
+            f"no address before the port: {m['port']} listens on all IPv4 interfaces,"
+            f" 127.0.0.1:{m['port']} on the loopback one only"
+        )
+    if m := _NO_PORT.match(text):
+        raise AddressError(f"no port after {m['host']} (e.g. {m['host']}:8888)")
     if m := _BARE_PORT.match(text):
         port = _port(m["port"], allow_zero=True)
         return f"tcp:{port}:backlog={DEFAULT_BACKLOG}"
@@ -79,6 +93,18 @@ def listen_description(text: str) -> str:
         port = _port(m["port"], allow_zero=True)
         return f"tcp:{port}:interface={host}:backlog={DEFAULT_BACKLOG}"
     return _with_backlog(text)
+
+
+def wildcard_scope(host: str | None) -> str:
+    """``"; all IPv4 interfaces"`` for a listener bound to 0.0.0.0 (``"; all interfaces"`` for ::), else ``""``.
+
+    ``--listen 8888`` reaches every network the host is on; the start-up line says so.
+    """
+    if host == "0.0.0.0":
+        return "; all IPv4 interfaces"
+    if host == "::":
+        return "; all interfaces"
+    return ""
 
 
 def _with_backlog(description: str) -> str:

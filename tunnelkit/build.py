@@ -6,16 +6,23 @@ the reactor and, when the options ask for TLS, the TLS stack are loaded.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ServerEndpoint, clientFromString, serverFromString
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    UNIXServerEndpoint,
+    clientFromString,
+    serverFromString,
+)
 from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
     IStreamServerEndpoint,
+    IStreamServerEndpointStringParser,
 )
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -23,7 +30,14 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from tunnelkit import native, splice
-from tunnelkit.addresses import HostPort, backend_address, listen_description, tls_host_port
+from tunnelkit.addresses import (
+    LISTEN_FORMS,
+    AddressError,
+    HostPort,
+    backend_address,
+    listen_description,
+    tls_host_port,
+)
 from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
 from tunnelkit.dialer import Backend, Dialer, host_endpoint
 from tunnelkit.forward import ForwardFactory
@@ -50,6 +64,12 @@ def client_endpoint_types() -> frozenset[str]:
     return frozenset({"tcp", "ssl", "unix"} | {p.prefix.lower() for p in plugins})
 
 
+def server_endpoint_types() -> frozenset[str]:
+    """Prefixes ``serverFromString`` understands: built-ins and installed plugins."""
+    plugins = getPlugins(IStreamServerEndpointStringParser)
+    return frozenset({"tcp", "ssl", "unix"} | {p.prefix.lower() for p in plugins})
+
+
 def open_endpoints(config: Options) -> None:
     """Make the listeners' and backends' endpoints of ``config`` (nothing listens or connects yet)."""
     config.listeners = [(text, _server_endpoint(config, text)) for text in config["listen"]]
@@ -68,10 +88,27 @@ def open_endpoints(config: Options) -> None:
 
 def _server_endpoint(config: Options, text: str) -> IStreamServerEndpoint:
     try:
-        endpoint: IStreamServerEndpoint = serverFromString(config.reactor, listen_description(text))
-        return endpoint
+        description = listen_description(text)
+        kind = description.partition(":")[0].lower()
+        types = server_endpoint_types()
+        if kind not in types:
+            raise AddressError(
+                f"{kind!r} is not an endpoint type; give {LISTEN_FORMS}"
+                f" ({', '.join(f'{t}:' for t in sorted(types))})"
+            )
+        endpoint: IStreamServerEndpoint = serverFromString(config.reactor, description)
     except Exception as e:
         raise usage.UsageError(f"--listen {text!r}: {e}") from None
+    if isinstance(endpoint, UNIXServerEndpoint):
+        _check_socket_directory(text, endpoint._address)
+    return endpoint
+
+
+def _check_socket_directory(text: str, path: str) -> None:
+    """A ``unix:`` listener's directory must exist: Twisted's error names its lock file instead."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise usage.UsageError(f"--listen {text!r}: directory {directory} does not exist")
 
 
 def _client_endpoint(
@@ -160,20 +197,29 @@ def _engine_tls(tls: ServerTLS) -> EngineTLS:
     return EngineTLS(tls)
 
 
+def why_twisted(config: Options) -> str | None:
+    """Why Twisted relays for ``config``; ``None`` when the native engine does."""
+    if config["engine"] == "python":
+        return "--engine python"
+    return native.why_not_native(config)
+
+
+def log_relay_plane(config: Options) -> None:
+    """Say once, at start-up, who relays the tunnels and why not the engine."""
+    why = why_twisted(config)
+    log.info(
+        "relaying with {engine}",
+        event="engine",
+        engine="the native engine" if why is None else f"Twisted, not the native engine: {why}",
+        native=why is None,
+    )
+
+
 def build_service(config: Options) -> TunnelService:
     """The tunnel service for parsed options, not yet listening."""
     reactor = config.reactor
     max_tunnels = config["max-connections"] or default_max_tunnels(raise_fd_limit())
-    why_python = (
-        "--engine python" if config["engine"] == "python" else native.why_not_native(config)
-    )
-    use_native = why_python is None
-    log.info(
-        "relaying with {engine}",
-        event="engine",
-        engine="the native engine" if use_native else f"Twisted ({why_python})",
-        native=use_native,
-    )
+    use_native = why_twisted(config) is None
     registry = (
         native.NativeRegistry(reactor, max_tunnels)
         if use_native

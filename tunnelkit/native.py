@@ -88,7 +88,10 @@ def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] |
 def why_not_native(config: Any) -> str | None:
     """Why the options need the Twisted path, or ``None`` if the engine can serve them."""
     if _engine is None:
-        return "the native engine is not built (no C compiler at install time?)"
+        return (
+            "the native engine is not built (no C compiler at install time?"
+            " `pip install -v` shows why)"
+        )
     tls_why = _tls_unavailable() if config.tls is not None else None
     reasons = [
         (config["mode"] != "forward", f"--mode {config['mode']} reads a request first"),
@@ -111,8 +114,8 @@ def why_not_native(config: Any) -> str | None:
     reasons += [
         (
             native_backend(b) is None,
-            f"--to {b.name!r} is not an IP address or a UNIX path"
-            " (names are resolved per connection, by Twisted)",
+            f"--to {b.name!r} is not an IP address or a UNIX path: the engine does not"
+            " resolve names (Twisted resolves them per connection)",
         )
         for b in config.backends
     ]

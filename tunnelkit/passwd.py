@@ -17,18 +17,30 @@ from pathlib import Path
 
 from tunnelkit.htpasswd import DEFAULT_ROUNDS, MAX_ROUNDS, MIN_ROUNDS, HtpasswdError, make_entry
 
+#: The exit status of a command stopped by Ctrl-C, as shells report SIGINT.
+INTERRUPTED = 130
+
 
 def _read_password() -> str:
     if sys.stdin.isatty():
-        first = getpass.getpass("New password: ")
-        if getpass.getpass("Re-type new password: ") != first:
+        try:
+            first = getpass.getpass("New password: ")
+            again = getpass.getpass("Re-type new password: ")
+        except EOFError:
+            # Ctrl-D at the prompt; getpass leaves the cursor after it.
+            print(file=sys.stderr)
+            raise HtpasswdError("no password given (end of input)") from None
+        if again != first:
             raise HtpasswdError("passwords do not match")
         return first
     return sys.stdin.readline().rstrip("\r\n")
 
 
-def _replace_entry(path: Path, user: str, entry: str) -> None:
-    """Write ``path`` with ``user``'s line replaced (or added), atomically, mode 0600 if new."""
+def _replace_entry(path: Path, user: str, entry: str) -> bool:
+    """Write ``path`` with ``user``'s line replaced (or added), atomically, mode 0600 if new.
+
+    Returns whether the user is new to the file.
+    """
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     kept = [line for line in lines if line.split(":", 1)[0] != user]
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
@@ -41,6 +53,7 @@ def _replace_entry(path: Path, user: str, entry: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+    return len(kept) == len(lines)
 
 
 def main(argv: list[str]) -> int:
@@ -65,8 +78,12 @@ def main(argv: list[str]) -> int:
         if args.file is None:
             print(entry)
         else:
-            _replace_entry(args.file, args.user, entry)
+            added = _replace_entry(args.file, args.user, entry)
+            print(f"tunnelkit passwd: {'added' if added else 'updated'} {args.user} in {args.file}")
     except (HtpasswdError, OSError) as e:
         print(f"tunnelkit passwd: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ntunnelkit passwd: interrupted; nothing was changed", file=sys.stderr)
+        return INTERRUPTED
     return 0

@@ -85,18 +85,20 @@ class TunnelRegistry:
         if not self.live():
             return succeed(None)
         log.info(
-            "draining {count} tunnels for up to {timeout:g} s",
+            "draining {tunnels} for up to {timeout:g} s",
             event="drain_started",
             count=self.live(),
+            tunnels=_tunnels(self.live()),
             timeout=timeout,
         )
         done = self.wait_empty()
 
         def deadline() -> None:
             log.warn(
-                "drain deadline reached; aborting {count} tunnels",
+                "drain deadline reached; aborting {tunnels}",
                 event="drain_deadline",
                 count=self.live(),
+                tunnels=_tunnels(self.live()),
             )
             self.abort_all(f"shutdown: drain deadline ({timeout:g} s)")
 
@@ -108,3 +110,8 @@ class TunnelRegistry:
             return result
 
         return done.addBoth(finished)
+
+
+def _tunnels(count: int) -> str:
+    """``1 tunnel``, ``2 tunnels``: the count as the log text reads it."""
+    return f"{count} tunnel" if count == 1 else f"{count} tunnels"

@@ -464,7 +464,9 @@ class Tunnel:
                 client=self.client.address,
                 backend=self.backend_name,
                 backend_address=backend.address if backend is not None else None,
-                bytes_up=self.client.received,
+                # What reached a backend: bytes held for one that never
+                # connected were not relayed (the engine leaves them unread).
+                bytes_up=self.client.received if backend is not None else 0,
                 bytes_down=backend.received if backend is not None else 0,
                 duration=self.clock.seconds() - self.started,
                 connect_time=self.connect_time,

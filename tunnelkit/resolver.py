@@ -29,7 +29,8 @@ class ResolveError(Exception):
     """The name has no usable address; the message is safe to log and show."""
 
 
-def _lookup(host: str, port: int) -> list[IPAddress]:
+def lookup(host: str, port: int) -> list[IPAddress]:
+    """The addresses of ``host`` now (``getaddrinfo``, which blocks), or :class:`ResolveError`."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
@@ -49,6 +50,6 @@ def system_resolver(reactor: Any) -> Resolve:
     """``getaddrinfo`` in the reactor's thread pool (it blocks)."""
 
     def resolve(host: str, port: int) -> Deferred[list[IPAddress]]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), _lookup, host, port)
+        return deferToThreadPool(reactor, reactor.getThreadPool(), lookup, host, port)
 
     return resolve

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tunnelkit.addresses import wildcard_scope
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import describe
 from tunnelkit.socket_options import SocketOptions
@@ -134,11 +135,13 @@ class TunnelService(Service):
                     self._close_ports()
                     raise ListenError(f"cannot set socket options on {name}: {e}") from None
             self._handle_sighup()
+            bound = port.getHost()
             log.info(
-                "listening on {address} ({listener})",
+                "listening on {address} ({listener}{scope})",
                 event="listening",
                 listener=name,
-                address=describe(port.getHost()),
+                address=describe(bound),
+                scope=wildcard_scope(getattr(bound, "host", None)),
             )
 
     def add_port(self, factory: IProtocolFactory, port: IListeningPort) -> None:

@@ -2,7 +2,8 @@
 
 Every option is validated while parsing, before ``twistd`` daemonizes, and a
 bad one ends the command with a one-line message and exit status 1 (twistd's
-own handling would print the whole usage text first). This module imports
+own handling would print the whole usage text first); so are the log and pid
+files twistd itself will write (:mod:`tunnelkit.preflight`). This module imports
 nothing of the reactor: whether the TLS stack may load is decided from the
 options first (:mod:`tunnelkit.tls_stack`); the service is built by
 :mod:`tunnelkit.build`.
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from tunnelkit import splice, tls_stack
+from tunnelkit import preflight, splice, tls_stack
 from tunnelkit.socket_options import DEFAULT_READ_SIZE, SocketOptions
 from tunnelkit.target_policy import ClientPolicy, TargetPolicy
 
@@ -43,24 +44,43 @@ ENGINE_CHOICES = ("auto", "native", "python")
 SPLICE_CHOICES = ("auto", "on", "off")
 
 
-def _number(kind: Callable[[str], Any], low: float, what: str) -> Callable[[str], Any]:
+def _number(
+    kind: Callable[[str], Any], low: float, what: str, high: float | None = None
+) -> Callable[[str], Any]:
     def coerce(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise ValueError(f"{text!r} is not {what}") from None
-        if value < low:
-            raise ValueError(f"{text!r} is below {low:g}")
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise ValueError(f"must be {what}, not {text!r}")
         return value
 
     coerce.coerceDoc = f"Must be {what}."  # type: ignore[attr-defined]
     return coerce
 
 
-_seconds = _number(float, 0, "a number of seconds")
+_seconds = _number(float, 0, "a number of seconds (0 or more)")
 _positive_seconds = _number(float, 0.001, "a positive number of seconds")
+_whole_seconds = _number(int, 1, "a positive whole number of seconds")
 _bytes = _number(int, 1, "a positive whole number of bytes")
 _count = _number(int, 1, "a positive whole number")
+
+
+class _NamedParameter(usage.CoerceParameter):
+    """A coerced option whose bad value is reported with the option's name.
+
+    Twisted's own says ``Parameter type enforcement failed: '-1' is below
+    0.001``, naming no option.
+    """
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} needs a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}: {e}") from None
 
 
 class Options(usage.Options):
@@ -71,8 +91,9 @@ class Options(usage.Options):
         "Relay every connection accepted on --listen to the first --to backend that "
         "connects, or with --mode connect to the target of an HTTP CONNECT request "
         "(loopback, private and link-local targets are refused unless --allow-dest "
-        "names them). ENDPOINT is PORT, ADDR:PORT, [V6ADDR]:PORT or any Twisted server "
-        "endpoint string (tcp:, ssl:, unix:, systemd:). BACKEND is HOST:PORT, "
+        "names them). ENDPOINT is PORT (all IPv4 interfaces: reachable from every network "
+        "the host is on), ADDR:PORT (e.g. 127.0.0.1:8888, this machine only), [V6ADDR]:PORT "
+        "or any Twisted server endpoint string (tcp:, ssl:, unix:, systemd:). BACKEND is HOST:PORT, "
         "[V6ADDR]:PORT (names resolve to IPv4 and IPv6) or a client endpoint string "
         "(tcp:, tls:, unix:)."
     )
@@ -107,6 +128,12 @@ class Options(usage.Options):
             None,
             "Do not verify backend certificates (warns: traffic can be read and changed).",
         ],
+        [
+            "check",
+            None,
+            "Check the options, the files they name and that backend names resolve, then exit"
+            " (0: configuration OK, 1: the errors); nothing listens.",
+        ],
     ]
     optParameters = [
         ["mode", "m", "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)."],
@@ -133,46 +160,52 @@ class Options(usage.Options):
             " on SIGHUP); see docs/logging.md.",
         ],
         ["access-log-format", None, None, "Lines of --access-log: text (the default) or json."],
-        ["keepalive", None, None, "TCP keepalive idle time, seconds (off by default).", _count],
-        ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default).", _bytes],
-        ["rcvbuf", None, None, "SO_RCVBUF for both legs, bytes (kernel default).", _bytes],
-        ["mss", None, None, "TCP_MAXSEG, the TCP segment size for both legs, bytes.", _bytes],
-        ["read-size", None, DEFAULT_READ_SIZE, "Bytes read per event on each leg.", _bytes],
-        ["connect-timeout", None, 10.0, "Seconds to connect to a backend.", _positive_seconds],
+        [
+            "keepalive",
+            None,
+            None,
+            "TCP keepalive idle time, seconds (off by default)",
+            _whole_seconds,
+        ],
+        ["sndbuf", None, None, "SO_SNDBUF for both legs, bytes (kernel default)", _bytes],
+        ["rcvbuf", None, None, "SO_RCVBUF for both legs, bytes (kernel default)", _bytes],
+        ["mss", None, None, "TCP_MAXSEG, the TCP segment size for both legs, bytes", _bytes],
+        ["read-size", None, DEFAULT_READ_SIZE, "Bytes read per event on each leg", _bytes],
+        ["connect-timeout", None, 10.0, "Seconds to connect to a backend", _positive_seconds],
         [
             "idle-timeout",
             None,
             3600.0,
-            "Close a tunnel that moved no byte this long (0: never).",
+            "Close a tunnel that moved no byte this long (0: never)",
             _seconds,
         ],
         [
             "fin-timeout",
             None,
             60.0,
-            "Longest a half-closed tunnel may linger (0: no limit).",
+            "Longest a half-closed tunnel may linger (0: no limit)",
             _seconds,
         ],
-        ["drain-timeout", None, 30.0, "On SIGTERM, seconds to let tunnels finish.", _seconds],
+        ["drain-timeout", None, 30.0, "On SIGTERM, seconds to let tunnels finish", _seconds],
         [
             "workers",
             None,
             1,
-            "Processes accepting on the listeners (one core each), supervised by this one.",
-            _number(int, 1, "a whole number from 1"),
+            "Processes accepting on the listeners (one core each), supervised by this one",
+            _number(int, 1, f"a whole number from 1 to {MAX_WORKERS}", MAX_WORKERS),
         ],
         [
             "max-connections",
             None,
             None,
-            "Most tunnels at once (default: what the file-descriptor limit allows).",
+            "Most tunnels at once (default: what the file-descriptor limit allows)",
             _count,
         ],
         [
             "header-timeout",
             None,
             10.0,
-            "connect mode: seconds from accept to the end of the request head.",
+            "connect mode: seconds from accept to the end of the request head",
             _positive_seconds,
         ],
         [
@@ -183,13 +216,19 @@ class Options(usage.Options):
         ],
         ["tls-min-version", None, "1.2", "Oldest TLS version accepted from clients: 1.2 or 1.3."],
         ["tls-ciphers", None, None, "OpenSSL cipher list for TLS 1.2 clients."],
-        ["alpn", None, None, "ALPN protocols offered to clients, e.g. h2,http/1.1."],
+        [
+            "alpn",
+            None,
+            None,
+            "ALPN protocols offered to clients, e.g. http/1.1 (offer h2 only if every backend"
+            " speaks HTTP/2: tunnelkit does not translate).",
+        ],
         ["tls-client-ca", None, None, "Require client certificates signed by a CA in this file."],
         [
             "tls-handshake-timeout",
             None,
             10.0,
-            "Seconds a TLS client has to complete its handshake.",
+            "Seconds a TLS client has to complete its handshake",
             _positive_seconds,
         ],
         ["backend-ca", None, None, "CA file backend certificates must chain to (default: system)."],
@@ -250,8 +289,24 @@ class Options(usage.Options):
         self.backend_tls: BackendTLS | None = None
         self.access_log: AccessLogFile | None = None
 
+    def _gather_parameters(self) -> tuple[Any, ...]:
+        # Every value option reports a bad value with its name (_NamedParameter).
+        *gathered, dispatch = super()._gather_parameters()  # type: ignore[no-untyped-call]
+        named = {name: _NamedParameter(self, d.coerce) for name, d in dispatch.items()}  # type: ignore[no-untyped-call]
+        return (*gathered, named)
+
+    def opt_version(self) -> NoReturn:
+        """Print tunnelkit's version (and Twisted's) and exit."""
+        from importlib.metadata import version
+
+        from twisted import copyright
+
+        print(f"tunnelkit {version('tunnelkit')}")
+        print(f"Twisted {copyright.version}")
+        raise SystemExit(0)
+
     def opt_listen(self, value: str) -> None:
-        """Where to accept clients (repeatable)."""
+        """Where to accept clients (repeatable); a bare PORT listens on all IPv4 interfaces."""
         self["listen"].append(value)
 
     def opt_to(self, value: str) -> None:
@@ -334,14 +389,35 @@ class Options(usage.Options):
             if why is not None:
                 raise usage.UsageError(f"--engine native: {why}")
         self._access_log()
+        self._preflight()
+
+    def _preflight(self) -> None:
+        """twistd's log and pid files now, before it daemonizes; with --check, the rest, and exit."""
+        for error in preflight.twistd_file_errors(self.parent):
+            raise usage.UsageError(error)
+        if self["check"]:
+            self._check()
+
+    def _check(self) -> NoReturn:
+        """``--check``: what only the network can tell (backend names), then exit 0 or 1."""
+        from tunnelkit.build import client_endpoint_types
+
+        if self.access_log is not None:
+            self.access_log.close()
+        names = preflight.named_backends(self["to"], client_endpoint_types())
+        errors = preflight.unresolved(names)
+        for error in errors:
+            print(f"tunnelkit: error: {error}", file=sys.stderr)
+        if errors:
+            raise SystemExit(1)
+        print("tunnelkit: configuration OK")
+        raise SystemExit(0)
 
     def tls_options_given(self) -> bool:
         """Whether any option asks for TLS towards clients or backends."""
         return bool(self["tls-cert"] or self["backend-tls"])
 
     def _performance(self) -> None:
-        if self["workers"] > MAX_WORKERS:
-            raise usage.UsageError(f"--workers: at most {MAX_WORKERS}")
         if self["splice"] not in SPLICE_CHOICES:
             raise usage.UsageError(f"--splice must be one of {', '.join(SPLICE_CHOICES)}")
         if self["splice"] == "on" and not splice.AVAILABLE:
@@ -457,15 +533,22 @@ def _reactor() -> Any:
 
 def makeService(config: Options) -> IService:
     """Listen now (before daemonizing) and return the service for twistd to run."""
-    from tunnelkit.build import build_service
+    from tunnelkit.build import build_service, client_endpoint_types, log_relay_plane
+    from tunnelkit.resolver import system_resolver
     from tunnelkit.service import ListenError
 
+    # Here, not in build_service: each worker of --workers builds one too.
+    log_relay_plane(config)
     tunnels = build_service(config)
     try:
         tunnels.listen()
     except ListenError as e:
         print(f"tunnelkit: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    names = preflight.named_backends(config["to"], client_endpoint_types())
+    if names:
+        resolve = system_resolver(config.reactor)
+        config.reactor.callWhenRunning(preflight.warn_unresolved, resolve, names)
     top = MultiService()
     if config["workers"] > 1:
         from tunnelkit.workers import Workers

@@ -28,7 +28,7 @@ def tunnel_text(record: TunnelRecord) -> str:
     backend = record.backend or "-"
     address = record.backend_address or "-"
     return (
-        f"{record.client} -> {backend} ({address}) {record.close_kind.value}"
+        f"{record.client or '-'} -> {backend} ({address}) {record.close_kind.value}"
         f" by {record.closed_by.value} after {record.duration:.3f}s:"
         f" up {record.bytes_up} B, down {record.bytes_down} B; {record.reason}"
     )
@@ -50,7 +50,8 @@ def tunnel_fields(record: TunnelRecord, listener: str) -> dict[str, object]:
         "text": tunnel_text(record),
         "event": "tunnel_closed",
         "listener": listener,
-        "client": record.client,
+        # An unnamed UNIX client (most are) has no address: "-", as for no backend.
+        "client": record.client or "-",
         "backend": record.backend or "-",
         "backend_address": record.backend_address or "-",
         "bytes_up": record.bytes_up,

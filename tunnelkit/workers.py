@@ -12,7 +12,8 @@ The supervisor (:class:`Workers`):
 
 * re-publishes every worker's log events in its own log (``--logfile``, the
   JSON observer), each with a ``worker`` field, so the access log and the
-  operational events stay one stream (with ``--access-log`` each worker
+  operational events stay one stream (text lines show it after the
+  namespace: ``[tunnelkit.tunnel#info worker 1]``) (with ``--access-log`` each worker
   appends its records to that file itself);
 * restarts a worker that died, after a pause that grows while workers keep
   dying young (``worker_exited``, ``worker_started``);
@@ -112,7 +113,7 @@ class _WorkerProtocol(ProcessProtocol):
                 "worker {worker}: {line!r}", event="worker_output", worker=self.number, line=line
             )
             return
-        event["worker"] = self.number
+        tag_worker(event, self.number)
         if event.get("event") == "worker_ready":
             self.ready = True
             if self.reload_pending:
@@ -125,6 +126,21 @@ class _WorkerProtocol(ProcessProtocol):
             self._partial = b""
         self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
+
+
+def tag_worker(event: dict[str, Any], number: int) -> None:
+    """Mark a worker's event as that worker's: a ``worker`` field, and in text lines its system.
+
+    A text log shows ``[tunnelkit.tunnel#info worker 1]`` where the worker
+    itself would show ``[tunnelkit.tunnel#info]`` (twisted.logger prints
+    ``log_system`` there when an event has one).
+    """
+    event["worker"] = number
+    level = event.get("log_level")
+    system = event.get("log_system") or (
+        f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
+    )
+    event["log_system"] = f"{system} worker {number}"
 
 
 class Workers(Service):
