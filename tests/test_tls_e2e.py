@@ -315,6 +315,50 @@ def test_twisted_ssl_endpoint_still_listens(tmp_path: Path, serve: Serve, pki: P
     assert backend.accepted == 1
 
 
+@needs_curl
+def test_twisted_ssl_endpoint_serves_alpn_clients(tmp_path: Path, pki: PKI) -> None:
+    """An ssl: listener serves clients that offer ALPN (Python ssl, curl by default): no protocol is negotiated."""
+    pair = pki.pair("localhost")
+    www = tmp_path / "www"
+    www.mkdir()
+    body = os.urandom(MiB)
+    (www / "file").write_bytes(body)
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+    with http_backend(www) as backend, tls_proxy(tmp_path, "--to", backend, listen=listen) as proxy:
+        ctx = client_context(pki.ca_path, alpn=["h2", "http/1.1"])
+        with tls_connect(proxy.address, ctx, "localhost") as tls:
+            assert tls.selected_alpn_protocol() is None
+            tls.sendall(b"GET /file HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            reply = recv_all(tls)
+        assert reply.startswith(b"HTTP/1.0 200"), reply[:100]
+        assert sha256(reply[reply.index(b"\r\n\r\n") + 4 :]) == sha256(body)
+        fetched = curl(
+            "-sS",
+            "-f",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(pki.ca_path),
+            "--resolve",
+            f"localhost:{proxy.port}:127.0.0.1",
+            f"https://localhost:{proxy.port}/file",
+        )
+        assert sha256(fetched) == sha256(body)
+        proxy.closed(2)
+
+
+def test_twisted_ssl_endpoint_with_tls_cert_refused(tmp_path: Path, pki: PKI) -> None:
+    """An ssl: listener with --tls-cert (TLS inside TLS) is one start-up error naming both."""
+    pair = pki.pair("localhost")
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+    args = ("--listen", listen, *tls_args(pair), "--to", "127.0.0.1:9")
+    result = run(twistd_argv(*args), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"tunnelkit: error: --listen {listen!r}"), line
+    assert "--tls-cert" in line, line
+
+
 # -- 2. protocol versions -------------------------------------------------------
 
 _NEW_SESSION = re.compile(r"^New, (\S+), Cipher is (\S+)\s*$", re.MULTILINE)
@@ -1150,16 +1194,22 @@ class LateReply:
         return sha256(request)
 
 
+@pytest.mark.parametrize("listener", ["tls-cert", "ssl-endpoint"])
 @pytest.mark.parametrize("finish", ["close_notify+fin", "close_notify", "fin"])
 def test_tls_client_half_close_gets_late_reply(
-    tmp_path: Path, serve: Serve, pki: PKI, finish: str
+    tmp_path: Path, serve: Serve, pki: PKI, finish: str, listener: str
 ) -> None:
-    """A TLS client that ends its side (close_notify and/or FIN) still gets the reply the backend sends after seeing EOF."""
+    """A TLS client that ends its side (close_notify and/or FIN) still gets the reply the backend sends after seeing EOF, then close_notify; on --tls-cert and ssl: listeners."""
     late = LateReply()
     backend = serve(late)
     pair = pki.pair("localhost")
     request = os.urandom(MiB)
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    if listener == "ssl-endpoint":
+        tls: list[str] = []
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+    else:
+        tls, listen = tls_args(pair), "127.0.0.1:0"
+    with tls_proxy(tmp_path, *tls, "--to", backend.address, listen=listen) as proxy:
         pump = Pump(proxy.address, client_context(pki.ca_path), "localhost", finish)
         with pump:
             pump.run(request, timeout=30)
