@@ -32,6 +32,7 @@ import pytest
 import trustme
 from certs import Pair, write_ca, write_pair
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from loopback import (
     BulkSender,
     Download,
@@ -941,7 +942,7 @@ def install(pair: Pair, cert: Path, key: Path) -> None:
 
 
 def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> None:
-    """SIGHUP under load: the transfer in flight finishes intact; new handshakes get the new certificate; a broken file or a mismatched key keeps the old one and logs tls_reload_failed."""
+    """SIGHUP under load: the transfer in flight finishes intact; new handshakes get the new certificate; a broken file, a mismatched or damaged key keeps the old one and logs tls_reload_failed saying which file, what is wrong, and that the old certificates stay in use."""
     size = 32 * MiB
     payload = os.urandom(size)
     backend = serve(functools.partial(paced_bulk, payload, 5.0))
@@ -987,6 +988,11 @@ def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> 
         mismatch = proxy.wait_events("tls_reload_failed", 2)[1]
         assert served() == leaf_der(second), "a mismatched key replaced the working certificate"
 
+        key.write_text("-----BEGIN PRIVATE KEY-----\nAAAAnot-a-key\n-----END PRIVATE KEY-----\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        damaged = proxy.wait_events("tls_reload_failed", 3)[2]
+        assert served() == leaf_der(second), "a damaged key replaced the working certificate"
+
         install(third, cert, key)
         proxy.process.send_signal(signal.SIGHUP)
         proxy.wait_events("tls_reloaded", 2)
@@ -998,9 +1004,20 @@ def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> 
         assert download.received == size
         assert download.digest.hexdigest() == sha256(payload)
         assert len(proxy.events("tls_reloaded")) == 2
-        assert len(proxy.events("tls_reload_failed")) == 2
-    for failure in (broken, mismatch):
-        assert "site.pem" in json.dumps(failure) or "site.key" in json.dumps(failure), failure
+        assert len(proxy.events("tls_reload_failed")) == 3
+    assert broken["error"] == f"--tls-cert {cert}: its PEM certificate cannot be decoded" + (
+        " (damaged or truncated)"
+    )
+    assert mismatch["error"] == f"--tls-key {key}: the key does not match the certificate in {cert}"
+    assert damaged["error"] == f"--tls-key {key}: its PEM private key cannot be decoded" + (
+        " (damaged or truncated)"
+    )
+    for failure in (broken, mismatch, damaged):
+        text = failure["log_format"].format(error=failure["error"])
+        assert (
+            text
+            == f"TLS reload failed: {failure['error']}; the certificates loaded before stay in use"
+        ), text
 
 
 # -- 11. TLS to backends ------------------------------------------------------------------
@@ -1258,36 +1275,83 @@ def test_tls_backend_half_close_gets_late_reply(
 
 
 def startup_case(case: str, pki: PKI) -> tuple[list[str], str]:
-    """The arguments of a bad TLS set-up and the file name the error must mention."""
+    """The arguments of a bad TLS set-up and what its one error line must say."""
     good = pki.pair("localhost")
     other = pki.pair("other.example")
+    rsa = pki.ca.issue_cert("localhost", key_type=trustme.KeyType.RSA)
+    rsa_key = pki.directory / "rsa.key"
+    rsa.private_key_pem.write_to_path(str(rsa_key))
     missing = pki.directory / "missing-file.pem"
     junk = pki.directory / "junk-cert.pem"
     junk.write_text("-----BEGIN CERTIFICATE-----\nnot base64 !!\n-----END CERTIFICATE-----\n")
+    damaged = pki.directory / "damaged.key"
+    damaged.write_text("-----BEGIN PRIVATE KEY-----\nAAAAnot-a-key\n-----END PRIVATE KEY-----\n")
+    encrypted = pki.directory / "encrypted.key"
+    encrypted.write_bytes(
+        serialization.load_pem_private_key(good.key.read_bytes(), None).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     cert_only = pki.directory / "cert-only.pem"
     shutil.copyfile(good.cert, cert_only)
     to = ["--to", "127.0.0.1:9"]
     cases: dict[str, tuple[list[str], str]] = {
-        "missing cert": (["--tls-cert", str(missing), "--tls-key", str(good.key)], missing.name),
-        "missing key": (["--tls-cert", str(good.cert), "--tls-key", str(missing)], missing.name),
-        "key of another cert": (["--tls-cert", str(good.cert), "--tls-key", str(other.key)], ""),
-        "junk cert": (["--tls-cert", str(junk), "--tls-key", str(good.key)], junk.name),
-        "no key in cert file": (["--tls-cert", str(cert_only)], cert_only.name),
+        "missing cert": (
+            ["--tls-cert", str(missing), "--tls-key", str(good.key)],
+            f"--tls-cert {missing}: No such file or directory",
+        ),
+        "missing key": (
+            ["--tls-cert", str(good.cert), "--tls-key", str(missing)],
+            f"--tls-key {missing}: No such file or directory",
+        ),
+        "key of another cert": (
+            ["--tls-cert", str(good.cert), "--tls-key", str(other.key)],
+            f"--tls-key {other.key}: the key does not match the certificate in {good.cert}",
+        ),
+        "RSA key, EC cert": (
+            ["--tls-cert", str(good.cert), "--tls-key", str(rsa_key)],
+            f"--tls-key {rsa_key}: the key does not match the certificate in {good.cert}",
+        ),
+        "junk cert": (
+            ["--tls-cert", str(junk), "--tls-key", str(good.key)],
+            f"--tls-cert {junk}: its PEM certificate cannot be decoded",
+        ),
+        "damaged key": (
+            ["--tls-cert", str(good.cert), "--tls-key", str(damaged)],
+            f"--tls-key {damaged}: its PEM private key cannot be decoded",
+        ),
+        "encrypted key": (
+            ["--tls-cert", str(good.cert), "--tls-key", str(encrypted)],
+            f"--tls-key {encrypted}: the private key is encrypted",
+        ),
+        "no key in cert file": (
+            ["--tls-cert", str(cert_only)],
+            f"--tls-cert {cert_only}: the file holds no private key;"
+            " give the key's file with --tls-key",
+        ),
         "missing client CA": (
             [*tls_args(good), "--tls-client-ca", str(missing)],
-            missing.name,
+            f"--tls-client-ca {missing}: No such file or directory",
         ),
-        "missing backend CA": (["--backend-tls", "--backend-ca", str(missing)], missing.name),
+        "missing backend CA": (
+            ["--backend-tls", "--backend-ca", str(missing)],
+            f"--backend-ca {missing}: No such file or directory",
+        ),
     }
-    args, name = cases[case]
-    return [*args, *to], name
+    args, message = cases[case]
+    return [*args, *to], message
 
 
 STARTUP_CASES = [
     "missing cert",
     "missing key",
     "key of another cert",
+    "RSA key, EC cert",
     "junk cert",
+    "damaged key",
+    "encrypted key",
     "no key in cert file",
     "missing client CA",
     "missing backend CA",
@@ -1296,15 +1360,10 @@ STARTUP_CASES = [
 
 @pytest.mark.parametrize("case", STARTUP_CASES)
 def test_bad_tls_files_are_one_line_errors(tmp_path: Path, pki: PKI, case: str) -> None:
-    """A missing, broken or mismatched TLS file: twistd exits non-zero with one 'tunnelkit: error:' line naming the file, no traceback."""
-    args, name = startup_case(case, pki)
+    """A missing, broken, encrypted or mismatched TLS file: exit 1 with one 'tunnelkit: error:' line naming the option, the file and what is wrong, no traceback."""
+    args, message = startup_case(case, pki)
     result = run(twistd_argv("--listen", "127.0.0.1:0", *args), cwd=tmp_path)
-    lines = result.stdout.splitlines()
-    assert result.returncode != 0, result.stdout
+    assert result.returncode == 1, result.stdout
     assert "Traceback" not in result.stdout, result.stdout
-    assert len(lines) == 1, result.stdout
-    assert lines[0].startswith("tunnelkit: error:"), result.stdout
-    if name:
-        assert name in lines[0], result.stdout
-    else:
-        assert "localhost.pem" in lines[0] or "other.example.key" in lines[0], result.stdout
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"tunnelkit: error: {message}"), line

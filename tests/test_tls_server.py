@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trustme
 from certs import Pair, write_pair
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.logger import LogEvent, globalLogPublisher
@@ -95,6 +96,44 @@ def test_key_of_another_certificate(ca: trustme.CA, tmp_path: Path) -> None:
     b = write_pair(ca, tmp_path, "b.example")
     with pytest.raises(TLSConfigError, match="does not match the certificate in"):
         Certificates(ServerTLSSettings(pairs=(CertificatePair(str(a.cert), str(b.key)),)))
+
+
+def _encrypt(pair: Pair) -> None:
+    key = serialization.load_pem_private_key(pair.key.read_bytes(), None)
+    pair.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+
+
+def _rsa_key(pair: Pair) -> None:
+    rsa = trustme.CA().issue_cert("a.example", key_type=trustme.KeyType.RSA)
+    rsa.private_key_pem.write_to_path(str(pair.key))
+
+
+@pytest.mark.parametrize(
+    ("combined", "break_it", "message"),
+    [
+        (True, lambda p: None, "--tls-cert {cert}: the file holds no private key;"),
+        (False, _rsa_key, "--tls-key {key}: the key does not match the certificate in {cert}"),
+        (False, _encrypt, "--tls-key {key}: the private key is encrypted; give it unencrypted"),
+        (False, lambda p: p.key.write_bytes(p.cert.read_bytes()), "--tls-key {key}: the file"),
+    ],
+    ids=["no key with the certificate", "RSA key, EC certificate", "encrypted", "no key"],
+)
+def test_key_problems_are_said_plainly(
+    ca: trustme.CA, tmp_path: Path, combined: bool, break_it: object, message: str
+) -> None:
+    """A missing, mismatched or encrypted key is named with what is wrong, not OpenSSL's words."""
+    pair = write_pair(ca, tmp_path, "a.example")
+    break_it(pair)  # type: ignore[operator]
+    key = pair.cert if combined else pair.key
+    with pytest.raises(TLSConfigError) as raised:
+        Certificates(ServerTLSSettings(pairs=(CertificatePair(str(pair.cert), str(key)),)))
+    assert str(raised.value).startswith(message.format(cert=pair.cert, key=pair.key))
 
 
 def test_reload_swaps_or_keeps(ca: trustme.CA, tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -72,12 +74,24 @@ def openssl_reason(error: SSL.Error) -> str:
     return ", ".join(reasons) or str(error)
 
 
+def _leaf(cert_pem: bytes, path: str) -> x509.Certificate:
+    """The first (leaf) certificate of a ``--tls-cert`` file."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise TLSConfigError(f"--tls-cert {path}: no PEM certificate in the file")
+    try:
+        return x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise TLSConfigError(
+            f"--tls-cert {path}: its PEM certificate cannot be decoded (damaged or truncated)"
+        ) from None
+
+
 def served_names(cert_pem: bytes, path: str) -> list[str]:
     """The DNS names the leaf certificate of ``cert_pem`` serves: its SAN, else its CN."""
-    try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
-    except ValueError as e:
-        raise TLSConfigError(f"--tls-cert {path}: no PEM certificate ({e})") from None
+    return _names(_leaf(cert_pem, path))
+
+
+def _names(leaf: x509.Certificate) -> list[str]:
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = san.value.get_values_for_type(x509.DNSName)
@@ -91,6 +105,50 @@ def served_names(cert_pem: bytes, path: str) -> list[str]:
     return [name.lower().rstrip(".") for name in names]
 
 
+def _private_key(pair: CertificatePair, leaf: x509.Certificate) -> Any:
+    """The key of ``pair``, read here so that what is wrong with it can be said plainly.
+
+    OpenSSL's own words for these cases are "unsupported, PEM lib" (no key in
+    the file, or a damaged one), "no certificate assigned" (a key of another
+    type than the certificate's) or a passphrase prompt on the terminal (an
+    encrypted key); and without ``--tls-key`` they named an option the user
+    never gave.
+    """
+    combined = pair.key == pair.cert
+    where = f"--tls-cert {pair.cert}" if combined else f"--tls-key {pair.key}"
+    data = _read("--tls-cert" if combined else "--tls-key", pair.key)
+    if b"PRIVATE KEY-----" not in data:
+        if combined:
+            raise TLSConfigError(
+                f"{where}: the file holds no private key; give the key's file with --tls-key"
+            )
+        raise TLSConfigError(f"{where}: the file holds no PEM private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            f"{where}: the private key is encrypted; give it unencrypted"
+            f" (openssl pkey -in {pair.key} -out KEY)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(
+            f"{where}: its PEM private key cannot be decoded (damaged or truncated)"
+        ) from None
+    if _public_der(key) != _public_der(leaf):
+        if combined:
+            raise TLSConfigError(f"{where}: the private key does not match the certificate")
+        raise TLSConfigError(f"{where}: the key does not match the certificate in {pair.cert}")
+    return key
+
+
+def _public_der(holder: Any) -> bytes:
+    """The DER public key of a private key or a certificate."""
+    der: bytes = holder.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
 def _alpn_chooser(ours: Sequence[bytes]) -> Any:
     def choose(connection: SSL.Connection, offered: list[bytes]) -> bytes:
         for protocol in ours:
@@ -101,7 +159,9 @@ def _alpn_chooser(ours: Sequence[bytes]) -> Any:
     return choose
 
 
-def _context(settings: ServerTLSSettings, pair: CertificatePair | None) -> SSL.Context:
+def _context(
+    settings: ServerTLSSettings, pair: CertificatePair | None = None, key: Any = None
+) -> SSL.Context:
     """One server context; without ``pair``, one that can complete no handshake (strict SNI)."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(MIN_VERSIONS[settings.min_version])
@@ -139,15 +199,13 @@ def _context(settings: ServerTLSSettings, pair: CertificatePair | None) -> SSL.C
         context.use_certificate_chain_file(pair.cert.encode())
     except SSL.Error as e:
         raise TLSConfigError(f"--tls-cert {pair.cert}: {openssl_reason(e)}") from None
-    _read("--tls-key", pair.key)
     try:
-        context.use_privatekey_file(pair.key.encode())
+        context.use_privatekey(key)
         context.check_privatekey()
-    except SSL.Error as e:
-        reason = openssl_reason(e)
-        if "mismatch" in reason or "does not match" in reason:
-            reason = f"does not match the certificate in {pair.cert}"
-        raise TLSConfigError(f"--tls-key {pair.key}: {reason}") from None
+    except (SSL.Error, TypeError) as e:
+        # Not a key type a certificate can have (X25519, DH): OpenSSL refuses it.
+        reason = openssl_reason(e) if isinstance(e, SSL.Error) else str(e)
+        raise TLSConfigError(f"--tls-key {pair.key}: unusable key: {reason}") from None
     return context
 
 
@@ -167,10 +225,10 @@ class Certificates:
         self.wildcard: dict[str, SSL.Context] = {}
         contexts = []
         for pair in settings.pairs:
-            names = served_names(_read("--tls-cert", pair.cert), pair.cert)
-            context = _context(settings, pair)
+            leaf = _leaf(_read("--tls-cert", pair.cert), pair.cert)
+            context = _context(settings, pair, _private_key(pair, leaf))
             contexts.append(context)
-            for name in names:
+            for name in _names(leaf):
                 if name.startswith("*."):
                     self.wildcard.setdefault(name[2:], context)
                 else:
@@ -227,7 +285,7 @@ class ServerTLS:
             self.certificates = Certificates(self.settings)
         except TLSConfigError as e:
             log.error(
-                "TLS reload failed, keeping the current certificates: {error}",
+                "TLS reload failed: {error}; the certificates loaded before stay in use",
                 event="tls_reload_failed",
                 error=str(e),
             )
