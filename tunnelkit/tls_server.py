@@ -28,6 +28,9 @@ log = Logger(namespace="tunnelkit.tls")
 #: ``--tls-min-version`` values and the OpenSSL constants they mean.
 MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
+#: How many served names a strict SNI refusal lists.
+_NAMES_SHOWN = 5
+
 _OPTIONS = (
     SSL.OP_NO_COMPRESSION  # CRIME
     | SSL.OP_NO_RENEGOTIATION  # client-initiated renegotiation: a CPU-exhaustion lever
@@ -223,12 +226,16 @@ class Certificates:
             raise TLSConfigError("--tls-cert is required for TLS")
         self.exact: dict[str, SSL.Context] = {}
         self.wildcard: dict[str, SSL.Context] = {}
+        #: Every name served, in --tls-cert order (for the log of a strict SNI refusal).
+        self.names: list[str] = []
         contexts = []
         for pair in settings.pairs:
             leaf = _leaf(_read("--tls-cert", pair.cert), pair.cert)
             context = _context(settings, pair, _private_key(pair, leaf))
             contexts.append(context)
             for name in _names(leaf):
+                if name not in self.names:
+                    self.names.append(name)
                 if name.startswith("*."):
                     self.wildcard.setdefault(name[2:], context)
                 else:
@@ -272,12 +279,20 @@ class ServerTLS:
         """A new connection's OpenSSL state, from the current certificates."""
         return SSL.Connection(self.certificates.default, None)
 
-    def refuses(self, name: str | None) -> bool:
-        """True if ``--tls-strict-sni`` turns away a client asking for ``name``."""
+    def refusal(self, name: str | None) -> str | None:
+        """Why ``--tls-strict-sni`` turns away a client asking for ``name``; None if it does not."""
         certificates = self.certificates
-        return certificates.fallback is not certificates.default and (
-            certificates.for_name(name) is certificates.fallback
-        )
+        if certificates.fallback is certificates.default or (
+            certificates.for_name(name) is not certificates.fallback
+        ):
+            return None
+        if not name:
+            return "the client sent no SNI name"
+        names = certificates.names
+        served = ", ".join(names[:_NAMES_SHOWN])
+        if len(names) > _NAMES_SHOWN:
+            served += f" and {len(names) - _NAMES_SHOWN} more"
+        return f"no certificate for SNI name {name!r} (served: {served})"
 
     def reload(self) -> bool:
         """Load every file again; keep the current certificates if anything fails."""
