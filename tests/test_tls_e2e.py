@@ -1085,35 +1085,66 @@ def tls11_only(pair: Pair, conn: socket.socket) -> None:
 
 
 def test_backend_tls_1_1_refused(tmp_path: Path, serve: Serve, pki: PKI) -> None:
-    """TLS 1.2 is the minimum towards backends: a TLS 1.1-only backend fails the connection."""
+    """TLS 1.2 is the minimum towards backends: a TLS 1.1-only backend fails the connection, logged in OpenSSL's words."""
     backend = serve(functools.partial(tls11_only, pki.pair("localhost")))
-    args = ("--to", f"tls:localhost:{split_address(backend.address)[1]}")
-    with tls_proxy(tmp_path, *args, "--backend-ca", str(pki.ca_path)) as proxy:
-        assert_backend_failed(proxy)
+    to = f"tls:localhost:{split_address(backend.address)[1]}"
+    with tls_proxy(tmp_path, "--to", to, "--backend-ca", str(pki.ca_path)) as proxy:
+        closed = assert_backend_failed(proxy)
     assert backend.accepted == 1
+    # OpenSSL's reason, without its error-queue tuples.
+    assert closed["reason"] == (
+        f"no backend connected: {to}: TLS handshake failed: tlsv1 alert protocol version"
+    )
 
 
-@pytest.mark.parametrize("problem", ["wrong-name", "unknown-ca", "wrong-sni-name"])
+#: Each bad backend certificate and the reason its tunnel must log: which name was
+#: checked, against which CAs, and why it failed ({ca}: the --backend-ca file).
+BAD_BACKEND_CERTIFICATES = {
+    "wrong-name": "hostname mismatch, the certificate is for other.example"
+    " (name checked: 'localhost'; CAs: --backend-ca {ca})",
+    "unknown-ca": "unable to get local issuer certificate"
+    " (name checked: 'localhost'; CAs: --backend-ca {ca})",
+    "wrong-sni-name": "hostname mismatch, the certificate is for localhost"
+    " (name checked: 'sni.example'; CAs: --backend-ca {ca})",
+    "self-signed": "self-signed certificate (name checked: 'localhost'; CAs: --backend-ca {ca})",
+    "system-cas": "unable to get local issuer certificate"
+    " (name checked: 'localhost'; CAs: the system's CAs)",
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_BACKEND_CERTIFICATES))
 def test_backend_tls_refuses_bad_certificate(
     tmp_path: Path, serve: Serve, pki: PKI, problem: str
 ) -> None:
-    """A backend certificate for another name (or the --backend-sni name), or from another CA, fails the connection."""
+    """A backend certificate for another name (or the --backend-sni name), from another CA, self-signed, or not in the system's CAs fails the connection; the log says which name, which CAs, and why."""
     if problem == "wrong-name":
         pair = pki.pair("other.example")
-    elif problem == "unknown-ca":
+    elif problem in ("unknown-ca", "system-cas"):
         other_ca, _ = pki.other_ca("other-ca")
         pair = write_pair(other_ca, pki.directory, "localhost", name="untrusted")
+    elif problem == "self-signed":
+        own, _ = pki.other_ca("self-signed")
+        cert, key = pki.directory / "self-signed.pem", pki.directory / "self-signed.key"
+        own.cert_pem.write_to_path(str(cert))
+        own.private_key_pem.write_to_path(str(key))
+        pair = Pair(cert, key, cert)
     else:
         pair = pki.pair("localhost")
     backend = TLSBackend(serve, pair, tls_echo)
-    args = ["--to", f"tls:localhost:{backend.port}", "--backend-ca", str(pki.ca_path)]
+    args = ["--to", f"tls:localhost:{backend.port}"]
+    if problem != "system-cas":
+        args += ["--backend-ca", str(pki.ca_path)]
     if problem == "wrong-sni-name":
         args += ["--backend-sni", "sni.example"]
     with tls_proxy(tmp_path, *args) as proxy:
-        assert_backend_failed(proxy)
+        closed = assert_backend_failed(proxy)
     assert backend.server.accepted == 1
     if problem == "wrong-sni-name":
         assert backend.sni == ["sni.example"]
+    why = BAD_BACKEND_CERTIFICATES[problem].format(ca=pki.ca_path)
+    assert closed["reason"] == (
+        f"no backend connected: tls:localhost:{backend.port}: certificate verify failed: {why}"
+    )
 
 
 def test_backend_insecure(tmp_path: Path, serve: Serve, pki: PKI) -> None:

@@ -117,11 +117,13 @@ def _tls_endpoint(config: Options, outbound: Any, address: Any) -> IStreamClient
 
     assert config.backend_tls is not None and isinstance(address, HostPort)
     inner = host_endpoint(outbound, address.host, address.port, config["connect-timeout"])
+    backend_tls, host = config.backend_tls, address.host
     return TLSClientEndpoint(
         inner,
-        config.backend_tls.creator(address.host),
+        backend_tls.creator(host),
         read_size=config.socket_options.read_size,
         write_through=not config["no-write-through"],
+        diagnose=lambda connection, failure: backend_tls.diagnose(host, connection, failure),
     )
 
 
