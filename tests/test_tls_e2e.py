@@ -348,6 +348,20 @@ def test_twisted_ssl_endpoint_serves_alpn_clients(tmp_path: Path, pki: PKI) -> N
         proxy.closed(2)
 
 
+def test_twisted_ssl_endpoint_logs_tls_errors_in_words(
+    tmp_path: Path, serve: Serve, pki: PKI
+) -> None:
+    """A client that refuses an ssl: listener's certificate is logged with OpenSSL's reason, not its error-queue tuples."""
+    backend = serve(echo)
+    pair = pki.pair("localhost")
+    _, stranger_ca = pki.other_ca("stranger")
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+    with tls_proxy(tmp_path, "--to", backend.address, listen=listen) as proxy:
+        assert refused(proxy.address, client_context(stranger_ca), "localhost")[0]
+        [closed] = proxy.closed()
+    assert closed["reason"] == "client reset: tlsv1 alert unknown ca", closed
+
+
 def test_twisted_ssl_endpoint_with_tls_cert_refused(tmp_path: Path, pki: PKI) -> None:
     """An ssl: listener with --tls-cert (TLS inside TLS) is one start-up error naming both."""
     pair = pki.pair("localhost")
