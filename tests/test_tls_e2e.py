@@ -1071,6 +1071,20 @@ def test_backend_tls_verified(tmp_path: Path, serve: Serve, pki: PKI, form: str)
     assert (closed["bytes_up"], closed["bytes_down"]) == (2 * MiB, 2 * MiB)
 
 
+def test_backend_ca_bundle(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+    """--backend-ca trusts every CA of a bundle file, not only its first."""
+    second_ca, second_path = pki.other_ca("second-ca")
+    bundle = pki.directory / "bundle.pem"
+    bundle.write_bytes(pki.ca_path.read_bytes() + second_path.read_bytes())
+    pair = write_pair(second_ca, pki.directory, "localhost", name="by-second")
+    backend = TLSBackend(serve, pair, tls_echo)
+    to = f"tls:localhost:{backend.port}"
+    with tls_proxy(tmp_path, "--to", to, "--backend-ca", str(bundle)) as proxy:
+        digest = sha256(assert_echoes(proxy.address))
+        proxy.closed()
+    assert backend.server.outcome() == digest
+
+
 def assert_backend_failed(proxy: Proxy) -> dict[str, Any]:
     """A plaintext client is cut off with no data and the tunnel logs the backend's failure."""
     assert plain_client_cut_off(proxy.address) == b""
@@ -1397,6 +1411,19 @@ def startup_case(case: str, pki: PKI) -> tuple[list[str], str]:
             ["--backend-tls", "--backend-ca", str(missing)],
             f"--backend-ca {missing}: No such file or directory",
         ),
+        "junk backend CA": (
+            ["--backend-tls", "--backend-ca", str(junk)],
+            f"--backend-ca {junk}: its PEM certificate cannot be decoded",
+        ),
+        "backend cert without key": (
+            ["--backend-tls", "--backend-cert", str(cert_only)],
+            f"--backend-cert {cert_only}: the file holds no private key;"
+            " give the key's file with --backend-key",
+        ),
+        "encrypted backend key": (
+            ["--backend-tls", "--backend-cert", str(good.cert), "--backend-key", str(encrypted)],
+            f"--backend-key {encrypted}: the private key is encrypted",
+        ),
     }
     args, message = cases[case]
     return [*args, *to], message
@@ -1413,6 +1440,9 @@ STARTUP_CASES = [
     "no key in cert file",
     "missing client CA",
     "missing backend CA",
+    "junk backend CA",
+    "backend cert without key",
+    "encrypted backend key",
 ]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from twisted.internet import ssl
@@ -29,7 +30,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnelkit.tls_server import TLSConfigError, openssl_reason
+from tunnelkit.tls_server import TLSConfigError, openssl_reason, pem_certificates, private_key
 from tunnelkit.tls_transport import RelayTLSFactory, RelayTLSProtocol
 
 try:
@@ -77,6 +78,19 @@ class _Unverified:
         return connection
 
 
+def _client_certificate(cert: str, key: str | None) -> ssl.PrivateCertificate:
+    """``--backend-cert`` and its key (``--backend-key``, else in the certificate file), checked."""
+    leaf = pem_certificates("--backend-cert", cert, _pem("--backend-cert", cert))[0]
+    loaded = private_key(cert, key or cert, leaf, ("--backend-cert", "--backend-key"))
+    pem = leaf.public_bytes(serialization.Encoding.PEM) + loaded.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    certificate: ssl.PrivateCertificate = ssl.PrivateCertificate.loadPEM(pem)
+    return certificate
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -95,22 +109,14 @@ class BackendTLS:
         self.settings = settings
         self.trust: Any = None
         if settings.ca is not None:
-            try:
-                self.trust = ssl.trustRootFromCertificates(
-                    [ssl.Certificate.loadPEM(_pem("--backend-ca", settings.ca))]
-                )
-            except SSL.Error as e:
-                raise TLSConfigError(f"--backend-ca {settings.ca}: not a PEM certificate") from e
+            # Every CA of the file (a bundle), each through its own PEM.
+            cas = pem_certificates("--backend-ca", settings.ca, _pem("--backend-ca", settings.ca))
+            self.trust = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(ca.public_bytes(serialization.Encoding.PEM)) for ca in cas]
+            )
         self.client_certificate: ssl.PrivateCertificate | None = None
         if settings.cert is not None:
-            cert = _pem("--backend-cert", settings.cert)
-            key = _pem("--backend-key", settings.key) if settings.key else cert
-            try:
-                self.client_certificate = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
-            except Exception as e:
-                raise TLSConfigError(
-                    f"--backend-cert {settings.cert}: no usable certificate and key ({e})"
-                ) from None
+            self.client_certificate = _client_certificate(settings.cert, settings.key)
 
     def creator(self, host: str) -> IOpenSSLClientConnectionCreator:
         """How to open TLS to backend ``host``: verified against ``--backend-sni`` or ``host``."""

@@ -77,16 +77,21 @@ def openssl_reason(error: SSL.Error) -> str:
     return ", ".join(reasons) or str(error)
 
 
-def _leaf(cert_pem: bytes, path: str) -> x509.Certificate:
-    """The first (leaf) certificate of a ``--tls-cert`` file."""
-    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
-        raise TLSConfigError(f"--tls-cert {path}: no PEM certificate in the file")
+def pem_certificates(option: str, path: str, data: bytes) -> list[x509.Certificate]:
+    """Every certificate of PEM file ``path`` (given as ``option``), or what is wrong with it."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TLSConfigError(f"{option} {path}: no PEM certificate in the file")
     try:
-        return x509.load_pem_x509_certificates(cert_pem)[0]
+        return x509.load_pem_x509_certificates(data)
     except ValueError:
         raise TLSConfigError(
-            f"--tls-cert {path}: its PEM certificate cannot be decoded (damaged or truncated)"
+            f"{option} {path}: its PEM certificate cannot be decoded (damaged or truncated)"
         ) from None
+
+
+def _leaf(cert_pem: bytes, path: str) -> x509.Certificate:
+    """The first (leaf) certificate of a ``--tls-cert`` file."""
+    return pem_certificates("--tls-cert", path, cert_pem)[0]
 
 
 def served_names(cert_pem: bytes, path: str) -> list[str]:
@@ -108,40 +113,47 @@ def _names(leaf: x509.Certificate) -> list[str]:
     return [name.lower().rstrip(".") for name in names]
 
 
-def _private_key(pair: CertificatePair, leaf: x509.Certificate) -> Any:
-    """The key of ``pair``, read here so that what is wrong with it can be said plainly.
+def private_key(
+    cert: str,
+    key: str,
+    leaf: x509.Certificate,
+    options: tuple[str, str] = ("--tls-cert", "--tls-key"),
+) -> Any:
+    """The key in file ``key`` for certificate ``leaf`` (from ``cert``), read here to say plainly what is wrong.
 
     OpenSSL's own words for these cases are "unsupported, PEM lib" (no key in
     the file, or a damaged one), "no certificate assigned" (a key of another
     type than the certificate's) or a passphrase prompt on the terminal (an
-    encrypted key); and without ``--tls-key`` they named an option the user
-    never gave.
+    encrypted key); and with the key inside the certificate file they named
+    an option the user never gave. ``options`` name the certificate's and
+    the key's options.
     """
-    combined = pair.key == pair.cert
-    where = f"--tls-cert {pair.cert}" if combined else f"--tls-key {pair.key}"
-    data = _read("--tls-cert" if combined else "--tls-key", pair.key)
+    cert_option, key_option = options
+    combined = key == cert
+    where = f"{cert_option} {cert}" if combined else f"{key_option} {key}"
+    data = _read(cert_option if combined else key_option, key)
     if b"PRIVATE KEY-----" not in data:
         if combined:
             raise TLSConfigError(
-                f"{where}: the file holds no private key; give the key's file with --tls-key"
+                f"{where}: the file holds no private key; give the key's file with {key_option}"
             )
         raise TLSConfigError(f"{where}: the file holds no PEM private key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        loaded = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise TLSConfigError(
             f"{where}: the private key is encrypted; give it unencrypted"
-            f" (openssl pkey -in {pair.key} -out KEY)"
+            f" (openssl pkey -in {key} -out KEY)"
         ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise TLSConfigError(
             f"{where}: its PEM private key cannot be decoded (damaged or truncated)"
         ) from None
-    if _public_der(key) != _public_der(leaf):
+    if _public_der(loaded) != _public_der(leaf):
         if combined:
             raise TLSConfigError(f"{where}: the private key does not match the certificate")
-        raise TLSConfigError(f"{where}: the key does not match the certificate in {pair.cert}")
-    return key
+        raise TLSConfigError(f"{where}: the key does not match the certificate in {cert}")
+    return loaded
 
 
 def _public_der(holder: Any) -> bytes:
@@ -231,7 +243,7 @@ class Certificates:
         contexts = []
         for pair in settings.pairs:
             leaf = _leaf(_read("--tls-cert", pair.cert), pair.cert)
-            context = _context(settings, pair, _private_key(pair, leaf))
+            context = _context(settings, pair, private_key(pair.cert, pair.key, leaf))
             contexts.append(context)
             for name in _names(leaf):
                 if name not in self.names:
