@@ -1407,6 +1407,10 @@ def startup_case(case: str, pki: PKI) -> tuple[list[str], str]:
             [*tls_args(good), "--tls-client-ca", str(missing)],
             f"--tls-client-ca {missing}: No such file or directory",
         ),
+        "key as client CA": (
+            [*tls_args(good), "--tls-client-ca", str(good.key)],
+            f"--tls-client-ca {good.key}: no PEM certificate in the file",
+        ),
         "missing backend CA": (
             ["--backend-tls", "--backend-ca", str(missing)],
             f"--backend-ca {missing}: No such file or directory",
@@ -1439,6 +1443,7 @@ STARTUP_CASES = [
     "encrypted key",
     "no key in cert file",
     "missing client CA",
+    "key as client CA",
     "missing backend CA",
     "junk backend CA",
     "backend cert without key",

@@ -196,7 +196,9 @@ def _context(
     if settings.alpn:
         context.set_alpn_select_callback(_alpn_chooser(settings.alpn))
     if settings.client_ca:
-        _read("--tls-client-ca", settings.client_ca)
+        pem_certificates(
+            "--tls-client-ca", settings.client_ca, _read("--tls-client-ca", settings.client_ca)
+        )
         try:
             context.load_verify_locations(settings.client_ca)
             context.load_client_ca(settings.client_ca.encode())
