@@ -21,6 +21,7 @@ from tunnelkit.tls_server import (
     TLSConfigError,
     served_names,
 )
+from tunnelkit.tls_transport import TLSError
 
 
 @pytest.fixture
@@ -219,3 +220,17 @@ def test_direct_openssl_path_available() -> None:
 
     assert tls_direct.AVAILABLE
     assert RelayTLSProtocol.direct_openssl
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (([("SSL routines", "", "tlsv1 alert unknown ca")],), "tlsv1 alert unknown ca"),
+        (([("SSL routines", "", "a"), ("SSL routines", "", "b")],), "a, b"),
+        (([],), "[]"),
+        ((), "TLSError"),
+    ],
+)
+def test_tls_errors_read_as_their_reasons(args: tuple[object, ...], text: str) -> None:
+    """A TLS leg's error reads as OpenSSL's reasons; an empty or missing queue still reads as something."""
+    assert str(TLSError(*args)) == text

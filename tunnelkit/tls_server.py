@@ -73,8 +73,10 @@ def _read(option: str, path: str) -> bytes:
 
 def openssl_reason(error: SSL.Error) -> str:
     """The reasons in OpenSSL's error queue, without the library and function names."""
-    reasons = [entry[2] for entry in error.args[0] if isinstance(entry, tuple) and entry[2]]
-    return ", ".join(reasons) or str(error)
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[2] for entry in queue if isinstance(entry, tuple) and entry[2]]
+    # Exception's own text: a subclass's __str__ may be this function.
+    return ", ".join(reasons) or Exception.__str__(error) or type(error).__name__
 
 
 def pem_certificates(option: str, path: str, data: bytes) -> list[x509.Certificate]:
