@@ -179,6 +179,7 @@ def parse(*args: str) -> Options:
         (["--tls-min-version", "1.1"], "--tls-min-version must be 1.2 or 1.3"),
         (["--tls-cert", "/nonexistent/c.pem"], "--tls-cert /nonexistent/c.pem: No such file"),
         (["--backend-tls", "--backend-ca", "/nonexistent/ca.pem"], "--backend-ca /nonexistent"),
+        (["--tls-cert", "c.pem", "--alpn", ", ,"], "--alpn ', ,': no protocol name"),
     ],
 )
 def test_option_errors(args: list[str], message: str) -> None:
