@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import trustme
 from certs import Pair, write_pair
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.logger import LogEvent, globalLogPublisher
@@ -20,6 +21,7 @@ from tunnelkit.tls_server import (
     TLSConfigError,
     served_names,
 )
+from tunnelkit.tls_transport import TLSError
 
 
 @pytest.fixture
@@ -97,6 +99,44 @@ def test_key_of_another_certificate(ca: trustme.CA, tmp_path: Path) -> None:
         Certificates(ServerTLSSettings(pairs=(CertificatePair(str(a.cert), str(b.key)),)))
 
 
+def _encrypt(pair: Pair) -> None:
+    key = serialization.load_pem_private_key(pair.key.read_bytes(), None)
+    pair.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+
+
+def _rsa_key(pair: Pair) -> None:
+    rsa = trustme.CA().issue_cert("a.example", key_type=trustme.KeyType.RSA)
+    rsa.private_key_pem.write_to_path(str(pair.key))
+
+
+@pytest.mark.parametrize(
+    ("combined", "break_it", "message"),
+    [
+        (True, lambda p: None, "--tls-cert {cert}: the file holds no private key;"),
+        (False, _rsa_key, "--tls-key {key}: the key does not match the certificate in {cert}"),
+        (False, _encrypt, "--tls-key {key}: the private key is encrypted; give it unencrypted"),
+        (False, lambda p: p.key.write_bytes(p.cert.read_bytes()), "--tls-key {key}: the file"),
+    ],
+    ids=["no key with the certificate", "RSA key, EC certificate", "encrypted", "no key"],
+)
+def test_key_problems_are_said_plainly(
+    ca: trustme.CA, tmp_path: Path, combined: bool, break_it: object, message: str
+) -> None:
+    """A missing, mismatched or encrypted key is named with what is wrong, not OpenSSL's words."""
+    pair = write_pair(ca, tmp_path, "a.example")
+    break_it(pair)  # type: ignore[operator]
+    key = pair.cert if combined else pair.key
+    with pytest.raises(TLSConfigError) as raised:
+        Certificates(ServerTLSSettings(pairs=(CertificatePair(str(pair.cert), str(key)),)))
+    assert str(raised.value).startswith(message.format(cert=pair.cert, key=pair.key))
+
+
 def test_reload_swaps_or_keeps(ca: trustme.CA, tmp_path: Path) -> None:
     pair = write_pair(ca, tmp_path, "a.example")
     tls = ServerTLS(settings(pair))
@@ -139,6 +179,7 @@ def parse(*args: str) -> Options:
         (["--tls-min-version", "1.1"], "--tls-min-version must be 1.2 or 1.3"),
         (["--tls-cert", "/nonexistent/c.pem"], "--tls-cert /nonexistent/c.pem: No such file"),
         (["--backend-tls", "--backend-ca", "/nonexistent/ca.pem"], "--backend-ca /nonexistent"),
+        (["--tls-cert", "c.pem", "--alpn", ", ,"], "--alpn ', ,': no protocol name"),
     ],
 )
 def test_option_errors(args: list[str], message: str) -> None:
@@ -180,3 +221,17 @@ def test_direct_openssl_path_available() -> None:
 
     assert tls_direct.AVAILABLE
     assert RelayTLSProtocol.direct_openssl
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (([("SSL routines", "", "tlsv1 alert unknown ca")],), "tlsv1 alert unknown ca"),
+        (([("SSL routines", "", "a"), ("SSL routines", "", "b")],), "a, b"),
+        (([],), "[]"),
+        ((), "TLSError"),
+    ],
+)
+def test_tls_errors_read_as_their_reasons(args: tuple[object, ...], text: str) -> None:
+    """A TLS leg's error reads as OpenSSL's reasons; an empty or missing queue still reads as something."""
+    assert str(TLSError(*args)) == text

@@ -72,13 +72,10 @@ def server_endpoint_types() -> frozenset[str]:
 
 def open_endpoints(config: Options) -> None:
     """Make the listeners' and backends' endpoints of ``config`` (nothing listens or connects yet)."""
-    config.listeners = [(text, _server_endpoint(config, text)) for text in config["listen"]]
-    for text, endpoint in config.listeners:
-        if config["workers"] > 1 and isinstance(endpoint, SSL4ServerEndpoint):
-            raise usage.UsageError(
-                f"--workers: the workers cannot share the TLS of --listen {text!r};"
-                " use --tls-cert/--tls-key with a tcp: listener"
-            )
+    config.listeners = [
+        (text, _tls_listener(config, text, _server_endpoint(config, text)))
+        for text in config["listen"]
+    ]
     outbound = tuned_reactor(config.reactor, config.socket_options)
     types = client_endpoint_types()
     config.backends = [
@@ -111,6 +108,31 @@ def _check_socket_directory(text: str, path: str) -> None:
         raise usage.UsageError(f"--listen {text!r}: directory {directory} does not exist")
 
 
+def _tls_listener(
+    config: Options, text: str, endpoint: IStreamServerEndpoint
+) -> IStreamServerEndpoint:
+    """An ``ssl:`` listener is served by tunnelkit's TLS transport (see tunnelkit.tls_listener)."""
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        return endpoint
+    if config["workers"] > 1:
+        raise usage.UsageError(
+            f"--workers: the workers cannot share the TLS of --listen {text!r};"
+            " use --tls-cert/--tls-key with a tcp: listener"
+        )
+    if config.tls is not None:
+        raise usage.UsageError(
+            f"--listen {text!r} has its own certificate, and --tls-cert would wrap it in TLS"
+            " twice; with --tls-cert, listen on a port or a tcp: endpoint"
+        )
+    from tunnelkit.tls_listener import SSLListener
+
+    return SSLListener(
+        endpoint,
+        read_size=config.socket_options.read_size,
+        write_through=not config["no-write-through"],
+    )
+
+
 def _client_endpoint(
     config: Options, outbound: Any, text: str, types: frozenset[str]
 ) -> IStreamClientEndpoint:
@@ -132,11 +154,13 @@ def _tls_endpoint(config: Options, outbound: Any, address: Any) -> IStreamClient
 
     assert config.backend_tls is not None and isinstance(address, HostPort)
     inner = host_endpoint(outbound, address.host, address.port, config["connect-timeout"])
+    backend_tls, host = config.backend_tls, address.host
     return TLSClientEndpoint(
         inner,
-        config.backend_tls.creator(address.host),
+        backend_tls.creator(host),
         read_size=config.socket_options.read_size,
         write_through=not config["no-write-through"],
+        diagnose=lambda connection, failure: backend_tls.diagnose(host, connection, failure),
     )
 
 

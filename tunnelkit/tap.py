@@ -508,6 +508,8 @@ class Options(usage.Options):
         alpn = tuple(p.strip().encode() for p in (self["alpn"] or "").split(",") if p.strip())
         if any(len(p) > 255 for p in alpn):
             raise usage.UsageError("--alpn: a protocol name is at most 255 bytes")
+        if self["alpn"] is not None and not alpn:
+            raise usage.UsageError(f"--alpn {self['alpn']!r}: no protocol name, e.g. h2,http/1.1")
         return ServerTLSSettings(
             pairs=tuple(CertificatePair(c, k) for c, k in zip(certs, keys or certs, strict=True)),
             strict_sni=bool(self["tls-strict-sni"]),

@@ -10,11 +10,15 @@ to the next one. Names are checked by Twisted with ``service_identity``.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -23,10 +27,21 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnelkit.tls_server import TLSConfigError
+from tunnelkit.tls_server import TLSConfigError, openssl_reason, pem_certificates, private_key
 from tunnelkit.tls_transport import RelayTLSFactory, RelayTLSProtocol
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - a pyOpenSSL without these bindings
+    _ffi = _lib = None
+
+
+class BackendTLSError(Exception):
+    """A TLS backend's handshake failed; the message says what was checked, against what."""
 
 
 @attrs.frozen
@@ -63,6 +78,19 @@ class _Unverified:
         return connection
 
 
+def _client_certificate(cert: str, key: str | None) -> ssl.PrivateCertificate:
+    """``--backend-cert`` and its key (``--backend-key``, else in the certificate file), checked."""
+    leaf = pem_certificates("--backend-cert", cert, _pem("--backend-cert", cert))[0]
+    loaded = private_key(cert, key or cert, leaf, ("--backend-cert", "--backend-key"))
+    pem = leaf.public_bytes(serialization.Encoding.PEM) + loaded.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    certificate: ssl.PrivateCertificate = ssl.PrivateCertificate.loadPEM(pem)
+    return certificate
+
+
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
@@ -81,22 +109,14 @@ class BackendTLS:
         self.settings = settings
         self.trust: Any = None
         if settings.ca is not None:
-            try:
-                self.trust = ssl.trustRootFromCertificates(
-                    [ssl.Certificate.loadPEM(_pem("--backend-ca", settings.ca))]
-                )
-            except SSL.Error as e:
-                raise TLSConfigError(f"--backend-ca {settings.ca}: not a PEM certificate") from e
+            # Every CA of the file (a bundle), each through its own PEM.
+            cas = pem_certificates("--backend-ca", settings.ca, _pem("--backend-ca", settings.ca))
+            self.trust = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(ca.public_bytes(serialization.Encoding.PEM)) for ca in cas]
+            )
         self.client_certificate: ssl.PrivateCertificate | None = None
         if settings.cert is not None:
-            cert = _pem("--backend-cert", settings.cert)
-            key = _pem("--backend-key", settings.key) if settings.key else cert
-            try:
-                self.client_certificate = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
-            except Exception as e:
-                raise TLSConfigError(
-                    f"--backend-cert {settings.cert}: no usable certificate and key ({e})"
-                ) from None
+            self.client_certificate = _client_certificate(settings.cert, settings.key)
 
     def creator(self, host: str) -> IOpenSSLClientConnectionCreator:
         """How to open TLS to backend ``host``: verified against ``--backend-sni`` or ``host``."""
@@ -114,6 +134,28 @@ class BackendTLS:
         )
         return creator
 
+    def diagnose(self, host: str, connection: Any, failure: Failure) -> str | None:
+        """Why the handshake with backend ``host`` failed, in words; None if it was not TLS's doing.
+
+        OpenSSL says only "certificate verify failed" and service_identity
+        ``VerificationError(errors=[DNSMismatch(...)])``: this adds the name
+        that was checked, the CAs it was checked against and OpenSSL's
+        verify reason ("self-signed certificate", "certificate has expired").
+        """
+        error = failure.value
+        if isinstance(error, (VerificationError, CertificateError)):
+            why = f"hostname mismatch, the certificate is for {_peer_names(connection)}"
+        elif isinstance(error, SSL.Error):
+            reason = openssl_reason(error)
+            if "certificate verify failed" not in reason:
+                return f"TLS handshake failed: {reason}"
+            why = _verify_reason(connection) or "OpenSSL gave no reason"
+        else:
+            return None
+        trust = f"--backend-ca {self.settings.ca}" if self.settings.ca else "the system's CAs"
+        name = self.settings.sni or host
+        return f"certificate verify failed: {why} (name checked: {name!r}; CAs: {trust})"
+
     def _client_key_options(self) -> dict[str, Any]:
         if self.client_certificate is None:
             return {}
@@ -121,6 +163,33 @@ class BackendTLS:
             "privateKey": self.client_certificate.privateKey.original,
             "certificate": self.client_certificate.original,
         }
+
+
+def _verify_reason(connection: Any) -> str | None:
+    """OpenSSL's reason the peer's certificate chain did not verify, if it did not."""
+    if connection is None or _lib is None or not hasattr(_lib, "X509_verify_cert_error_string"):
+        return None
+    code = _lib.SSL_get_verify_result(connection._ssl)
+    if code == _lib.X509_V_OK:
+        return None
+    reason: bytes = _ffi.string(_lib.X509_verify_cert_error_string(code))
+    return reason.decode("ascii", "replace")
+
+
+def _peer_names(connection: Any) -> str:
+    """The DNS names and IP addresses the peer's certificate is for, for a mismatch message."""
+    # Twisted checks the name while OpenSSL verifies the chain, before the
+    # certificate becomes the peer's: it is only in the chain received.
+    chain = connection.get_peer_cert_chain(as_cryptography=True) if connection else None
+    if not chain:
+        return "no name"
+    try:
+        san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return "no subjectAltName"
+    names = [str(n) for n in san.value.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)]
+    return ", ".join(names) or "no DNS name or IP address"
 
 
 @implementer(IStreamClientEndpoint)
@@ -134,11 +203,14 @@ class TLSClientEndpoint:
         *,
         read_size: int,
         write_through: bool = True,
+        diagnose: Callable[[Any, Failure], str | None] | None = None,
     ) -> None:
         self.inner = inner
         self.creator = creator
         self.read_size = read_size
         self.write_through = write_through
+        #: Words for a failed handshake (:meth:`BackendTLS.diagnose`, its host bound).
+        self.diagnose = diagnose
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         wrapping = RelayTLSFactory(
@@ -152,7 +224,15 @@ class TLSClientEndpoint:
 
         def handshake(protocol: RelayTLSProtocol) -> Deferred[IProtocol]:
             assert protocol.handshake is not None
-            return protocol.handshake
+            # Kept here: the protocol lets go of it when the connection is lost.
+            connection = protocol._tlsConnection
+            return protocol.handshake.addErrback(self._explain, connection)
 
         connecting: Deferred[Any] = self.inner.connect(wrapping)
         return connecting.addCallback(handshake)
+
+    def _explain(self, failure: Failure, connection: Any) -> Failure:
+        why = self.diagnose(connection, failure) if self.diagnose is not None else None
+        if why is None:
+            return failure
+        raise BackendTLSError(why)

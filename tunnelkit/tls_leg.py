@@ -102,8 +102,9 @@ def failed_handshake(tls: ServerTLS, connection: Any) -> tuple[str | None, dict[
     sent = connection.get_servername() if connection is not None else None
     name = sent.decode("ascii", "replace") if sent else None
     details: dict[str, object] = {"sni": name} if name else {}
-    if tls.refuses(name):
-        return f"TLS handshake refused: no certificate for SNI name {name!r}", details
+    refusal = tls.refusal(name)
+    if refusal is not None:
+        return f"TLS handshake refused by --tls-strict-sni: {refusal}", details
     return None, details
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -25,6 +27,9 @@ log = Logger(namespace="tunnelkit.tls")
 
 #: ``--tls-min-version`` values and the OpenSSL constants they mean.
 MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+#: How many served names a strict SNI refusal lists.
+_NAMES_SHOWN = 5
 
 _OPTIONS = (
     SSL.OP_NO_COMPRESSION  # CRIME
@@ -68,16 +73,35 @@ def _read(option: str, path: str) -> bytes:
 
 def openssl_reason(error: SSL.Error) -> str:
     """The reasons in OpenSSL's error queue, without the library and function names."""
-    reasons = [entry[2] for entry in error.args[0] if isinstance(entry, tuple) and entry[2]]
-    return ", ".join(reasons) or str(error)
+    queue = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    reasons = [entry[2] for entry in queue if isinstance(entry, tuple) and entry[2]]
+    # Exception's own text: a subclass's __str__ may be this function.
+    return ", ".join(reasons) or Exception.__str__(error) or type(error).__name__
+
+
+def pem_certificates(option: str, path: str, data: bytes) -> list[x509.Certificate]:
+    """Every certificate of PEM file ``path`` (given as ``option``), or what is wrong with it."""
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TLSConfigError(f"{option} {path}: no PEM certificate in the file")
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(
+            f"{option} {path}: its PEM certificate cannot be decoded (damaged or truncated)"
+        ) from None
+
+
+def _leaf(cert_pem: bytes, path: str) -> x509.Certificate:
+    """The first (leaf) certificate of a ``--tls-cert`` file."""
+    return pem_certificates("--tls-cert", path, cert_pem)[0]
 
 
 def served_names(cert_pem: bytes, path: str) -> list[str]:
     """The DNS names the leaf certificate of ``cert_pem`` serves: its SAN, else its CN."""
-    try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
-    except ValueError as e:
-        raise TLSConfigError(f"--tls-cert {path}: no PEM certificate ({e})") from None
+    return _names(_leaf(cert_pem, path))
+
+
+def _names(leaf: x509.Certificate) -> list[str]:
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         names = san.value.get_values_for_type(x509.DNSName)
@@ -91,6 +115,57 @@ def served_names(cert_pem: bytes, path: str) -> list[str]:
     return [name.lower().rstrip(".") for name in names]
 
 
+def private_key(
+    cert: str,
+    key: str,
+    leaf: x509.Certificate,
+    options: tuple[str, str] = ("--tls-cert", "--tls-key"),
+) -> Any:
+    """The key in file ``key`` for certificate ``leaf`` (from ``cert``), read here to say plainly what is wrong.
+
+    OpenSSL's own words for these cases are "unsupported, PEM lib" (no key in
+    the file, or a damaged one), "no certificate assigned" (a key of another
+    type than the certificate's) or a passphrase prompt on the terminal (an
+    encrypted key); and with the key inside the certificate file they named
+    an option the user never gave. ``options`` name the certificate's and
+    the key's options.
+    """
+    cert_option, key_option = options
+    combined = key == cert
+    where = f"{cert_option} {cert}" if combined else f"{key_option} {key}"
+    data = _read(cert_option if combined else key_option, key)
+    if b"PRIVATE KEY-----" not in data:
+        if combined:
+            raise TLSConfigError(
+                f"{where}: the file holds no private key; give the key's file with {key_option}"
+            )
+        raise TLSConfigError(f"{where}: the file holds no PEM private key")
+    try:
+        loaded = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TLSConfigError(
+            f"{where}: the private key is encrypted; give it unencrypted"
+            f" (openssl pkey -in {key} -out KEY)"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(
+            f"{where}: its PEM private key cannot be decoded (damaged or truncated)"
+        ) from None
+    if _public_der(loaded) != _public_der(leaf):
+        if combined:
+            raise TLSConfigError(f"{where}: the private key does not match the certificate")
+        raise TLSConfigError(f"{where}: the key does not match the certificate in {cert}")
+    return loaded
+
+
+def _public_der(holder: Any) -> bytes:
+    """The DER public key of a private key or a certificate."""
+    der: bytes = holder.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
 def _alpn_chooser(ours: Sequence[bytes]) -> Any:
     def choose(connection: SSL.Connection, offered: list[bytes]) -> bytes:
         for protocol in ours:
@@ -101,7 +176,9 @@ def _alpn_chooser(ours: Sequence[bytes]) -> Any:
     return choose
 
 
-def _context(settings: ServerTLSSettings, pair: CertificatePair | None) -> SSL.Context:
+def _context(
+    settings: ServerTLSSettings, pair: CertificatePair | None = None, key: Any = None
+) -> SSL.Context:
     """One server context; without ``pair``, one that can complete no handshake (strict SNI)."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(MIN_VERSIONS[settings.min_version])
@@ -121,7 +198,9 @@ def _context(settings: ServerTLSSettings, pair: CertificatePair | None) -> SSL.C
     if settings.alpn:
         context.set_alpn_select_callback(_alpn_chooser(settings.alpn))
     if settings.client_ca:
-        _read("--tls-client-ca", settings.client_ca)
+        pem_certificates(
+            "--tls-client-ca", settings.client_ca, _read("--tls-client-ca", settings.client_ca)
+        )
         try:
             context.load_verify_locations(settings.client_ca)
             context.load_client_ca(settings.client_ca.encode())
@@ -139,15 +218,13 @@ def _context(settings: ServerTLSSettings, pair: CertificatePair | None) -> SSL.C
         context.use_certificate_chain_file(pair.cert.encode())
     except SSL.Error as e:
         raise TLSConfigError(f"--tls-cert {pair.cert}: {openssl_reason(e)}") from None
-    _read("--tls-key", pair.key)
     try:
-        context.use_privatekey_file(pair.key.encode())
+        context.use_privatekey(key)
         context.check_privatekey()
-    except SSL.Error as e:
-        reason = openssl_reason(e)
-        if "mismatch" in reason or "does not match" in reason:
-            reason = f"does not match the certificate in {pair.cert}"
-        raise TLSConfigError(f"--tls-key {pair.key}: {reason}") from None
+    except (SSL.Error, TypeError) as e:
+        # Not a key type a certificate can have (X25519, DH): OpenSSL refuses it.
+        reason = openssl_reason(e) if isinstance(e, SSL.Error) else str(e)
+        raise TLSConfigError(f"--tls-key {pair.key}: unusable key: {reason}") from None
     return context
 
 
@@ -165,12 +242,16 @@ class Certificates:
             raise TLSConfigError("--tls-cert is required for TLS")
         self.exact: dict[str, SSL.Context] = {}
         self.wildcard: dict[str, SSL.Context] = {}
+        #: Every name served, in --tls-cert order (for the log of a strict SNI refusal).
+        self.names: list[str] = []
         contexts = []
         for pair in settings.pairs:
-            names = served_names(_read("--tls-cert", pair.cert), pair.cert)
-            context = _context(settings, pair)
+            leaf = _leaf(_read("--tls-cert", pair.cert), pair.cert)
+            context = _context(settings, pair, private_key(pair.cert, pair.key, leaf))
             contexts.append(context)
-            for name in names:
+            for name in _names(leaf):
+                if name not in self.names:
+                    self.names.append(name)
                 if name.startswith("*."):
                     self.wildcard.setdefault(name[2:], context)
                 else:
@@ -214,12 +295,20 @@ class ServerTLS:
         """A new connection's OpenSSL state, from the current certificates."""
         return SSL.Connection(self.certificates.default, None)
 
-    def refuses(self, name: str | None) -> bool:
-        """True if ``--tls-strict-sni`` turns away a client asking for ``name``."""
+    def refusal(self, name: str | None) -> str | None:
+        """Why ``--tls-strict-sni`` turns away a client asking for ``name``; None if it does not."""
         certificates = self.certificates
-        return certificates.fallback is not certificates.default and (
-            certificates.for_name(name) is certificates.fallback
-        )
+        if certificates.fallback is certificates.default or (
+            certificates.for_name(name) is not certificates.fallback
+        ):
+            return None
+        if not name:
+            return "the client sent no SNI name"
+        names = certificates.names
+        served = ", ".join(names[:_NAMES_SHOWN])
+        if len(names) > _NAMES_SHOWN:
+            served += f" and {len(names) - _NAMES_SHOWN} more"
+        return f"no certificate for SNI name {name!r} (served: {served})"
 
     def reload(self) -> bool:
         """Load every file again; keep the current certificates if anything fails."""
@@ -227,7 +316,7 @@ class ServerTLS:
             self.certificates = Certificates(self.settings)
         except TLSConfigError as e:
             log.error(
-                "TLS reload failed, keeping the current certificates: {error}",
+                "TLS reload failed: {error}; the certificates loaded before stay in use",
                 event="tls_reload_failed",
                 error=str(e),
             )

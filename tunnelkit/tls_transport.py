@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from tunnelkit import tls_direct
+from tunnelkit.tls_server import openssl_reason
 from tunnelkit.write_through import takes_views, writer_for
 
 #: Decrypted bytes asked for per ``SSL_read``: one TLS record is at most 16 KiB.
@@ -51,6 +52,17 @@ _RECORD = 1 << 15
 #: Room for TLS record overhead when reading encrypted output (per 16 KiB record:
 #: 5 header + up to 16 tag + 1 type bytes, far less than this share).
 _OVERHEAD_SHIFT = 6
+
+
+class TLSError(Error):
+    """An OpenSSL error that reads as its reasons ("tlsv1 alert unknown ca").
+
+    The relay logs a lost leg's error as text, and ``OpenSSL.SSL.Error``'s
+    text is its error queue: ``[('SSL routines', '', 'tlsv1 alert unknown ca')]``.
+    """
+
+    def __str__(self) -> str:
+        return openssl_reason(self)
 
 
 @implementer(IHalfCloseableProtocol)
@@ -119,7 +131,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
             self._flushSendBIO()
             return
         except Error:
-            self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+            self._tlsShutdownFinished(Failure())
             return
         self._handshakeDone = True
         if self._aborted:
@@ -133,6 +145,12 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
             handshake.callback(wrapped)
         elif IHandshakeListener.providedBy(wrapped):
             wrapped.handshakeCompleted()
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        # Only a plain Error carries the error queue (a SysCallError is errno, text).
+        if reason is not None and type(reason.value) is Error:
+            reason = Failure(TLSError(*reason.value.args))
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]
 
     def _cancel_handshake(self, _: Deferred[IProtocol]) -> None:
         # The Deferred is failed by cancel() itself; the wrapped protocol,
@@ -174,7 +192,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
                 self._bufferedWrite(data[done:])  # type: ignore[no-untyped-call]
                 break
             except Error:
-                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+                self._tlsShutdownFinished(Failure())
                 return
         self._bio_read_size = max(1 << 16, size + (size >> _OVERHEAD_SHIFT))
         self._flushSendBIO()
@@ -204,7 +222,7 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
             except Error:
                 self._deliver(chunks)
                 chunks = []
-                self._tlsShutdownFinished(Failure())  # type: ignore[no-untyped-call]
+                self._tlsShutdownFinished(Failure())
         self._deliver(chunks)
         if ended:
             self._end_input()
