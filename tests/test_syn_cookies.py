@@ -19,6 +19,7 @@ adds the burst of the report (2,000 clients, ``listen(512)``).
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,10 @@ from loopback import (
     Forwarder,
     LoopbackTestCase,
     ThreadedServer,
+    connect,
     echo,
+    recv_outcome,
+    reset,
     sha256,
     split_address,
 )
@@ -36,6 +40,7 @@ from test_relay_sockets import PYTHON, SPLICE_OFF, SPLICE_ON, PayloadClient, pol
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest
 
 SOAK = os.environ.get("TUNNELKIT_SOAK") == "1"
@@ -125,6 +130,36 @@ class SynCookieBurstTests(LoopbackTestCase):
         return self.burst(SOAK_CLIENTS, 512)
 
 
+def read_to_eof_then_reset(conn: socket.socket) -> None:
+    """Backend: read the whole request, then reset instead of answering."""
+    while conn.recv(65536):
+        pass
+    reset(conn)
+
+
+class BackendResetRecordTests(LoopbackTestCase):
+    """A backend that resets a half-closed tunnel is recorded as a reset, not as the client's FIN."""
+
+    @inlineCallbacks
+    def test_reset_after_the_client_half_closed(self) -> Inline:
+        """The client sends its request and FIN, the backend resets: the client sees RST, the record says so."""
+        backend = self.serve(read_to_eof_then_reset)
+        fwd = self.forward("--to", backend.address)
+
+        def client() -> tuple[bytes, str]:
+            with connect(fwd.address) as sock:
+                sock.sendall(os.urandom(4096))
+                sock.shutdown(socket.SHUT_WR)
+                return recv_outcome(sock)
+
+        outcome = yield deferToThread(client)
+        backend.outcome()
+        assert outcome == (b"", "RST")
+        [record] = yield fwd.closed(1)
+        assert (record["closed_by"], record["close_kind"]) == ("backend", "RST"), record
+        assert record["bytes_down"] == 0
+
+
 class UnsplicedSynCookieBurstTests(SynCookieBurstTests):
     """SynCookieBurstTests with no splice(2) at all."""
 
@@ -147,3 +182,9 @@ class PythonSplicedSynCookieBurstTests(SynCookieBurstTests):
     """SynCookieBurstTests on Twisted's path, every tunnel spliced."""
 
     extra_args = (*PYTHON, *SPLICE_ON)
+
+
+class PythonBackendResetRecordTests(BackendResetRecordTests):
+    """BackendResetRecordTests on Twisted's path."""
+
+    extra_args = PYTHON

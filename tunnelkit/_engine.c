@@ -604,6 +604,13 @@ static int close_both(Engine *e, tunnel_t *t) {
 /* Side `s` failed (reset or error): close it; the peer is reset too, unless
  * `s` had already sent its FIN (then what it sent is complete: clean close). */
 static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
+    if (!t->dir[s].eof && t->noted && t->close_kind == K_FIN) {
+        /* A side that had not sent its FIN cut the tunnel short: its reset,
+         * not the other side's half-close noted before, is what ended it. */
+        t->noted = 0;
+        free(t->reason);
+        t->reason = NULL;
+    }
     note(t, s, K_RST, "%s reset: %s", SIDE_NAMES[s], strerror(err));
     int peer = 1 - s;
     int clean = t->dir[s].eof;

@@ -371,6 +371,10 @@ class Tunnel:
         if reason.check(ConnectionDone):
             self.note(leg.side, CloseKind.FIN, f"{leg.side.value} closed")
         elif not reason.check(ConnectionAborted):
+            if not leg.read_done and self._first is not None and self._first[1] is CloseKind.FIN:
+                # A side that had not sent its FIN cut the tunnel short: its
+                # reset, not the other side's half-close noted before, ended it.
+                self._first = None
             self.note(
                 leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}"
             )
