@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.idle_watch import IdleWatch
-from tunnelkit.sockopts import send_with_fin
+from tunnelkit.sockopts import peer_sent_fin, send_with_fin
 from tunnelkit.splice import PipePool, Splicer, start_splicing
 from tunnelkit.write_through import takes_views, writer_for
 
@@ -300,7 +300,7 @@ class Tunnel:
         backend_transport = backend.transport
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
-        if self.client.read_done:
+        if self.client.read_done or peer_sent_fin(client_transport):
             # What the client sent is all it will send: with its FIN, in one segment.
             send_with_fin(backend_transport)
         backend.start_forwarding(writer_for(client_transport, self.write_through))

@@ -120,3 +120,23 @@ def send_with_fin(transport: Any) -> None:
         sock = transport.socket
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+
+
+#: ``tcpi_state`` (the first byte of ``TCP_INFO``) of a socket whose peer has sent its FIN.
+_TCP_CLOSE_WAIT = 8
+
+
+def peer_sent_fin(transport: Any) -> bool:
+    """Whether the peer of a TCP ``transport`` has sent its FIN, read or not.
+
+    Twisted reads a FIN only after the bytes before it, one read later: a
+    backend that connects in between would be sent them alone, without
+    :func:`send_with_fin`. The kernel knows at once (the socket is in
+    ``CLOSE_WAIT``). False for other transports.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return False
+    sock = transport.socket
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
