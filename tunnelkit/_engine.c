@@ -365,12 +365,25 @@ static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
     return (ssize_t)done;
 }
 
+/* MSG_MORE (SPLICE_F_MORE) for bytes to the backend once the client has sent
+ * its FIN: they are its last, so they wait in the kernel for the FIN that
+ * follows (shutdown or close) and leave with it, in one segment. A backend
+ * flooded with connections completes them with SYN cookies and may drop the
+ * first segments on a full accept queue; the cookie is then checked again in
+ * a later segment, which passes only if it starts at the first byte: a lone
+ * FIN behind the dropped bytes fails and is answered with a reset. (HAProxy
+ * sends its last bytes with MSG_MORE before a shutdown for the same merge.) */
+static inline int last_bytes(const tunnel_t *t, int to, int more) {
+    return to == BACKEND && (t->ready[CLIENT] & EPOLLRDHUP) ? more : 0;
+}
+
 /* Send to side `to` of the tunnel: through TLS to a TLS client, else plain.
  * Less than len taken means the socket is full: epoll says when it has room. */
 static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_t len) {
     ssize_t n = to == CLIENT && t->ssl != NULL
                     ? tls_send(e, t, buf, len)
-                    : send(t->fd[to], buf, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+                    : send(t->fd[to], buf, len,
+                           MSG_NOSIGNAL | MSG_DONTWAIT | last_bytes(t, to, MSG_MORE));
     if (n < (ssize_t)len)
         drained(t, to, EPOLLOUT);
     return n;
@@ -591,6 +604,13 @@ static int close_both(Engine *e, tunnel_t *t) {
 /* Side `s` failed (reset or error): close it; the peer is reset too, unless
  * `s` had already sent its FIN (then what it sent is complete: clean close). */
 static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
+    if (!t->dir[s].eof && t->noted && t->close_kind == K_FIN) {
+        /* A side that had not sent its FIN cut the tunnel short: its reset,
+         * not the other side's half-close noted before, is what ended it. */
+        t->noted = 0;
+        free(t->reason);
+        t->reason = NULL;
+    }
     note(t, s, K_RST, "%s reset: %s", SIDE_NAMES[s], strerror(err));
     int peer = 1 - s;
     int clean = t->dir[s].eof;
@@ -632,7 +652,8 @@ static int flush(Engine *e, tunnel_t *t, int s) {
         d->off = d->len = 0;
     }
     while (d->piped > 0) {
-        ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->piped,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK | last_bytes(t, 1 - s, SPLICE_F_MORE));
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR) {
                 drained(t, 1 - s, EPOLLOUT);

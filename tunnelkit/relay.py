@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.idle_watch import IdleWatch
+from tunnelkit.sockopts import peer_sent_fin, send_with_fin
 from tunnelkit.splice import PipePool, Splicer, start_splicing
 from tunnelkit.write_through import takes_views, writer_for
 
@@ -299,6 +300,9 @@ class Tunnel:
         backend_transport = backend.transport
         client_transport.registerProducer(backend_transport, True)
         backend_transport.registerProducer(client_transport, True)
+        if self.client.read_done or peer_sent_fin(client_transport):
+            # What the client sent is all it will send: with its FIN, in one segment.
+            send_with_fin(backend_transport)
         backend.start_forwarding(writer_for(client_transport, self.write_through))
         self.client.start_forwarding(writer_for(backend_transport, self.write_through))
         if self.pipes is not None and self.pipes.eager:
@@ -367,6 +371,10 @@ class Tunnel:
         if reason.check(ConnectionDone):
             self.note(leg.side, CloseKind.FIN, f"{leg.side.value} closed")
         elif not reason.check(ConnectionAborted):
+            if not leg.read_done and self._first is not None and self._first[1] is CloseKind.FIN:
+                # A side that had not sent its FIN cut the tunnel short: its
+                # reset, not the other side's half-close noted before, ended it.
+                self._first = None
             self.note(
                 leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}"
             )

@@ -98,3 +98,45 @@ def tuned_reactor(reactor: Any, options: SocketOptions) -> Any:
     if isinstance(reactor, PosixReactorBase):
         return _TunedReactor(reactor, options)
     return reactor
+
+
+def send_with_fin(transport: Any) -> None:
+    """Keep what is written to ``transport`` in the kernel until its FIN, to leave in one segment.
+
+    For a backend leg whose client has already sent its FIN: the bytes held
+    for it are its last, and sent with their FIN they cannot be split by a
+    backend that completes connections with SYN cookies and drops their first
+    segments on a full accept queue. Such a backend checks the cookie again
+    in the next segment, which passes only if it starts at the first byte: a
+    lone FIN behind the dropped bytes fails the check and is answered with a
+    reset. ``TCP_CORK`` holds partial segments (at most 200 ms) and the FIN
+    (``shutdown`` or ``close``) pushes them out with it; the socket sends
+    nothing after its FIN, so the cork is never taken off. The engine sends
+    such bytes with ``MSG_MORE`` for the same merge, as HAProxy does before
+    a shutdown. Other transports (UNIX, TLS) are left alone: only a plain TCP
+    transport's FIN is sure to follow its last bytes at once.
+    """
+    if isinstance(transport, tcp.Connection):
+        sock = transport.socket
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+
+
+#: ``tcpi_state`` (the first byte of ``TCP_INFO``) of a socket whose peer has sent its FIN.
+_TCP_CLOSE_WAIT = 8
+
+
+def peer_sent_fin(transport: Any) -> bool:
+    """Whether the peer of a TCP ``transport`` has sent its FIN, read or not.
+
+    Twisted reads a FIN only after the bytes before it, one read later: a
+    backend that connects in between would be sent them alone, without
+    :func:`send_with_fin`. The kernel knows at once (the socket is in
+    ``CLOSE_WAIT``). False for other transports.
+    """
+    if not isinstance(transport, tcp.Connection):
+        return False
+    sock = transport.socket
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
