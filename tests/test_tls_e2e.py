@@ -46,6 +46,7 @@ from loopback import (
     read_slowly,
     recv_all,
     recv_outcome,
+    send_while_reading,
     sha256,
     split_address,
 )
@@ -739,6 +740,24 @@ def test_client_key_update(tmp_path: Path, serve: Serve, pki: PKI) -> None:
         [event] = proxy.closed(1)
         assert event["close_kind"] == "FIN", event
         assert event["bytes_up"] == event["bytes_down"] == sum(len(line) + 1 for line in lines)
+
+
+def test_key_updates_while_the_client_reads_nothing(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+    """Two KeyUpdates asking for ours, sent while our writes to the client are blocked: all 16 MiB still arrive, both ways."""
+    down, up = os.urandom(16 * MiB), os.urandom(MiB)
+    backend = serve(functools.partial(send_while_reading, down))
+    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+        with Pump(proxy.address, client_context(pki.ca_path), "localhost") as pump:
+            pump.stall_then_update_keys(2.0, updates=2)
+            pump.run(up, timeout=60)
+        assert backend.outcome() == sha256(up)
+        [closed] = proxy.closed()
+    assert (pump.received, pump.digest.hexdigest()) == (len(down), sha256(down))
+    assert (closed["bytes_up"], closed["bytes_down"], closed["close_kind"]) == (
+        len(up),
+        len(down),
+        "FIN",
+    ), closed
 
 
 # -- 7. bulk both ways ------------------------------------------------------------------

@@ -141,6 +141,7 @@ typedef struct tunnel {
     unsigned handshaken : 1;
     unsigned notified : 1;          /* close_notify sent (or given up) */
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
+    unsigned write_pending : 1;     /* an SSL_write waits to be retried: no SSL_read meanwhile */
     /* Allocated when first needed: an idle tunnel is 408 bytes (x86-64). */
     char *reason;
     char *errors; /* failed backend attempts, "name: why; ..." */
@@ -333,7 +334,8 @@ static void tls_reason(Engine *e, int err, int saved_errno, char *out, size_t si
 /* SSL_write as much of buf as the client's socket takes, as send() would:
  * the count taken, or -1 with errno (EAGAIN when nothing was taken). A retry
  * must offer the same bytes again (OpenSSL may hold an encrypted record of
- * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER). */
+ * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
+ * While OpenSSL holds such a record, the client is not read (see may_read). */
 static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
     size_t done = 0;
     while (done < len) {
@@ -341,6 +343,7 @@ static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
         e->tls.clear_error();
         errno = 0;
         int n = e->tls.write(t->ssl, buf + done, chunk);
+        t->write_pending = n <= 0;
         if (n > 0) {
             done += n;
             continue;
@@ -458,12 +461,23 @@ static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
     mark(e, t, side);
 }
 
+/* Whether side s of a joined tunnel may be read: its direction holds
+ * nothing and saw no EOF. A TLS client is not read while an SSL_write waits
+ * to be retried either: a KeyUpdate asking for ours, read then, makes
+ * OpenSSL write its answer at once, behind the held record, and fail the
+ * connection ("bad length"). The client reads to unblock that write. */
+static inline int may_read(const tunnel_t *t, int s) {
+    const dir_t *out = &t->dir[s];
+    return t->state == S_JOINED && !out->eof && pending(out) == 0 &&
+           !(s == CLIENT && t->write_pending);
+}
+
 /* What side `s` of a joined tunnel waits for: reading its own direction,
  * writing what the other direction holds for it. */
 static void rewatch(Engine *e, tunnel_t *t, int s) {
     uint32_t want = 0;
-    dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
-    int reading = t->state == S_JOINED && !out->eof && pending(out) == 0;
+    dir_t *in = &t->dir[1 - s];
+    int reading = may_read(t, s);
     if (reading)
         want |= EPOLLIN;
     /* A TLS read that must write first waits for writability, but only
@@ -776,7 +790,7 @@ static int tls_relay_read(Engine *e, tunnel_t *t) {
 static int relay_read(Engine *e, tunnel_t *t, int s) {
     dir_t *d = &t->dir[s];
     int src = t->fd[s], dst = t->fd[1 - s];
-    if (d->eof || pending(d) > 0 || dst < 0)
+    if (!may_read(t, s) || dst < 0)
         return 0;
     if (s == CLIENT && t->ssl != NULL)
         return tls_relay_read(e, t);
@@ -1142,7 +1156,7 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
         if (t->state == S_DEAD || t->fd[s] < 0)
             return;
     }
-    if (t->state == S_JOINED && !t->dir[s].eof && pending(&t->dir[s]) == 0 &&
+    if (may_read(t, s) &&
         ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) || (s == CLIENT && t->read_wants_write))) {
         relay_read(e, t, s); /* a reset shows as the read's error */
         return;
