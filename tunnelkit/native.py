@@ -351,19 +351,27 @@ class NativeRelay:
             self.registry.emptied()
 
     def _report(self) -> None:
+        """Log the engine's notices and records; a record that fails to log costs only itself."""
         notices = self.engine.take_notices()
         for notice in notices:
             self._notice(*notice)
         records: Sequence[Record] = self.engine.take_records()
-        if not records:
-            return
-        factories = self._factories
-        for listener, fields, side, kind, why, spliced, tls in records:
-            factory = factories[listener]
-            details: dict[str, object] = {"spliced": True} if spliced else {}
-            reason = why if tls is None else self._tls_details(tls, kind, why, details)
-            record = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
-            factory.tunnel_log(record, factory.listener)
+        for record in records:
+            try:
+                self._log_record(record)
+            except Exception:
+                log.failure(
+                    "a tunnel record of the native engine could not be logged",
+                    event="record_failed",
+                )
+
+    def _log_record(self, record: Record) -> None:
+        listener, fields, side, kind, why, spliced, tls = record
+        factory = self._factories[listener]
+        details: dict[str, object] = {"spliced": True} if spliced else {}
+        reason = why if tls is None else self._tls_details(tls, kind, why, details)
+        closed = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
+        factory.tunnel_log(closed, factory.listener)
 
     def _tls_details(
         self, tls: tuple[Any, bool], kind: int, reason: str, details: dict[str, object]
