@@ -376,6 +376,26 @@ class UnreachableBackendTests(LoopbackTestCase):
             [record] = yield fwd.closed(1, timeout=2)
         assert (record["closed_by"], record["close_kind"]) == ("client", "RST"), record
 
+    @inlineCallbacks
+    def test_client_fin_then_reset_mid_connect_cancels_attempt(self) -> Inline:
+        """A client that half-closes, then resets, while its backend is still connecting ends the tunnel at once."""
+        with silent_listener() as silent:
+            if silent is None:
+                raise SkipTest("this kernel answers SYNs beyond a full accept queue")
+            fwd = self.forward("--to", silent, "--connect-timeout", "60")
+            sock = connect(fwd.address)
+            try:
+                yield poll(fwd.pending_connects, lambda: "a pending attempt")
+                sock.shutdown(socket.SHUT_WR)
+                # The proxy sees the FIN first (there is nothing to wait for that shows it).
+                yield deferLater(_reactor(), 0.3, lambda: None)
+            finally:
+                reset(sock)
+            # Far under the connect timeout: the reset ended it, not the timer.
+            [record] = yield fwd.closed(1, timeout=10)
+        assert (record["closed_by"], record["close_kind"]) == ("client", "RST"), record
+        assert fwd.pending_connects() == 0
+
 
 # -- resets and clean closes ----------------------------------------------
 

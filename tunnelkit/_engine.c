@@ -929,7 +929,7 @@ static int backend_connected(Engine *e, tunnel_t *t, uint32_t ev) {
 }
 
 /* The client while its backend connects: its bytes wait in the kernel; a reset
- * cancels the attempt; a FIN is kept for after the join. */
+ * cancels the attempt, also after a FIN; a FIN is kept for after the join. */
 static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
     if (ev & (EPOLLERR | EPOLLHUP)) {
         int err = 0;
@@ -941,8 +941,11 @@ static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
         abort_tunnel(e, t);
         return 1;
     }
+    /* Its FIN stays queued behind its bytes for the join; from then on only
+     * a reset (EPOLLHUP, EPOLLERR) is news: waiting for EPOLLRDHUP, which
+     * stays ready, would serve it again and again. */
     if (ev & EPOLLRDHUP)
-        watch(e, t, CLIENT, 0); /* its FIN stays queued behind its bytes for the join */
+        watch(e, t, CLIENT, EPOLLHUP | EPOLLERR);
     return 0;
 }
 
