@@ -625,7 +625,9 @@ static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
 
 static int send_eof_if_done(Engine *e, tunnel_t *t, int s);
 
-/* Send what direction s holds to its destination. Returns 1 if the tunnel ended. */
+/* Send what direction s holds to its destination. Returns 1 if the tunnel ended.
+ * Bytes sent count as movement for the idle timeout, as bytes read do: a
+ * slow reader draining a held read or a full pipe is not idle. */
 static int flush(Engine *e, tunnel_t *t, int s) {
     dir_t *d = &t->dir[s];
     int dst = t->fd[1 - s];
@@ -639,6 +641,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
             return side_failed(e, t, 1 - s, errno);
         }
         d->off += n;
+        t->last_moved = now();
     }
     if (d->buf) {
         free(d->buf);
@@ -657,6 +660,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
         if ((size_t)n < d->piped)
             drained(t, 1 - s, EPOLLOUT);
         d->piped -= n;
+        t->last_moved = now();
     }
     give_pipe(e, d);
     if (d->notify) {

@@ -8,16 +8,24 @@ Twisted never compacts the cancelled connect deadlines either. An
 ``idle / 16`` seconds: a tunnel that moved no byte for ``idle`` seconds is
 closed at most one sixteenth of the timeout late. The set costs a slot per
 tunnel; the timer runs only while the set is not empty.
+
+Bytes sent count as movement as bytes read do: a tunnel draining a held
+read to a slow reader is not idle, though it reads nothing until the
+reader catches up. Relayed bytes that Twisted queues leave in its
+``doWrite``; :func:`count_writes` has that method stamp the tunnel's clock.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 if TYPE_CHECKING:
+    from twisted.internet import tcp
+
     from tunnelkit.relay import Tunnel
 
 #: Sweeps per idle period: the worst lateness is ``idle / SLICES``.
@@ -62,3 +70,42 @@ class IdleWatch:
             self._timer = self.clock.callLater(self._next - now, self._sweep)
         for tunnel in expired:
             tunnel.idle_expired()
+
+
+_counting_classes: dict[type[tcp.Connection], type] = {}
+
+
+def _counting_class(kind: type[tcp.Connection]) -> type:
+    """``kind`` with a ``doWrite`` that marks its tunnel as moving."""
+    counting = _counting_classes.get(kind)
+    if counting is not None:
+        return counting
+    base_write: Callable[[Any], object] = kind.doWrite
+
+    def doWrite(self: Any) -> object:
+        tunnel = vars(self).get("_tunnelkit_tunnel")
+        if tunnel is not None:
+            tunnel.last_moved = tunnel.now()
+        return base_write(self)
+
+    counting = type(f"Counted{kind.__name__}", (kind,), {"doWrite": doWrite})
+    _counting_classes[kind] = counting
+    return counting
+
+
+def count_writes(tunnel: Tunnel, transport: Any) -> None:
+    """Let the bytes Twisted's TCP/UNIX ``transport`` sends from its queue count as ``tunnel`` moving.
+
+    Its class is swapped for a subclass (as :mod:`tunnelkit.splice` does), so
+    transports of tunnels without an idle timeout, or never queueing, pay nothing.
+    """
+    from tunnelkit.write_through import has_fast_path
+
+    if has_fast_path(transport):
+        transport._tunnelkit_tunnel = tunnel
+        transport.__class__ = _counting_class(type(transport))
+
+
+def stop_counting(transport: Any) -> None:
+    """The tunnel ended: drop the transport's link to it (a cycle only the collector would free)."""
+    vars(transport).pop("_tunnelkit_tunnel", None)

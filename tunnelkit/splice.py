@@ -20,7 +20,8 @@ before. The splicer keeps the relay's promises:
   read to Twisted's ``doRead``, whose ``recv`` tells EOF (a half-close) from
   TCP urgent data, where splice stops; errors are ``CONNECTION_LOST``. EOF
   is only ever seen with an empty pipe, so the FIN follows the last byte.
-* **Counts and idle time** are kept per spliced chunk as per read.
+* **Counts and idle time** are kept per spliced chunk as per read; idle time
+  also per chunk drained from a pipe.
 
 Pipes come from a :class:`PipePool` shared by the process: a direction holds
 one only while its destination is slow, so idle tunnels hold no file
@@ -217,12 +218,16 @@ class Splicer:
         if pipe is None:
             return _FALLBACK
         try:
-            d.pending = _drain(pipe, d.dest_fd, d.pending)
+            left = _drain(pipe, d.dest_fd, d.pending)
         except OSError:
             d.pipe = None
             d.pending = 0
             self._pool.discard(pipe)
             return CONNECTION_LOST
+        if left < d.pending:
+            tunnel = self._tunnel
+            tunnel.last_moved = tunnel.now()
+        d.pending = left
         if d.pending:
             return None
         d.pipe = None
