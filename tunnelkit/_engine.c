@@ -188,6 +188,8 @@ typedef struct {
     double tls_timeout;   /* --tls-handshake-timeout */
     int pipes[PIPES_KEPT][2];
     int n_pipes;
+    long fd_slots;   /* tunnels the descriptor limit has room for (0: no limit); a pipe takes one too */
+    long pipes_open; /* pipes made and not closed: pooled or holding bytes */
     tunnel_t head;      /* circular list of live tunnels */
     tunnel_t queue;     /* circular list (qnext/qprev) of tunnels with work the kernel will not announce again */
     int wake_fd;        /* eventfd: readable while the queue was left with work */
@@ -270,6 +272,33 @@ static void close_abortively(int fd) {
     close(fd);
 }
 
+/* -- pipes -------------------------------------------------------------------
+ *
+ * A pipe's two descriptors are a tunnel's worth: the descriptor budget that
+ * sized --max-connections (fd_slots tunnels) counts pipes, pooled or holding
+ * bytes, as tunnels. A pipe is made only while the budget has room, and a
+ * new tunnel that finds it spent takes it back (room_for_tunnel): pooled
+ * pipes are closed, then pipes holding bytes are emptied into memory. So
+ * splicing never costs a client within the cap its descriptors. */
+
+static inline int over_budget(const Engine *e, long more) {
+    return e->fd_slots > 0 && e->active + e->pipes_open + more > e->fd_slots;
+}
+
+static void close_pipe(Engine *e, int r, int w) {
+    close(r);
+    close(w);
+    e->pipes_open--;
+}
+
+/* Close the pooled pipes (all, or until the budget has room again). */
+static void shrink_pool(Engine *e, int all) {
+    while (e->n_pipes > 0 && (all || over_budget(e, 0))) {
+        e->n_pipes--;
+        close_pipe(e, e->pipes[e->n_pipes][0], e->pipes[e->n_pipes][1]);
+    }
+}
+
 static int take_pipe(Engine *e, dir_t *d) {
     if (d->pipe_r >= 0)
         return 0;
@@ -279,8 +308,9 @@ static int take_pipe(Engine *e, dir_t *d) {
         p[0] = e->pipes[e->n_pipes][0];
         p[1] = e->pipes[e->n_pipes][1];
     } else {
-        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+        if (over_budget(e, 1) || pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
             return -1;
+        e->pipes_open++;
         fcntl(p[1], F_SETPIPE_SZ, PIPE_CAPACITY); /* the kernel may refuse: keep its size */
     }
     d->pipe_r = p[0];
@@ -291,16 +321,51 @@ static int take_pipe(Engine *e, dir_t *d) {
 static void give_pipe(Engine *e, dir_t *d) {
     if (d->pipe_r < 0)
         return;
-    if (d->piped == 0 && e->n_pipes < PIPES_KEPT) {
+    if (d->piped == 0 && e->n_pipes < PIPES_KEPT && !over_budget(e, 0)) {
         e->pipes[e->n_pipes][0] = d->pipe_r;
         e->pipes[e->n_pipes][1] = d->pipe_w;
         e->n_pipes++;
     } else {
-        close(d->pipe_r);
-        close(d->pipe_w);
+        close_pipe(e, d->pipe_r, d->pipe_w);
     }
     d->pipe_r = d->pipe_w = -1;
     d->piped = 0;
+}
+
+/* Move the bytes d's pipe holds into memory, ahead of nothing (a direction
+ * holds bytes in its buffer or in its pipe, never both), and close the pipe.
+ * 0: done; -1: left as it was (no memory). */
+static int spill_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r < 0 || d->len > d->off)
+        return -1;
+    char *buf = d->piped > 0 ? malloc(d->piped) : NULL;
+    if (d->piped > 0 && buf == NULL)
+        return -1;
+    size_t got = 0;
+    while (got < d->piped) {
+        ssize_t n = read(d->pipe_r, buf + got, d->piped - got);
+        if (n <= 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* cannot happen: the pipe holds piped bytes; keep what came */
+        got += n;
+    }
+    free(d->buf);
+    d->buf = buf;
+    d->off = 0;
+    d->len = got;
+    close_pipe(e, d->pipe_r, d->pipe_w);
+    d->pipe_r = d->pipe_w = -1;
+    d->piped = 0;
+    return 0;
+}
+
+/* A tunnel was admitted: give back the descriptors pipes borrowed from its budget. */
+static void room_for_tunnel(Engine *e) {
+    shrink_pool(e, 0);
+    for (tunnel_t *t = e->head.next; t != &e->head && over_budget(e, 0); t = t->next)
+        for (int s = 0; s < 2 && over_budget(e, 0); s++)
+            spill_pipe(e, &t->dir[s]);
 }
 
 static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped + d->notify; }
@@ -879,6 +944,10 @@ static int try_backends(Engine *e, tunnel_t *t) {
     while (++t->backend_index < e->n_backends) {
         backend_t *b = &e->backends[t->backend_index];
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
+            shrink_pool(e, 1); /* as at accept: pipes go first */
+            fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        }
         t->fd[BACKEND] = fd;
         if (fd < 0) {
             /* Out of descriptors here rather than at accept (which of the two
@@ -1072,6 +1141,7 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
         return;
     }
     e->active++;
+    room_for_tunnel(e);
     t->fd[CLIENT] = fd;
     t->fd[BACKEND] = -1;
     for (int s = 0; s < 2; s++)
@@ -1107,6 +1177,10 @@ static void accept_clients(Engine *e, listener_t *l) {
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
+            if ((errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
+                shrink_pool(e, 1); /* the descriptors beyond the budget ran out: pipes go first */
+                continue;
+            }
             if ((errno == EMFILE || errno == ENFILE) && e->reserve_fd >= 0) {
                 /* Accept with the reserved descriptor and close at once: the
                  * client is told, and the listener does not spin. */
@@ -1462,11 +1536,7 @@ static void close_all(Engine *e) {
         abort_tunnel(e, t);
     }
     bury(e);
-    for (int i = 0; i < e->n_pipes; i++) {
-        close(e->pipes[i][0]);
-        close(e->pipes[i][1]);
-    }
-    e->n_pipes = 0;
+    shrink_pool(e, 1);
     if (e->epfd >= 0)
         close(e->epfd);
     if (e->reserve_fd >= 0)
@@ -1553,7 +1623,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
                              "grace", "connect_timeout", "half_close", "max_tunnels", "log_records",
                              "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
-                             "tls", NULL};
+                             "tls", "fd_slots", NULL};
     PyObject *backends, *check = Py_None, *tls = Py_None;
     Py_ssize_t read_size, bulk_read;
     if (e->epfd >= 0) {
@@ -1563,11 +1633,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
     e->nodelay = 1;
     e->half_close = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOO", kwlist, &backends,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOOl", kwlist, &backends,
                                      &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
                                      &e->grace, &e->connect_timeout, &e->half_close, &e->max_tunnels,
                                      &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
-                                     &e->rcvbuf, &e->mss, &check, &tls))
+                                     &e->rcvbuf, &e->mss, &check, &tls, &e->fd_slots))
         return -1;
     if (tls != Py_None && parse_tls(e, tls) < 0)
         return -1;

@@ -174,6 +174,8 @@ class NativeRelay:
     Each listener it takes (:meth:`start`) keeps its :class:`TunnelFactory`:
     the engine asks that factory's client policy and logs through its access
     log, so records and refusals read the same as on Twisted's path.
+    ``fd_slots`` is the tunnels the descriptor limit has room for: the
+    engine's splice pipes count as tunnels against it (0: not counted).
     """
 
     def __init__(
@@ -190,6 +192,7 @@ class NativeRelay:
         log_records: bool,
         restricts_clients: bool,
         tls: EngineTLS | None = None,
+        fd_slots: int = 0,
     ) -> None:
         self.reactor = reactor
         self.registry = registry
@@ -221,6 +224,7 @@ class NativeRelay:
             mss=-1 if options.mss is None else options.mss,
             client_check=self._client_allowed if restricts_clients else None,
             tls=tls.argument() if tls is not None else None,
+            fd_slots=fd_slots,
         )
         registry.engine = self.engine
 
