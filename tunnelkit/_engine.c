@@ -408,13 +408,14 @@ static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
         e->tls.clear_error();
         errno = 0;
         int n = e->tls.write(t->ssl, buf + done, chunk);
-        t->write_pending = n <= 0;
         if (n > 0) {
+            t->write_pending = 0;
             done += n;
             continue;
         }
         int saved = errno;
         int err = e->tls.get_error(t->ssl, n);
+        t->write_pending = err == TLS_WANT_WRITE; /* a record of buf is held */
         if (err == TLS_WANT_WRITE || err == TLS_WANT_READ || done > 0)
             break; /* an error shows again at the next call */
         if (err == TLS_ERROR_SSL) {

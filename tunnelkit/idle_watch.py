@@ -75,6 +75,14 @@ class IdleWatch:
 _counting_classes: dict[type[tcp.Connection], type] = {}
 
 
+def _tunnel_of(transport: Any) -> Tunnel | None:
+    """The tunnel of a transport's leg (behind the ``_WrappingProtocol`` of Twisted's unix: endpoint)."""
+    protocol = transport.protocol
+    leg = getattr(protocol, "wrappedProtocol", protocol)
+    tunnel: Tunnel | None = getattr(leg, "tunnel", None)
+    return tunnel
+
+
 def _counting_class(kind: type[tcp.Connection]) -> type:
     """``kind`` with a ``doWrite`` that marks its tunnel as moving."""
     counting = _counting_classes.get(kind)
@@ -83,7 +91,7 @@ def _counting_class(kind: type[tcp.Connection]) -> type:
     base_write: Callable[[Any], object] = kind.doWrite
 
     def doWrite(self: Any) -> object:
-        tunnel = vars(self).get("_tunnelkit_tunnel")
+        tunnel = _tunnel_of(self)
         if tunnel is not None:
             tunnel.last_moved = tunnel.now()
         return base_write(self)
@@ -93,19 +101,14 @@ def _counting_class(kind: type[tcp.Connection]) -> type:
     return counting
 
 
-def count_writes(tunnel: Tunnel, transport: Any) -> None:
-    """Let the bytes Twisted's TCP/UNIX ``transport`` sends from its queue count as ``tunnel`` moving.
+def count_writes(transport: Any) -> None:
+    """Let the bytes Twisted's TCP/UNIX ``transport`` sends from its queue count as its tunnel moving.
 
-    Its class is swapped for a subclass (as :mod:`tunnelkit.splice` does), so
-    transports of tunnels without an idle timeout, or never queueing, pay nothing.
+    Its class is swapped for a subclass (as :mod:`tunnelkit.splice` does):
+    no memory per tunnel, and transports of tunnels without an idle timeout
+    pay nothing. ``doWrite`` runs only when Twisted queued bytes.
     """
     from tunnelkit.write_through import has_fast_path
 
     if has_fast_path(transport):
-        transport._tunnelkit_tunnel = tunnel
         transport.__class__ = _counting_class(type(transport))
-
-
-def stop_counting(transport: Any) -> None:
-    """The tunnel ended: drop the transport's link to it (a cycle only the collector would free)."""
-    vars(transport).pop("_tunnelkit_tunnel", None)

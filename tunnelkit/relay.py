@@ -36,7 +36,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnelkit.idle_watch import IdleWatch, count_writes, stop_counting
+from tunnelkit.idle_watch import IdleWatch, count_writes
 from tunnelkit.reset_watch import reset_watch
 from tunnelkit.splice import PipePool, Splicer, start_splicing
 from tunnelkit.write_through import takes_views, writer_for
@@ -314,8 +314,8 @@ class Tunnel:
         self.last_moved = self.clock.seconds()
         if self.idle_watch is not None:
             self.idle_watch.add(self)
-            count_writes(self, client_transport)
-            count_writes(self, backend_transport)
+            count_writes(client_transport)
+            count_writes(backend_transport)
         if self.client.read_done:
             self._pass_eof(self.client, backend)
         else:
@@ -490,9 +490,6 @@ class Tunnel:
         self._forget_reset()
         if self.idle_watch is not None:
             self.idle_watch.discard(self)
-            for leg in (self.client, self.backend):
-                if leg is not None and leg.transport is not None:
-                    stop_counting(leg.transport)
         for timer in (self._timers or {}).values():
             if timer.active():
                 timer.cancel()
