@@ -102,7 +102,7 @@ def _counting_class(kind: type[tcp.Connection]) -> type:
 
 
 def count_writes(transport: Any) -> None:
-    """Let the bytes Twisted's TCP/UNIX ``transport`` sends from its queue count as its tunnel moving.
+    """Let the bytes Twisted's TCP/UNIX ``transport`` (or the one under a TLS leg) sends from its queue count as its tunnel moving.
 
     Its class is swapped for a subclass (as :mod:`tunnelkit.splice` does):
     no memory per tunnel, and transports of tunnels without an idle timeout
@@ -110,5 +110,8 @@ def count_writes(transport: Any) -> None:
     """
     from tunnelkit.write_through import has_fast_path
 
-    if has_fast_path(transport):
+    # A TLS leg's bytes leave through the TCP transport under its TLS protocol.
+    if not has_fast_path(transport):
+        transport = getattr(transport, "transport", None)
+    if transport is not None and has_fast_path(transport):
         transport.__class__ = _counting_class(type(transport))
