@@ -385,6 +385,18 @@ def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
+def send_while_reading(payload: bytes, conn: socket.socket) -> str:
+    """Send ``payload`` then FIN from a thread while reading until EOF; the SHA-256 of what came."""
+    sender = threading.Thread(target=lambda: (conn.sendall(payload), conn.shutdown(socket.SHUT_WR)))
+    sender.start()
+    digest = hashlib.sha256()
+    while data := conn.recv(256 * 1024):
+        digest.update(data)
+    sender.join(IO_TIMEOUT)
+    assert not sender.is_alive(), "the payload was not all sent"
+    return digest.hexdigest()
+
+
 class BulkSender:
     """Backend: on ``N\\n`` send N random bytes in 1 MiB chunks, then EOF; returns their SHA-256.
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from loopback import Serve, assert_echoes, echo
-from processes import free_port, start, twistd_argv
+from loopback import IO_TIMEOUT, MiB, Serve, assert_echoes, echo, recv_all, sha256
+from processes import free_port, start, tunnel_closed_events, twistd_argv, wait_until
 
 #: The child's descriptor limit: room for about twenty tunnels after Python's own.
 FD_LIMIT = 64
@@ -88,3 +88,96 @@ def test_descriptor_exhaustion_is_survived(tmp_path: Path, serve: Serve, engine:
                     raise
                 time.sleep(0.2)
         tk.stop()
+
+
+#: The child's descriptor limit for the pipe tests: a cap of (256 - 64) / 2 = 96 tunnels.
+PIPE_FD_LIMIT = 256
+
+#: Stalled spliced transfers (each holds a pipe while its client reads nothing), the
+#: clients served meanwhile, and the clients served once the stalled ones are done:
+#: each phase within the cap.
+STALLED, MEANWHILE, AFTER = 40, 50, 90
+
+#: What each stalled client asks for: more than the kernel's socket buffers hold.
+STALLED_SIZE = 8 * MiB
+
+#: What :func:`send_requested` sends, over and over.
+BLOCK = os.urandom(MiB)
+
+
+def send_requested(conn: socket.socket) -> int:
+    """Backend: on ``N\\n`` send N bytes (copies of :data:`BLOCK`), then FIN; the count sent."""
+    request = b""
+    while not request.endswith(b"\n") and len(request) < 32:
+        chunk = conn.recv(32)
+        if not chunk:
+            return 0
+        request += chunk
+    size = int(request)
+    for offset in range(0, size, MiB):
+        conn.sendall(BLOCK[: min(MiB, size - offset)])
+    conn.shutdown(socket.SHUT_WR)
+    return size
+
+
+def request(address: tuple[str, int], size: int) -> socket.socket:
+    """A client that asked a :func:`send_requested` backend for ``size`` bytes."""
+    sock = socket.create_connection(address, 5)
+    sock.settimeout(IO_TIMEOUT)
+    sock.sendall(b"%d\n" % size)
+    return sock
+
+
+def pipes_of(pid: int) -> int:
+    """How many pipe descriptors process ``pid`` holds."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("pipe:")
+    return count
+
+
+def served(address: tuple[str, int], count: int) -> int:
+    """Of ``count`` clients open at once, how many got their 1 KiB and EOF."""
+    with contextlib.ExitStack() as clients:
+        socks = [clients.enter_context(request(address, 1024)) for _ in range(count)]
+        done = 0
+        for sock in socks:
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                done += recv_all(sock) == BLOCK[:1024]
+    return done
+
+
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_pipes_leave_room_for_every_client_up_to_the_cap(
+    tmp_path: Path, serve: Serve, engine: str
+) -> None:
+    """Splice pipes, holding bytes or pooled, never cost a client within the cap its descriptors; the held bytes all arrive."""
+    backend = serve(send_requested, backlog=512)
+    port = free_port()
+    address = ("127.0.0.1", port)
+    argv = twistd_argv(
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--to",
+        backend.address,
+        "--engine",
+        engine,
+        "--splice",
+        "on",
+    )
+    expected = sha256(BLOCK * (STALLED_SIZE // MiB))
+    command = f"ulimit -n {PIPE_FD_LIMIT} && exec {shlex.join(argv)}"
+    with start(["sh", "-c", command], tmp_path) as tk, contextlib.ExitStack() as stalled:
+        tk.wait_listening()
+        socks = [stalled.enter_context(request(address, STALLED_SIZE)) for _ in range(STALLED)]
+        wait_until(lambda: pipes_of(tk.pid) >= 2 * STALLED or None, "a pipe per stalled tunnel")
+        meanwhile = served(address, MEANWHILE)
+        digests = [sha256(recv_all(sock)) for sock in socks]
+        stalled.close()
+        ended = STALLED + MEANWHILE
+        tk.wait_for(lambda text: len(tunnel_closed_events(text)) >= ended or None, "the ends")
+        after = served(address, AFTER)
+        tk.stop()
+    assert (meanwhile, after) == (MEANWHILE, AFTER), "clients within the cap were not served"
+    assert digests == [expected] * STALLED

@@ -42,8 +42,11 @@ from loopback import (
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
+
+from tunnelkit.native import NativeRelay
+from tunnelkit.relay import TunnelRecord
 
 Inline = Generator[Deferred[Any], Any, None]
 
@@ -569,6 +572,55 @@ class PythonEngineTests(NativeEngineTests):
 
     native = False
     extra_args = ("--engine", "python")
+
+
+class RecordedEngine:
+    """Stands in for an Engine whose batch of records is ready to be taken."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self.records = records
+
+    def take_notices(self) -> tuple[()]:
+        return ()
+
+    def take_records(self) -> list[Any]:
+        taken, self.records = self.records, []
+        return taken
+
+
+class FlakyLog:
+    """A listener's factory whose access log fails on the client named ``bad``."""
+
+    listener = "127.0.0.1:0"
+
+    def __init__(self, bad: str) -> None:
+        self.bad = bad
+        self.logged: list[str] = []
+
+    def tunnel_log(self, record: TunnelRecord, listener: str) -> None:
+        if record.client == self.bad:
+            raise RuntimeError("the access log failed")
+        self.logged.append(record.client)
+
+
+class ReportTests(SynchronousTestCase):
+    """The records of one batch from the engine are logged one by one."""
+
+    def test_a_failing_record_costs_only_itself(self) -> None:
+        """The access log failing on the first record of a batch: it is logged as a failure, the others still reach the log."""
+        clients = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
+        records = [
+            (0, (client, "b", "127.0.0.1:9", 1, 2, 0.5, 0.1), 0, 0, "client sent FIN", False, None)
+            for client in clients
+        ]
+        factory = FlakyLog(bad=clients[0])
+        relay = NativeRelay.__new__(NativeRelay)  # only what _report reads
+        relay.engine = RecordedEngine(records)
+        relay._factories = [factory]  # type: ignore[list-item]
+        relay._report()
+        assert factory.logged == clients[1:]
+        [failure] = self.flushLoggedErrors(RuntimeError)
+        assert failure.getErrorMessage() == "the access log failed"
 
 
 def epoll_targets(epfd: int) -> list[int]:

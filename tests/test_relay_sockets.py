@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from loopback import (
+    IO_TIMEOUT,
     BulkSender,
     LoopbackTestCase,
     MiB,
@@ -395,6 +396,26 @@ class UnreachableBackendTests(LoopbackTestCase):
             [record] = yield fwd.closed(1, timeout=2)
         assert (record["closed_by"], record["close_kind"]) == ("client", "RST"), record
 
+    @inlineCallbacks
+    def test_client_fin_then_reset_mid_connect_cancels_attempt(self) -> Inline:
+        """A client that half-closes, then resets, while its backend is still connecting ends the tunnel at once."""
+        with silent_listener() as silent:
+            if silent is None:
+                raise SkipTest("this kernel answers SYNs beyond a full accept queue")
+            fwd = self.forward("--to", silent, "--connect-timeout", "60")
+            sock = connect(fwd.address)
+            try:
+                yield poll(fwd.pending_connects, lambda: "a pending attempt")
+                sock.shutdown(socket.SHUT_WR)
+                # The proxy sees the FIN first (there is nothing to wait for that shows it).
+                yield deferLater(_reactor(), 0.3, lambda: None)
+            finally:
+                reset(sock)
+            # Far under the connect timeout: the reset ended it, not the timer.
+            [record] = yield fwd.closed(1, timeout=10)
+        assert (record["closed_by"], record["close_kind"]) == ("client", "RST"), record
+        assert fwd.pending_connects() == 0
+
 
 # -- resets and clean closes ----------------------------------------------
 
@@ -505,6 +526,45 @@ class IdleTests(LoopbackTestCase):
         [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("proxy", "timeout")
         assert record["reason"] == "idle timeout (0.5 s without data)"
+
+    @inlineCallbacks
+    def test_writing_to_a_slow_reader_is_not_idle(self) -> Inline:
+        """A tunnel that only writes (a held 1 MiB read draining to a slow reader) for longer than --idle-timeout is not idle."""
+        bulk = BulkSender()
+        backend = self.serve(bulk)
+        fwd = self.forward(
+            "--to",
+            backend.address,
+            "--idle-timeout",
+            "0.5",
+            "--read-size",
+            str(MiB),
+            "--sndbuf",
+            "16384",
+        )
+        size = 2 * MiB
+
+        def slow_client() -> tuple[int, str, str]:
+            # Small kernel buffers: what the proxy holds drains at the reader's pace.
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+                sock.settimeout(IO_TIMEOUT)
+                sock.connect(split_address(fwd.address))
+                sock.sendall(b"%d\n" % size)
+                digest, received = hashlib.sha256(), 0
+                for _ in range(size // 1024 + 1000):
+                    chunk = sock.recv(64 * 1024)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    received += len(chunk)
+                    time.sleep(0.05)  # at most 640 KiB/s: a held MiB takes longer than the timeout
+                return received, digest.hexdigest(), backend.outcome()
+
+        received, digest, sent = yield deferToThread(slow_client)
+        assert (received, digest) == (size, sent)
+        [record] = yield fwd.closed(1)
+        assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN"), record
 
 
 # -- socket options -------------------------------------------------------

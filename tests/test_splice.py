@@ -111,6 +111,35 @@ def test_pool_without_descriptors_says_none(monkeypatch: pytest.MonkeyPatch) -> 
     assert PipePool().take() is None
 
 
+def test_pool_counts_pipes_against_the_descriptor_budget() -> None:
+    """Room for 3 tunnels, 1 live: two pipes are made, not a third; two more tunnels take the pooled ones back."""
+    live = [1]
+    pool = PipePool(64 * 1024, slots=3, live=lambda: live[0])
+    pipes = [pool.take(), pool.take()]
+    assert pool.take() is None
+    for pipe in pipes:
+        assert pipe is not None
+        pool.give(pipe)
+    assert pool.open == 2
+    live[0] = 3
+    pool.make_room()
+    assert pool.open == 0
+    assert not any(is_open(p[0]) for p in pipes if p)
+
+
+def test_pool_spills_lent_pipes_when_the_budget_is_spent() -> None:
+    """A pipe holding bytes is handed to its spill once pooled ones are gone and the budget is still over."""
+    live = [0]
+    pool = PipePool(64 * 1024, slots=1, live=lambda: live[0])
+    pipe = pool.take()
+    assert pipe is not None
+    spilled: list[bool] = []
+    pool.lend(pipe, lambda: (spilled.append(True), pool.discard(pipe)))
+    live[0] = 1
+    pool.make_room()
+    assert spilled == [True] and pool.open == 0
+
+
 # -- options ----------------------------------------------------------------
 
 

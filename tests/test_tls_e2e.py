@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -47,6 +48,7 @@ from loopback import (
     read_slowly,
     recv_all,
     recv_outcome,
+    send_while_reading,
     sha256,
     split_address,
 )
@@ -808,6 +810,53 @@ def test_client_key_update(tmp_path: Path, serve: Serve, pki: PKI) -> None:
         [event] = proxy.closed(1)
         assert event["close_kind"] == "FIN", event
         assert event["bytes_up"] == event["bytes_down"] == sum(len(line) + 1 for line in lines)
+
+
+def test_key_updates_while_the_client_reads_nothing(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+    """Two KeyUpdates asking for ours, sent while our writes to the client are blocked: all 16 MiB still arrive, both ways."""
+    down, up = os.urandom(16 * MiB), os.urandom(MiB)
+    backend = serve(functools.partial(send_while_reading, down))
+    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+        with Pump(proxy.address, client_context(pki.ca_path), "localhost") as pump:
+            pump.stall_then_update_keys(2.0, updates=2)
+            pump.run(up, timeout=60)
+        assert backend.outcome() == sha256(up)
+        [closed] = proxy.closed()
+    assert (pump.received, pump.digest.hexdigest()) == (len(down), sha256(down))
+    assert (closed["bytes_up"], closed["bytes_down"], closed["close_kind"]) == (
+        len(up),
+        len(down),
+        "FIN",
+    ), closed
+
+
+def test_writing_to_a_slow_tls_reader_is_not_idle(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+    """A TLS tunnel that only writes (a held 1 MiB read draining to a slow reader) for longer than --idle-timeout is not idle."""
+    size = 2 * MiB
+    bulk = BulkSender()
+    backend = serve(bulk)
+    args = ("--idle-timeout", "0.5", "--read-size", str(MiB), "--sndbuf", "16384")
+    with tls_proxy(
+        tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address, *args
+    ) as proxy:
+        # Small kernel buffers: what the proxy holds drains at the reader's pace.
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        raw.settimeout(15)
+        raw.connect(split_address(proxy.address))
+        with client_context(pki.ca_path).wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"%d\n" % size)
+            digest, received = hashlib.sha256(), 0
+            for _ in range(size // 1024 + 1000):
+                chunk = tls.recv(32 * 1024)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                received += len(chunk)
+                time.sleep(0.05)  # at most 640 KiB/s: a held MiB takes longer than the timeout
+        assert (received, digest.hexdigest()) == (size, backend.outcome())
+        [closed] = proxy.closed()
+    assert (closed["closed_by"], closed["close_kind"]) == ("backend", "FIN"), closed
 
 
 # -- 7. bulk both ways ------------------------------------------------------------------

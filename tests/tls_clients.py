@@ -10,6 +10,8 @@ every loop a bound.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
 import selectors
@@ -153,6 +155,27 @@ def refused(
 
 # -- a one-thread full-duplex client ----------------------------------------
 
+#: SSL_KEY_UPDATE_REQUESTED: the peer must answer with a KeyUpdate of its own.
+_KEY_UPDATE_REQUESTED = 1
+
+
+def request_key_update(tls: ssl.SSLObject) -> None:
+    """Queue a TLS 1.3 KeyUpdate that asks for the peer's (sent by the next write or handshake call).
+
+    Python's ssl has no call for it: this calls ``SSL_key_update`` of the
+    libssl Python's ssl module links, on the ``SSL *`` of its
+    ``_ssl._SSLSocket`` (checked: OpenSSL must name its protocol TLSv1.3).
+    """
+    libssl = ctypes.CDLL(ctypes.util.find_library("ssl") or "libssl.so.3")
+    libssl.SSL_get_version.restype = ctypes.c_char_p
+    libssl.SSL_get_version.argtypes = [ctypes.c_void_p]
+    libssl.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    inner = tls._sslobj  # type: ignore[attr-defined]
+    # After ob_refcnt, ob_type and the socket weak reference (CPython's PySSLSocket).
+    pointer = ctypes.c_void_p.from_address(id(inner) + 3 * ctypes.sizeof(ctypes.c_void_p))
+    assert libssl.SSL_get_version(pointer.value) == b"TLSv1.3", "not the SSL * of a TLS 1.3 client"
+    assert libssl.SSL_key_update(pointer.value, _KEY_UPDATE_REQUESTED) == 1, "SSL_key_update failed"
+
 
 class Pump:
     """One TLS connection driven over memory BIOs: it writes, stops writing as asked, and reads.
@@ -216,6 +239,29 @@ class Pump:
                 return
             self.digest.update(data)
             self.received += len(data)
+
+    def stall_then_update_keys(self, seconds: float, updates: int) -> None:
+        """Handshake, read nothing for ``seconds``, then send ``updates`` KeyUpdates asking for the server's."""
+        deadline = time.monotonic() + IO_TIMEOUT
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            while not self.handshaken:
+                try:
+                    self.tls.do_handshake()
+                    self.handshaken = True
+                except ssl.SSLWantReadError:
+                    pass
+                self._flush()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("no TLS handshake")
+                if not self.handshaken:
+                    self._wait(selector, remaining)
+        time.sleep(seconds)
+        for _ in range(updates):
+            request_key_update(self.tls)
+            self.tls.do_handshake()  # writes the KeyUpdate
+            self._flush()
 
     def run(self, payload: bytes, timeout: float = 60.0) -> None:
         """Send ``payload``, end the client's direction, read until the server's ends."""

@@ -141,6 +141,7 @@ typedef struct tunnel {
     unsigned handshaken : 1;
     unsigned notified : 1;          /* close_notify sent (or given up) */
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
+    unsigned write_pending : 1;     /* an SSL_write waits to be retried: no SSL_read meanwhile */
     /* Allocated when first needed: an idle tunnel is 408 bytes (x86-64). */
     char *reason;
     char *errors; /* failed backend attempts, "name: why; ..." */
@@ -187,6 +188,8 @@ typedef struct {
     double tls_timeout;   /* --tls-handshake-timeout */
     int pipes[PIPES_KEPT][2];
     int n_pipes;
+    long fd_slots;   /* tunnels the descriptor limit has room for (0: no limit); a pipe takes one too */
+    long pipes_open; /* pipes made and not closed: pooled or holding bytes */
     tunnel_t head;      /* circular list of live tunnels */
     tunnel_t queue;     /* circular list (qnext/qprev) of tunnels with work the kernel will not announce again */
     int wake_fd;        /* eventfd: readable while the queue was left with work */
@@ -269,6 +272,33 @@ static void close_abortively(int fd) {
     close(fd);
 }
 
+/* -- pipes -------------------------------------------------------------------
+ *
+ * A pipe's two descriptors are a tunnel's worth: the descriptor budget that
+ * sized --max-connections (fd_slots tunnels) counts pipes, pooled or holding
+ * bytes, as tunnels. A pipe is made only while the budget has room, and a
+ * new tunnel that finds it spent takes it back (room_for_tunnel): pooled
+ * pipes are closed, then pipes holding bytes are emptied into memory. So
+ * splicing never costs a client within the cap its descriptors. */
+
+static inline int over_budget(const Engine *e, long more) {
+    return e->fd_slots > 0 && e->active + e->pipes_open + more > e->fd_slots;
+}
+
+static void close_pipe(Engine *e, int r, int w) {
+    close(r);
+    close(w);
+    e->pipes_open--;
+}
+
+/* Close the pooled pipes (all, or until the budget has room again). */
+static void shrink_pool(Engine *e, int all) {
+    while (e->n_pipes > 0 && (all || over_budget(e, 0))) {
+        e->n_pipes--;
+        close_pipe(e, e->pipes[e->n_pipes][0], e->pipes[e->n_pipes][1]);
+    }
+}
+
 static int take_pipe(Engine *e, dir_t *d) {
     if (d->pipe_r >= 0)
         return 0;
@@ -278,8 +308,9 @@ static int take_pipe(Engine *e, dir_t *d) {
         p[0] = e->pipes[e->n_pipes][0];
         p[1] = e->pipes[e->n_pipes][1];
     } else {
-        if (pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+        if (over_budget(e, 1) || pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
             return -1;
+        e->pipes_open++;
         fcntl(p[1], F_SETPIPE_SZ, PIPE_CAPACITY); /* the kernel may refuse: keep its size */
     }
     d->pipe_r = p[0];
@@ -290,16 +321,51 @@ static int take_pipe(Engine *e, dir_t *d) {
 static void give_pipe(Engine *e, dir_t *d) {
     if (d->pipe_r < 0)
         return;
-    if (d->piped == 0 && e->n_pipes < PIPES_KEPT) {
+    if (d->piped == 0 && e->n_pipes < PIPES_KEPT && !over_budget(e, 0)) {
         e->pipes[e->n_pipes][0] = d->pipe_r;
         e->pipes[e->n_pipes][1] = d->pipe_w;
         e->n_pipes++;
     } else {
-        close(d->pipe_r);
-        close(d->pipe_w);
+        close_pipe(e, d->pipe_r, d->pipe_w);
     }
     d->pipe_r = d->pipe_w = -1;
     d->piped = 0;
+}
+
+/* Move the bytes d's pipe holds into memory, ahead of nothing (a direction
+ * holds bytes in its buffer or in its pipe, never both), and close the pipe.
+ * 0: done; -1: left as it was (no memory). */
+static int spill_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r < 0 || d->len > d->off)
+        return -1;
+    char *buf = d->piped > 0 ? malloc(d->piped) : NULL;
+    if (d->piped > 0 && buf == NULL)
+        return -1;
+    size_t got = 0;
+    while (got < d->piped) {
+        ssize_t n = read(d->pipe_r, buf + got, d->piped - got);
+        if (n <= 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* cannot happen: the pipe holds piped bytes; keep what came */
+        got += n;
+    }
+    free(d->buf);
+    d->buf = buf;
+    d->off = 0;
+    d->len = got;
+    close_pipe(e, d->pipe_r, d->pipe_w);
+    d->pipe_r = d->pipe_w = -1;
+    d->piped = 0;
+    return 0;
+}
+
+/* A tunnel was admitted: give back the descriptors pipes borrowed from its budget. */
+static void room_for_tunnel(Engine *e) {
+    shrink_pool(e, 0);
+    for (tunnel_t *t = e->head.next; t != &e->head && over_budget(e, 0); t = t->next)
+        for (int s = 0; s < 2 && over_budget(e, 0); s++)
+            spill_pipe(e, &t->dir[s]);
 }
 
 static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped + d->notify; }
@@ -333,7 +399,8 @@ static void tls_reason(Engine *e, int err, int saved_errno, char *out, size_t si
 /* SSL_write as much of buf as the client's socket takes, as send() would:
  * the count taken, or -1 with errno (EAGAIN when nothing was taken). A retry
  * must offer the same bytes again (OpenSSL may hold an encrypted record of
- * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER). */
+ * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
+ * While OpenSSL holds such a record, the client is not read (see may_read). */
 static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
     size_t done = 0;
     while (done < len) {
@@ -342,11 +409,13 @@ static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
         errno = 0;
         int n = e->tls.write(t->ssl, buf + done, chunk);
         if (n > 0) {
+            t->write_pending = 0;
             done += n;
             continue;
         }
         int saved = errno;
         int err = e->tls.get_error(t->ssl, n);
+        t->write_pending = err == TLS_WANT_WRITE; /* a record of buf is held */
         if (err == TLS_WANT_WRITE || err == TLS_WANT_READ || done > 0)
             break; /* an error shows again at the next call */
         if (err == TLS_ERROR_SSL) {
@@ -471,12 +540,23 @@ static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
     mark(e, t, side);
 }
 
+/* Whether side s of a joined tunnel may be read: its direction holds
+ * nothing and saw no EOF. A TLS client is not read while an SSL_write waits
+ * to be retried either: a KeyUpdate asking for ours, read then, makes
+ * OpenSSL write its answer at once, behind the held record, and fail the
+ * connection ("bad length"). The client reads to unblock that write. */
+static inline int may_read(const tunnel_t *t, int s) {
+    const dir_t *out = &t->dir[s];
+    return t->state == S_JOINED && !out->eof && pending(out) == 0 &&
+           !(s == CLIENT && t->write_pending);
+}
+
 /* What side `s` of a joined tunnel waits for: reading its own direction,
  * writing what the other direction holds for it. */
 static void rewatch(Engine *e, tunnel_t *t, int s) {
     uint32_t want = 0;
-    dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
-    int reading = t->state == S_JOINED && !out->eof && pending(out) == 0;
+    dir_t *in = &t->dir[1 - s];
+    int reading = may_read(t, s);
     if (reading)
         want |= EPOLLIN;
     /* A TLS read that must write first waits for writability, but only
@@ -631,7 +711,9 @@ static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
 
 static int send_eof_if_done(Engine *e, tunnel_t *t, int s);
 
-/* Send what direction s holds to its destination. Returns 1 if the tunnel ended. */
+/* Send what direction s holds to its destination. Returns 1 if the tunnel ended.
+ * Bytes sent count as movement for the idle timeout, as bytes read do: a
+ * slow reader draining a held read or a full pipe is not idle. */
 static int flush(Engine *e, tunnel_t *t, int s) {
     dir_t *d = &t->dir[s];
     int dst = t->fd[1 - s];
@@ -645,6 +727,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
             return side_failed(e, t, 1 - s, errno);
         }
         d->off += n;
+        t->last_moved = now();
     }
     if (d->buf) {
         free(d->buf);
@@ -664,6 +747,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
         if ((size_t)n < d->piped)
             drained(t, 1 - s, EPOLLOUT);
         d->piped -= n;
+        t->last_moved = now();
     }
     give_pipe(e, d);
     if (d->notify) {
@@ -797,7 +881,7 @@ static int tls_relay_read(Engine *e, tunnel_t *t) {
 static int relay_read(Engine *e, tunnel_t *t, int s) {
     dir_t *d = &t->dir[s];
     int src = t->fd[s], dst = t->fd[1 - s];
-    if (d->eof || pending(d) > 0 || dst < 0)
+    if (!may_read(t, s) || dst < 0)
         return 0;
     if (s == CLIENT && t->ssl != NULL)
         return tls_relay_read(e, t);
@@ -882,6 +966,10 @@ static int try_backends(Engine *e, tunnel_t *t) {
     while (++t->backend_index < e->n_backends) {
         backend_t *b = &e->backends[t->backend_index];
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
+            shrink_pool(e, 1); /* as at accept: pipes go first */
+            fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        }
         t->fd[BACKEND] = fd;
         if (fd < 0) {
             /* Out of descriptors here rather than at accept (which of the two
@@ -936,7 +1024,7 @@ static int backend_connected(Engine *e, tunnel_t *t, uint32_t ev) {
 }
 
 /* The client while its backend connects: its bytes wait in the kernel; a reset
- * cancels the attempt; a FIN is kept for after the join. */
+ * cancels the attempt, also after a FIN; a FIN is kept for after the join. */
 static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
     if (ev & (EPOLLERR | EPOLLHUP)) {
         int err = 0;
@@ -948,8 +1036,11 @@ static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
         abort_tunnel(e, t);
         return 1;
     }
+    /* Its FIN stays queued behind its bytes for the join; from then on only
+     * a reset (EPOLLHUP, EPOLLERR) is news: waiting for EPOLLRDHUP, which
+     * stays ready, would serve it again and again. */
     if (ev & EPOLLRDHUP)
-        watch(e, t, CLIENT, 0); /* its FIN stays queued behind its bytes for the join */
+        watch(e, t, CLIENT, EPOLLHUP | EPOLLERR);
     return 0;
 }
 
@@ -1072,6 +1163,7 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
         return;
     }
     e->active++;
+    room_for_tunnel(e);
     t->fd[CLIENT] = fd;
     t->fd[BACKEND] = -1;
     for (int s = 0; s < 2; s++)
@@ -1107,6 +1199,10 @@ static void accept_clients(Engine *e, listener_t *l) {
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
+            if ((errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
+                shrink_pool(e, 1); /* the descriptors beyond the budget ran out: pipes go first */
+                continue;
+            }
             if ((errno == EMFILE || errno == ENFILE) && e->reserve_fd >= 0) {
                 /* Accept with the reserved descriptor and close at once: the
                  * client is told, and the listener does not spin. */
@@ -1163,7 +1259,7 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
         if (t->state == S_DEAD || t->fd[s] < 0)
             return;
     }
-    if (t->state == S_JOINED && !t->dir[s].eof && pending(&t->dir[s]) == 0 &&
+    if (may_read(t, s) &&
         ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) || (s == CLIENT && t->read_wants_write))) {
         relay_read(e, t, s); /* a reset shows as the read's error */
         return;
@@ -1462,11 +1558,7 @@ static void close_all(Engine *e) {
         abort_tunnel(e, t);
     }
     bury(e);
-    for (int i = 0; i < e->n_pipes; i++) {
-        close(e->pipes[i][0]);
-        close(e->pipes[i][1]);
-    }
-    e->n_pipes = 0;
+    shrink_pool(e, 1);
     if (e->epfd >= 0)
         close(e->epfd);
     if (e->reserve_fd >= 0)
@@ -1553,7 +1645,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
                              "grace", "connect_timeout", "half_close", "max_tunnels", "log_records",
                              "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
-                             "tls", NULL};
+                             "tls", "fd_slots", NULL};
     PyObject *backends, *check = Py_None, *tls = Py_None;
     Py_ssize_t read_size, bulk_read;
     if (e->epfd >= 0) {
@@ -1563,11 +1655,11 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
     e->nodelay = 1;
     e->half_close = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOO", kwlist, &backends,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOOl", kwlist, &backends,
                                      &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
                                      &e->grace, &e->connect_timeout, &e->half_close, &e->max_tunnels,
                                      &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
-                                     &e->rcvbuf, &e->mss, &check, &tls))
+                                     &e->rcvbuf, &e->mss, &check, &tls, &e->fd_slots))
         return -1;
     if (tls != Py_None && parse_tls(e, tls) < 0)
         return -1;

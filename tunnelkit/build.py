@@ -46,7 +46,7 @@ from tunnelkit.listener import TunnelFactory
 from tunnelkit.registry import TunnelRegistry
 from tunnelkit.relay import Timeouts, TunnelRecord
 from tunnelkit.resolver import system_resolver
-from tunnelkit.service import TunnelService, default_max_tunnels, raise_fd_limit
+from tunnelkit.service import TunnelService, default_max_tunnels, fd_slots, raise_fd_limit
 from tunnelkit.sockopts import tuned_reactor
 from tunnelkit.tunnel_log import TunnelLog
 
@@ -262,7 +262,12 @@ def build_service(config: Options) -> TunnelService:
     tunnel_log = TunnelLog(reactor) if access_log is None else TunnelLog(reactor, sink=access_log)
     settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
     pipes = (
-        splice.PipePool(eager=config["splice"] == "on", read_size=config.socket_options.read_size)
+        splice.PipePool(
+            eager=config["splice"] == "on",
+            read_size=config.socket_options.read_size,
+            slots=fd_slots(),
+            live=registry.live,
+        )
         if config["splice"] != "off" and splice.AVAILABLE
         else None
     )
@@ -325,6 +330,7 @@ def build_service(config: Options) -> TunnelService:
             log_records=not config["no-access-log"],
             restricts_clients=config.clients.restricts,
             tls=_engine_tls(config.tls) if config.tls is not None else None,
+            fd_slots=fd_slots(),
         )
         if use_native
         else None

@@ -80,6 +80,8 @@ class TunnelFactory(Factory):
         )
         if not self.registry.admit(tunnel):
             return self.overloaded()
+        if self.pipes is not None:
+            self.pipes.make_room()
         tunnel.on_client_connected = self._on_connected
         return tunnel.client
 

@@ -177,6 +177,8 @@ class NativeRelay:
     Each listener it takes (:meth:`start`) keeps its :class:`TunnelFactory`:
     the engine asks that factory's client policy and logs through its access
     log, so records and refusals read the same as on Twisted's path.
+    ``fd_slots`` is the tunnels the descriptor limit has room for: the
+    engine's splice pipes count as tunnels against it (0: not counted).
     """
 
     def __init__(
@@ -193,6 +195,7 @@ class NativeRelay:
         log_records: bool,
         restricts_clients: bool,
         tls: EngineTLS | None = None,
+        fd_slots: int = 0,
     ) -> None:
         self.reactor = reactor
         self.registry = registry
@@ -224,6 +227,7 @@ class NativeRelay:
             mss=-1 if options.mss is None else options.mss,
             client_check=self._client_allowed if restricts_clients else None,
             tls=tls.argument() if tls is not None else None,
+            fd_slots=fd_slots,
         )
         registry.engine = self.engine
 
@@ -354,19 +358,27 @@ class NativeRelay:
             self.registry.emptied()
 
     def _report(self) -> None:
+        """Log the engine's notices and records; a record that fails to log costs only itself."""
         notices = self.engine.take_notices()
         for notice in notices:
             self._notice(*notice)
         records: Sequence[Record] = self.engine.take_records()
-        if not records:
-            return
-        factories = self._factories
-        for listener, fields, side, kind, why, spliced, tls in records:
-            factory = factories[listener]
-            details: dict[str, object] = {"spliced": True} if spliced else {}
-            reason = why if tls is None else self._tls_details(tls, kind, why, details)
-            record = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
-            factory.tunnel_log(record, factory.listener)
+        for record in records:
+            try:
+                self._log_record(record)
+            except Exception:
+                log.failure(
+                    "a tunnel record of the native engine could not be logged",
+                    event="record_failed",
+                )
+
+    def _log_record(self, record: Record) -> None:
+        listener, fields, side, kind, why, spliced, tls = record
+        factory = self._factories[listener]
+        details: dict[str, object] = {"spliced": True} if spliced else {}
+        reason = why if tls is None else self._tls_details(tls, kind, why, details)
+        closed = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
+        factory.tunnel_log(closed, factory.listener)
 
     def _tls_details(
         self, tls: tuple[Any, bool], kind: int, reason: str, details: dict[str, object]

@@ -22,6 +22,9 @@ backend however it likes and hands the connected backend leg to
 from __future__ import annotations
 
 import enum
+import errno
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +36,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tunnelkit.idle_watch import IdleWatch
+from tunnelkit.idle_watch import IdleWatch, count_writes
+from tunnelkit.reset_watch import reset_watch
 from tunnelkit.sockopts import peer_sent_fin, send_with_fin
 from tunnelkit.splice import PipePool, Splicer, start_splicing
 from tunnelkit.write_through import takes_views, writer_for
@@ -227,6 +231,9 @@ class Tunnel:
     of bulk size (``pipes.bulk_read``; see :mod:`tunnelkit.splice`).
     """
 
+    #: The client's socket while :mod:`tunnelkit.reset_watch` watches it (set on the instance then).
+    _reset_fd = -1
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -291,6 +298,7 @@ class Tunnel:
     def join(self, backend: Leg) -> None:
         """Start relaying between the client leg and a connected backend leg."""
         self.pending = None
+        self._forget_reset()
         if self.client.lost:
             backend.transport.loseConnection()
             return
@@ -310,6 +318,8 @@ class Tunnel:
         self.last_moved = self.clock.seconds()
         if self.idle_watch is not None:
             self.idle_watch.add(self)
+            count_writes(client_transport)
+            count_writes(backend_transport)
         if self.client.read_done:
             self._pass_eof(self.client, backend)
         else:
@@ -347,11 +357,41 @@ class Tunnel:
         self.note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
         peer = self._peer(leg)
         if peer is None and self.pending is not None:
+            self._watch_for_reset()
             return
         if peer is None or peer.lost:
             leg.transport.loseConnection()
             return
         self._pass_eof(leg, peer)
+
+    def _watch_for_reset(self) -> None:
+        """The client's FIN came while its backend connects: its reset must still end the attempt at once."""
+        watch = reset_watch()
+        fileno = getattr(self.client.transport, "fileno", None)
+        fd = fileno() if watch is not None and fileno is not None else -1
+        if watch is not None and fd >= 0:
+            self._reset_fd = fd
+            watch.watch(fd, self._client_reset)
+
+    def _forget_reset(self) -> None:
+        fd = self._reset_fd
+        if fd >= 0:
+            del self._reset_fd  # back to the class's -1
+            watch = reset_watch()
+            if watch is not None:
+                watch.forget(fd)
+
+    def _client_reset(self) -> None:
+        """The client reset after its FIN, its backend still connecting: end the tunnel now."""
+        del self._reset_fd
+        transport = self.client.transport
+        err = transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        # The reset, not the FIN that never reached a backend, is how it ended (as on the engine).
+        self._first = None
+        self.note(
+            Side.CLIENT, CloseKind.RST, f"client reset: {os.strerror(err or errno.ECONNRESET)}"
+        )
+        transport.abortConnection()
 
     def _pass_eof(self, leg: Leg, peer: Leg) -> None:
         if peer.read_done or not self.timeouts.half_close:
@@ -378,6 +418,8 @@ class Tunnel:
             self.note(
                 leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}"
             )
+        if leg is self.client:
+            self._forget_reset()
         if leg is self.client and self.pending is not None:
             pending, self.pending = self.pending, None
             self.note(Side.CLIENT, CloseKind.FIN, "client left before the backend connected")
@@ -453,6 +495,7 @@ class Tunnel:
         if self._ended:
             return
         self._ended = True
+        self._forget_reset()
         if self.idle_watch is not None:
             self.idle_watch.discard(self)
         for timer in (self._timers or {}).values():

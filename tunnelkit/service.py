@@ -84,6 +84,11 @@ def default_max_tunnels(fd_limit: int) -> int:
     return max(1, (fd_limit - FD_RESERVE) // 2)
 
 
+def fd_slots() -> int:
+    """The tunnels the descriptor limit has room for now (splice pipes count as tunnels)."""
+    return default_max_tunnels(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 class TunnelService(Service):
     """Owns the listening ports and the registry of the tunnels they accept."""
 

@@ -20,11 +20,17 @@ before. The splicer keeps the relay's promises:
   read to Twisted's ``doRead``, whose ``recv`` tells EOF (a half-close) from
   TCP urgent data, where splice stops; errors are ``CONNECTION_LOST``. EOF
   is only ever seen with an empty pipe, so the FIN follows the last byte.
-* **Counts and idle time** are kept per spliced chunk as per read.
+* **Counts and idle time** are kept per spliced chunk as per read; idle time
+  also per chunk drained from a pipe.
 
 Pipes come from a :class:`PipePool` shared by the process: a direction holds
 one only while its destination is slow, so idle tunnels hold no file
-descriptors and a busy process needs only a few pipes.
+descriptors and a busy process needs only a few pipes. A pipe's two
+descriptors are a tunnel's worth, and the descriptor budget that sizes
+``--max-connections`` counts pipes (pooled or holding bytes) as tunnels: a
+new tunnel that finds the budget spent takes them back
+(:meth:`PipePool.make_room`), so splicing never costs a client within the
+cap its descriptors.
 """
 
 from __future__ import annotations
@@ -75,7 +81,9 @@ class PipePool:
     ``size`` is asked of each new pipe with ``F_SETPIPE_SZ``; the kernel may
     refuse (``/proc/sys/fs/pipe-max-size``, the per-user pipe page limits),
     and the pipe is then used at the size it has. ``keep`` bounds how many
-    idle pipes stay open. The pool also carries the ``--splice`` policy:
+    idle pipes stay open. With ``slots`` (the tunnels the descriptor limit
+    has room for) and ``live`` (how many tunnels are live), live tunnels and
+    open pipes together stay within ``slots``. The pool also carries the ``--splice`` policy:
     ``eager`` splices every plain tunnel from its join; otherwise a tunnel is
     spliced once one of its reads fills ``bulk_read``, so request/response
     traffic of small messages keeps the Python path (cheaper per message) and
@@ -89,6 +97,8 @@ class PipePool:
         eager: bool = False,
         read_size: int = BULK_READ,
         keep: int = 16,
+        slots: int = 0,
+        live: Callable[[], int] | None = None,
     ) -> None:
         self.size = size
         #: Splice every plain tunnel from its join (``--splice on``), not only bulk ones.
@@ -97,17 +107,29 @@ class PipePool:
         #: most :data:`BULK_READ` (a larger read size may never be filled).
         self.bulk_read = min(read_size, BULK_READ)
         self.keep = keep
+        self.slots = slots
+        self.live = live
         self._free: list[Pipe] = []
         self.made = 0
+        #: Pipes made and not closed: pooled or holding bytes.
+        self.open = 0
+        #: What empties each pipe holding bytes (by its read end), for :meth:`make_room`.
+        self._lent: dict[int, Callable[[], None]] = {}
+
+    def _over_budget(self, more: int = 0) -> bool:
+        return bool(self.slots and self.live and self.live() + self.open + more > self.slots)
 
     def take(self) -> Pipe | None:
         """An empty pipe, or ``None`` if none can be made now (out of descriptors)."""
         if self._free:
             return self._free.pop()
+        if self._over_budget(1):
+            return None
         try:
             read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return None
+        self.open += 1
         try:
             capacity = fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, self.size)
         except OSError:
@@ -117,16 +139,34 @@ class PipePool:
 
     def give(self, pipe: Pipe) -> None:
         """Return an *empty* pipe."""
-        if len(self._free) < self.keep:
+        self._lent.pop(pipe[0], None)
+        if len(self._free) < self.keep and not self._over_budget():
             self._free.append(pipe)
         else:
             self.discard(pipe)
 
-    @staticmethod
-    def discard(pipe: Pipe) -> None:
+    def discard(self, pipe: Pipe) -> None:
         """Close a pipe that may hold bytes no one will read."""
+        self._lent.pop(pipe[0], None)
         os.close(pipe[0])
         os.close(pipe[1])
+        self.open -= 1
+
+    def lend(self, pipe: Pipe, spill: Callable[[], None]) -> None:
+        """``pipe`` holds bytes for a while; ``spill`` moves them out and gives it back, if its descriptors are needed."""
+        self._lent[pipe[0]] = spill
+
+    def make_room(self) -> None:
+        """A tunnel was admitted: give back the descriptors pipes borrowed from its budget.
+
+        Pooled pipes are closed first, then pipes holding bytes are emptied
+        into their destinations' queues.
+        """
+        while self._free and self._over_budget():
+            self.discard(self._free.pop())
+        while self._lent and self._over_budget():
+            spill = next(iter(self._lent.values()))
+            spill()
 
     def close(self) -> None:
         """Close the idle pipes (on shutdown; pipes in use belong to their tunnels)."""
@@ -196,6 +236,7 @@ class Splicer:
             # The destination is slow (or broken): its doWrite takes over.
             d.pipe = pipe
             d.pending = left
+            self._pool.lend(pipe, lambda: self._spill(d))
             source.stopReading()
             d.dest.startWriting()
         else:
@@ -217,12 +258,16 @@ class Splicer:
         if pipe is None:
             return _FALLBACK
         try:
-            d.pending = _drain(pipe, d.dest_fd, d.pending)
+            left = _drain(pipe, d.dest_fd, d.pending)
         except OSError:
             d.pipe = None
             d.pending = 0
             self._pool.discard(pipe)
             return CONNECTION_LOST
+        if left < d.pending:
+            tunnel = self._tunnel
+            tunnel.last_moved = tunnel.now()
+        d.pending = left
         if d.pending:
             return None
         d.pipe = None
@@ -232,6 +277,19 @@ class Splicer:
         # Twisted's doWrite stops watching for writability and carries out a
         # close or half-close asked for meanwhile.
         return _FALLBACK
+
+    def _spill(self, d: _Direction) -> None:
+        """Queue what ``d``'s pipe holds in Twisted's buffer of its destination, and close the pipe."""
+        pipe = d.pipe
+        assert pipe is not None
+        d.pipe = None
+        data = _read_exactly(pipe[0], d.pending)
+        d.pending = 0
+        self._pool.discard(pipe)
+        d.dest.write(data)
+        # A queue under the high-water mark does not pause (so will not resume) the source.
+        if not d.leg.read_done and not d.dest.producerPaused:
+            d.source.resumeProducing()
 
     def in_flight(self) -> int:
         """Bytes read from one side that the other has not taken yet (held in pipes)."""
@@ -249,6 +307,18 @@ class Splicer:
                 self._pool.discard(d.pipe)
                 d.pipe = None
                 d.pending = 0
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    """The ``count`` bytes a pipe holds (they are there: no wait)."""
+    chunks = []
+    while count:
+        chunk = os.read(fd, count)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)
 
 
 def _drain(pipe: Pipe, dest_fd: int, count: int) -> int:
