@@ -561,12 +561,14 @@ static void bury(Engine *e) {
     }
 }
 
-/* What side s has still to take: the bytes held for it, and its socket's send
- * queue (bytes the peer has not acknowledged, which a reset drops). */
+/* What side s has still to take: the bytes held for it, and those its TCP
+ * socket has not sent yet (SIOCOUTQNSD: a reset drops them; bytes already
+ * sent reach the peer before the RST, acknowledged or not). A UNIX peer
+ * reads what was queued even after a close: nothing more to count. */
 static size_t owed_to(const tunnel_t *t, int s) {
     const dir_t *d = &t->dir[1 - s];
     int queued = 0;
-    if (ioctl(t->fd[s], SIOCOUTQ, &queued) < 0 || queued < 0)
+    if (ioctl(t->fd[s], SIOCOUTQNSD, &queued) < 0 || queued < 0)
         queued = 0;
     return (d->len - d->off) + d->piped + (size_t)queued;
 }

@@ -13,7 +13,9 @@ questions in C, ``owed_to`` in ``tunnelkit/_engine.c``):
 Bytes wait in four places: a TLS layer's plaintext buffer (Twisted's
 ``_appSendBuffer``, used during renegotiation), the TCP transport's write
 buffer, a splice pipe (:mod:`tunnelkit.splice`), and the socket's send queue
-(``SIOCOUTQ``: bytes the peer has not acknowledged). A TLS socket queues
+(``SIOCOUTQNSD``: bytes not sent yet, which a reset drops; those already
+sent reach the peer before the RST, acknowledged or not; a UNIX peer reads
+what was queued even after a close, so only TCP counts). A TLS socket queues
 records, not bytes, and a record cut short cannot be decrypted: the count
 left out then includes one record more, so it never exceeds what the peer
 could read.
@@ -23,11 +25,14 @@ from __future__ import annotations
 
 import fcntl
 import struct
-import termios
 from typing import Any
 
 #: Largest TLS record's plaintext: what one record cut short may take with it.
 TLS_RECORD = 16384
+
+#: ``ioctl`` request for the bytes of a TCP socket's send queue not sent yet
+#: (``linux/sockios.h``; Python's ``termios`` has only ``TIOCOUTQ``, sent or not).
+SIOCOUTQNSD = 0x894B
 
 
 def unsent(transport: Any, piped: int = 0) -> int:
@@ -55,12 +60,12 @@ def _buffered(transport: Any) -> int:
 
 
 def _socket_queue(transport: Any) -> int:
-    """The socket's send queue (``SIOCOUTQ``), 0 once it is closed or for non-sockets."""
+    """Bytes the TCP socket has not sent yet (``SIOCOUTQNSD``); 0 once closed, or for UNIX sockets."""
     sock = getattr(transport, "socket", None)
     if sock is None:
         return 0
     try:
-        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))[0]
     except (OSError, ValueError):
         return 0
     return max(queued, 0)
