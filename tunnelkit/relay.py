@@ -70,8 +70,8 @@ class Timeouts:
     closes, a leg whose reader took nothing of what it is owed for a whole
     grace (checked every grace, so within two) is aborted, as Twisted's
     ``HTTPChannel`` does with its ``abortTimeout``; one still taking bytes is
-    left to the fin and idle timeouts. It also bounds the lingering close: a
-    peer that keeps neither reading nor closing after our FIN.
+    left to the fin timer, if a half-close armed it. It also bounds the
+    lingering close: a peer owed nothing that has not closed after our FIN.
 
     ``half_close`` false (``--no-half-close``) gives a half-closed tunnel no
     time at all: the first EOF closes both legs once what was read is sent,
