@@ -393,7 +393,11 @@ class NativeEngineTests(LoopbackTestCase):
 
     @inlineCallbacks
     def test_no_half_close_backend_first(self) -> Inline:
-        """--no-half-close: the backend's FIN closes both sides, after its 1 MiB reached the client intact."""
+        """--no-half-close: the backend's FIN closes both sides, after its 1 MiB reached the client intact.
+
+        The backend is closed at once; the client gets a FIN and its socket
+        is closed once the client closes too (a lingering close, no RST).
+        """
         payload = os.urandom(MiB)
 
         def speak_then_close(conn: socket.socket) -> bytes:
@@ -407,9 +411,9 @@ class NativeEngineTests(LoopbackTestCase):
         with sock:
             received = yield deferToThread(recv_all, sock)
             assert sha256(received) == sha256(payload)
-            # Ended while the client is still open.
-            [record] = yield fwd.closed(1)
+            # The backend is closed while the client is still open.
             assert (yield deferToThread(backend.outcome)) == b""
+        [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN"), record
         assert (record["bytes_up"], record["bytes_down"]) == (0, MiB)
 

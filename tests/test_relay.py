@@ -156,15 +156,38 @@ class CloseTests(SynchronousTestCase):
         backend.readConnectionLost()
         h.lose(backend, ConnectionLost)
         self.assertFalse(h.client_transport.aborted)
-        self.assertTrue(h.client_transport.disconnecting)
+        self.assertTrue(h.client_transport.write_closed)
 
     def test_clean_close_of_one_leg_closes_the_other_cleanly(self) -> None:
-        """A leg closed cleanly closes its peer with loseConnection."""
+        """A leg closed cleanly closes its peer cleanly: a FIN, then a close at the peer's EOF."""
         h = RelayHarness()
         backend = h.connect_backend()
         h.lose(backend, ConnectionDone)
-        self.assertTrue(h.client_transport.disconnecting)
+        self.assertTrue(h.client_transport.write_closed)
         self.assertFalse(h.client_transport.aborted)
+        h.tunnel.client.readConnectionLost()
+        self.assertTrue(h.client_transport.disconnecting)
+
+    def test_closed_leg_that_still_sends_lingers(self) -> None:
+        """A leg closed before its EOF gets a FIN and is read: what it sends is dropped, its EOF closes it."""
+        h = RelayHarness(Timeouts(idle=100.0, fin=30.0, close_grace=5.0, half_close=False))
+        backend = h.connect_backend()
+        h.tunnel.client.dataReceived(b"request")
+        backend.dataReceived(b"answer")
+        backend.readConnectionLost()
+        self.assertTrue(h.backend_transport.disconnecting)
+        self.assertTrue(h.client_transport.write_closed)
+        self.assertFalse(h.client_transport.disconnecting)
+        self.assertEqual(h.client_transport.producerState, "producing")
+        h.tunnel.client.dataReceived(b"more of the request")
+        self.assertEqual(h.backend_transport.value(), b"request")
+        h.tunnel.client.readConnectionLost()
+        self.assertTrue(h.client_transport.disconnecting)
+        h.lose(backend, ConnectionDone)
+        h.lose(h.tunnel.client, ConnectionDone)
+        [record] = h.records
+        self.assertEqual((record.closed_by, record.close_kind), (Side.BACKEND, CloseKind.FIN))
+        self.assertEqual((record.bytes_up, record.bytes_down), (7, 6))
 
     def test_pending_connect_cancelled_when_client_leaves(self) -> None:
         """A client that leaves while the backend connect is pending cancels it, and the tunnel ends."""
@@ -207,18 +230,26 @@ class CloseTests(SynchronousTestCase):
         self.assertTrue(h.backend_transport.aborted)
 
 
+def buffered(transport: HalfCloseTransport, size: int) -> bytes:
+    """Make ``transport`` hold ``size`` unsent bytes in Twisted's write buffer, as a slow reader leaves them."""
+    transport.dataBuffer = b"u" * size
+    transport.offset = 0
+    transport._tempDataLen = 0
+    return transport.dataBuffer
+
+
 class TimerTests(SynchronousTestCase):
     """Idle, fin and close-grace timers on a Clock."""
 
     def test_idle_timer_fires_after_quiet_period(self) -> None:
-        """A tunnel that moves no byte for the idle timeout is closed."""
+        """A tunnel that moves no byte for the idle timeout is closed: a FIN to each side."""
         h = RelayHarness(Timeouts(idle=10.0, fin=30.0, close_grace=5.0))
         h.connect_backend()
         h.clock.advance(9.9)
-        self.assertFalse(h.client_transport.disconnecting)
+        self.assertFalse(h.client_transport.write_closed)
         h.clock.advance(0.1)
-        self.assertTrue(h.client_transport.disconnecting)
-        self.assertTrue(h.backend_transport.disconnecting)
+        self.assertTrue(h.client_transport.write_closed)
+        self.assertTrue(h.backend_transport.write_closed)
 
     def test_traffic_postpones_idle_timer(self) -> None:
         """Bytes moved restart the idle period; the close comes a full period after the last byte.
@@ -230,19 +261,52 @@ class TimerTests(SynchronousTestCase):
         h.clock.advance(6)
         backend.dataReceived(b"x")
         h.clock.advance(9.99)
-        self.assertFalse(h.client_transport.disconnecting)
+        self.assertFalse(h.client_transport.write_closed)
         h.clock.advance(0.01 + 10 / 16)
-        self.assertTrue(h.client_transport.disconnecting)
+        self.assertTrue(h.client_transport.write_closed)
 
-    def test_idle_close_aborts_after_grace_when_stalled(self) -> None:
-        """If the graceful idle close cannot flush (peers stalled), both legs are aborted after the grace."""
+    def test_idle_close_aborts_when_stalled_for_a_grace(self) -> None:
+        """A closing leg whose reader takes nothing for a whole grace is aborted; the record drops its bytes."""
         h = RelayHarness(Timeouts(idle=10.0, fin=30.0, close_grace=5.0))
-        h.connect_backend()
+        backend = h.connect_backend()
+        backend.dataReceived(b"x" * 1000)
+        unsent = buffered(h.client_transport, 600)
         h.clock.advance(10)
+        h.clock.advance(5)
         self.assertFalse(h.client_transport.aborted)
         h.clock.advance(5)
         self.assertTrue(h.client_transport.aborted)
         self.assertTrue(h.backend_transport.aborted)
+        h.lose(h.tunnel.client, ConnectionAborted)
+        h.lose(backend, ConnectionAborted)
+        [record] = h.records
+        self.assertEqual(record.bytes_down, 1000 - len(unsent))
+
+    def test_close_grace_spares_a_reader_that_reads(self) -> None:
+        """A closing leg whose reader keeps taking bytes is not aborted by the grace, only by the fin timer."""
+        h = RelayHarness(Timeouts(idle=None, fin=60.0, close_grace=5.0))
+        backend = h.connect_backend()
+        h.tunnel.client.readConnectionLost()
+        backend.dataReceived(b"x" * 1000)
+        backend.readConnectionLost()
+        for left in range(900, 0, -100):
+            buffered(h.client_transport, left)
+            h.clock.advance(5)
+            self.assertFalse(h.client_transport.aborted, left)
+        self.assertTrue(h.client_transport.disconnecting)
+        h.clock.advance(15)
+        self.assertTrue(h.client_transport.aborted)
+
+    def test_lingering_peer_owing_nothing_is_closed_without_reset(self) -> None:
+        """A peer that neither closes nor is owed anything after our FIN is closed after the grace, not reset."""
+        h = RelayHarness(Timeouts(idle=10.0, fin=None, close_grace=5.0))
+        h.connect_backend()
+        h.clock.advance(10)
+        self.assertTrue(h.client_transport.write_closed)
+        h.clock.advance(5)
+        self.assertTrue(h.client_transport.disconnecting)
+        self.assertTrue(h.backend_transport.disconnecting)
+        self.assertFalse(h.client_transport.aborted)
 
     def test_idle_timeout_is_recorded(self) -> None:
         """The record of an idle-closed tunnel says the proxy closed it on a timeout."""

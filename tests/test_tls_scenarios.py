@@ -381,7 +381,7 @@ def greet_then_collect(conn: socket.socket) -> tuple[bytes, str]:
 def test_data_before_a_forged_record_reaches_the_backend(
     tmp_path: Path, serve: Serve, pki: PKI
 ) -> None:
-    """Data records and a forged one in one burst: the data is relayed and counted, then the backend is reset."""
+    """Data records and a forged one in one burst: the data is relayed, then the backend is reset; the record counts what it got."""
     backend = serve(greet_then_collect)
     payload = os.urandom(100_000)
     with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
@@ -399,9 +399,92 @@ def test_data_before_a_forged_record_reaches_the_backend(
         client.close()
         [closed] = proxy.closed()
     # Every decrypted byte was read and sent on before the backend is reset;
-    # the reset may discard what the backend had not read yet (both paths).
-    assert closed["bytes_up"] == 1 + len(payload), closed
+    # the reset drops what its socket had not taken or sent yet (both paths),
+    # and the record counts no byte the backend did not get.
     assert payload.startswith(received)
+    assert 1 + len(received) <= closed["bytes_up"] <= 1 + len(payload), closed
     assert how == "RST"
     assert (closed["close_kind"], closed["closed_by"]) == ("error", "client"), closed
     assert closed["reason"].startswith("client TLS error: decryption failed"), closed
+
+
+# -- 8. a slow reader after a half-close; a stalled one reset ---------------------------
+
+
+def read_paced(client: RawTLS, rate: int, timeout: float = 120) -> tuple[int, str, str]:
+    """Read about ``rate`` bytes/s until the stream ends: the plaintext's size, SHA-256 and end.
+
+    The end is ``close_notify+fin``, ``fin`` or ``reset``; what arrived before
+    a reset is decrypted and counted too.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    step = 16 * 1024
+    deadline = time.monotonic() + timeout
+    end = "timeout"
+    client.sock.settimeout(15)
+    while time.monotonic() < deadline:
+        try:
+            data = client.sock.recv(step)
+        except ConnectionResetError:
+            end = "reset"
+            break
+        if data:
+            client.inc.write(data)
+        else:
+            client.inc.write_eof()
+        try:
+            while chunk := client.obj.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            end = "close_notify"
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            end = "close_notify"
+        except ssl.SSLEOFError:
+            end = "fin"
+        if end == "close_notify":
+            end = "close_notify+fin" if not recv_all(client.sock) else "close_notify, then data"
+        if end != "timeout" or not data:
+            break
+        time.sleep(step / rate)
+    return size, digest.hexdigest(), end
+
+
+def test_slow_reader_after_close_notify_gets_everything(
+    tmp_path: Path, serve: Serve, pki: PKI
+) -> None:
+    """A client that sends close_notify, then reads 4 MiB at 256 KiB/s (more than two close graces): every byte, and an exact record."""
+    size = 4 * MiB
+    backend = serve(push_and_close(size))
+    pair = pki.pair("localhost")
+    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+        client = RawTLS(proxy.address, client_context(pki.ca_path), rcvbuf=65536)
+        client.burst(b"go", close_notify=True)
+        got, digest, end = read_paced(client, 256 * 1024)
+        client.close()
+        sent = backend.outcome(timeout=10)
+        [closed] = proxy.closed()
+    assert (got, digest, end) == (size, sent, "close_notify+fin")
+    assert (closed["bytes_up"], closed["bytes_down"]) == (2, size), closed
+    assert (closed["closed_by"], closed["close_kind"]) == ("client", "FIN"), closed
+
+
+def test_stalled_reader_reset_counts_only_what_it_got(
+    tmp_path: Path, serve: Serve, pki: PKI
+) -> None:
+    """A client that half-closes and reads nothing is reset by --fin-timeout; the record counts no byte it did not get."""
+    size = 16 * MiB
+    backend = serve(push_and_close(size))
+    pair = pki.pair("localhost")
+    args = ("--fin-timeout", "2", "--to", backend.address)
+    with tls_proxy(tmp_path, *tls_args(pair), *args) as proxy:
+        client = RawTLS(proxy.address, client_context(pki.ca_path), rcvbuf=65536)
+        client.burst(b"go", close_notify=True)
+        [closed] = proxy.closed(timeout=30)
+        got, _, end = read_paced(client, 1 << 30)
+        client.close()
+    assert end == "reset", end
+    assert closed["bytes_down"] <= got < size, (got, closed)
+    assert (closed["close_kind"], closed["reason"]) == ("FIN", "client sent FIN"), closed

@@ -24,8 +24,10 @@
  * its source, and at most one read is held per direction), half-close
  * (EOF becomes shutdown(SHUT_WR) on the other side once what was read is
  * sent), resets passed on as resets unless the reset side had already sent
- * its FIN, connect timeout with failover to the next backend, idle, fin and
- * close-grace timeouts, and one record per tunnel.
+ * its FIN, a lingering close (a side closed while it may still send gets
+ * SHUT_WR and is read until it closes, so the kernel sends no RST), connect
+ * timeout with failover to the next backend, idle, fin and close-grace
+ * timeouts, and one record per tunnel.
  *
  * TLS termination (--tls-cert with plain TCP/UNIX listeners): Python makes
  * each client's OpenSSL connection with pyOpenSSL, from the same contexts,
@@ -51,10 +53,12 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/sockios.h>
 
 #define MAX_EVENTS 256
 #define MAX_BACKENDS 64
@@ -142,7 +146,8 @@ typedef struct tunnel {
     unsigned notified : 1;          /* close_notify sent (or given up) */
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
     unsigned write_pending : 1;     /* an SSL_write waits to be retried: no SSL_read meanwhile */
-    /* Allocated when first needed: an idle tunnel is 408 bytes (x86-64). */
+    uint32_t owed;     /* bytes the closing sides still had to take at the last grace check */
+    /* Allocated when first needed, to keep an idle tunnel small. */
     char *reason;
     char *errors; /* failed backend attempts, "name: why; ..." */
     struct sockaddr_storage peer;
@@ -555,9 +560,13 @@ static inline int may_read(const tunnel_t *t, int s) {
  * writing what the other direction holds for it. */
 static void rewatch(Engine *e, tunnel_t *t, int s) {
     uint32_t want = 0;
-    dir_t *in = &t->dir[1 - s];
+    dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
     int reading = may_read(t, s);
-    if (reading)
+    /* A closing side that got our FIN is read until it closes (see lingered);
+     * not while an SSL_write waits to be retried (see may_read). */
+    int lingering = t->state == S_CLOSING && in->shut && !out->eof && pending(in) == 0 &&
+                    !(s == CLIENT && t->write_pending);
+    if (reading || lingering)
         want |= EPOLLIN;
     /* A TLS read that must write first waits for writability, but only
      * while the client is read at all (else a writable socket would spin). */
@@ -647,19 +656,92 @@ static void bury(Engine *e) {
     }
 }
 
+/* What side s has still to take: the bytes held for it, and those its TCP
+ * socket has not sent yet (SIOCOUTQNSD: a reset drops them; bytes already
+ * sent reach the peer before the RST, acknowledged or not). A UNIX peer
+ * reads what was queued even after a close: nothing more to count. */
+static size_t owed_to(const tunnel_t *t, int s) {
+    const dir_t *d = &t->dir[1 - s];
+    int queued = 0;
+    if (ioctl(t->fd[s], SIOCOUTQNSD, &queued) < 0 || queued < 0)
+        queued = 0;
+    return (d->len - d->off) + d->piped + (size_t)queued;
+}
+
+/* Side s is about to be reset: what it has not taken never reaches it, so the
+ * record stops counting it. A TLS client's send queue holds records, and one
+ * cut short is lost whole: one record more is left out, so the count never
+ * exceeds what the client could decrypt. */
+static void uncount_undelivered(tunnel_t *t, int s) {
+    if (t->fd[s] < 0)
+        return;
+    dir_t *d = &t->dir[1 - s];
+    size_t lost = owed_to(t, s);
+    if (lost > 0 && s == CLIENT && t->ssl != NULL)
+        lost += TLS_RECORD;
+    d->bytes -= lost < d->bytes ? lost : d->bytes;
+}
+
 static void abort_tunnel(Engine *e, tunnel_t *t) {
-    for (int s = 0; s < 2; s++)
+    for (int s = 0; s < 2; s++) {
+        uncount_undelivered(t, s);
         unwatch_close(e, t, s, 1);
+    }
     end_tunnel(e, t);
 }
 
-/* Close what is left once nothing is held for it; a side still holding bytes
- * for its peer waits (bounded by the close grace). Returns 1 if ended. */
+/* Closing starts the close grace (see grace_expired). */
+static void start_grace(Engine *e, tunnel_t *t) {
+    if (t->grace_at == 0) {
+        t->grace_at = now() + e->grace;
+        t->owed = UINT32_MAX;
+    }
+}
+
+/* Read and drop what lingering side s sends. 1 once it has closed (EOF, or
+ * an error: nothing more to wait for), 0 while it may send more. */
+static int discard(Engine *e, tunnel_t *t, int s) {
+    if (!(t->ready[s] & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        return 0; /* nothing arrived since the last read: epoll will say */
+    for (int i = 0; i < 4; i++) {
+        ssize_t n = recv(t->fd[s], e->scratch, e->read_size, MSG_DONTWAIT);
+        if (n > 0 || (n < 0 && errno == EINTR))
+            continue;
+        if (n == 0) {
+            t->dir[s].eof = 1;
+            return 1;
+        }
+        if (errno != EAGAIN)
+            return 1;
+        drained(t, s, EPOLLIN);
+        return 0;
+    }
+    return 0; /* more to read: the ready queue brings it back */
+}
+
+/* Side s of a closing tunnel has taken all it was owed. 1: it may close now.
+ * Closing a socket with unread input makes the kernel send an RST and drop
+ * what it had not sent yet, so a side still sending gets our FIN
+ * (SHUT_WR) and is read and discarded until it closes too, bounded by the
+ * close grace: the lingering close of nginx and HAProxy. */
+static int lingered(Engine *e, tunnel_t *t, int s) {
+    if (t->dir[s].eof)
+        return 1;
+    if (!t->dir[1 - s].shut) {
+        t->dir[1 - s].shut = 1;
+        shutdown(t->fd[s], SHUT_WR);
+    }
+    return discard(e, t, s);
+}
+
+/* Close what is left once nothing is held for it and it has closed too (see
+ * lingered); a side still holding bytes for its peer waits (bounded by the
+ * close grace). Returns 1 if ended. */
 static int maybe_finish(Engine *e, tunnel_t *t) {
     if (t->state != S_CLOSING)
         return 0;
     for (int s = 0; s < 2; s++) {
-        if (t->fd[s] >= 0 && pending(&t->dir[1 - s]) == 0)
+        if (t->fd[s] >= 0 && pending(&t->dir[1 - s]) == 0 && lingered(e, t, s))
             unwatch_close(e, t, s, 0);
     }
     if (t->fd[CLIENT] < 0 && t->fd[BACKEND] < 0) {
@@ -676,8 +758,7 @@ static int maybe_finish(Engine *e, tunnel_t *t) {
 static int close_both(Engine *e, tunnel_t *t) {
     owe_notify(t);
     t->state = S_CLOSING;
-    if (t->grace_at == 0)
-        t->grace_at = now() + e->grace;
+    start_grace(e, t);
     return maybe_finish(e, t);
 }
 
@@ -694,16 +775,17 @@ static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
     note(t, s, K_RST, "%s reset: %s", SIDE_NAMES[s], strerror(err));
     int peer = 1 - s;
     int clean = t->dir[s].eof;
+    uncount_undelivered(t, s);
     unwatch_close(e, t, s, 1);
     t->dir[peer].off = t->dir[peer].len = 0; /* nothing more can reach s */
     t->dir[peer].notify = 0;
     give_pipe(e, &t->dir[peer]);
     if (t->fd[peer] >= 0 && !clean) {
+        uncount_undelivered(t, peer);
         unwatch_close(e, t, peer, 1);
     }
     t->state = S_CLOSING;
-    if (t->grace_at == 0)
-        t->grace_at = now() + e->grace;
+    start_grace(e, t);
     return maybe_finish(e, t);
 }
 
@@ -1259,6 +1341,10 @@ static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
         if (t->state == S_DEAD || t->fd[s] < 0)
             return;
     }
+    if (t->state == S_CLOSING && t->dir[1 - s].shut && pending(&t->dir[1 - s]) == 0) {
+        maybe_finish(e, t); /* a lingering side: read, dropped, closed at its EOF */
+        return;
+    }
     if (may_read(t, s) &&
         ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) || (s == CLIENT && t->read_wants_write))) {
         relay_read(e, t, s); /* a reset shows as the read's error */
@@ -1422,6 +1508,28 @@ static PyObject *Engine_nest(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* The close grace passed. Sides still taking what they are owed (a slow
+ * reader) get another grace: only --fin-timeout ends them, as it would a
+ * half-closed tunnel. A tunnel whose sides took nothing since the last check
+ * is reset (a stalled reader, within two graces); one owing nothing more (a
+ * lingering peer that did not close) is closed without a reset. */
+static void grace_expired(Engine *e, tunnel_t *t) {
+    size_t owed = 0;
+    for (int s = 0; s < 2; s++)
+        if (t->fd[s] >= 0)
+            owed += owed_to(t, s);
+    if (owed > 0 && owed < t->owed) {
+        t->owed = owed < UINT32_MAX ? (uint32_t)owed : UINT32_MAX - 1;
+        t->grace_at = now() + e->grace;
+    } else if (owed > 0) {
+        abort_tunnel(e, t);
+    } else {
+        for (int s = 0; s < 2; s++)
+            unwatch_close(e, t, s, 0);
+        end_tunnel(e, t);
+    }
+}
+
 /* Fire the timers that are due. */
 static void sweep(Engine *e) {
     double t_now = now();
@@ -1441,8 +1549,12 @@ static void sweep(Engine *e) {
                 try_backends(e, t);
             }
         } else if (t->state == S_CLOSING) {
-            if (t->grace_at > 0 && t_now >= t->grace_at)
+            if (t->fin_at > 0 && t_now >= t->fin_at) {
+                note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
                 abort_tunnel(e, t);
+            } else if (t->grace_at > 0 && t_now >= t->grace_at) {
+                grace_expired(e, t);
+            }
         } else if (t->fin_at > 0 && t_now >= t->fin_at) {
             note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
             abort_tunnel(e, t);

@@ -14,6 +14,11 @@ backend however it likes and hands the connected backend leg to
 * **Abortive closes stay abortive.** A reset on one leg aborts the other (RST),
   unless that leg had already finished sending, in which case its data is
   complete and the other side gets a clean close instead.
+* **Clean closes stay clean.** A leg closed while its peer may still send
+  gets a FIN and is read (what it sends dropped) until it closes too: closing
+  a socket with unread input would make the kernel reset it and drop the end
+  of what was sent to it. A reader that still reads is not cut by the close
+  grace; the record never counts bytes a reset dropped.
 * **Nothing left open.** A client that leaves while the backend connect is
   pending cancels it; timers are cancelled when the tunnel ends; each tunnel
   ends exactly once and reports one :class:`TunnelRecord`.
@@ -38,6 +43,7 @@ from zope.interface import implementer
 
 from tunnelkit.idle_watch import IdleWatch, count_writes
 from tunnelkit.reset_watch import reset_watch
+from tunnelkit.send_queue import unsent
 from tunnelkit.sockopts import peer_sent_fin, send_with_fin
 from tunnelkit.splice import PipePool, Splicer, start_splicing
 from tunnelkit.write_through import takes_views, writer_for
@@ -65,15 +71,17 @@ class CloseKind(enum.Enum):
 class Timeouts:
     """Time limits of one tunnel, in seconds; ``None`` disables a limit.
 
-    ``close_grace`` bounds a graceful close: a leg still holding unsent data
-    that long after ``loseConnection`` (its reader is stalled) is aborted, as
-    Twisted's ``HTTPChannel`` does with its ``abortTimeout``.
+    ``close_grace`` bounds a graceful close without progress: once the tunnel
+    closes, a leg whose reader took nothing of what it is owed for a whole
+    grace (checked every grace, so within two) is aborted, as Twisted's
+    ``HTTPChannel`` does with its ``abortTimeout``; one still taking bytes is
+    left to the fin timer, if a half-close armed it. It also bounds the
+    lingering close: a peer owed nothing that has not closed after our FIN.
 
     ``half_close`` false (``--no-half-close``) gives a half-closed tunnel no
     time at all: the first EOF closes both legs once what was read is sent,
-    as nginx's ``proxy_half_close off`` (its default) does. It saves a
-    shutdown, a wake-up and a read per short connection, and loses what a
-    peer sends after the other side's FIN.
+    as nginx's ``proxy_half_close off`` (its default) does, and what a peer
+    sends after the other side's FIN is read and dropped until it closes.
     """
 
     idle: float | None = 3600.0
@@ -128,6 +136,10 @@ class Leg(Protocol):
     # and half-close methods the relay calls, which ITransport does not declare.
     transport: Any
 
+    #: True once the tunnel closes while this side may still send: what it
+    #: sends is dropped until it closes too (see :meth:`Tunnel.close_leg`).
+    lingering = False
+
     def __init__(self, tunnel: Tunnel, side: Side) -> None:
         self.tunnel = tunnel
         self.side = side
@@ -155,6 +167,8 @@ class Leg(Protocol):
         return "-" if transport is None else describe(transport.getPeer())
 
     def dataReceived(self, data: bytes) -> None:
+        if self.lingering:
+            return
         self.received += len(data)
         tunnel = self.tunnel
         tunnel.last_moved = tunnel.now()
@@ -355,6 +369,10 @@ class Tunnel:
         after the join, behind the bytes it sent first.
         """
         self.note(leg.side, CloseKind.FIN, f"{leg.side.value} sent FIN")
+        if leg.lingering:
+            # It closes after our FIN: nothing is left unread, so no reset.
+            leg.transport.loseConnection()
+            return
         peer = self._peer(leg)
         if peer is None and self.pending is not None:
             self._watch_for_reset()
@@ -418,6 +436,7 @@ class Tunnel:
             self.note(
                 leg.side, CloseKind.RST, f"{leg.side.value} reset: {reason.getErrorMessage()}"
             )
+            self._uncount_undelivered(leg)
         if leg is self.client:
             self._forget_reset()
         if leg is self.client and self.pending is not None:
@@ -426,25 +445,81 @@ class Tunnel:
             pending.cancel()
         peer = self._peer(leg)
         if peer is not None and not peer.lost:
-            peer_transport = peer.transport
             if leg.read_done or reason.check(ConnectionDone):
-                peer_transport.loseConnection()
-                self.arm("grace", self.timeouts.close_grace, self._abort_both)
+                self.close_leg(peer)
+                self._arm_grace()
             else:
-                peer_transport.abortConnection()
+                self._abort_leg(peer)
         if self.pending is None and (peer is None or peer.lost):
             self._end()
 
     def _close_both(self) -> None:
         for leg in (self.client, self.backend):
             if leg is not None and not leg.lost:
-                leg.transport.loseConnection()
-        self.arm("grace", self.timeouts.close_grace, self._abort_both)
+                self.close_leg(leg)
+        self._arm_grace()
+
+    def close_leg(self, leg: Leg) -> None:
+        """Close ``leg`` once what it is owed is sent, lingering first if it may still send.
+
+        Closing a socket with unread input makes the kernel send an RST and
+        drop what it had not sent yet (the end of a reply). So a leg whose EOF
+        was not read gets our FIN (``loseWriteConnection``) and is read, what
+        it sends dropped, until it closes too (:meth:`leg_eof`), within the
+        close grace: the lingering close of nginx and HAProxy.
+        """
+        transport = leg.transport
+        # A registered producer would make Twisted resume it rather than close.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        if leg.read_done:
+            transport.loseConnection()
+        elif not leg.lingering:
+            leg.lingering = True
+            transport.loseWriteConnection()
+            transport.resumeProducing()
 
     def _abort_both(self) -> None:
         for leg in (self.client, self.backend):
             if leg is not None and not leg.lost:
-                leg.transport.abortConnection()
+                self._abort_leg(leg)
+
+    def _abort_leg(self, leg: Leg) -> None:
+        """Reset ``leg``, which drops what it was owed and has not taken."""
+        self._uncount_undelivered(leg)
+        leg.transport.abortConnection()
+
+    def _uncount_undelivered(self, leg: Leg) -> None:
+        """``leg`` is reset: the record stops counting what it was owed and has not taken."""
+        peer = self._peer(leg)
+        if peer is not None:
+            peer.received -= min(peer.received, self._owed(leg))
+
+    def _owed(self, leg: Leg) -> int:
+        """Bytes relayed to ``leg`` that its reader has not taken (:mod:`tunnelkit.send_queue`)."""
+        splicer = self.splicer
+        transport = leg.transport
+        return unsent(transport, splicer.held_for(transport) if splicer is not None else 0)
+
+    def _arm_grace(self, owed: int | None = None) -> None:
+        self.arm("grace", self.timeouts.close_grace, lambda: self._grace_expired(owed))
+
+    def _grace_expired(self, before: int | None) -> None:
+        """The close grace passed: legs whose readers still take bytes get another one.
+
+        A tunnel whose readers took nothing since the last check is reset; one
+        owing nothing more (a lingering peer that did not close after our
+        FIN) is closed without a reset.
+        """
+        legs = [leg for leg in (self.client, self.backend) if leg is not None and not leg.lost]
+        owed = sum(self._owed(leg) for leg in legs)
+        if owed and (before is None or owed < before):
+            self._arm_grace(owed)
+        elif owed:
+            self._abort_both()
+        else:
+            for leg in legs:
+                leg.transport.loseConnection()
 
     def abort(self, reason: str, kind: CloseKind = CloseKind.SHUTDOWN) -> None:
         """Cut the tunnel now (RST both ways): its data may be incomplete."""

@@ -295,6 +295,10 @@ class Splicer:
         """Bytes read from one side that the other has not taken yet (held in pipes)."""
         return self._up.pending + self._down.pending
 
+    def held_for(self, dest: Any) -> int:
+        """Bytes a pipe holds for the transport ``dest``."""
+        return self._up.pending if dest is self._up.dest else self._down.pending
+
     def close(self) -> None:
         """The tunnel ended: bytes still in a pipe can no longer be delivered.
 
