@@ -400,9 +400,12 @@ def test_data_before_a_forged_record_reaches_the_backend(
         [closed] = proxy.closed()
     # Every decrypted byte was read and sent on before the backend is reset;
     # the reset drops what its socket had not taken or sent yet (both paths),
-    # and the record counts no byte the backend did not get.
+    # and the record counts no byte the backend did not get. The unsent bytes
+    # are measured just before the reset, and a backend that reads meanwhile
+    # opens its window for some of them: the count may then fall short of
+    # what arrived, never exceed it.
     assert payload.startswith(received)
-    assert 1 + len(received) <= closed["bytes_up"] <= 1 + len(payload), closed
+    assert 1 < closed["bytes_up"] <= 1 + len(received), closed
     assert how == "RST"
     assert (closed["close_kind"], closed["closed_by"]) == ("error", "client"), closed
     assert closed["reason"].startswith("client TLS error: decryption failed"), closed
