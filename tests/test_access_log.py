@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from records import a_record
-from twisted.logger import LogEvent, formatTime, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent, formatTime, globalLogPublisher
 
 from tunnelkit.access_log import AccessLogFile
 from tunnelkit.relay import TunnelRecord
@@ -162,6 +162,7 @@ def test_a_write_error_is_logged_once_and_writing_resumes(
     assert failed["log_level"].name == "error"
     [resumed] = named(events, "access_log_write_resumed")
     assert resumed["dropped"] == 6
+    assert formatEvent(resumed).endswith("after dropping 6 records")
     assert [line.split(" ")[1] for line in lines(path)] == ["d:4", "e:5"]
 
 
@@ -220,3 +221,20 @@ def test_after_close_a_batch_is_dropped_not_raised(tmp_path: Path, events: list[
     assert len(named(events, "access_log_write_failed")) == 1
     assert named(events, "access_log_reopened") == []
     assert sink.fd == -1
+
+
+def test_one_dropped_record_is_said_in_the_singular(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[LogEvent]
+) -> None:
+    """One record lost to a failed write is "1 record", not "1 records"."""
+    path = tmp_path / "a.log"
+    sink = AccessLogFile(str(path), "text")
+    full = [True]
+    spy_writes(
+        monkeypatch, lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full[0] else None
+    )
+    sink([(a_record("a:1"), "l")])
+    full[0] = False
+    sink([(a_record("b:2"), "l")])
+    [resumed] = named(events, "access_log_write_resumed")
+    assert formatEvent(resumed).endswith("after dropping 1 record")

@@ -93,10 +93,11 @@ class AccessLogFile:
             return
         if self._dropped:
             log.warn(
-                "access log {path}: writing again after dropping {dropped} records",
+                "access log {path}: writing again after dropping {records}",
                 event="access_log_write_resumed",
                 path=self.path,
                 dropped=self._dropped,
+                records=f"{self._dropped} record{'s' if self._dropped != 1 else ''}",
             )
             self._dropped = 0
 
