@@ -319,6 +319,12 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
+#: Under the sanitizers (scripts/sanitize) freed memory waits in ASan's
+#: quarantine, so RSS says nothing of the proxy's buffers there: memory bounds
+#: are asserted in normal runs only (every other check of those tests stays).
+MEMORY_CHECKED = not os.environ.get("TUNNELKIT_SANITIZED")
+
+
 def assert_rss_growth_below(
     limit_mib: float, baseline: int, stalled: int, peak: int, stalled_at: int
 ) -> None:
@@ -327,7 +333,7 @@ def assert_rss_growth_below(
     ``stalled_at`` (how far the backend had sent when the reader stalled) is for the message.
     """
     growth_mib = (max(peak, stalled) - baseline) / 1024
-    assert growth_mib < limit_mib, (
+    assert not MEMORY_CHECKED or growth_mib < limit_mib, (
         f"RSS grew {growth_mib:.1f} MiB (baseline {baseline} KiB, stalled {stalled} KiB, "
         f"peak {peak} KiB, backend stalled at {stalled_at} B)"
     )

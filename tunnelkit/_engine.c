@@ -1440,7 +1440,7 @@ static int handle(Engine *e, int timeout_ms) {
     return reactor;
 }
 
-static PyObject *Engine_run(Engine *e, PyObject *unused) {
+static PyObject *Engine_run(Engine *e, PyObject *Py_UNUSED(unused)) {
     if (handle(e, 0) < 0)
         return NULL;
     return news(e);
@@ -1568,7 +1568,7 @@ static void sweep(Engine *e) {
     bury(e);
 }
 
-static PyObject *Engine_tick(Engine *e, PyObject *unused) {
+static PyObject *Engine_tick(Engine *e, PyObject *Py_UNUSED(unused)) {
     sweep(e);
     return news(e);
 }
@@ -1639,12 +1639,12 @@ static PyObject *take(PyObject **list) {
     return taken;
 }
 
-static PyObject *Engine_take_records(Engine *e, PyObject *unused) { return take(&e->records); }
-static PyObject *Engine_take_notices(Engine *e, PyObject *unused) { return take(&e->notices); }
-static PyObject *Engine_fileno(Engine *e, PyObject *unused) { return PyLong_FromLong(e->epfd); }
+static PyObject *Engine_take_records(Engine *e, PyObject *Py_UNUSED(unused)) { return take(&e->records); }
+static PyObject *Engine_take_notices(Engine *e, PyObject *Py_UNUSED(unused)) { return take(&e->notices); }
+static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(unused)) { return PyLong_FromLong(e->epfd); }
 
 /* The live tunnels' sockets and states, for tests and diagnostics. */
-static PyObject *Engine_tunnels(Engine *e, PyObject *unused) {
+static PyObject *Engine_tunnels(Engine *e, PyObject *Py_UNUSED(unused)) {
     static const char *STATES[] = {"connecting", "joined", "closing", "dead", "handshake"};
     PyObject *list = PyList_New(0);
     if (list == NULL)
@@ -1680,7 +1680,7 @@ static void close_all(Engine *e) {
     e->epfd = e->reserve_fd = e->wake_fd = -1;
 }
 
-static PyObject *Engine_close(Engine *e, PyObject *unused) {
+static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(unused)) {
     close_all(e);
     Py_RETURN_NONE;
 }
@@ -1819,7 +1819,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+static PyObject *Engine_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds)) {
     Engine *e = (Engine *)type->tp_alloc(type, 0);
     if (e == NULL)
         return NULL;
@@ -1850,7 +1850,7 @@ static void Engine_dealloc(Engine *e) {
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
-static PyObject *Engine_get_active(Engine *e, void *closure) { return PyLong_FromLong(e->active); }
+static PyObject *Engine_get_active(Engine *e, void *Py_UNUSED(closure)) { return PyLong_FromLong(e->active); }
 
 static PyMethodDef Engine_methods[] = {
     {"run", (PyCFunction)Engine_run, METH_NOARGS,
