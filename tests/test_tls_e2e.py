@@ -53,9 +53,9 @@ from loopback import (
     split_address,
 )
 from processes import (
+    MEMORY_CHECKED,
     Process,
     assert_clean_stop,
-    MEMORY_CHECKED,
     assert_rss_growth_below,
     json_events,
     proc_status_kib,
@@ -945,7 +945,9 @@ def test_idle_tls_tunnels_are_small(tmp_path: Path, serve: Serve, pki: PKI) -> N
                 idle_client()
             grown = proc_status_kib(proxy.process.pid, "VmRSS") - baseline
         proxy.closed(IDLE_TLS + 20)
-    assert not MEMORY_CHECKED or grown / IDLE_TLS < 32, f"{grown / IDLE_TLS:.1f} KiB per idle TLS tunnel"
+    assert not MEMORY_CHECKED or grown / IDLE_TLS < 32, (
+        f"{grown / IDLE_TLS:.1f} KiB per idle TLS tunnel"
+    )
 
 
 # -- 9. silent and garbage clients -------------------------------------------------------

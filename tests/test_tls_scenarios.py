@@ -216,7 +216,9 @@ def test_backend_pushes_to_a_stalled_reader(
         proxy.closed()
     assert len(got) == size and sha256(got) == digest
     assert end == "close_notify+fin", end
-    assert not MEMORY_CHECKED or (stalled - base) / 1024 < 32, f"RSS grew {(stalled - base) / 1024:.1f} MiB"
+    assert not MEMORY_CHECKED or (stalled - base) / 1024 < 32, (
+        f"RSS grew {(stalled - base) / 1024:.1f} MiB"
+    )
     assert spin < 0.3, f"proxy used {spin:.2f} s CPU in 2 s while stalled"
 
 
@@ -251,7 +253,9 @@ def test_stalled_backend_64mib(tmp_path: Path, serve: Serve, pki: PKI) -> None:
         client.close()
         proxy.closed()
     assert digest == sha256(payload)
-    assert not MEMORY_CHECKED or (stalled - base) / 1024 < 32, f"RSS grew {(stalled - base) / 1024:.1f} MiB"
+    assert not MEMORY_CHECKED or (stalled - base) / 1024 < 32, (
+        f"RSS grew {(stalled - base) / 1024:.1f} MiB"
+    )
     assert end == "close_notify+fin", end
     assert spin < 0.3, f"proxy used {spin:.2f} s CPU in 2 s while stalled"
 
