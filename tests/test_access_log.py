@@ -145,7 +145,7 @@ def test_a_batch_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_a_write_error_is_logged_once_and_writing_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[LogEvent]
 ) -> None:
-    """ENOSPC: the failing batches are dropped without raising, said once; the next good write says how many were lost."""
+    """ENOSPC: the failing batches are dropped without raising, said once per outage; the next good write says how many were lost (1 record, 6 records)."""
     path = tmp_path / "a.log"
     sink = AccessLogFile(str(path), "text")
     full = [True]
@@ -157,13 +157,20 @@ def test_a_write_error_is_logged_once_and_writing_resumes(
     full[0] = False
     sink([(a_record("d:4"), "l")])
     sink([(a_record("e:5"), "l")])
-    [failed] = named(events, "access_log_write_failed")
+    full[0] = True
+    sink([(a_record("f:6"), "l")])
+    full[0] = False
+    sink([(a_record("g:7"), "l")])
+    [failed, _] = named(events, "access_log_write_failed")
     assert (failed["path"], failed["reason"]) == (str(path), "No space left on device")
     assert failed["log_level"].name == "error"
-    [resumed] = named(events, "access_log_write_resumed")
-    assert resumed["dropped"] == 6
-    assert formatEvent(resumed).endswith("after dropping 6 records")
-    assert [line.split(" ")[1] for line in lines(path)] == ["d:4", "e:5"]
+    resumed = named(events, "access_log_write_resumed")
+    assert [event["dropped"] for event in resumed] == [6, 1]
+    assert [formatEvent(event).rpartition("dropping ")[2] for event in resumed] == [
+        "6 records",
+        "1 record",
+    ]
+    assert [line.split(" ")[1] for line in lines(path)] == ["d:4", "e:5", "g:7"]
 
 
 def test_reopen_after_rename_writes_to_the_new_file(tmp_path: Path, events: list[LogEvent]) -> None:
@@ -221,20 +228,3 @@ def test_after_close_a_batch_is_dropped_not_raised(tmp_path: Path, events: list[
     assert len(named(events, "access_log_write_failed")) == 1
     assert named(events, "access_log_reopened") == []
     assert sink.fd == -1
-
-
-def test_one_dropped_record_is_said_in_the_singular(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, events: list[LogEvent]
-) -> None:
-    """One record lost to a failed write is "1 record", not "1 records"."""
-    path = tmp_path / "a.log"
-    sink = AccessLogFile(str(path), "text")
-    full = [True]
-    spy_writes(
-        monkeypatch, lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full[0] else None
-    )
-    sink([(a_record("a:1"), "l")])
-    full[0] = False
-    sink([(a_record("b:2"), "l")])
-    [resumed] = named(events, "access_log_write_resumed")
-    assert formatEvent(resumed).endswith("after dropping 1 record")
