@@ -385,16 +385,28 @@ def paced_bulk(payload: bytes, seconds: float, conn: socket.socket) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
-def send_while_reading(payload: bytes, conn: socket.socket) -> str:
-    """Send ``payload`` then FIN from a thread while reading until EOF; the SHA-256 of what came."""
-    sender = threading.Thread(target=lambda: (conn.sendall(payload), conn.shutdown(socket.SHUT_WR)))
-    sender.start()
+def hash_until_eof(conn: socket.socket, progress: Callable[[int], object] | None = None) -> str:
+    """Read until EOF; the SHA-256 of what came. ``progress`` is told the running total."""
     digest = hashlib.sha256()
+    received = 0
     while data := conn.recv(256 * 1024):
         digest.update(data)
+        if progress is not None:
+            received += len(data)
+            progress(received)
+    return digest.hexdigest()
+
+
+def send_while_reading(
+    payload: bytes, conn: socket.socket, progress: Callable[[int], object] | None = None
+) -> str:
+    """Send ``payload`` then FIN from a thread while reading until EOF (see :func:`hash_until_eof`)."""
+    sender = threading.Thread(target=lambda: (conn.sendall(payload), conn.shutdown(socket.SHUT_WR)))
+    sender.start()
+    digest = hash_until_eof(conn, progress)
     sender.join(IO_TIMEOUT)
     assert not sender.is_alive(), "the payload was not all sent"
-    return digest.hexdigest()
+    return digest
 
 
 class BulkSender:

@@ -56,7 +56,7 @@ class Backend:
         return size + len(rest), digest.hexdigest(), how
 
 
-def send_while_reading(address: str, request: bytes) -> tuple[bytes, str, list[BaseException]]:
+def request_while_reading(address: str, request: bytes) -> tuple[bytes, str, list[BaseException]]:
     """Send ``request`` from a thread while reading until the proxy closes; then close.
 
     Returns what was read, how the read ended and what the sender met.
@@ -89,7 +89,7 @@ class LingeringCloseTests(LoopbackTestCase):
         backend = self.serve(Backend(answer))
         fwd = self.forward("--to", backend.address, "--no-half-close")
         for round_ in range(ROUNDS):
-            data, how, failures = yield deferToThread(send_while_reading, fwd.address, request)
+            data, how, failures = yield deferToThread(request_while_reading, fwd.address, request)
             got, digest, backend_how = yield deferToThread(backend.outcome)
             records = yield fwd.closed(round_ + 1)
             record = records[round_]

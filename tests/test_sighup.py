@@ -14,14 +14,22 @@ import os
 import signal
 import socket
 import ssl
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trustme
 from certs import write_pair
-from loopback import MiB, Serve, assert_echoes, connect, echo, recv_exactly
+from loopback import (
+    MiB,
+    Serve,
+    assert_echoes,
+    connect,
+    echo,
+    hash_until_eof,
+    recv_exactly,
+    send_while_reading,
+)
 from processes import (
     Process,
     assert_clean_stop,
@@ -45,37 +53,17 @@ def _transfer_with_sighups(sock: socket.socket, tk: Process, payload: bytes, *, 
 
     Each SIGHUP waits for its log line before the next (pending signals merge).
     """
-    failure: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
-        except BaseException as e:
-            failure.append(e)
-
-    sender = threading.Thread(target=send, daemon=True)
-    if echo:
-        sender.start()
-    digest = hashlib.sha256()
-    received = 0
     pending = list(SIGHUP_AT)
-    while received < SIZE:
-        chunk = sock.recv(MiB)
-        if not chunk:
-            break
-        digest.update(chunk)
-        received += len(chunk)
+
+    def progress(received: int) -> None:
         while pending and received >= pending[0]:
-            tk.send_signal(signal.SIGHUP)
             pending.pop(0)
+            tk.send_signal(signal.SIGHUP)
             sent = len(SIGHUP_AT) - len(pending)
             tk.wait_for(lambda text, n=sent: len(_sighup_lines(text)) >= n, f"SIGHUP line {sent}")
-    if echo:
-        sender.join(30)
-    assert not failure, failure
-    assert received == SIZE, f"{received} of {SIZE} bytes came back"
-    assert digest.hexdigest() == hashlib.sha256(payload).hexdigest()
+
+    digest = send_while_reading(payload, sock, progress) if echo else hash_until_eof(sock, progress)
+    assert digest == hashlib.sha256(payload).hexdigest()
     assert not pending
 
 
