@@ -8,7 +8,7 @@ import pytest
 
 from tunnelkit.addresses import HostPort
 from tunnelkit.config.keys import KEYS, Scope
-from tunnelkit.config.model import ConfigError, Settings
+from tunnelkit.config.model import ConfigError, Settings, from_flags
 from tunnelkit.config.toml_file import load
 
 TYPES = frozenset({"tcp", "tls", "unix", "ssl"})
@@ -105,8 +105,8 @@ def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nno-half-close = "yes"\n', "listener[0].no-half-close: must be true or false, not 'yes'"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nmode = "socks"\n', "listener[0].mode: must be one of forward, connect, not 'socks'"),
         ('workers = 0\n[[listener]]\nlisten = "1"\nto = "h:1"\n', "workers: must be a whole number from 1 to 256, not 0"),
-        ('[[listener]]\nto = "h:1"\n', 'listener[0].listen: required (e.g. listen = ["8888"])'),
-        ('[[listener]]\nlisten = "1"\n', 'listener[0].to: required in forward mode (e.g. to = ["127.0.0.1:80"])'),
+        ('[[listener]]\nto = "h:1"\n', 'listener[0].listen: required (e.g. 8888)'),
+        ('[[listener]]\nlisten = "1"\n', 'listener[0].to: required in forward mode (e.g. 127.0.0.1:80)'),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nallow-dest = "10.0.0.0/8"\n', "listener[0].allow-dest: applies to mode connect only"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\ntls-key = "k.pem"\n', "listener[0].tls-key: needs tls-cert"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nbackend-ca = "ca.pem"\n', "listener[0].backend-ca: needs a tls:HOST:PORT backend or backend-tls"),
@@ -147,3 +147,30 @@ def test_every_key_has_a_scope_and_help() -> None:
     """The key table is complete: a scope, a help text and a kind for each key."""
     for key in KEYS.values():
         assert isinstance(key.scope, Scope) and key.help and key.kind.what
+
+
+def test_flags_give_one_listener_named_after_its_first_listen() -> None:
+    """The command line's values make one listener, named after its first --listen."""
+    settings = from_flags(
+        {"listen": ["127.0.0.1:8888"], "to": ["h:80"], "workers": 2, "idle-timeout": 0.0},
+        TYPES,
+    )
+    [listener] = settings.listeners
+    assert (listener.name, settings.workers, listener.timeouts.idle) == ("127.0.0.1:8888", 2, None)
+    assert settings.source == "the command line"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"listen": ["1"], "to": ["h:1", "nope"]}, "--to 'nope': 'nope' is neither"),
+        ({"listen": ["1"], "to": ["h:1"], "tls-key": ["k"]}, "--tls-key: needs --tls-cert"),
+        ({"listen": ["1"], "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest: applies to --mode connect only"),
+        ({"to": ["h:1"]}, "--listen: required (e.g. 8888)"),
+    ],
+)  # fmt: skip
+def test_flag_problems_name_flags(values: dict[str, object], expected: str) -> None:
+    """A problem on the command line names the flag (and the value at fault), never a key path."""
+    with pytest.raises(ConfigError) as caught:
+        from_flags(values, TYPES)
+    assert str(caught.value).startswith(expected), str(caught.value)

@@ -16,6 +16,7 @@ renders the same paths as flags (``--to 'x'``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +36,7 @@ class Problem:
     """One thing wrong with the settings, and where it was said."""
 
     path: Path
+    #: May name other keys as ``{tls-cert}``: a file shows ``tls-cert``, the command line ``--tls-cert``.
     message: str
 
     def in_file(self) -> str:
@@ -42,7 +44,24 @@ class Problem:
         text = ""
         for part in self.path:
             text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-        return f"{text}: {self.message}" if text else self.message
+        message = _KEY_REF.sub(lambda m: m[1] if m[1] in KEYS else m[0], self.message)
+        return f"{text}: {message}" if text else message
+
+    def as_flag(self, values: Mapping[str, Any]) -> str:
+        """``--to 'db': message``: the flag, and the value given when one item is at fault."""
+        message = _KEY_REF.sub(lambda m: f"--{m[1]}" if m[1] in KEYS else m[0], self.message)
+        names = [i for i, part in enumerate(self.path) if isinstance(part, str) and part in KEYS]
+        if not names:
+            return message
+        at = names[-1]
+        name = str(self.path[at])
+        rest = self.path[at + 1 :]
+        if rest and isinstance(rest[0], int):
+            return f"--{name} {values[name][rest[0]]!r}: {message}"
+        return f"--{name}: {message}"
+
+
+_KEY_REF = re.compile(r"\{([a-z][a-z0-9-]*)\}")
 
 
 class ConfigError(Exception):
@@ -230,7 +249,7 @@ def build_listener(
     before = len(problems)
     r = _Reader(values, path, problems, Scope.LISTENER)
     if not r["listen"]:
-        r.problem(("listen",), 'required (e.g. listen = ["8888"])')
+        r.problem(("listen",), "required (e.g. 8888)")
     endpoints = []
     for index, text in enumerate(r["listen"]):
         try:
@@ -240,10 +259,10 @@ def build_listener(
     mode = r["mode"]
     if mode == "forward":
         if not r["to"]:
-            r.problem(("to",), 'required in forward mode (e.g. to = ["127.0.0.1:80"])')
+            r.problem(("to",), "required in forward mode (e.g. 127.0.0.1:80)")
         for key in PROXY_ONLY:
             if r.given(key):
-                r.problem((key,), "applies to mode connect only")
+                r.problem((key,), "applies to {mode} connect only")
     backends = _backends(r, endpoint_types)
     clients, targets = _policies(r)
     tls = _server_tls(r)
@@ -314,12 +333,12 @@ def _server_tls(r: _Reader) -> ServerTLSOptions | None:
     if not certs:
         for key in SERVER_TLS_ONLY:
             if r.given(key):
-                r.problem((key,), "needs tls-cert")
+                r.problem((key,), "needs {tls-cert}")
         return None
     if keys and len(keys) != len(certs):
         r.problem(
             ("tls-key",),
-            f"{len(certs)} tls-cert but {len(keys)} tls-key: give one key per certificate,"
+            f"{len(certs)} {{tls-cert}} but {len(keys)} {{tls-key}}: give one key per certificate,"
             " or none (keys inside the certificate files)",
         )
         return None
@@ -342,7 +361,7 @@ def _backend_tls(r: _Reader, backends: Sequence[BackendSpec]) -> BackendTLSOptio
     if not (r["backend-tls"] or any(b.tls for b in backends)):
         for key in BACKEND_TLS_ONLY:
             if r.given(key):
-                r.problem((key,), "needs a tls:HOST:PORT backend or backend-tls")
+                r.problem((key,), "needs a tls:HOST:PORT backend or {backend-tls}")
         return None
     return BackendTLSOptions(
         ca=r["backend-ca"],
@@ -366,7 +385,7 @@ def build_settings(
     problems: list[Problem] = []
     r = _Reader(process, (), problems, Scope.PROCESS)
     if r["access-log-format"] is not None and r["access-log"] is None:
-        r.problem(("access-log-format",), "needs access-log")
+        r.problem(("access-log-format",), "needs {access-log}")
     if not listeners:
         problems.append(Problem((listener_path,), "no listener: add a [[listener]] table"))
     built = []
@@ -392,3 +411,31 @@ def build_settings(
         write_through=not r["no-write-through"],
         source=source,
     )
+
+
+def from_flags(values: Mapping[str, Any], endpoint_types: frozenset[str]) -> Settings:
+    """The settings of a command line (one listener) from its typed flag values.
+
+    Keys left at their defaults are not passed on, so a listener key cannot
+    be mistaken for one that was given. Problems are reported as flags:
+    ``--to 'db': ...``.
+    """
+    given = {
+        name: value
+        for name, value in values.items()
+        if name in KEYS and value != KEYS[name].default and value not in (None, [], ())
+    }
+    process = {k: v for k, v in given.items() if KEYS[k].scope is Scope.PROCESS}
+    listener = {k: v for k, v in given.items() if KEYS[k].scope is Scope.LISTENER}
+    for name, value in listener.items():
+        if KEYS[name].repeatable:
+            listener[name] = tuple(value)
+    first = (listener.get("listen") or ("",))[0]
+    try:
+        settings = build_settings(
+            process, [listener], source="the command line", endpoint_types=endpoint_types
+        )
+    except ConfigError as e:
+        raise ConfigError([Problem((), p.as_flag(given)) for p in e.problems]) from None
+    [built] = settings.listeners
+    return attrs.evolve(settings, listeners=(attrs.evolve(built, name=first),))
