@@ -1,0 +1,441 @@
+"""The settings of a tunnelkit process: frozen, typed, and built without side effects.
+
+A :class:`Settings` is what the command line or a TOML file says, checked
+and parsed: process-wide values and one :class:`ListenerSettings` per
+listener, each with its endpoints, mode, backends, policies, timeouts,
+socket options and TLS. Building it opens no file, resolves no name and
+imports neither the reactor nor the TLS stack; loading certificates and
+password files, binding ports and choosing the plane happen later, in
+:mod:`tunnelkit.app.build`, from these values alone.
+
+Every problem found is a :class:`Problem` with the key path it concerns
+(``listener[2].to[0]``), collected rather than raised one at a time, so
+``--check`` can report all of a file's errors at once. The command line
+renders the same paths as flags (``--to 'x'``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from tunnelkit.addresses import AddressError, HostPort, backend_address, listen_description
+from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
+from tunnelkit.socket_options import SocketOptions
+from tunnelkit.target_policy import ClientPolicy, RuleError, TargetPolicy
+
+#: A key path: ``("listener", 2, "to", 0)`` is ``listener[2].to[0]``.
+Path = tuple[str | int, ...]
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with the settings, and where it was said."""
+
+    path: Path
+    #: May name other keys as ``{tls-cert}``: a file shows ``tls-cert``, the command line ``--tls-cert``.
+    message: str
+
+    def in_file(self) -> str:
+        """``listener[2].to[0]: message``."""
+        text = ""
+        for part in self.path:
+            text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        message = _KEY_REF.sub(lambda m: m[1] if m[1] in KEYS else m[0], self.message)
+        return f"{text}: {message}" if text else message
+
+    def as_flag(self, values: Mapping[str, Any]) -> str:
+        """``--to 'db': message``: the flag, and the value given when one item is at fault."""
+        message = _KEY_REF.sub(lambda m: f"--{m[1]}" if m[1] in KEYS else m[0], self.message)
+        names = [i for i, part in enumerate(self.path) if isinstance(part, str) and part in KEYS]
+        if not names:
+            return message
+        at = names[-1]
+        name = str(self.path[at])
+        rest = self.path[at + 1 :]
+        if rest and isinstance(rest[0], int):
+            return f"--{name} {values[name][rest[0]]!r}: {message}"
+        return f"--{name}: {message}"
+
+
+_KEY_REF = re.compile(r"\{([a-z][a-z0-9-]*)\}")
+
+
+class ConfigError(Exception):
+    """The settings cannot be used; ``problems`` says every reason, each with its key path."""
+
+    def __init__(self, problems: Sequence[Problem], source: str = "") -> None:
+        self.problems = list(problems)
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__("\n".join(prefix + p.in_file() for p in self.problems))
+
+
+@attrs.frozen
+class Timeouts:
+    """A listener's time limits, in seconds (``None``: no limit)."""
+
+    connect: float = 10.0
+    idle: float | None = 3600.0
+    fin: float | None = 60.0
+    header: float = 10.0
+    tls_handshake: float = 10.0
+    half_close: bool = True
+
+
+@attrs.frozen
+class ServerTLSOptions:
+    """What ``tls-*`` and ``alpn`` say about terminating TLS (files are read at build time)."""
+
+    certs: tuple[str, ...]
+    #: The key file of each certificate (its own file when no ``tls-key`` is given).
+    keys: tuple[str, ...]
+    strict_sni: bool = False
+    min_version: str = "1.2"
+    ciphers: str | None = None
+    alpn: tuple[bytes, ...] = ()
+    client_ca: str | None = None
+    client_optional: bool = False
+
+
+@attrs.frozen
+class BackendTLSOptions:
+    """What ``backend-*`` says about TLS towards backends."""
+
+    ca: str | None = None
+    sni: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+    #: ``backend-tls``: every HOST:PORT backend, not only ``tls:`` ones.
+    every_backend: bool = False
+
+
+@attrs.frozen
+class BackendSpec:
+    """A ``to`` value: a host and port, or a client endpoint string; and whether TLS is spoken."""
+
+    text: str
+    address: HostPort | str
+    tls: bool
+
+
+@attrs.frozen
+class ListenerSettings:
+    """One ``[[listener]]`` table, or the whole command line."""
+
+    #: ``listener[N]`` in a file; the first ``--listen`` on the command line.
+    name: str
+    #: The ``listen`` values as written, and the endpoint descriptions they became.
+    listen: tuple[str, ...]
+    endpoints: tuple[str, ...]
+    mode: str
+    backends: tuple[BackendSpec, ...]
+    clients: ClientPolicy
+    targets: TargetPolicy
+    auth_file: str | None
+    timeouts: Timeouts
+    socket_options: SocketOptions
+    engine: str
+    splice: str
+    access_log: bool
+    tls: ServerTLSOptions | None
+    backend_tls: BackendTLSOptions | None
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether this listener needs the TLS stack (decided before the reactor loads)."""
+        from tunnelkit import tls_stack
+
+        return tls_stack.needed(
+            self.listen, [b.text for b in self.backends], self.tls is not None
+        ) or any(b.tls for b in self.backends)
+
+
+@attrs.frozen
+class Settings:
+    """Everything a tunnelkit process serves."""
+
+    listeners: tuple[ListenerSettings, ...]
+    workers: int = 1
+    max_connections: int | None = None
+    drain_timeout: float = 30.0
+    access_log: str | None = None
+    access_log_format: str = "text"
+    write_through: bool = True
+    #: Where the settings came from: a file's path, or "the command line".
+    source: str = "the command line"
+
+
+#: Keys that only a proxy mode (which chooses its targets) uses.
+PROXY_ONLY = ("allow-dest", "deny-dest", "allow-port", "auth-file")
+#: Keys that mean nothing without ``tls-cert``.
+SERVER_TLS_ONLY = ("tls-key", "tls-strict-sni", "tls-ciphers", "alpn", "tls-client-ca", "tls-client-optional")  # fmt: skip
+#: Keys that mean nothing without a TLS backend.
+BACKEND_TLS_ONLY = ("backend-ca", "backend-sni", "backend-cert", "backend-key", "backend-insecure")
+
+
+class _Reader:
+    """The values of one scope, checked key by key; problems are collected, not raised."""
+
+    def __init__(
+        self, values: Mapping[str, Any], path: Path, problems: list[Problem], scope: Scope
+    ) -> None:
+        self.values = dict(values)
+        self.path = path
+        self.problems = problems
+        for name in self.values:
+            key = KEYS.get(name)
+            if key is None:
+                self.problem((name,), _unknown(name))
+            elif key.scope is not scope:
+                where = (
+                    "at the top of the file"
+                    if key.scope is Scope.PROCESS
+                    else "in a [[listener]] table"
+                )
+                self.problem((name,), f"a {key.scope.value} setting: give it {where}")
+
+    def problem(self, path: Path, message: str) -> None:
+        self.problems.append(Problem((*self.path, *path), message))
+
+    def given(self, name: str) -> bool:
+        return bool(self.values.get(name))
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values.get(name, KEYS[name].default)
+
+
+def _unknown(name: str) -> str:
+    close = [k for k in KEYS if k.replace("-", "") == name.replace("-", "").replace("_", "")]
+    return f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}"
+
+
+class BadItem(BadValue):
+    """A bad item of a repeatable key's list; ``index`` says which."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def check_value(key: Key, value: object, from_text: bool) -> Any:
+    """A value of ``key`` as typed, from a flag's text or a TOML value; raises :class:`BadValue`."""
+    read = key.kind.from_text if from_text else key.kind.from_toml
+    if key.repeatable:
+        items = [value] if isinstance(value, str) or not isinstance(value, list) else value
+        checked = []
+        for index, item in enumerate(items):
+            try:
+                checked.append(read(item))
+            except BadValue as e:
+                raise BadItem(index, str(e)) from None
+        return tuple(checked)
+    return read(value)  # type: ignore[arg-type]
+
+
+def build_listener(
+    values: Mapping[str, Any],
+    *,
+    name: str,
+    path: Path,
+    problems: list[Problem],
+    endpoint_types: frozenset[str],
+) -> ListenerSettings | None:
+    """A listener from typed ``values`` (unset keys take their defaults); ``None`` if it has problems."""
+    before = len(problems)
+    r = _Reader(values, path, problems, Scope.LISTENER)
+    if not r["listen"]:
+        r.problem(("listen",), "required (e.g. 8888)")
+    endpoints = []
+    for index, text in enumerate(r["listen"]):
+        try:
+            endpoints.append(listen_description(text))
+        except AddressError as e:
+            r.problem(("listen", index), str(e))
+    mode = r["mode"]
+    if mode == "forward":
+        if not r["to"]:
+            r.problem(("to",), "required in forward mode (e.g. 127.0.0.1:80)")
+        for key in PROXY_ONLY:
+            if r.given(key):
+                r.problem((key,), "applies to {mode} connect only")
+    backends = _backends(r, endpoint_types)
+    clients, targets = _policies(r)
+    tls = _server_tls(r)
+    backend_tls = _backend_tls(r, backends)
+    if len(problems) > before:
+        return None
+    return ListenerSettings(
+        name=name,
+        listen=tuple(r["listen"]),
+        endpoints=tuple(endpoints),
+        mode=mode,
+        backends=backends,
+        clients=clients,
+        targets=targets,
+        auth_file=r["auth-file"],
+        timeouts=Timeouts(
+            connect=r["connect-timeout"],
+            idle=r["idle-timeout"] or None,
+            fin=r["fin-timeout"] or None,
+            header=r["header-timeout"],
+            tls_handshake=r["tls-handshake-timeout"],
+            half_close=not r["no-half-close"],
+        ),
+        socket_options=SocketOptions(
+            nodelay=not r["no-nodelay"],
+            keepalive=r["keepalive"],
+            sndbuf=r["sndbuf"],
+            rcvbuf=r["rcvbuf"],
+            mss=r["mss"],
+            read_size=r["read-size"],
+        ),
+        engine=r["engine"],
+        splice=r["splice"],
+        access_log=not r["no-access-log"],
+        tls=tls,
+        backend_tls=backend_tls,
+    )
+
+
+def _backends(r: _Reader, endpoint_types: frozenset[str]) -> tuple[BackendSpec, ...]:
+    specs = []
+    for index, text in enumerate(r["to"]):
+        try:
+            address = backend_address(text, endpoint_types)
+        except AddressError as e:
+            r.problem(("to", index), str(e))
+            continue
+        tls = text[:4].lower() == "tls:" or (r["backend-tls"] and isinstance(address, HostPort))
+        specs.append(BackendSpec(text, address, tls))
+    return tuple(specs)
+
+
+def _policies(r: _Reader) -> tuple[ClientPolicy, TargetPolicy]:
+    clients, targets = ClientPolicy(), TargetPolicy()
+    try:
+        clients = ClientPolicy.from_options(r["allow-client"], r["deny-client"])
+    except ValueError as e:
+        r.problem(("allow-client",), str(e))
+    try:
+        targets = TargetPolicy.from_options(r["allow-dest"], r["deny-dest"], r["allow-port"])
+    except (RuleError, ValueError) as e:
+        r.problem(("allow-dest",), str(e))
+    return clients, targets
+
+
+def _server_tls(r: _Reader) -> ServerTLSOptions | None:
+    certs, keys = r["tls-cert"], r["tls-key"]
+    if not certs:
+        for key in SERVER_TLS_ONLY:
+            if r.given(key):
+                r.problem((key,), "needs {tls-cert}")
+        return None
+    if keys and len(keys) != len(certs):
+        r.problem(
+            ("tls-key",),
+            f"{len(certs)} {{tls-cert}} but {len(keys)} {{tls-key}}: give one key per certificate,"
+            " or none (keys inside the certificate files)",
+        )
+        return None
+    alpn = tuple(p.strip().encode() for p in (r["alpn"] or "").split(",") if p.strip())
+    if any(len(p) > 255 for p in alpn):
+        r.problem(("alpn",), "a protocol name is at most 255 bytes")
+    return ServerTLSOptions(
+        certs=tuple(certs),
+        keys=tuple(keys or certs),
+        strict_sni=r["tls-strict-sni"],
+        min_version=r["tls-min-version"],
+        ciphers=r["tls-ciphers"],
+        alpn=alpn,
+        client_ca=r["tls-client-ca"],
+        client_optional=r["tls-client-optional"],
+    )
+
+
+def _backend_tls(r: _Reader, backends: Sequence[BackendSpec]) -> BackendTLSOptions | None:
+    if not (r["backend-tls"] or any(b.tls for b in backends)):
+        for key in BACKEND_TLS_ONLY:
+            if r.given(key):
+                r.problem((key,), "needs a tls:HOST:PORT backend or {backend-tls}")
+        return None
+    return BackendTLSOptions(
+        ca=r["backend-ca"],
+        sni=r["backend-sni"],
+        cert=r["backend-cert"],
+        key=r["backend-key"],
+        insecure=r["backend-insecure"],
+        every_backend=r["backend-tls"],
+    )
+
+
+def build_settings(
+    process: Mapping[str, Any],
+    listeners: Sequence[Mapping[str, Any]],
+    *,
+    source: str,
+    endpoint_types: frozenset[str],
+    listener_path: str = "listener",
+) -> Settings:
+    """Settings from typed values; raises :class:`ConfigError` with every problem found."""
+    problems: list[Problem] = []
+    r = _Reader(process, (), problems, Scope.PROCESS)
+    if r["access-log-format"] is not None and r["access-log"] is None:
+        r.problem(("access-log-format",), "needs {access-log}")
+    if not listeners:
+        problems.append(Problem((listener_path,), "no listener: add a [[listener]] table"))
+    built = []
+    for index, values in enumerate(listeners):
+        listener = build_listener(
+            values,
+            name=f"{listener_path}[{index}]",
+            path=(listener_path, index),
+            problems=problems,
+            endpoint_types=endpoint_types,
+        )
+        if listener is not None:
+            built.append(listener)
+    if problems:
+        raise ConfigError(problems, source)
+    return Settings(
+        listeners=tuple(built),
+        workers=r["workers"],
+        max_connections=r["max-connections"],
+        drain_timeout=r["drain-timeout"],
+        access_log=r["access-log"],
+        access_log_format=r["access-log-format"] or "text",
+        write_through=not r["no-write-through"],
+        source=source,
+    )
+
+
+def from_flags(values: Mapping[str, Any], endpoint_types: frozenset[str]) -> Settings:
+    """The settings of a command line (one listener) from its typed flag values.
+
+    Keys left at their defaults are not passed on, so a listener key cannot
+    be mistaken for one that was given. Problems are reported as flags:
+    ``--to 'db': ...``.
+    """
+    given = {
+        name: value
+        for name, value in values.items()
+        if name in KEYS and value != KEYS[name].default and value not in (None, [], ())
+    }
+    process = {k: v for k, v in given.items() if KEYS[k].scope is Scope.PROCESS}
+    listener = {k: v for k, v in given.items() if KEYS[k].scope is Scope.LISTENER}
+    for name, value in listener.items():
+        if KEYS[name].repeatable:
+            listener[name] = tuple(value)
+    first = (listener.get("listen") or ("",))[0]
+    try:
+        settings = build_settings(
+            process, [listener], source="the command line", endpoint_types=endpoint_types
+        )
+    except ConfigError as e:
+        raise ConfigError([Problem((), p.as_flag(given)) for p in e.problems]) from None
+    [built] = settings.listeners
+    return attrs.evolve(settings, listeners=(attrs.evolve(built, name=first),))
