@@ -1,4 +1,4 @@
-"""Compile tunnelkit's native engine (``tunnelkit/_engine.c``) when a wheel is built.
+"""Compile tunnelkit's native engine (``tunnelkit/engine/_engine.c``) when a wheel is built.
 
 The engine is one C file with no dependency beyond libc and Python's headers,
 so it is compiled here with the compiler Python was built with, instead of
@@ -19,7 +19,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("tunnelkit") / "_engine.c"
+SOURCE = Path("tunnelkit") / "engine" / "_engine.c"
 
 
 def compile_engine(root: Path) -> Path | None:
@@ -63,4 +63,4 @@ class NativeEngineHook(BuildHookInterface):  # type: ignore[type-arg]
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
         if version != "editable":
-            build_data["force_include"][str(target)] = f"tunnelkit/{target.name}"
+            build_data["force_include"][str(target)] = f"tunnelkit/engine/{target.name}"

@@ -7,7 +7,7 @@ tunnelkit.json_log.observer`` run: the event goes through twisted.logger's
 global publisher to ``textFileLogObserver`` on a ``LogFile`` (classic text
 rendering, ``formatTime``, one write(2) per line) or to
 ``jsonFileLogObserver`` (every field, one write(2) per line).
-The new path is :class:`tunnelkit.access_log.AccessLogFile` as the sink of
+The new path is :class:`tunnelkit.logs.access_file.AccessLogFile` as the sink of
 the same :class:`TunnelLog` batching. Records are queued and flushed in
 batches of ``--batch`` (about what 20 ms collect at 5,000 connections/s);
 the figure is the best of ``--reps`` runs, in µs per record, files in a
@@ -31,9 +31,9 @@ from twisted.logger import (
 )
 from twisted.python.logfile import LogFile
 
-from tunnelkit.access_log import FORMATS, AccessLogFile
-from tunnelkit.relay import CloseKind, Side, TunnelRecord
-from tunnelkit.tunnel_log import Batch, TunnelLog
+from tunnelkit.logs.access_file import FORMATS, AccessLogFile
+from tunnelkit.logs.tunnel_log import Batch, TunnelLog
+from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 
 def records(count: int) -> list[TunnelRecord]:

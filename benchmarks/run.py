@@ -48,7 +48,7 @@ import plot
 import report
 from procs import BenchError, raise_nofile, stop_all, wait_quiet
 
-#: tunnelkit's default --read-size (tunnelkit.sockopts.DEFAULT_READ_SIZE), passed explicitly.
+#: tunnelkit's default --read-size (tunnelkit.relay.socket_options.DEFAULT_READ_SIZE), passed explicitly.
 DEFAULT_READ_SIZE = 256 * 1024
 
 #: The repository: benchmarks/ is directly inside it.

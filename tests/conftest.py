@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from hypothesis import settings
 
-from tunnelkit.reactor import installed as installed_reactor
+from tunnelkit.app.reactor import installed as installed_reactor
 
 if TYPE_CHECKING:
     from loopback import Serve, ThreadedServer

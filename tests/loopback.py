@@ -1,7 +1,7 @@
 """Real loopback sockets for relay tests: an in-process forwarder, threaded backends, clients.
 
 :class:`Forwarder` is tunnelkit's service built from command-line arguments
-(``tunnelkit.tap.Options`` and ``build_service``) and listening on the real
+(``tunnelkit.cli.plugin.Options`` and ``build_service``) and listening on the real
 reactor of this process, so a ``twisted.trial.unittest.TestCase`` can reach
 the proxy's own sockets and its ``tunnel_closed`` records. Backends and
 clients are blocking sockets used from threads; every blocking call has a
@@ -31,9 +31,9 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from tunnelkit.build import build_service
-from tunnelkit.relay import Tunnel
-from tunnelkit.tap import Options
+from tunnelkit.app.build import build_service
+from tunnelkit.cli.plugin import Options
+from tunnelkit.relay.tunnel import Tunnel
 
 MiB = 1024 * 1024
 

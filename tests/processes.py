@@ -34,13 +34,13 @@ CLEAN_SIGTERM_EXIT = 0
 T = TypeVar("T")
 
 _LISTENING = re.compile(r"\[tunnelkit\.service#info\] listening on (\S+) \(")
-#: The text of a ``tunnel_closed`` event (tunnelkit.tunnel_log.tunnel_text).
+#: The text of a ``tunnel_closed`` event (tunnelkit.logs.tunnel_log.tunnel_text).
 _TUNNEL_TEXT = (
     r"(?P<client>\S*) -> (?P<backend>\S+) \((?P<backend_address>\S+)\)"
     r" (?P<close_kind>\S+) by (?P<closed_by>\S+) after (?P<duration>[\d.]+)s:"
     r" up (?P<bytes_up>\d+) B, down (?P<bytes_down>\d+) B; (?P<reason>.*)$"
 )
-#: A worker's events show its number after the level (tunnelkit.workers.tag_worker).
+#: A worker's events show its number after the level (tunnelkit.app.supervisor.tag_worker).
 _TUNNEL_CLOSED = re.compile(r"\[tunnelkit\.tunnel#info(?: worker \d+)?\] " + _TUNNEL_TEXT)
 #: A text line of ``--access-log``: twistd's timestamp, then the event's text.
 _ACCESS_LINE = re.compile(r"^(?P<time>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}) " + _TUNNEL_TEXT)

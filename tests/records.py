@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunnelkit.relay import CloseKind, Side, TunnelRecord
+from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 
 def a_record(client: str = "127.0.0.1:5", reason: str = "client sent FIN") -> TunnelRecord:

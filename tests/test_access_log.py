@@ -14,9 +14,9 @@ import pytest
 from records import a_record
 from twisted.logger import LogEvent, formatEvent, formatTime, globalLogPublisher
 
-from tunnelkit.access_log import AccessLogFile
-from tunnelkit.relay import TunnelRecord
-from tunnelkit.tunnel_log import log_tunnel_closed, tunnel_text
+from tunnelkit.logs.access_file import AccessLogFile
+from tunnelkit.logs.tunnel_log import log_tunnel_closed, tunnel_text
+from tunnelkit.relay.tunnel import TunnelRecord
 
 
 class FakeClock:

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tunnelkit.addresses import (
+from tunnelkit.config.addresses import (
     DEFAULT_BACKLOG,
     AddressError,
     HostPort,

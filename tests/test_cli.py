@@ -9,7 +9,7 @@ import pytest
 from loopback import Serve, assert_echoes, echo
 from processes import executable, json_events, run, tunnelkit
 
-from tunnelkit.cli import split_arguments
+from tunnelkit.cli.command import split_arguments
 
 
 @pytest.mark.parametrize(

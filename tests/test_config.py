@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunnelkit.addresses import HostPort
+from tunnelkit.config.addresses import HostPort
 from tunnelkit.config.keys import KEYS, Scope
 from tunnelkit.config.model import ConfigError, Settings, from_flags
 from tunnelkit.config.toml_file import load

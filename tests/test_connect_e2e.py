@@ -47,7 +47,7 @@ from loopback import (
 from processes import Process, assert_clean_stop, free_port, run, tunnel_closed_events, twistd
 from python_socks.sync import Proxy as SocksProxy
 
-from tunnelkit.htpasswd import make_entry
+from tunnelkit.policy.htpasswd import make_entry
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 REALM = 'Basic realm="tunnelkit"'

@@ -13,12 +13,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnelkit.connect_mode import ConnectFactory, ConnectSettings
-from tunnelkit.dialer import Backend, Dialer, host_endpoint
-from tunnelkit.registry import TunnelRegistry
-from tunnelkit.relay import Timeouts, TunnelRecord
-from tunnelkit.resolver import IPAddress, ResolveError
-from tunnelkit.target_policy import TargetPolicy
+from tunnelkit.backends.dialer import Backend, Dialer, host_endpoint
+from tunnelkit.backends.resolver import IPAddress, ResolveError
+from tunnelkit.modes.connect import ConnectFactory, ConnectSettings
+from tunnelkit.policy.targets import TargetPolicy
+from tunnelkit.relay.registry import TunnelRegistry
+from tunnelkit.relay.tunnel import Timeouts, TunnelRecord
 
 #: A globally routable address (documentation ranges are not "global"); only
 #: ever handed to a memory reactor, never dialled.

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnelkit.connect_request import (
+from tunnelkit.modes.connect_request import (
     BasicCredentials,
     ConnectRequest,
     ConnectRequestParser,

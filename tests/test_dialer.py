@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tunnelkit.dialer import AddressEndpoint, Backend, BackendsUnavailable, Dialed, Dialer
+from tunnelkit.backends.dialer import AddressEndpoint, Backend, BackendsUnavailable, Dialed, Dialer
 
 
 @implementer(IStreamClientEndpoint)

@@ -7,8 +7,8 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from tunnelkit import htpasswd
-from tunnelkit.htpasswd import Htpasswd, HtpasswdError, make_entry
+from tunnelkit.policy import htpasswd
+from tunnelkit.policy.htpasswd import Htpasswd, HtpasswdError, make_entry
 
 FAST = 4  # bcrypt's lowest cost, to keep the tests quick
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from tunnelkit.idle_watch import IdleWatch
+from tunnelkit.relay.idle_watch import IdleWatch
 
 
 class FakeTunnel:

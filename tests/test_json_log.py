@@ -10,7 +10,7 @@ import pytest
 from records import a_record
 
 from tunnelkit import json_log
-from tunnelkit.tunnel_log import log_tunnel_closed
+from tunnelkit.logs.tunnel_log import log_tunnel_closed
 
 
 def test_tunnel_closed_as_json_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """Plain forwarding end to end on both relay paths: the native engine and Twisted's.
 
-The native engine (tunnelkit/_engine.c driven by tunnelkit/native.py) takes
+The native engine (tunnelkit/engine/_engine.c driven by tunnelkit/engine/driver.py) takes
 over accept, client policy, the connection cap, failover, relay, half-close
 and the drain from Twisted when the options allow it. Each behaviour here is
 proved over real loopback sockets on the default engine (which must be the
@@ -45,8 +45,8 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
-from tunnelkit.native import NativeRelay
-from tunnelkit.relay import TunnelRecord
+from tunnelkit.engine.driver import NativeRelay
+from tunnelkit.relay.tunnel import TunnelRecord
 
 Inline = Generator[Deferred[Any], Any, None]
 
@@ -640,7 +640,7 @@ def test_no_registration_outlives_a_closed_socket() -> None:
     exec) or a dup holds the socket, and its next event would name a freed tunnel.
     """
     try:
-        from tunnelkit import _engine
+        from tunnelkit.engine import _engine
     except ImportError:
         raise SkipTest("the native engine is not built") from None
     with (

@@ -14,11 +14,11 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from tunnelkit.build import build_service
-from tunnelkit.connect_mode import ConnectFactory
-from tunnelkit.dialer import AddressEndpoint
-from tunnelkit.socket_options import DEFAULT_READ_SIZE
-from tunnelkit.tap import Options
+from tunnelkit.app.build import build_service
+from tunnelkit.backends.dialer import AddressEndpoint
+from tunnelkit.cli.plugin import Options
+from tunnelkit.modes.connect import ConnectFactory
+from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
 
 def parse(*argv: str) -> Options:
@@ -277,7 +277,8 @@ def test_engine_native_says_why_the_engine_cannot_serve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No built module, or a pyOpenSSL that lends no OpenSSL to it: --engine native says so; auto uses Twisted."""
-    from tunnelkit import native, native_tls
+    from tunnelkit.engine import driver as native
+    from tunnelkit.engine import tls as native_tls
 
     pair = write_pair(trustme.CA(), tmp_path, "localhost")
     tls = ("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
@@ -300,8 +301,8 @@ def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Without a built engine the start-up line says Twisted relays, why, and that pip install -v shows the build error."""
-    from tunnelkit import native
-    from tunnelkit.build import log_relay_plane
+    from tunnelkit.app.build import log_relay_plane
+    from tunnelkit.engine import driver as native
 
     monkeypatch.setattr(native, "_engine", None)
     events: list[LogEvent] = []

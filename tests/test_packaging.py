@@ -84,15 +84,17 @@ def test_wheel_ships_only_the_plugin_file_under_twisted(wheel: Path) -> None:
         scripts = archive.read(entry_points).decode()
     assert [n for n in names if n.startswith("twisted/")] == ["twisted/plugins/tunnelkit_plugin.py"]
     assert not [n for n in names if n.endswith("dropin.cache")]
-    assert {"tunnelkit/__init__.py", "tunnelkit/tap.py", "tunnelkit/cli.py"} <= set(names)
-    assert re.search(r"^tunnelkit = tunnelkit\.cli:main$", scripts, re.MULTILINE), scripts
+    assert {"tunnelkit/__init__.py", "tunnelkit/cli/plugin.py", "tunnelkit/cli/command.py"} <= set(
+        names
+    )
+    assert re.search(r"^tunnelkit = tunnelkit\.cli\.command:main$", scripts, re.MULTILINE), scripts
 
 
 def test_wheel_carries_the_native_engine(wheel: Path) -> None:
     """The wheel holds the compiled engine and is tagged for this platform, not py3-none-any."""
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    assert [n for n in names if re.fullmatch(r"tunnelkit/_engine\..*\.so", n)], names
+    assert [n for n in names if re.fullmatch(r"tunnelkit/engine/_engine\..*\.so", n)], names
     assert not wheel.name.endswith("-none-any.whl"), wheel.name
 
 
@@ -122,7 +124,7 @@ def test_wheel_install_registers_plugin_and_uninstall_keeps_twisted(
             [
                 str(venv / "bin" / "python"),
                 "-c",
-                "from tunnelkit import native; print(native.built())",
+                "from tunnelkit.engine import driver; print(driver.built())",
             ],
             cwd=empty_dir,
         )

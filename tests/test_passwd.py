@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from processes import child_env, executable
 
-from tunnelkit.htpasswd import Htpasswd
+from tunnelkit.policy.htpasswd import Htpasswd
 
 
 def passwd(cwd: Path, *args: str, password: str) -> subprocess.CompletedProcess[str]:

@@ -13,11 +13,11 @@ from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit import preflight
-from tunnelkit.addresses import HostPort
-from tunnelkit.build import client_endpoint_types
-from tunnelkit.resolver import ResolveError
-from tunnelkit.tap import Options
+from tunnelkit.app.build import client_endpoint_types
+from tunnelkit.backends.resolver import ResolveError
+from tunnelkit.cli import preflight
+from tunnelkit.cli.plugin import Options
+from tunnelkit.config.addresses import HostPort
 
 TYPES = client_endpoint_types()
 
@@ -154,8 +154,8 @@ def test_start_up_resolves_names_once_running(
     monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
 ) -> None:
     """makeService has the --to names resolved once the reactor runs, and warns (without failing) about those that do not resolve."""
-    from tunnelkit import resolver
-    from tunnelkit.tap import makeService
+    from tunnelkit.backends import resolver
+    from tunnelkit.cli.plugin import makeService
 
     asked: list[str] = []
 

@@ -16,7 +16,7 @@ from twisted.internet import epollreactor
 from twisted.internet.error import ConnectionDone
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.reactor import EPollReactor
+from tunnelkit.app.reactor import EPollReactor
 
 
 class Reader:
@@ -102,7 +102,7 @@ def test_the_relay_suite_passes_on_twisteds_own_reactor(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("twistd_options", "expected"),
     [
-        ((), "tunnelkit.reactor.EPollReactor"),
+        ((), "tunnelkit.app.reactor.EPollReactor"),
         (("--reactor", "poll"), "twisted.internet.pollreactor.PollReactor"),
     ],
     ids=["default", "--reactor poll"],

@@ -7,11 +7,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnelkit.dialer import Dialer
-from tunnelkit.forward import ForwardFactory
-from tunnelkit.registry import TunnelRegistry
-from tunnelkit.relay import Timeouts, Tunnel
-from tunnelkit.service import default_max_tunnels
+from tunnelkit.app.service import default_max_tunnels
+from tunnelkit.backends.dialer import Dialer
+from tunnelkit.modes.forward import ForwardFactory
+from tunnelkit.relay.registry import TunnelRegistry
+from tunnelkit.relay.tunnel import Timeouts, Tunnel
 
 
 def tunnel(clock: Clock) -> Tunnel:

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnelkit.relay import CloseKind, Leg, Side, Timeouts, Tunnel, TunnelRecord
+from tunnelkit.relay.tunnel import CloseKind, Leg, Side, Timeouts, Tunnel, TunnelRecord
 
 
 class RelayHarness:

@@ -1,6 +1,6 @@
 """The relay over real loopback sockets: full duplex, half-close, RST, timeouts, backpressure, no leaks.
 
-In-process tests run tunnelkit's service (built by ``tunnelkit.tap``) on the
+In-process tests run tunnelkit's service (built by ``tunnelkit.cli.plugin``) on the
 real reactor inside a trial ``TestCase``, with blocking clients and backends in
 threads (Twisted protocols for the 200 concurrent tunnels); the memory and
 descriptor tests run ``twistd -n tunnelkit`` as a process and read its

@@ -34,9 +34,9 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tunnelkit import splice
-from tunnelkit.splice import PipePool
-from tunnelkit.tap import Options
+from tunnelkit.cli.plugin import Options
+from tunnelkit.relay import splice
+from tunnelkit.relay.splice import PipePool
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="no splice(2) here")
 

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from loopback import IPV6_LOOPBACK, NUMERIC_IPV4_LOOPBACK
 
-from tunnelkit.target_hosts import InvalidHost, classify_host, inet_aton, is_public
-from tunnelkit.target_policy import (
+from tunnelkit.policy.target_hosts import InvalidHost, classify_host, inet_aton, is_public
+from tunnelkit.policy.targets import (
     ClientPolicy,
     Decision,
     DestinationRule,

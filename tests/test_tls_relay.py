@@ -40,8 +40,8 @@ from OpenSSL import SSL
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from tunnelkit import native
-from tunnelkit.tls_transport import RelayTLSProtocol
+from tunnelkit.engine import driver as native
+from tunnelkit.tls.transport import RelayTLSProtocol
 
 Inline = Generator[Deferred[Any], Any, None]
 

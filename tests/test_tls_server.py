@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.tap import Options
-from tunnelkit.tls_server import (
+from tunnelkit.cli.plugin import Options
+from tunnelkit.tls.server import (
     CertificatePair,
     Certificates,
     ServerTLS,
@@ -21,7 +21,7 @@ from tunnelkit.tls_server import (
     TLSConfigError,
     served_names,
 )
-from tunnelkit.tls_transport import TLSError
+from tunnelkit.tls.transport import TLSError
 
 
 @pytest.fixture
@@ -216,8 +216,8 @@ def test_alpn_and_version_reach_the_settings(ca: trustme.CA, tmp_path: Path) -> 
 
 def test_direct_openssl_path_available() -> None:
     """The pinned pyOpenSSL exposes what tls_direct needs, so the TLS suites exercise it."""
-    from tunnelkit import tls_direct
-    from tunnelkit.tls_transport import RelayTLSProtocol
+    from tunnelkit.tls import direct as tls_direct
+    from tunnelkit.tls.transport import RelayTLSProtocol
 
     assert tls_direct.AVAILABLE
     assert RelayTLSProtocol.direct_openssl

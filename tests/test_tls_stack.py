@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from processes import mapped_cryptography, twistd
 
-from tunnelkit import tls_stack
+from tunnelkit.app import tls_stack
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from records import a_record
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.tunnel_log import Batch, TunnelLog, tunnel_fields
+from tunnelkit.logs.tunnel_log import Batch, TunnelLog, tunnel_fields
 
 
 def closed_clients(events: list[LogEvent]) -> list[str]:

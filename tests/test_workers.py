@@ -39,7 +39,7 @@ from tls_clients import client_context, tls_exchange
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from tunnelkit.workers import Workers
+from tunnelkit.app.supervisor import Workers
 
 JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
 

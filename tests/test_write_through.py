@@ -11,7 +11,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, StringTransport
 
-from tunnelkit.write_through import writer_for
+from tunnelkit.relay.write_through import writer_for
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 The command line and the TOML file are two spellings of the same settings: a
 key's name is its long flag (``connect-timeout``), and its :class:`Kind`
 turns either a flag's text or a TOML value into the typed value, or says in
-one line what was wrong. :mod:`tunnelkit.cli.options` makes the flags from
+one line what was wrong. :mod:`tunnelkit.cli.command.options` makes the flags from
 this table, :mod:`tunnelkit.config.toml_file` checks the file's keys against
 it, and :mod:`tunnelkit.config.model` builds the frozen settings from the
 values, so a key cannot mean one thing on the command line and another in a
@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 
-from tunnelkit.socket_options import DEFAULT_READ_SIZE
+from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
 
 class Scope(enum.Enum):

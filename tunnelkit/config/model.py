@@ -22,10 +22,10 @@ from typing import Any
 
 import attrs
 
-from tunnelkit.addresses import AddressError, HostPort, backend_address, listen_description
+from tunnelkit.config.addresses import AddressError, HostPort, backend_address, listen_description
 from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
-from tunnelkit.socket_options import SocketOptions
-from tunnelkit.target_policy import ClientPolicy, RuleError, TargetPolicy
+from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
+from tunnelkit.relay.socket_options import SocketOptions
 
 #: A key path: ``("listener", 2, "to", 0)`` is ``listener[2].to[0]``.
 Path = tuple[str | int, ...]
@@ -148,7 +148,7 @@ class ListenerSettings:
     @property
     def uses_tls(self) -> bool:
         """Whether this listener needs the TLS stack (decided before the reactor loads)."""
-        from tunnelkit import tls_stack
+        from tunnelkit.app import tls_stack
 
         return tls_stack.needed(
             self.listen, [b.text for b in self.backends], self.tls is not None

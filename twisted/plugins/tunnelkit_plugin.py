@@ -1,7 +1,7 @@
 """twistd plugin entry: ``twistd tunnelkit ...``.
 
 Twisted imports every plugin file on each ``twistd --help``, so this stays a
-single lazy ``ServiceMaker``: ``tunnelkit.tap`` is imported only when the
+single lazy ``ServiceMaker``: ``tunnelkit.cli.plugin`` is imported only when the
 ``tunnelkit`` subcommand is actually used.
 """
 
@@ -9,7 +9,7 @@ from twisted.application.service import ServiceMaker
 
 tunnelkit = ServiceMaker(
     "tunnelkit",
-    "tunnelkit.tap",
+    "tunnelkit.cli.plugin",
     "Port forwarder and tunnel: TCP/TLS/UNIX listeners relayed to backends.",
     "tunnelkit",
 )

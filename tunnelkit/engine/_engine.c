@@ -1,0 +1,1919 @@
+/*
+ * tunnelkit's native relay engine: accept, connect, relay and close plain
+ * TCP/UNIX tunnels without running Python per connection or per chunk.
+ *
+ * Why: a short connection cost tunnelkit's Twisted path about 165 us of CPU
+ * (accept, a non-blocking connect, two transports, Deferreds, four closes),
+ * nginx about 33 us, and a keep-alive request about 11 us against HAProxy's
+ * 7.6 us (docs/performance.md). That cost is Python's, not the kernel's, so
+ * the hot path of plain forwarding lives here, and Python keeps everything
+ * that is policy or configuration: endpoint parsing and listening (Twisted),
+ * the client policy (a Python callable), logging (records handed back in
+ * batches), drain and signals.
+ *
+ * How it fits Twisted: on tunnelkit's reactor, the engine does the reactor's
+ * waiting (Engine.wait(), with the reactor's epoll descriptor nested in the
+ * engine's), sweeps its own timers, and returns to Python only when Python
+ * has work. On another reactor, the engine's epoll descriptor is watched
+ * like any socket, Engine.run() handles what is ready and Engine.tick()
+ * sweeps the timers. Everything runs on the reactor thread; no lock, no
+ * thread (the GIL is released only while epoll_wait blocks).
+ *
+ * The relay keeps the promises of tunnelkit/relay/tunnel.py: full duplex,
+ * backpressure (a direction whose destination refuses bytes stops reading
+ * its source, and at most one read is held per direction), half-close
+ * (EOF becomes shutdown(SHUT_WR) on the other side once what was read is
+ * sent), resets passed on as resets unless the reset side had already sent
+ * its FIN, a lingering close (a side closed while it may still send gets
+ * SHUT_WR and is read until it closes, so the kernel sends no RST), connect
+ * timeout with failover to the next backend, idle, fin and close-grace
+ * timeouts, and one record per tunnel.
+ *
+ * TLS termination (--tls-cert with plain TCP/UNIX listeners): Python makes
+ * each client's OpenSSL connection with pyOpenSSL, from the same contexts,
+ * SNI choice, ALPN and client-certificate rules as Twisted's path, and hands
+ * over its SSL pointer; the engine drives the handshake and the relay with
+ * OpenSSL's own functions, whose addresses Python takes from pyOpenSSL's
+ * bindings (so no OpenSSL headers or second libssl are needed here, and the
+ * calls reach the library that made the SSL object). The backend is dialled
+ * once the handshake is done; close_notify and a bare FIN are both the
+ * client's EOF, and the backend's EOF becomes close_notify then a FIN.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/sockios.h>
+
+#define MAX_EVENTS 256
+#define MAX_BACKENDS 64
+#define MAX_LISTENERS 64
+#define ACCEPTS_PER_EVENT 64
+#define PIPE_CAPACITY (1 << 20)
+#define PIPES_KEPT 64
+/* Tunnels served from the ready queue per run(): the bound on how long a
+ * busy engine keeps the reactor (timers, other sockets) waiting. */
+#define QUEUE_BUDGET 128
+/* Seconds between timer sweeps while tunnels exist: the resolution of the
+ * connect, handshake, idle, fin and close-grace timeouts. */
+#define TICK 0.1
+/* Records wait()'s loop lets pile up before it hands them to Python. */
+#define RECORD_BATCH 64
+
+enum { CLIENT = 0, BACKEND = 1, PROXY = 2 };
+enum { K_FIN = 0, K_RST, K_TIMEOUT, K_ERROR, K_SHUTDOWN };
+enum { S_CONNECTING = 0, S_JOINED, S_CLOSING, S_DEAD, S_HANDSHAKE };
+/* OpenSSL's SSL_get_error() results, stable since 0.9.x. */
+enum {
+    TLS_ERROR_SSL = 1,
+    TLS_WANT_READ = 2,
+    TLS_WANT_WRITE = 3,
+    TLS_ERROR_SYSCALL = 5,
+    TLS_ZERO_RETURN = 6,
+};
+/* Room for one TLS record's plaintext: an SSL_read into at least this much
+ * leaves nothing decrypted behind, so socket readiness alone says when to read. */
+#define TLS_RECORD 16384
+/* epoll tags: a tunnel's pointer with its side (CLIENT, BACKEND) in the low
+ * bits, a listener's pointer with TAG_LISTENER, or one of the two TAG_WAKE
+ * descriptors: the engine's eventfd (TAG_WAKE) or the reactor's own epoll
+ * descriptor, when the engine does the reactor's waiting (TAG_REACTOR). */
+enum { TAG_LISTENER = 2, TAG_WAKE = 3, TAG_REACTOR = 4 | TAG_WAKE };
+/* How a tunnel's socket is registered, once, for its whole life. */
+#define SOCKET_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET)
+
+static const char *SIDE_NAMES[] = {"client", "backend", "proxy"};
+
+typedef struct {
+    struct sockaddr_storage addr;
+    socklen_t len;
+} backend_t;
+
+typedef struct {
+    int fd;
+    int id;
+} listener_t;
+
+/* One direction of a tunnel: bytes read from side `from`, sent to the other. */
+typedef struct {
+    char *buf;          /* bytes read but not yet sent (malloc'd on demand) */
+    size_t off, len;
+    int pipe_r, pipe_w; /* splice pipe, held only while bytes sit in it */
+    size_t piped;
+    unsigned eof : 1;   /* EOF read from the source */
+    unsigned shut : 1;  /* shutdown(SHUT_WR) sent to the destination */
+    unsigned notify : 1; /* close_notify owed to a TLS destination before its FIN */
+    unsigned long long bytes;
+} dir_t;
+
+typedef struct tunnel {
+    struct tunnel *prev, *next;
+    struct tunnel *qprev, *qnext; /* in the ready queue when queued */
+    int fd[2];
+    uint32_t want[2];   /* what each side waits for (EPOLLIN, EPOLLOUT, EPOLLRDHUP) */
+    uint32_t ready[2];  /* what epoll said of it, until a call says otherwise */
+    dir_t dir[2];       /* dir[CLIENT]: client -> backend; dir[BACKEND]: backend -> client */
+    int state;
+    int listener_id;
+    int backend_index;
+    int splicing;
+    int spliced;
+    int last_timed_out;   /* the last backend attempt hit the connect timeout */
+    double started, connected, last_moved;
+    double deadline;   /* connect attempt, while connecting */
+    double fin_at;     /* fin timeout, once half-closed (0: none) */
+    double grace_at;   /* close grace, once closing (0: none) */
+    int noted, closed_by, close_kind;
+    void *ssl;         /* the client's OpenSSL connection (TLS listeners), else NULL */
+    PyObject *tls;     /* the pyOpenSSL Connection that owns ssl */
+    unsigned queued : 1;
+    unsigned handshaken : 1;
+    unsigned notified : 1;          /* close_notify sent (or given up) */
+    unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
+    unsigned write_pending : 1;     /* an SSL_write waits to be retried: no SSL_read meanwhile */
+    uint32_t owed;     /* bytes the closing sides still had to take at the last grace check */
+    /* Allocated when first needed, to keep an idle tunnel small. */
+    char *reason;
+    char *errors; /* failed backend attempts, "name: why; ..." */
+    struct sockaddr_storage peer;
+    socklen_t peer_len;
+} tunnel_t;
+
+/* The OpenSSL functions the engine calls, by address (see the top of the file). */
+typedef struct {
+    int (*do_handshake)(void *ssl);
+    int (*read)(void *ssl, void *buf, int len);
+    int (*write)(void *ssl, const void *buf, int len);
+    int (*shutdown)(void *ssl);
+    int (*get_error)(const void *ssl, int ret);
+    void (*clear_error)(void);
+    unsigned long (*next_error)(void);
+    const char *(*reason)(unsigned long code);
+} tls_api_t;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int reserve_fd; /* kept free for the EMFILE accept guard */
+    size_t read_size;
+    size_t bulk_read;
+    int splice_mode; /* 0 off, 1 auto, 2 on */
+    double idle, fin, grace, connect_timeout;
+    int half_close; /* 0: the first EOF closes both sides (--no-half-close) */
+    long max_tunnels;
+    int log_records;
+    int nodelay, keepalive, sndbuf, rcvbuf, mss;
+    int running; /* inside run(): ended tunnels may still have events in the batch */
+    backend_t backends[MAX_BACKENDS];
+    PyObject *backend_names[MAX_BACKENDS];
+    int n_backends;
+    listener_t listeners[MAX_LISTENERS];
+    PyObject *client_check; /* callable(host, port, listener_id) -> bool, or NULL */
+    PyObject *records;      /* list of record tuples, taken by Python */
+    PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
+    char *scratch;
+    size_t scratch_size;
+    tls_api_t tls;        /* set when tls_new is */
+    PyObject *tls_new;    /* callable(fd) -> (SSL address, pyOpenSSL Connection), or NULL */
+    double tls_timeout;   /* --tls-handshake-timeout */
+    int pipes[PIPES_KEPT][2];
+    int n_pipes;
+    long fd_slots;   /* tunnels the descriptor limit has room for (0: no limit); a pipe takes one too */
+    long pipes_open; /* pipes made and not closed: pooled or holding bytes */
+    tunnel_t head;      /* circular list of live tunnels */
+    tunnel_t queue;     /* circular list (qnext/qprev) of tunnels with work the kernel will not announce again */
+    int wake_fd;        /* eventfd: readable while the queue was left with work */
+    int wake_armed;
+    double next_tick;   /* wait()'s next timer sweep */
+    tunnel_t *graveyard; /* ended tunnels, freed after the event batch that ended them */
+    long active;
+    int warned_full;
+    int warned_fds; /* accept_failed said for this burst of EMFILE */
+} Engine;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* -- small helpers ------------------------------------------------------ */
+
+static void note(tunnel_t *t, int side, int kind, const char *fmt, ...) {
+    if (t->noted)
+        return;
+    t->noted = 1;
+    t->closed_by = side;
+    t->close_kind = kind;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&t->reason, fmt, ap) < 0)
+        t->reason = NULL;
+    va_end(ap);
+}
+
+static PyObject *describe(const struct sockaddr_storage *ss, socklen_t len) {
+    char host[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        return PyUnicode_FromFormat("%s:%d", host, ntohs(a->sin_port));
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        char scope[IF_NAMESIZE + 1] = "";
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        /* A link-local peer's interface, as Python's socket module writes it. */
+        if (a->sin6_scope_id != 0 && if_indextoname(a->sin6_scope_id, scope + 1) != NULL)
+            scope[0] = '%';
+        return PyUnicode_FromFormat("[%s%s]:%d", host, scope, ntohs(a->sin6_port));
+    }
+    if (ss->ss_family == AF_UNIX) {
+        const struct sockaddr_un *a = (const struct sockaddr_un *)ss;
+        size_t n = len > offsetof(struct sockaddr_un, sun_path)
+                       ? strnlen(a->sun_path, len - offsetof(struct sockaddr_un, sun_path))
+                       : 0;
+        /* An unnamed client socket, as most are: empty, as on Twisted's path. */
+        return PyUnicode_DecodeFSDefaultAndSize(a->sun_path, n);
+    }
+    return PyUnicode_FromString("-");
+}
+
+static void set_options(Engine *e, int fd, int family) {
+    if (family != AF_INET && family != AF_INET6)
+        return;
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &e->nodelay, sizeof e->nodelay);
+    if (e->keepalive >= 0) {
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &e->keepalive, sizeof e->keepalive);
+    }
+    if (e->sndbuf >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &e->sndbuf, sizeof e->sndbuf);
+    if (e->rcvbuf >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &e->rcvbuf, sizeof e->rcvbuf);
+    if (e->mss >= 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &e->mss, sizeof e->mss);
+}
+
+static void close_abortively(int fd) {
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+/* -- pipes -------------------------------------------------------------------
+ *
+ * A pipe's two descriptors are a tunnel's worth: the descriptor budget that
+ * sized --max-connections (fd_slots tunnels) counts pipes, pooled or holding
+ * bytes, as tunnels. A pipe is made only while the budget has room, and a
+ * new tunnel that finds it spent takes it back (room_for_tunnel): pooled
+ * pipes are closed, then pipes holding bytes are emptied into memory. So
+ * splicing never costs a client within the cap its descriptors. */
+
+static inline int over_budget(const Engine *e, long more) {
+    return e->fd_slots > 0 && e->active + e->pipes_open + more > e->fd_slots;
+}
+
+static void close_pipe(Engine *e, int r, int w) {
+    close(r);
+    close(w);
+    e->pipes_open--;
+}
+
+/* Close the pooled pipes (all, or until the budget has room again). */
+static void shrink_pool(Engine *e, int all) {
+    while (e->n_pipes > 0 && (all || over_budget(e, 0))) {
+        e->n_pipes--;
+        close_pipe(e, e->pipes[e->n_pipes][0], e->pipes[e->n_pipes][1]);
+    }
+}
+
+static int take_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r >= 0)
+        return 0;
+    int p[2];
+    if (e->n_pipes > 0) {
+        e->n_pipes--;
+        p[0] = e->pipes[e->n_pipes][0];
+        p[1] = e->pipes[e->n_pipes][1];
+    } else {
+        if (over_budget(e, 1) || pipe2(p, O_NONBLOCK | O_CLOEXEC) < 0)
+            return -1;
+        e->pipes_open++;
+        fcntl(p[1], F_SETPIPE_SZ, PIPE_CAPACITY); /* the kernel may refuse: keep its size */
+    }
+    d->pipe_r = p[0];
+    d->pipe_w = p[1];
+    return 0;
+}
+
+static void give_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r < 0)
+        return;
+    if (d->piped == 0 && e->n_pipes < PIPES_KEPT && !over_budget(e, 0)) {
+        e->pipes[e->n_pipes][0] = d->pipe_r;
+        e->pipes[e->n_pipes][1] = d->pipe_w;
+        e->n_pipes++;
+    } else {
+        close_pipe(e, d->pipe_r, d->pipe_w);
+    }
+    d->pipe_r = d->pipe_w = -1;
+    d->piped = 0;
+}
+
+/* Move the bytes d's pipe holds into memory, ahead of nothing (a direction
+ * holds bytes in its buffer or in its pipe, never both), and close the pipe.
+ * 0: done; -1: left as it was (no memory). */
+static int spill_pipe(Engine *e, dir_t *d) {
+    if (d->pipe_r < 0 || d->len > d->off)
+        return -1;
+    char *buf = d->piped > 0 ? malloc(d->piped) : NULL;
+    if (d->piped > 0 && buf == NULL)
+        return -1;
+    size_t got = 0;
+    while (got < d->piped) {
+        ssize_t n = read(d->pipe_r, buf + got, d->piped - got);
+        if (n <= 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* cannot happen: the pipe holds piped bytes; keep what came */
+        got += n;
+    }
+    free(d->buf);
+    d->buf = buf;
+    d->off = 0;
+    d->len = got;
+    close_pipe(e, d->pipe_r, d->pipe_w);
+    d->pipe_r = d->pipe_w = -1;
+    d->piped = 0;
+    return 0;
+}
+
+/* A tunnel was admitted: give back the descriptors pipes borrowed from its budget. */
+static void room_for_tunnel(Engine *e) {
+    shrink_pool(e, 0);
+    for (tunnel_t *t = e->head.next; t != &e->head && over_budget(e, 0); t = t->next)
+        for (int s = 0; s < 2 && over_budget(e, 0); s++)
+            spill_pipe(e, &t->dir[s]);
+}
+
+static inline size_t pending(const dir_t *d) { return (d->len - d->off) + d->piped + d->notify; }
+
+/* A call found side s with nothing to read (EPOLLIN) or no room to write
+ * (EPOLLOUT): epoll will say when that changes (see "readiness" below). */
+static inline void drained(tunnel_t *t, int s, uint32_t what) { t->ready[s] &= ~what; }
+
+/* -- TLS ----------------------------------------------------------------------- */
+
+/* The reasons OpenSSL queued, ", "-joined as tunnelkit.tls.server.openssl_reason
+ * does, else what the system call said. Empties the queue. */
+static void tls_reason(Engine *e, int err, int saved_errno, char *out, size_t size) {
+    size_t used = 0;
+    unsigned long code;
+    out[0] = '\0';
+    while ((code = e->tls.next_error()) != 0) {
+        const char *reason = e->tls.reason(code);
+        if (reason == NULL || used + 1 >= size)
+            continue;
+        int n = snprintf(out + used, size - used, "%s%s", used ? ", " : "", reason);
+        used = n < 0 ? used : (size_t)n >= size - used ? size - 1 : used + n;
+    }
+    if (used == 0)
+        snprintf(out, size, "%s",
+                 err == TLS_ERROR_SYSCALL && saved_errno != 0 ? strerror(saved_errno)
+                 : err == TLS_ERROR_SSL                      ? "protocol error"
+                                                             : "the client closed the connection");
+}
+
+/* SSL_write as much of buf as the client's socket takes, as send() would:
+ * the count taken, or -1 with errno (EAGAIN when nothing was taken). A retry
+ * must offer the same bytes again (OpenSSL may hold an encrypted record of
+ * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
+ * While OpenSSL holds such a record, the client is not read (see may_read). */
+static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
+    size_t done = 0;
+    while (done < len) {
+        int chunk = len - done > (1 << 30) ? (1 << 30) : (int)(len - done);
+        e->tls.clear_error();
+        errno = 0;
+        int n = e->tls.write(t->ssl, buf + done, chunk);
+        if (n > 0) {
+            t->write_pending = 0;
+            done += n;
+            continue;
+        }
+        int saved = errno;
+        int err = e->tls.get_error(t->ssl, n);
+        t->write_pending = err == TLS_WANT_WRITE; /* a record of buf is held */
+        if (err == TLS_WANT_WRITE || err == TLS_WANT_READ || done > 0)
+            break; /* an error shows again at the next call */
+        if (err == TLS_ERROR_SSL) {
+            char why[256];
+            tls_reason(e, err, saved, why, sizeof why);
+            note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
+        }
+        e->tls.clear_error();
+        errno = saved ? saved : EPIPE;
+        return -1;
+    }
+    if (done == 0 && len > 0) {
+        errno = EAGAIN;
+        return -1;
+    }
+    return (ssize_t)done;
+}
+
+/* MSG_MORE (SPLICE_F_MORE) for bytes to the backend once the client has sent
+ * its FIN: they are its last, so they wait in the kernel for the FIN that
+ * follows (shutdown or close) and leave with it, in one segment. A backend
+ * flooded with connections completes them with SYN cookies and may drop the
+ * first segments on a full accept queue; the cookie is then checked again in
+ * a later segment, which passes only if it starts at the first byte: a lone
+ * FIN behind the dropped bytes fails and is answered with a reset. (HAProxy
+ * sends its last bytes with MSG_MORE before a shutdown for the same merge.) */
+static inline int last_bytes(const tunnel_t *t, int to, int more) {
+    return to == BACKEND && (t->ready[CLIENT] & EPOLLRDHUP) ? more : 0;
+}
+
+/* Send to side `to` of the tunnel: through TLS to a TLS client, else plain.
+ * Less than len taken means the socket is full: epoll says when it has room. */
+static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_t len) {
+    ssize_t n = to == CLIENT && t->ssl != NULL
+                    ? tls_send(e, t, buf, len)
+                    : send(t->fd[to], buf, len,
+                           MSG_NOSIGNAL | MSG_DONTWAIT | last_bytes(t, to, MSG_MORE));
+    if (n < (ssize_t)len)
+        drained(t, to, EPOLLOUT);
+    return n;
+}
+
+/* Send the close_notify owed to the client. 1: sent (or OpenSSL gave up on
+ * it); 0: wait until the client is writable; -1: the socket failed (errno). */
+static int tls_notify(Engine *e, tunnel_t *t) {
+    e->tls.clear_error();
+    errno = 0;
+    int r = e->tls.shutdown(t->ssl);
+    int saved = errno;
+    int err = r < 0 ? e->tls.get_error(t->ssl, r) : 0;
+    if (err == TLS_WANT_WRITE) {
+        drained(t, CLIENT, EPOLLOUT);
+        return 0;
+    }
+    e->tls.clear_error();
+    t->dir[BACKEND].notify = 0;
+    t->notified = 1;
+    if (err == TLS_ERROR_SYSCALL && saved != 0) {
+        errno = saved; /* a reset, reported as one rather than read back as EOF */
+        return -1;
+    }
+    return 1;
+}
+
+/* A graceful end owes a handshaken client its close_notify, once. */
+static void owe_notify(tunnel_t *t) {
+    if (t->ssl != NULL && t->handshaken && !t->notified && t->fd[CLIENT] >= 0)
+        t->dir[BACKEND].notify = 1;
+}
+
+/* -- readiness ------------------------------------------------------------ */
+
+/* Each socket is registered once, edge-triggered, and removed before it is
+ * closed: four epoll_ctl calls per tunnel instead of six, and none when
+ * backpressure turns a direction off and on. The engine remembers what
+ * epoll said (ready[]) until a call shows otherwise (EAGAIN, a short read),
+ * and what each side waits for (want[]). A side that waits for something it
+ * is already known to be ready for goes on the ready queue, which run()
+ * serves after the kernel's events: the behaviour of a level-triggered
+ * registration, without its system calls. A side that waits for nothing is
+ * not served, whatever epoll says (a hang-up is seen at the next read or
+ * write, as on Twisted's path). */
+static void enqueue(Engine *e, tunnel_t *t) {
+    t->queued = 1;
+    t->qnext = &e->queue;
+    t->qprev = e->queue.qprev;
+    e->queue.qprev->qnext = t;
+    e->queue.qprev = t;
+}
+
+static void dequeue(tunnel_t *t) {
+    if (!t->queued)
+        return;
+    t->qprev->qnext = t->qnext;
+    t->qnext->qprev = t->qprev;
+    t->queued = 0;
+}
+
+/* What side s is ready for among what it waits for (hang-ups and errors always count). */
+static inline uint32_t due(const tunnel_t *t, int s) {
+    if (t->fd[s] < 0 || t->want[s] == 0)
+        return 0;
+    return t->ready[s] & (t->want[s] | EPOLLHUP | EPOLLERR);
+}
+
+static inline void mark(Engine *e, tunnel_t *t, int s) {
+    if (!t->queued && t->state != S_DEAD && due(t, s))
+        enqueue(e, t);
+}
+
+/* Register a new socket as side `side`, for its whole life. */
+static int enroll(Engine *e, tunnel_t *t, int side) {
+    struct epoll_event ev = {.events = SOCKET_EVENTS,
+                             .data.u64 = (uint64_t)(uintptr_t)t | (uint64_t)side};
+    t->want[side] = t->ready[side] = 0;
+    return epoll_ctl(e->epfd, EPOLL_CTL_ADD, t->fd[side], &ev);
+}
+
+/* Side `side` now waits for `want`. */
+static void watch(Engine *e, tunnel_t *t, int side, uint32_t want) {
+    t->want[side] = want;
+    mark(e, t, side);
+}
+
+/* Whether side s of a joined tunnel may be read: its direction holds
+ * nothing and saw no EOF. A TLS client is not read while an SSL_write waits
+ * to be retried either: a KeyUpdate asking for ours, read then, makes
+ * OpenSSL write its answer at once, behind the held record, and fail the
+ * connection ("bad length"). The client reads to unblock that write. */
+static inline int may_read(const tunnel_t *t, int s) {
+    const dir_t *out = &t->dir[s];
+    return t->state == S_JOINED && !out->eof && pending(out) == 0 &&
+           !(s == CLIENT && t->write_pending);
+}
+
+/* What side `s` of a joined tunnel waits for: reading its own direction,
+ * writing what the other direction holds for it. */
+static void rewatch(Engine *e, tunnel_t *t, int s) {
+    uint32_t want = 0;
+    dir_t *out = &t->dir[s], *in = &t->dir[1 - s];
+    int reading = may_read(t, s);
+    /* A closing side that got our FIN is read until it closes (see lingered);
+     * not while an SSL_write waits to be retried (see may_read). */
+    int lingering = t->state == S_CLOSING && in->shut && !out->eof && pending(in) == 0 &&
+                    !(s == CLIENT && t->write_pending);
+    if (reading || lingering)
+        want |= EPOLLIN;
+    /* A TLS read that must write first waits for writability, but only
+     * while the client is read at all (else a writable socket would spin). */
+    if (pending(in) > 0 || (reading && s == CLIENT && t->read_wants_write))
+        want |= EPOLLOUT;
+    watch(e, t, s, want);
+}
+
+/* Close side `side`. Taken out of epoll first: close() alone leaves the
+ * registration while another descriptor shares the socket (a fork()ed child
+ * before its exec, a dup), and its next event would name a freed tunnel. */
+static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
+    int fd = t->fd[side];
+    if (fd < 0)
+        return;
+    epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+    t->want[side] = t->ready[side] = 0;
+    if (abortive)
+        close_abortively(fd);
+    else
+        close(fd);
+    t->fd[side] = -1;
+}
+
+/* -- ending ---------------------------------------------------------------- */
+
+static void end_tunnel(Engine *e, tunnel_t *t) {
+    for (int s = 0; s < 2; s++) {
+        unwatch_close(e, t, s, 0);
+        free(t->dir[s].buf);
+        t->dir[s].buf = NULL;
+        give_pipe(e, &t->dir[s]);
+    }
+    t->prev->next = t->next;
+    t->next->prev = t->prev;
+    dequeue(t);
+    e->active--;
+    if (e->active < e->max_tunnels)
+        e->warned_full = 0;
+    /* A failed handshake is reported even unlogged: Python counts it. */
+    if (e->log_records || (t->tls != NULL && !t->handshaken)) {
+        double end = now();
+        PyObject *client = describe(&t->peer, t->peer_len);
+        PyObject *backend, *backend_address;
+        if (t->connected > 0 && t->backend_index >= 0) {
+            backend_t *b = &e->backends[t->backend_index];
+            backend = Py_NewRef(e->backend_names[t->backend_index]);
+            backend_address = describe(&b->addr, b->len);
+        } else {
+            backend = PyUnicode_FromString("");
+            backend_address = Py_NewRef(Py_None);
+        }
+        PyObject *connect_time = t->connected > 0 ? PyFloat_FromDouble(t->connected - t->started)
+                                                  : (Py_INCREF(Py_None), Py_None);
+        PyObject *tls = t->tls != NULL ? Py_BuildValue("(OO)", t->tls, t->handshaken ? Py_True : Py_False)
+                                       : (Py_INCREF(Py_None), Py_None);
+        if (!t->noted)
+            note(t, PROXY, K_ERROR, "unknown");
+        PyObject *record = Py_BuildValue(
+            "(i(NNNKKdN)iisON)", t->listener_id, client, backend, backend_address,
+            t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
+            t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
+            t->spliced ? Py_True : Py_False, tls);
+        /* (listener, TunnelRecord's first seven fields, side, kind, reason,
+         * spliced, (TLS connection, handshaken) or None). Allocation failures
+         * only lose the record, never the engine. */
+        if (record == NULL || PyList_Append(e->records, record) < 0)
+            PyErr_Clear();
+        Py_XDECREF(record);
+    }
+    Py_CLEAR(t->tls); /* the record keeps it, for the access log's TLS fields */
+    t->ssl = NULL;
+    t->state = S_DEAD;
+    t->next = e->graveyard;
+    e->graveyard = t;
+}
+
+static void bury(Engine *e) {
+    if (e->running)
+        return; /* run() frees its batch's dead tunnels when the batch is over */
+    while (e->graveyard != NULL) {
+        tunnel_t *t = e->graveyard;
+        e->graveyard = t->next;
+        free(t->reason);
+        free(t->errors);
+        free(t);
+    }
+}
+
+/* What side s has still to take: the bytes held for it, and those its TCP
+ * socket has not sent yet (SIOCOUTQNSD: a reset drops them; bytes already
+ * sent reach the peer before the RST, acknowledged or not). A UNIX peer
+ * reads what was queued even after a close: nothing more to count. */
+static size_t owed_to(const tunnel_t *t, int s) {
+    const dir_t *d = &t->dir[1 - s];
+    int queued = 0;
+    if (ioctl(t->fd[s], SIOCOUTQNSD, &queued) < 0 || queued < 0)
+        queued = 0;
+    return (d->len - d->off) + d->piped + (size_t)queued;
+}
+
+/* Side s is about to be reset: what it has not taken never reaches it, so the
+ * record stops counting it. A TLS client's send queue holds records, and one
+ * cut short is lost whole: one record more is left out, so the count never
+ * exceeds what the client could decrypt. */
+static void uncount_undelivered(tunnel_t *t, int s) {
+    if (t->fd[s] < 0)
+        return;
+    dir_t *d = &t->dir[1 - s];
+    size_t lost = owed_to(t, s);
+    if (lost > 0 && s == CLIENT && t->ssl != NULL)
+        lost += TLS_RECORD;
+    d->bytes -= lost < d->bytes ? lost : d->bytes;
+}
+
+static void abort_tunnel(Engine *e, tunnel_t *t) {
+    for (int s = 0; s < 2; s++) {
+        uncount_undelivered(t, s);
+        unwatch_close(e, t, s, 1);
+    }
+    end_tunnel(e, t);
+}
+
+/* Closing starts the close grace (see grace_expired). */
+static void start_grace(Engine *e, tunnel_t *t) {
+    if (t->grace_at == 0) {
+        t->grace_at = now() + e->grace;
+        t->owed = UINT32_MAX;
+    }
+}
+
+/* Read and drop what lingering side s sends. 1 once it has closed (EOF, or
+ * an error: nothing more to wait for), 0 while it may send more. */
+static int discard(Engine *e, tunnel_t *t, int s) {
+    if (!(t->ready[s] & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
+        return 0; /* nothing arrived since the last read: epoll will say */
+    for (int i = 0; i < 4; i++) {
+        ssize_t n = recv(t->fd[s], e->scratch, e->read_size, MSG_DONTWAIT);
+        if (n > 0 || (n < 0 && errno == EINTR))
+            continue;
+        if (n == 0) {
+            t->dir[s].eof = 1;
+            return 1;
+        }
+        if (errno != EAGAIN)
+            return 1;
+        drained(t, s, EPOLLIN);
+        return 0;
+    }
+    return 0; /* more to read: the ready queue brings it back */
+}
+
+/* Side s of a closing tunnel has taken all it was owed. 1: it may close now.
+ * Closing a socket with unread input makes the kernel send an RST and drop
+ * what it had not sent yet, so a side still sending gets our FIN
+ * (SHUT_WR) and is read and discarded until it closes too, bounded by the
+ * close grace: the lingering close of nginx and HAProxy. */
+static int lingered(Engine *e, tunnel_t *t, int s) {
+    if (t->dir[s].eof)
+        return 1;
+    if (!t->dir[1 - s].shut) {
+        t->dir[1 - s].shut = 1;
+        shutdown(t->fd[s], SHUT_WR);
+    }
+    return discard(e, t, s);
+}
+
+/* Close what is left once nothing is held for it and it has closed too (see
+ * lingered); a side still holding bytes for its peer waits (bounded by the
+ * close grace). Returns 1 if ended. */
+static int maybe_finish(Engine *e, tunnel_t *t) {
+    if (t->state != S_CLOSING)
+        return 0;
+    for (int s = 0; s < 2; s++) {
+        if (t->fd[s] >= 0 && pending(&t->dir[1 - s]) == 0 && lingered(e, t, s))
+            unwatch_close(e, t, s, 0);
+    }
+    if (t->fd[CLIENT] < 0 && t->fd[BACKEND] < 0) {
+        end_tunnel(e, t);
+        return 1;
+    }
+    for (int s = 0; s < 2; s++)
+        if (t->fd[s] >= 0)
+            rewatch(e, t, s);
+    return 0;
+}
+
+/* Graceful close of both sides: stop reading, send what is held, then close. */
+static int close_both(Engine *e, tunnel_t *t) {
+    owe_notify(t);
+    t->state = S_CLOSING;
+    start_grace(e, t);
+    return maybe_finish(e, t);
+}
+
+/* Side `s` failed (reset or error): close it; the peer is reset too, unless
+ * `s` had already sent its FIN (then what it sent is complete: clean close). */
+static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
+    if (!t->dir[s].eof && t->noted && t->close_kind == K_FIN) {
+        /* A side that had not sent its FIN cut the tunnel short: its reset,
+         * not the other side's half-close noted before, is what ended it. */
+        t->noted = 0;
+        free(t->reason);
+        t->reason = NULL;
+    }
+    note(t, s, K_RST, "%s reset: %s", SIDE_NAMES[s], strerror(err));
+    int peer = 1 - s;
+    int clean = t->dir[s].eof;
+    uncount_undelivered(t, s);
+    unwatch_close(e, t, s, 1);
+    t->dir[peer].off = t->dir[peer].len = 0; /* nothing more can reach s */
+    t->dir[peer].notify = 0;
+    give_pipe(e, &t->dir[peer]);
+    if (t->fd[peer] >= 0 && !clean) {
+        uncount_undelivered(t, peer);
+        unwatch_close(e, t, peer, 1);
+    }
+    t->state = S_CLOSING;
+    start_grace(e, t);
+    return maybe_finish(e, t);
+}
+
+/* -- the relay ------------------------------------------------------------- */
+
+static int send_eof_if_done(Engine *e, tunnel_t *t, int s);
+
+/* Send what direction s holds to its destination. Returns 1 if the tunnel ended.
+ * Bytes sent count as movement for the idle timeout, as bytes read do: a
+ * slow reader draining a held read or a full pipe is not idle. */
+static int flush(Engine *e, tunnel_t *t, int s) {
+    dir_t *d = &t->dir[s];
+    int dst = t->fd[1 - s];
+    if (dst < 0)
+        return 0;
+    while (d->len > d->off) {
+        ssize_t n = put(e, t, 1 - s, d->buf + d->off, d->len - d->off);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            return side_failed(e, t, 1 - s, errno);
+        }
+        d->off += n;
+        t->last_moved = now();
+    }
+    if (d->buf) {
+        free(d->buf);
+        d->buf = NULL;
+        d->off = d->len = 0;
+    }
+    while (d->piped > 0) {
+        ssize_t n = splice(d->pipe_r, NULL, dst, NULL, d->piped,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK | last_bytes(t, 1 - s, SPLICE_F_MORE));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR) {
+                drained(t, 1 - s, EPOLLOUT);
+                return 0;
+            }
+            return side_failed(e, t, 1 - s, errno);
+        }
+        if ((size_t)n < d->piped)
+            drained(t, 1 - s, EPOLLOUT);
+        d->piped -= n;
+        t->last_moved = now();
+    }
+    give_pipe(e, d);
+    if (d->notify) {
+        int sent = tls_notify(e, t);
+        if (sent == 0)
+            return 0;
+        if (sent < 0)
+            return side_failed(e, t, CLIENT, errno);
+    }
+    return send_eof_if_done(e, t, s);
+}
+
+/* Direction s has sent all it read: pass its EOF on, and close once both are done. */
+static int send_eof_if_done(Engine *e, tunnel_t *t, int s) {
+    dir_t *d = &t->dir[s];
+    if (!d->eof || d->shut || pending(d) > 0)
+        return 0;
+    if (t->state == S_CLOSING)
+        return maybe_finish(e, t);
+    if (t->dir[1 - s].eof) {
+        /* Both ways done: one close sends the FIN, without a shutdown first. */
+        d->shut = 1;
+        return close_both(e, t);
+    }
+    d->shut = 1;
+    if (t->fd[1 - s] >= 0)
+        shutdown(t->fd[1 - s], SHUT_WR);
+    if (e->fin > 0 && t->fin_at == 0)
+        t->fin_at = now() + e->fin;
+    return 0;
+}
+
+static int got_eof(Engine *e, tunnel_t *t, int s) {
+    t->dir[s].eof = 1;
+    note(t, s, K_FIN, "%s sent FIN", SIDE_NAMES[s]);
+    if (!e->half_close)
+        return close_both(e, t); /* what was read is sent first, then both close */
+    if (s == BACKEND && t->ssl != NULL) {
+        owe_notify(t); /* the client hears close_notify, then the FIN */
+        if (flush(e, t, s))
+            return 1;
+        rewatch(e, t, CLIENT);
+    } else if (send_eof_if_done(e, t, s)) {
+        return 1;
+    }
+    rewatch(e, t, s);
+    return 0;
+}
+
+static void start_splicing(Engine *e, tunnel_t *t) {
+    if (e->splice_mode > 0 && t->ssl == NULL) /* TLS bytes are rewritten: nothing to splice */
+        t->splicing = 1;
+}
+
+/* Send the n bytes read into scratch from side s on to its peer; hold what
+ * the peer refuses (and stop reading s until it drains). 1 if the tunnel ended. */
+static int deliver(Engine *e, tunnel_t *t, int s, size_t n) {
+    dir_t *d = &t->dir[s];
+    ssize_t sent = put(e, t, 1 - s, e->scratch, n);
+    if (sent < 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            return side_failed(e, t, 1 - s, errno);
+        sent = 0;
+    }
+    if ((size_t)sent < n) {
+        d->buf = malloc(n - sent);
+        if (d->buf == NULL) {
+            note(t, PROXY, K_ERROR, "out of memory");
+            abort_tunnel(e, t);
+            return 1;
+        }
+        memcpy(d->buf, e->scratch + sent, n - sent);
+        d->off = 0;
+        d->len = n - sent;
+        rewatch(e, t, s);
+        rewatch(e, t, 1 - s);
+    }
+    return 0;
+}
+
+/* Read what the TLS client sent: whole records, as many as the scratch holds. */
+static int tls_relay_read(Engine *e, tunnel_t *t) {
+    size_t got = 0;
+    int end = 0, err = 0, saved = 0; /* end: 1 EOF (close_notify or a bare FIN), 2 failed */
+    t->read_wants_write = 0;
+    while (e->scratch_size - got >= TLS_RECORD) {
+        e->tls.clear_error();
+        errno = 0;
+        size_t room = e->scratch_size - got;
+        int n = e->tls.read(t->ssl, e->scratch + got, room > (1 << 30) ? (1 << 30) : (int)room);
+        if (n > 0) {
+            got += n;
+            continue;
+        }
+        saved = errno;
+        err = e->tls.get_error(t->ssl, n);
+        if (err == TLS_WANT_READ)
+            drained(t, CLIENT, EPOLLIN);
+        if (err == TLS_WANT_WRITE) { /* a key update to answer: retried once writable */
+            t->read_wants_write = 1;
+            drained(t, CLIENT, EPOLLOUT);
+        } else if (err == TLS_ZERO_RETURN || (err == TLS_ERROR_SYSCALL && saved == 0))
+            end = 1;
+        else if (err != TLS_WANT_READ)
+            end = 2;
+        break;
+    }
+    if (end == 2) {
+        char why[256];
+        tls_reason(e, err, saved, why, sizeof why);
+        if (err == TLS_ERROR_SSL)
+            note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
+    }
+    /* What was read before an error goes on first, as on the plain path. */
+    if (got > 0) {
+        t->dir[CLIENT].bytes += got;
+        t->last_moved = now();
+        if (deliver(e, t, CLIENT, got))
+            return 1;
+    }
+    if (end == 2)
+        return side_failed(e, t, CLIENT, saved ? saved : EPROTO);
+    if (end == 1)
+        return got_eof(e, t, CLIENT);
+    if (t->read_wants_write)
+        rewatch(e, t, CLIENT);
+    return 0;
+}
+
+/* Read once from side s and send it on at once; hold what the peer refuses. */
+static int relay_read(Engine *e, tunnel_t *t, int s) {
+    dir_t *d = &t->dir[s];
+    int src = t->fd[s], dst = t->fd[1 - s];
+    if (!may_read(t, s) || dst < 0)
+        return 0;
+    if (s == CLIENT && t->ssl != NULL)
+        return tls_relay_read(e, t);
+    if (t->splicing && take_pipe(e, d) == 0) {
+        ssize_t n = splice(src, NULL, d->pipe_w, NULL, PIPE_CAPACITY,
+                           SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (n > 0) {
+            d->bytes += n;
+            d->piped = n;
+            t->spliced = 1;
+            t->last_moved = now();
+            if (flush(e, t, s))
+                return 1;
+            rewatch(e, t, s);
+            rewatch(e, t, 1 - s);
+            return 0;
+        }
+        give_pipe(e, d);
+        /* 0 and EAGAIN are not conclusive: splice stops at TCP urgent data
+         * (0 if a FIN follows, else EAGAIN while the socket stays readable),
+         * so recv below, which steps over the urgent byte, has the last word. */
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP)
+                return side_failed(e, t, s, errno);
+            t->splicing = 0; /* this pair of descriptors cannot splice: read as usual */
+        }
+    }
+    ssize_t n = recv(src, e->scratch, e->read_size, 0);
+    if (n == 0)
+        return got_eof(e, t, s);
+    if (n < 0) {
+        if (errno == EAGAIN)
+            drained(t, s, EPOLLIN);
+        if (errno == EAGAIN || errno == EINTR)
+            return 0;
+        return side_failed(e, t, s, errno);
+    }
+    /* A short read emptied the socket, unless it stopped at urgent data
+     * (EPOLLPRI) or before an EOF (EPOLLRDHUP) that the next read returns. */
+    if ((size_t)n < e->read_size && !(t->ready[s] & (EPOLLRDHUP | EPOLLPRI | EPOLLHUP)))
+        drained(t, s, EPOLLIN);
+    d->bytes += n;
+    t->last_moved = now();
+    if ((size_t)n >= e->bulk_read)
+        start_splicing(e, t);
+    return deliver(e, t, s, n);
+}
+
+/* -- connecting ------------------------------------------------------------ */
+
+static int try_backends(Engine *e, tunnel_t *t);
+static void turn_away(Engine *e, tunnel_t *t);
+static void out_of_fds(Engine *e, int err);
+
+static void join(Engine *e, tunnel_t *t) {
+    t->state = S_JOINED;
+    t->connected = now();
+    t->last_moved = t->connected;
+    if (e->splice_mode == 2)
+        start_splicing(e, t);
+    rewatch(e, t, BACKEND);
+    /* What the client sent meanwhile (even a FIN) waits in the kernel, in order. */
+    rewatch(e, t, CLIENT);
+}
+
+static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out) {
+    t->last_timed_out = timed_out;
+    const char *name = PyUnicode_AsUTF8(e->backend_names[t->backend_index]);
+    if (name == NULL)
+        PyErr_Clear();
+    char *errors;
+    if (asprintf(&errors, "%s%s%s: %s", t->errors ? t->errors : "", t->errors ? "; " : "",
+                 name ? name : "?", why) >= 0) {
+        free(t->errors);
+        t->errors = errors;
+    }
+    unwatch_close(e, t, BACKEND, 0);
+}
+
+/* Start the next backend attempt; when none is left, close the client and end. */
+static int try_backends(Engine *e, tunnel_t *t) {
+    while (++t->backend_index < e->n_backends) {
+        backend_t *b = &e->backends[t->backend_index];
+        int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
+            shrink_pool(e, 1); /* as at accept: pipes go first */
+            fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        }
+        t->fd[BACKEND] = fd;
+        if (fd < 0) {
+            /* Out of descriptors here rather than at accept (which of the two
+             * runs out first is chance): said once per burst all the same. */
+            if (errno == EMFILE || errno == ENFILE)
+                out_of_fds(e, EMFILE);
+            attempt_failed(e, t, strerror(errno), 0);
+            continue;
+        }
+        e->warned_fds = 0; /* a tunnel got its descriptors: the burst is over */
+        set_options(e, fd, b->addr.ss_family);
+        t->deadline = now() + e->connect_timeout;
+        /* Registered once connect() has started: epoll calls an unconnected
+         * TCP socket hung up. */
+        int r = connect(fd, (struct sockaddr *)&b->addr, b->len);
+        int err = r == 0 || errno == EINPROGRESS || errno == EINTR ? 0 : errno;
+        if (err == 0 && enroll(e, t, BACKEND) < 0)
+            err = errno;
+        if (err == 0 && r == 0) {
+            join(e, t);
+            return 0;
+        }
+        if (err == 0) {
+            watch(e, t, BACKEND, EPOLLOUT);
+            return 0;
+        }
+        attempt_failed(e, t, strerror(err), 0);
+    }
+    t->backend_index = -1;
+    note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
+         t->errors ? t->errors : "no attempt made");
+    turn_away(e, t);
+    return 1;
+}
+
+/* The connect finished: writable alone means it succeeded; an error or a
+ * hang-up is read back with SO_ERROR (one system call saved per tunnel). */
+static int backend_connected(Engine *e, tunnel_t *t, uint32_t ev) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    if ((ev & (EPOLLERR | EPOLLHUP)) &&
+        getsockopt(t->fd[BACKEND], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if ((ev & (EPOLLERR | EPOLLHUP)) && err == 0)
+        err = ECONNRESET; /* hung up without saying why */
+    if (err == 0) {
+        join(e, t);
+        return 0;
+    }
+    attempt_failed(e, t, strerror(err), 0);
+    return try_backends(e, t);
+}
+
+/* The client while its backend connects: its bytes wait in the kernel; a reset
+ * cancels the attempt, also after a FIN; a FIN is kept for after the join. */
+static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
+    if (ev & (EPOLLERR | EPOLLHUP)) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(t->fd[CLIENT], SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err)
+            note(t, CLIENT, K_RST, "client reset: %s", strerror(err));
+        note(t, CLIENT, K_FIN, "client left before the backend connected");
+        abort_tunnel(e, t);
+        return 1;
+    }
+    /* Its FIN stays queued behind its bytes for the join; from then on only
+     * a reset (EPOLLHUP, EPOLLERR) is news: waiting for EPOLLRDHUP, which
+     * stays ready, would serve it again and again. */
+    if (ev & EPOLLRDHUP)
+        watch(e, t, CLIENT, EPOLLHUP | EPOLLERR);
+    return 0;
+}
+
+/* -- the TLS handshake ------------------------------------------------------- */
+
+/* Close a client that will get no tunnel: what it sent is read and dropped
+ * first, as closing with unread bytes would send an RST instead of a FIN. */
+static void turn_away(Engine *e, tunnel_t *t) {
+    for (int i = 0; i < 4 && recv(t->fd[CLIENT], e->scratch, e->read_size, MSG_DONTWAIT) > 0; i++)
+        ;
+    unwatch_close(e, t, CLIENT, 0);
+    end_tunnel(e, t);
+}
+
+/* Go on with the handshake; once done, dial the backends. 1 if the tunnel ended. */
+static int tls_handshake(Engine *e, tunnel_t *t) {
+    e->tls.clear_error();
+    errno = 0;
+    int r = e->tls.do_handshake(t->ssl); /* may call Python: SNI, ALPN */
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(e->tls_new);
+    if (r == 1) {
+        t->handshaken = 1;
+        t->state = S_CONNECTING;
+        watch(e, t, CLIENT, EPOLLRDHUP);
+        return try_backends(e, t);
+    }
+    int saved = errno;
+    int err = e->tls.get_error(t->ssl, r);
+    if (err == TLS_WANT_READ || err == TLS_WANT_WRITE) {
+        uint32_t what = err == TLS_WANT_READ ? EPOLLIN : EPOLLOUT;
+        drained(t, CLIENT, what);
+        watch(e, t, CLIENT, what);
+        return 0;
+    }
+    char why[256];
+    tls_reason(e, err, saved, why, sizeof why);
+    note(t, CLIENT, K_ERROR, "TLS handshake failed: %s", why);
+    turn_away(e, t);
+    return 1;
+}
+
+/* A TLS listener's client: Python makes its OpenSSL connection, then the
+ * handshake waits for the ClientHello. */
+static void tls_start(Engine *e, tunnel_t *t) {
+    unsigned long long address = 0;
+    PyObject *connection = NULL;
+    PyObject *made = PyObject_CallFunction(e->tls_new, "i", t->fd[CLIENT]);
+    if (made != NULL && PyArg_ParseTuple(made, "KO", &address, &connection) && address != 0) {
+        t->ssl = (void *)(uintptr_t)address;
+        t->tls = Py_NewRef(connection);
+        Py_DECREF(made);
+        t->state = S_HANDSHAKE;
+        t->deadline = now() + e->tls_timeout;
+        watch(e, t, CLIENT, EPOLLIN);
+        return;
+    }
+    if (PyErr_Occurred())
+        PyErr_WriteUnraisable(e->tls_new);
+    Py_XDECREF(made);
+    note(t, PROXY, K_ERROR, "TLS setup failed");
+    unwatch_close(e, t, CLIENT, 1);
+    end_tunnel(e, t);
+}
+
+/* -- accepting -------------------------------------------------------------- */
+
+/* Queue a notice for Python; allocation failures only lose the notice. */
+static void notice(Engine *e, PyObject *item) {
+    if (item == NULL || PyList_Append(e->notices, item) < 0)
+        PyErr_Clear();
+    Py_XDECREF(item);
+}
+
+/* Tell Python the process is out of descriptors, once per burst (as for the cap). */
+static void out_of_fds(Engine *e, int err) {
+    if (!e->warned_fds) {
+        e->warned_fds = 1;
+        notice(e, Py_BuildValue("(si)", "accept_failed", err));
+    }
+}
+
+/* The client policy first, then the cap, as on Twisted's path (a refused
+ * client is logged as such even when the proxy is full). */
+static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
+    if (e->client_check != NULL && (ss->ss_family == AF_INET || ss->ss_family == AF_INET6)) {
+        char host[INET6_ADDRSTRLEN];
+        int port;
+        if (ss->ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)ss;
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+            port = ntohs(a->sin_port);
+        } else {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+            inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+            port = ntohs(a->sin6_port);
+        }
+        PyObject *ok = PyObject_CallFunction(e->client_check, "sii", host, port, l->id);
+        int allowed = ok == NULL ? -1 : PyObject_IsTrue(ok);
+        Py_XDECREF(ok);
+        if (allowed != 1) {
+            /* A policy that fails refuses: logged, and the engine goes on. */
+            if (allowed < 0)
+                PyErr_WriteUnraisable(e->client_check);
+            close(fd);
+            return;
+        }
+    }
+    if (e->active >= e->max_tunnels) {
+        if (!e->warned_full) {
+            e->warned_full = 1;
+            notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
+        }
+        close(fd);
+        return;
+    }
+    tunnel_t *t = calloc(1, sizeof *t);
+    if (t == NULL) {
+        close(fd);
+        return;
+    }
+    e->active++;
+    room_for_tunnel(e);
+    t->fd[CLIENT] = fd;
+    t->fd[BACKEND] = -1;
+    for (int s = 0; s < 2; s++)
+        t->dir[s].pipe_r = t->dir[s].pipe_w = -1;
+    t->listener_id = l->id;
+    t->backend_index = -1;
+    t->started = now();
+    t->last_moved = t->started;
+    memcpy(&t->peer, ss, len);
+    t->peer_len = len;
+    t->next = &e->head;
+    t->prev = e->head.prev;
+    e->head.prev->next = t;
+    e->head.prev = t;
+    if (enroll(e, t, CLIENT) < 0) {
+        note(t, PROXY, K_ERROR, "epoll: %s", strerror(errno));
+        abort_tunnel(e, t);
+        return;
+    }
+    if (e->tls_new != NULL) {
+        tls_start(e, t);
+        return;
+    }
+    watch(e, t, CLIENT, EPOLLRDHUP);
+    try_backends(e, t);
+}
+
+static void accept_clients(Engine *e, listener_t *l) {
+    for (int i = 0; i < ACCEPTS_PER_EVENT; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if ((errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
+                shrink_pool(e, 1); /* the descriptors beyond the budget ran out: pipes go first */
+                continue;
+            }
+            if ((errno == EMFILE || errno == ENFILE) && e->reserve_fd >= 0) {
+                /* Accept with the reserved descriptor and close at once: the
+                 * client is told, and the listener does not spin. */
+                close(e->reserve_fd);
+                fd = accept(l->fd, NULL, NULL);
+                if (fd >= 0)
+                    close(fd);
+                e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+                out_of_fds(e, EMFILE);
+            }
+            return;
+        }
+        if (len == 0)
+            ss.ss_family = AF_UNIX;
+        admit(e, l, fd, &ss, len);
+    }
+}
+
+/* -- dispatch ---------------------------------------------------------------- */
+
+static int read_error(int fd) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    return err ? err : ECONNRESET;
+}
+
+static void on_event(Engine *e, tunnel_t *t, int s, uint32_t ev) {
+    if (t->state == S_DEAD || t->fd[s] < 0)
+        return;
+    if (t->state == S_HANDSHAKE) {
+        tls_handshake(e, t);
+        return;
+    }
+    if (t->state == S_CONNECTING) {
+        if (s == BACKEND)
+            backend_connected(e, t, ev);
+        else
+            client_while_connecting(e, t, ev);
+        return;
+    }
+    /* A hang-up may come without EPOLLOUT (a UNIX peer that shut down with
+     * our bytes still in its buffer): the send then fails and ends it. */
+    if ((ev & EPOLLOUT) || ((ev & (EPOLLHUP | EPOLLERR)) && pending(&t->dir[1 - s]) > 0)) {
+        if (flush(e, t, 1 - s))
+            return;
+        if (t->state == S_CLOSING) {
+            if (maybe_finish(e, t))
+                return;
+        } else {
+            rewatch(e, t, s);
+            rewatch(e, t, 1 - s);
+        }
+        if (t->state == S_DEAD || t->fd[s] < 0)
+            return;
+    }
+    if (t->state == S_CLOSING && t->dir[1 - s].shut && pending(&t->dir[1 - s]) == 0) {
+        maybe_finish(e, t); /* a lingering side: read, dropped, closed at its EOF */
+        return;
+    }
+    if (may_read(t, s) &&
+        ((ev & (EPOLLIN | EPOLLHUP | EPOLLERR)) || (s == CLIENT && t->read_wants_write))) {
+        relay_read(e, t, s); /* a reset shows as the read's error */
+        return;
+    }
+    if (ev & EPOLLERR)
+        side_failed(e, t, s, read_error(t->fd[s]));
+}
+
+/* Serve side s for what it is ready for and waits for; then queue the
+ * tunnel if either side still has such work (a full read leaves more). */
+static void serve(Engine *e, tunnel_t *t, int s) {
+    uint32_t ev = due(t, s);
+    if (ev)
+        on_event(e, t, s, ev);
+    mark(e, t, CLIENT);
+    mark(e, t, BACKEND);
+}
+
+/* Serve the ready queue, at most QUEUE_BUDGET tunnels; if work is left, the
+ * wake-up eventfd makes the engine readable again, so the reactor comes back
+ * after its timers and other sockets. */
+static void serve_queue(Engine *e) {
+    for (int i = 0; i < QUEUE_BUDGET && e->queue.qnext != &e->queue; i++) {
+        tunnel_t *t = e->queue.qnext;
+        dequeue(t);
+        serve(e, t, CLIENT);
+        if (t->state != S_DEAD)
+            serve(e, t, BACKEND);
+    }
+    if (e->queue.qnext != &e->queue && !e->wake_armed) {
+        uint64_t one = 1;
+        if (write(e->wake_fd, &one, sizeof one) == sizeof one)
+            e->wake_armed = 1;
+    }
+}
+
+/* -- the Python type ----------------------------------------------------------- */
+
+/* Whether records or notices wait to be taken: Python skips two calls per wake-up otherwise. */
+static PyObject *news(Engine *e) {
+    return PyBool_FromLong(PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0);
+}
+
+static void sweep(Engine *e);
+
+/* Wait up to timeout_ms for events (0: only take what is ready) and handle
+ * them all. Returns 1 if the reactor's epoll descriptor is ready, 0 if not,
+ * -1 with an exception set. */
+static int handle(Engine *e, int timeout_ms) {
+    struct epoll_event events[MAX_EVENTS];
+    int n;
+    if (timeout_ms != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, timeout_ms);
+        Py_END_ALLOW_THREADS
+    } else {
+        n = epoll_wait(e->epfd, events, MAX_EVENTS, 0);
+    }
+    if (n < 0) {
+        if (errno == EINTR)
+            return 1; /* a signal: Python's handlers run, and the reactor looks around */
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    int reactor = 0;
+    e->running = 1;
+    for (int i = 0; i < n; i++) {
+        uint64_t tag = events[i].data.u64;
+        int kind = (int)(tag & 3);
+        void *ptr = (void *)(uintptr_t)(tag & ~(uint64_t)3);
+        if (kind == TAG_LISTENER) {
+            listener_t *l = ptr;
+            if (l->fd >= 0)
+                accept_clients(e, l);
+        } else if (tag == TAG_REACTOR) {
+            reactor = 1;
+        } else if (tag == TAG_WAKE) {
+            uint64_t count;
+            if (read(e->wake_fd, &count, sizeof count) == sizeof count)
+                e->wake_armed = 0;
+        } else {
+            tunnel_t *t = ptr;
+            if (t->state == S_DEAD || t->fd[kind] < 0)
+                continue; /* ended earlier in this batch */
+            t->ready[kind] |= events[i].events;
+            serve(e, t, kind);
+        }
+    }
+    serve_queue(e);
+    e->running = 0;
+    bury(e);
+    return reactor;
+}
+
+static PyObject *Engine_run(Engine *e, PyObject *Py_UNUSED(unused)) {
+    if (handle(e, 0) < 0)
+        return NULL;
+    return news(e);
+}
+
+/* wait(timeout): the reactor's poll, when the engine holds the reactor's
+ * epoll descriptor (nest()). The engine's sockets then wake the process
+ * directly, not through a second epoll and the reactor's dispatch, and the
+ * engine keeps waiting and handling (GIL released while it blocks) until
+ * Python has something to do: the reactor's descriptors are ready (or a
+ * signal came), its next timer (timeout seconds; None: none) is due, a
+ * notice or RECORD_BATCH records wait, records are TICK old or the engine
+ * is empty, or the last tunnel ended (a drain waits for that). It sweeps its
+ * own timers every TICK meanwhile. Returns
+ * 1 | 2: 1 records or notices to take, 2 the reactor's descriptors are ready. */
+static PyObject *Engine_wait(Engine *e, PyObject *arg) {
+    double start = now(), deadline = -1; /* the reactor's timer; -1: none */
+    if (arg != Py_None) {
+        double seconds = PyFloat_AsDouble(arg);
+        if (seconds == -1.0 && PyErr_Occurred())
+            return NULL;
+        deadline = start + (seconds > 0 ? seconds : 0);
+    }
+    long before = e->active;
+    int reactor = 0;
+    for (;;) {
+        double t = now();
+        if (e->active > 0 && t >= e->next_tick) {
+            sweep(e);
+            e->next_tick = t + TICK;
+        }
+        /* Checked before blocking: a sweep may have ended the last tunnel. */
+        Py_ssize_t records = PyList_GET_SIZE(e->records);
+        if (PyList_GET_SIZE(e->notices) > 0 || records >= RECORD_BATCH ||
+            (records > 0 && (e->active == 0 || t - start >= TICK)) || (before > 0 && e->active == 0))
+            break;
+        double until = deadline;
+        if (e->active > 0 && (until < 0 || e->next_tick < until))
+            until = e->next_tick;
+        int timeout_ms = -1;
+        if (until >= 0) {
+            /* Rounded up, as Python's select.epoll does: never wake before a timer is due. */
+            double ms = until > t ? (until - t) * 1000.0 : 0;
+            timeout_ms = ms >= 0x7fffffff ? 0x7fffffff : (int)ms + (ms > (int)ms);
+        }
+        reactor = handle(e, timeout_ms);
+        if (reactor < 0 || PyErr_CheckSignals() < 0)
+            return NULL;
+        /* A due reactor timer still lets the ready events above be handled once. */
+        if (reactor || (deadline >= 0 && now() >= deadline))
+            break;
+    }
+    int more = PyList_GET_SIZE(e->records) > 0 || PyList_GET_SIZE(e->notices) > 0;
+    return PyLong_FromLong(more | (reactor << 1));
+}
+
+/* nest(fd): watch the reactor's epoll descriptor, for wait(). */
+static PyObject *Engine_nest(Engine *e, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = TAG_REACTOR};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+/* The close grace passed. Sides still taking what they are owed (a slow
+ * reader) get another grace: only --fin-timeout ends them, as it would a
+ * half-closed tunnel. A tunnel whose sides took nothing since the last check
+ * is reset (a stalled reader, within two graces); one owing nothing more (a
+ * lingering peer that did not close) is closed without a reset. */
+static void grace_expired(Engine *e, tunnel_t *t) {
+    size_t owed = 0;
+    for (int s = 0; s < 2; s++)
+        if (t->fd[s] >= 0)
+            owed += owed_to(t, s);
+    if (owed > 0 && owed < t->owed) {
+        t->owed = owed < UINT32_MAX ? (uint32_t)owed : UINT32_MAX - 1;
+        t->grace_at = now() + e->grace;
+    } else if (owed > 0) {
+        abort_tunnel(e, t);
+    } else {
+        for (int s = 0; s < 2; s++)
+            unwatch_close(e, t, s, 0);
+        end_tunnel(e, t);
+    }
+}
+
+/* Fire the timers that are due. */
+static void sweep(Engine *e) {
+    double t_now = now();
+    tunnel_t *t = e->head.next;
+    while (t != &e->head) {
+        tunnel_t *next = t->next;
+        if (t->state == S_HANDSHAKE) {
+            if (t_now >= t->deadline) {
+                note(t, PROXY, K_TIMEOUT, "TLS handshake timeout (%g s)", e->tls_timeout);
+                abort_tunnel(e, t);
+            }
+        } else if (t->state == S_CONNECTING) {
+            if (t_now >= t->deadline) {
+                char why[64];
+                snprintf(why, sizeof why, "connect timeout (%g s)", e->connect_timeout);
+                attempt_failed(e, t, why, 1);
+                try_backends(e, t);
+            }
+        } else if (t->state == S_CLOSING) {
+            if (t->fin_at > 0 && t_now >= t->fin_at) {
+                note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
+                abort_tunnel(e, t);
+            } else if (t->grace_at > 0 && t_now >= t->grace_at) {
+                grace_expired(e, t);
+            }
+        } else if (t->fin_at > 0 && t_now >= t->fin_at) {
+            note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
+            abort_tunnel(e, t);
+        } else if (e->idle > 0 && t_now - t->last_moved >= e->idle) {
+            note(t, PROXY, K_TIMEOUT, "idle timeout (%g s without data)", e->idle);
+            close_both(e, t);
+        }
+        t = next;
+    }
+    serve_queue(e);
+    bury(e);
+}
+
+static PyObject *Engine_tick(Engine *e, PyObject *Py_UNUSED(unused)) {
+    sweep(e);
+    return news(e);
+}
+
+static PyObject *Engine_abort_all(Engine *e, PyObject *arg) {
+    const char *reason = PyUnicode_AsUTF8(arg);
+    if (reason == NULL)
+        return NULL;
+    while (e->head.next != &e->head) {
+        tunnel_t *t = e->head.next;
+        note(t, PROXY, K_SHUTDOWN, "%s", reason);
+        abort_tunnel(e, t);
+    }
+    bury(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_add_listener(Engine *e, PyObject *args) {
+    int fd, id;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &id))
+        return NULL;
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        listener_t *l = &e->listeners[i];
+        if (l->fd >= 0)
+            continue;
+        /* Exclusive: of the --workers sharing this socket, one is woken per
+         * connection, not all (kernels before 4.5 refuse the flag). */
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE,
+                                 .data.u64 = (uint64_t)(uintptr_t)l | TAG_LISTENER};
+        int r = epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
+        if (r < 0 && errno == EINVAL) {
+            ev.events = EPOLLIN;
+            r = epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
+        }
+        if (r < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        l->fd = fd;
+        l->id = id;
+        Py_RETURN_NONE;
+    }
+    PyErr_SetString(PyExc_ValueError, "too many listeners for the native engine");
+    return NULL;
+}
+
+static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
+    int fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    for (int i = 0; i < MAX_LISTENERS; i++) {
+        if (e->listeners[i].fd == fd) {
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL);
+            e->listeners[i].fd = -1;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+/* Hand the list over and start a new one; an empty list stays (a call per
+ * reactor wake-up should not allocate when nothing happened). */
+static PyObject *take(PyObject **list) {
+    if (PyList_GET_SIZE(*list) == 0)
+        return PyTuple_New(0);
+    PyObject *taken = *list;
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL)
+        return NULL;
+    *list = fresh;
+    return taken;
+}
+
+static PyObject *Engine_take_records(Engine *e, PyObject *Py_UNUSED(unused)) { return take(&e->records); }
+static PyObject *Engine_take_notices(Engine *e, PyObject *Py_UNUSED(unused)) { return take(&e->notices); }
+static PyObject *Engine_fileno(Engine *e, PyObject *Py_UNUSED(unused)) { return PyLong_FromLong(e->epfd); }
+
+/* The live tunnels' sockets and states, for tests and diagnostics. */
+static PyObject *Engine_tunnels(Engine *e, PyObject *Py_UNUSED(unused)) {
+    static const char *STATES[] = {"connecting", "joined", "closing", "dead", "handshake"};
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (tunnel_t *t = e->head.next; t != &e->head; t = t->next) {
+        PyObject *item = Py_BuildValue("(iis)", t->fd[CLIENT], t->fd[BACKEND], STATES[t->state]);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    return list;
+}
+
+static void close_all(Engine *e) {
+    Py_CLEAR(e->client_check); /* it is a method of the object that holds this engine */
+    Py_CLEAR(e->tls_new);
+    while (e->head.next != &e->head) {
+        tunnel_t *t = e->head.next;
+        note(t, PROXY, K_SHUTDOWN, "engine closed");
+        abort_tunnel(e, t);
+    }
+    bury(e);
+    shrink_pool(e, 1);
+    if (e->epfd >= 0)
+        close(e->epfd);
+    if (e->reserve_fd >= 0)
+        close(e->reserve_fd);
+    if (e->wake_fd >= 0)
+        close(e->wake_fd);
+    e->epfd = e->reserve_fd = e->wake_fd = -1;
+}
+
+static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(unused)) {
+    close_all(e);
+    Py_RETURN_NONE;
+}
+
+static int parse_backend(Engine *e, PyObject *item, int i) {
+    PyObject *name;
+    const char *host;
+    int port = 0;
+    backend_t *b = &e->backends[i];
+    memset(b, 0, sizeof *b);
+    if (!PyArg_ParseTuple(item, "Us|i", &name, &host, &port))
+        return -1;
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&b->addr;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&b->addr;
+    struct sockaddr_un *un = (struct sockaddr_un *)&b->addr;
+    if (host[0] == '/') {
+        if (strlen(host) >= sizeof un->sun_path) {
+            PyErr_Format(PyExc_ValueError, "UNIX socket path too long: %s", host);
+            return -1;
+        }
+        un->sun_family = AF_UNIX;
+        strcpy(un->sun_path, host);
+        b->len = offsetof(struct sockaddr_un, sun_path) + strlen(host) + 1;
+    } else if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(port);
+        b->len = sizeof *a4;
+    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(port);
+        b->len = sizeof *a6;
+    } else {
+        PyErr_Format(PyExc_ValueError, "not an IP address or UNIX socket path: %s", host);
+        return -1;
+    }
+    Py_INCREF(name);
+    e->backend_names[i] = name;
+    e->n_backends = i + 1;
+    return 0;
+}
+
+/* tls=((the addresses of SSL_do_handshake, SSL_read, SSL_write, SSL_shutdown,
+ * SSL_get_error, ERR_clear_error, ERR_get_error, ERR_reason_error_string),
+ * new_connection(fd) -> (SSL address, owner), handshake timeout) */
+static int parse_tls(Engine *e, PyObject *tls) {
+    unsigned long long f[8];
+    PyObject *factory;
+    if (!PyArg_ParseTuple(tls, "(KKKKKKKK)Od", &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6],
+                          &f[7], &factory, &e->tls_timeout))
+        return -1;
+    for (int i = 0; i < 8; i++) {
+        if (f[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "a TLS function address is 0");
+            return -1;
+        }
+    }
+    if (!PyCallable_Check(factory)) {
+        PyErr_SetString(PyExc_TypeError, "new_connection must be callable");
+        return -1;
+    }
+    e->tls.do_handshake = (int (*)(void *))(uintptr_t)f[0];
+    e->tls.read = (int (*)(void *, void *, int))(uintptr_t)f[1];
+    e->tls.write = (int (*)(void *, const void *, int))(uintptr_t)f[2];
+    e->tls.shutdown = (int (*)(void *))(uintptr_t)f[3];
+    e->tls.get_error = (int (*)(const void *, int))(uintptr_t)f[4];
+    e->tls.clear_error = (void (*)(void))(uintptr_t)f[5];
+    e->tls.next_error = (unsigned long (*)(void))(uintptr_t)f[6];
+    e->tls.reason = (const char *(*)(unsigned long))(uintptr_t)f[7];
+    e->tls_new = Py_NewRef(factory);
+    return 0;
+}
+
+static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
+                             "grace", "connect_timeout", "half_close", "max_tunnels", "log_records",
+                             "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
+                             "tls", "fd_slots", NULL};
+    PyObject *backends, *check = Py_None, *tls = Py_None;
+    Py_ssize_t read_size, bulk_read;
+    if (e->epfd >= 0) {
+        PyErr_SetString(PyExc_TypeError, "an Engine is initialized once");
+        return -1;
+    }
+    e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
+    e->nodelay = 1;
+    e->half_close = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOOl", kwlist, &backends,
+                                     &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
+                                     &e->grace, &e->connect_timeout, &e->half_close, &e->max_tunnels,
+                                     &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
+                                     &e->rcvbuf, &e->mss, &check, &tls, &e->fd_slots))
+        return -1;
+    if (tls != Py_None && parse_tls(e, tls) < 0)
+        return -1;
+    if (read_size <= 0 || bulk_read <= 0) {
+        PyErr_SetString(PyExc_ValueError, "read_size and bulk_read must be positive");
+        return -1;
+    }
+    PyObject *seq = PySequence_Fast(backends, "backends must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count < 1 || count > MAX_BACKENDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "the native engine takes 1 to %d backends", MAX_BACKENDS);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (parse_backend(e, PySequence_Fast_GET_ITEM(seq, i), (int)i) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    e->read_size = read_size;
+    e->bulk_read = bulk_read;
+    /* TLS reads whole records: room for a few whatever --read-size says. */
+    e->scratch_size = e->tls_new != NULL && read_size < 4 * TLS_RECORD ? 4 * TLS_RECORD : read_size;
+    e->scratch = malloc(e->scratch_size);
+    if (e->scratch == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (check != Py_None) {
+        Py_INCREF(check);
+        e->client_check = check;
+    }
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    struct epoll_event wake = {.events = EPOLLIN, .data.u64 = TAG_WAKE};
+    if (e->epfd < 0 || e->wake_fd < 0 || epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wake_fd, &wake) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return 0;
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds)) {
+    Engine *e = (Engine *)type->tp_alloc(type, 0);
+    if (e == NULL)
+        return NULL;
+    e->epfd = e->reserve_fd = e->wake_fd = -1;
+    e->head.next = e->head.prev = &e->head;
+    e->queue.qnext = e->queue.qprev = &e->queue;
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        e->listeners[i].fd = -1;
+    e->records = PyList_New(0);
+    e->notices = PyList_New(0);
+    if (e->records == NULL || e->notices == NULL) {
+        Py_DECREF(e);
+        return NULL;
+    }
+    return (PyObject *)e;
+}
+
+static void Engine_dealloc(Engine *e) {
+    e->log_records = 0; /* no records for a dying engine */
+    close_all(e);
+    for (int i = 0; i < e->n_backends; i++)
+        Py_XDECREF(e->backend_names[i]);
+    Py_XDECREF(e->client_check);
+    Py_XDECREF(e->tls_new);
+    Py_XDECREF(e->records);
+    Py_XDECREF(e->notices);
+    free(e->scratch);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *Engine_get_active(Engine *e, void *Py_UNUSED(closure)) { return PyLong_FromLong(e->active); }
+
+static PyMethodDef Engine_methods[] = {
+    {"run", (PyCFunction)Engine_run, METH_NOARGS,
+     "Handle every ready event (never blocks); True if there are records or notices to take."},
+    {"wait", (PyCFunction)Engine_wait, METH_O,
+     "The reactor's poll: handle events until Python has work (see _engine.c); 1: records or notices, 2: reactor ready."},
+    {"nest", (PyCFunction)Engine_nest, METH_O, "Watch the reactor's epoll descriptor fd, for wait()."},
+    {"tick", (PyCFunction)Engine_tick, METH_NOARGS,
+     "Fire the timers that are due; True if there are records or notices to take."},
+    {"abort_all", (PyCFunction)Engine_abort_all, METH_O, "Reset every tunnel, with this reason."},
+    {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
+     "Accept on listening socket fd, recording listener id."},
+    {"remove_listener", (PyCFunction)Engine_remove_listener, METH_O, "Stop accepting on fd."},
+    {"take_records", (PyCFunction)Engine_take_records, METH_NOARGS,
+     "The records of the tunnels that ended since the last call."},
+    {"take_notices", (PyCFunction)Engine_take_notices, METH_NOARGS,
+     "Events for the log since the last call: (name, value) tuples."},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS, "The epoll descriptor to watch."},
+    {"tunnels", (PyCFunction)Engine_tunnels, METH_NOARGS,
+     "(client fd, backend fd, state) of every live tunnel."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS, "Reset every tunnel and free everything."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"active", (getter)Engine_get_active, NULL, "Live tunnels.", NULL},
+    {NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelkit.engine._engine.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Accepts, connects and relays plain tunnels; see tunnelkit/engine/driver.py.",
+    .tp_new = Engine_new,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+static struct PyModuleDef engine_module = {
+    PyModuleDef_HEAD_INIT, "tunnelkit.engine._engine", "tunnelkit's native relay engine.", -1, NULL, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&engine_module);
+    if (m == NULL)
+        return NULL;
+    /* Python checks the options against these before making an Engine. */
+    if (PyModule_AddIntConstant(m, "MAX_BACKENDS", MAX_BACKENDS) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_LISTENERS", MAX_LISTENERS) < 0 ||
+        PyModule_AddObject(m, "TICK", PyFloat_FromDouble(TICK)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

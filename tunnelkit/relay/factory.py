@@ -1,0 +1,115 @@
+"""What every listener does with a new client, whatever its mode.
+
+A :class:`TunnelFactory` admits or refuses the client (client policy, the
+connection cap), makes its :class:`Tunnel`, hands it to the mode's
+:meth:`TunnelFactory.start` and logs the record when it ends. Modes only say
+how the backend is found: forward dials the configured backends, CONNECT
+reads a request first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from tunnelkit.logs.tunnel_log import log_tunnel_closed
+from tunnelkit.policy.targets import ClientPolicy
+from tunnelkit.relay.idle_watch import IdleWatch
+from tunnelkit.relay.registry import TunnelRegistry
+from tunnelkit.relay.splice import PipePool
+from tunnelkit.relay.tunnel import Leg, Timeouts, Tunnel, TunnelRecord
+
+log = Logger(namespace="tunnelkit.listener")
+
+
+class TunnelFactory(Factory):
+    """Accepts clients on one listener; subclasses implement :meth:`start`."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        *,
+        listener: str,
+        registry: TunnelRegistry,
+        clock: IReactorTime,
+        timeouts: Timeouts,
+        read_size: int,
+        clients: ClientPolicy | None = None,
+        write_through: bool = True,
+        client_leg: Callable[[Tunnel], Leg] | None = None,
+        idle_watch: IdleWatch | None = None,
+        tunnel_log: Callable[[TunnelRecord, str], None] = log_tunnel_closed,
+        pipes: PipePool | None = None,
+    ) -> None:
+        self.listener = listener
+        self.registry = registry
+        self.clock = clock
+        self.timeouts = timeouts
+        self.read_size = read_size
+        self.clients = clients or ClientPolicy()
+        self.refused_clients = 0
+        self.write_through = write_through
+        self.client_leg = client_leg
+        self.idle_watch = idle_watch
+        self.tunnel_log = tunnel_log
+        self.pipes = pipes
+        # Bound once: every tunnel keeps these two, and a bound method made
+        # per tunnel is 64 bytes of each idle connection.
+        self._on_ended = self._ended
+        self._on_connected = self.start
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        """A new client leg, or ``None`` (the port closes the socket) if refused."""
+        if not self.client_allowed(addr):
+            return None
+        tunnel = Tunnel(
+            self.clock,
+            self.timeouts,
+            self._on_ended,
+            self.read_size,
+            write_through=self.write_through,
+            client_leg=self.client_leg,
+            idle_watch=self.idle_watch,
+            pipes=self.pipes,
+        )
+        if not self.registry.admit(tunnel):
+            return self.overloaded()
+        if self.pipes is not None:
+            self.pipes.make_room()
+        tunnel.on_client_connected = self._on_connected
+        return tunnel.client
+
+    def client_allowed(self, addr: IAddress | None) -> bool:
+        """``--allow-client``/``--deny-client`` for IP peers; UNIX peers pass (file modes guard them)."""
+        if not self.clients.restricts or not isinstance(addr, IPv4Address | IPv6Address):
+            return True
+        if self.clients.allows(ipaddress.ip_address(addr.host.split("%", 1)[0])):
+            return True
+        self.refused_clients += 1
+        log.info(
+            "client {client} refused by the client policy",
+            event="client_refused",
+            listener=self.listener,
+            client=f"{addr.host}:{addr.port}",
+        )
+        return False
+
+    def overloaded(self) -> Protocol | None:
+        """What a client gets when the connection cap is reached: a plain close."""
+        return None
+
+    def start(self, tunnel: Tunnel) -> None:
+        """The client is connected: find its backend (or read its request first)."""
+        raise NotImplementedError
+
+    def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:
+        # Logged before the registry hears of it: the last discard of a drain
+        # lets shutdown go on, and the log is flushed then.
+        self.tunnel_log(record, self.listener)
+        self.registry.discard(tunnel)
