@@ -31,7 +31,7 @@ from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from tunnelkit.app.build import build_service
+from tunnelkit.app.build import build_service, prepare
 from tunnelkit.cli.plugin import Options
 from tunnelkit.relay.tunnel import Tunnel
 
@@ -595,7 +595,7 @@ class Forwarder:
         config.parseOptions(
             ["--listen", listen, "--max-connections", "4096", "--drain-timeout", "2", *args]
         )
-        self.service = build_service(config)
+        self.service = build_service(prepare(config.settings, reactor))
         self._log = TunnelRecords(reactor)
         self.records = self._log.records
         globalLogPublisher.addObserver(self._log)

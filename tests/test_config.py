@@ -72,9 +72,9 @@ def test_three_listeners_of_different_modes(tmp_path: Path) -> None:
     ]
     assert forward.timeouts.idle is None and not forward.timeouts.half_close
     assert forward.endpoints == ("tcp:8888:interface=127.0.0.1:backlog=1024",)
-    assert connect.listen == ("127.0.0.1:3128",) and connect.timeouts.header == 2.5
+    assert connect.listen == ("127.0.0.1:3128",) and connect.header_timeout == 2.5
     assert connect.targets.ports is not None
-    assert tls.tls.certs == ("site.pem",) and tls.tls.alpn == (b"http/1.1",)
+    assert tls.tls.pairs[0].cert == "site.pem" and tls.tls.alpn == (b"http/1.1",)
     assert tls.backends[0].address == "unix:/run/app.sock"
     assert [listener.name for listener in settings.listeners] == [
         "listener[0]",
@@ -86,7 +86,7 @@ def test_three_listeners_of_different_modes(tmp_path: Path) -> None:
 def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
     """A listener that sets only listen and to gets every other key's default."""
     [listener] = _load(tmp_path, '[[listener]]\nlisten = "8888"\nto = "h:80"\n').listeners
-    assert listener.timeouts.connect == KEYS["connect-timeout"].default
+    assert listener.connect_timeout == KEYS["connect-timeout"].default
     assert listener.timeouts.fin == 60.0 and listener.socket_options.nodelay
     assert (listener.engine, listener.splice, listener.access_log) == ("auto", "auto", True)
 
@@ -105,8 +105,8 @@ def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nno-half-close = "yes"\n', "listener[0].no-half-close: must be true or false, not 'yes'"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nmode = "socks"\n', "listener[0].mode: must be one of forward, connect, not 'socks'"),
         ('workers = 0\n[[listener]]\nlisten = "1"\nto = "h:1"\n', "workers: must be a whole number from 1 to 256, not 0"),
-        ('[[listener]]\nto = "h:1"\n', 'listener[0].listen: required (e.g. 8888)'),
-        ('[[listener]]\nlisten = "1"\n', 'listener[0].to: required in forward mode (e.g. 127.0.0.1:80)'),
+        ('[[listener]]\nto = "h:1"\n', 'listener[0].listen: is required (e.g. 8888)'),
+        ('[[listener]]\nlisten = "1"\n', 'listener[0].to: is required in forward mode (e.g. 127.0.0.1:80)'),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nallow-dest = "10.0.0.0/8"\n', "listener[0].allow-dest: applies to mode connect only"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\ntls-key = "k.pem"\n', "listener[0].tls-key: needs tls-cert"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nbackend-ca = "ca.pem"\n', "listener[0].backend-ca: needs a tls:HOST:PORT backend or backend-tls"),
@@ -164,9 +164,9 @@ def test_flags_give_one_listener_named_after_its_first_listen() -> None:
     ("values", "expected"),
     [
         ({"listen": ["1"], "to": ["h:1", "nope"]}, "--to 'nope': 'nope' is neither"),
-        ({"listen": ["1"], "to": ["h:1"], "tls-key": ["k"]}, "--tls-key: needs --tls-cert"),
-        ({"listen": ["1"], "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest: applies to --mode connect only"),
-        ({"to": ["h:1"]}, "--listen: required (e.g. 8888)"),
+        ({"listen": ["1"], "to": ["h:1"], "tls-key": ["k"]}, "--tls-key needs --tls-cert"),
+        ({"listen": ["1"], "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest applies to --mode connect only"),
+        ({"to": ["h:1"]}, "--listen is required (e.g. 8888)"),
     ],
 )  # fmt: skip
 def test_flag_problems_name_flags(values: dict[str, object], expected: str) -> None:

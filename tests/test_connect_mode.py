@@ -15,10 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.backends.dialer import Backend, Dialer, host_endpoint
 from tunnelkit.backends.resolver import IPAddress, ResolveError
+from tunnelkit.config.model import Timeouts
 from tunnelkit.modes.connect import ConnectFactory, ConnectSettings
 from tunnelkit.policy.targets import TargetPolicy
 from tunnelkit.relay.registry import TunnelRegistry
-from tunnelkit.relay.tunnel import Timeouts, TunnelRecord
+from tunnelkit.relay.tunnel import TunnelRecord
 
 #: A globally routable address (documentation ranges are not "global"); only
 #: ever handed to a memory reactor, never dialled.

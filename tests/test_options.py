@@ -14,9 +14,10 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from tunnelkit.app.build import build_service
+from tunnelkit.app.build import Listener, Prepared, build_service, prepare
 from tunnelkit.backends.dialer import AddressEndpoint
 from tunnelkit.cli.plugin import Options
+from tunnelkit.config.model import ConfigError
 from tunnelkit.modes.connect import ConnectFactory
 from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
@@ -27,38 +28,55 @@ def parse(*argv: str) -> Options:
     return options
 
 
+def start(*argv: str) -> Prepared:
+    """What a start loads for ``argv`` (nothing listens); errors end it as they end twistd."""
+    options = parse(*argv)
+    assert options.settings is not None
+    try:
+        return prepare(options.settings, options.reactor)
+    except ConfigError as e:
+        raise SystemExit(options.error_lines(e)) from None
+
+
+def listener(*argv: str) -> Listener:
+    [loaded] = start(*argv).listeners
+    return loaded
+
+
 def test_defaults() -> None:
     """Defaults: nodelay on, documented timeouts, the default read size."""
-    o = parse("--listen", "8888", "--to", "backend.example:80")
-    assert o.socket_options.nodelay is True
-    assert o.socket_options.read_size == DEFAULT_READ_SIZE
-    assert (o["connect-timeout"], o["idle-timeout"], o["fin-timeout"], o["drain-timeout"]) == (
+    prepared = start("--listen", "8888", "--to", "backend.example:80")
+    [loaded] = prepared.listeners
+    settings = loaded.settings
+    assert settings.socket_options.nodelay is True
+    assert settings.socket_options.read_size == DEFAULT_READ_SIZE
+    assert (settings.connect_timeout, settings.timeouts.idle, settings.timeouts.fin) == (
         10.0,
         3600.0,
         60.0,
-        30.0,
     )
-    assert [name for name, _ in o.listeners] == ["8888"]
-    [backend] = o.backends
+    assert prepared.settings.drain_timeout == 30.0
+    assert [name for name, _ in loaded.endpoints] == ["8888"]
+    [backend] = loaded.backends
     assert isinstance(backend.endpoint, HostnameEndpoint)
 
 
 def test_address_backends_skip_name_resolution() -> None:
     """IP-literal backends get direct TCP endpoints (no getaddrinfo thread hop per connection)."""
-    o = parse(
+    loaded = listener(
         "--listen", "1", "--to", "127.0.0.1:80", "--to", "[::1]:80", "--to", "db.example:5432"
     )
-    kinds = [type(b.endpoint) for b in o.backends]
+    kinds = [type(b.endpoint) for b in loaded.backends]
     assert kinds == [AddressEndpoint, AddressEndpoint, HostnameEndpoint]
 
 
 def test_socket_options_parsed() -> None:
     """Socket flags become SocketOptions for both legs."""
-    o = parse(
+    [settings] = parse(
         "--listen", "8888", "--to", "h:1", "--no-nodelay", "--keepalive", "30",
         "--sndbuf", "1000000", "--rcvbuf", "2000000", "--mss", "1200", "--read-size", "65536",
-    )  # fmt: skip
-    s = o.socket_options
+    ).settings.listeners  # fmt: skip
+    s = settings.socket_options
     assert (s.nodelay, s.keepalive, s.sndbuf, s.rcvbuf, s.mss, s.read_size) == (
         False, 30, 1000000, 2000000, 1200, 65536,
     )  # fmt: skip
@@ -66,9 +84,11 @@ def test_socket_options_parsed() -> None:
 
 def test_repeatable_listen_and_to_keep_order() -> None:
     """Several --listen and --to are kept in the order given."""
-    o = parse("--listen", "1", "--listen", "unix:/tmp/x.sock", "--to", "a:1", "--to", "tls:b:2")
-    assert [n for n, _ in o.listeners] == ["1", "unix:/tmp/x.sock"]
-    assert [b.name for b in o.backends] == ["a:1", "tls:b:2"]
+    loaded = listener(
+        "--listen", "1", "--listen", "unix:/tmp/x.sock", "--to", "a:1", "--to", "tls:b:2"
+    )
+    assert [n for n, _ in loaded.endpoints] == ["1", "unix:/tmp/x.sock"]
+    assert [b.name for b in loaded.backends] == ["a:1", "tls:b:2"]
 
 
 @pytest.mark.parametrize(
@@ -125,9 +145,9 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1", "--to", "a:1", "--nodelay", "--no-nodelay"], "contradict"),
         (["--bogus"], "--bogus not recognized"),
         # --mode connect: bad mode, proxy-only options in forward mode, bad rules and auth files.
-        (["--mode", "socks9", "--listen", "1"], "--mode must be one of"),
-        (["--listen", "1", "--to", "a:1", "--splice", "sometimes"], "--splice must be one of"),
-        (["--listen", "1", "--to", "a:1", "--engine", "turbo"], "--engine must be one of"),
+        (["--mode", "socks9", "--listen", "1"], "--mode: must be one of"),
+        (["--listen", "1", "--to", "a:1", "--splice", "sometimes"], "--splice: must be one of"),
+        (["--listen", "1", "--to", "a:1", "--engine", "turbo"], "--engine: must be one of"),
         # --engine native says why the options need Twisted's path.
         (["--listen", "1", "--to", "a:1", "--engine", "native"], "is not an IP address"),
         (["--mode", "connect", "--listen", "1", "--engine", "native"], "reads a request first"),
@@ -156,7 +176,7 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1", "--to", "a:1", "--access-log", "/a", "--no-access-log"], "contradict"),
         (
             ["--listen", "1", "--to", "a:1", "--access-log", "/a", "--access-log-format", "xml"],
-            "--access-log-format must be one of text, json",
+            "--access-log-format: must be one of text, json",
         ),
         (["--listen", "1", "--to", "a:1", "--access-log-format", "json"], "needs --access-log"),
     ],
@@ -164,7 +184,7 @@ def test_repeatable_listen_and_to_keep_order() -> None:
 def test_errors_are_one_line(argv: list[str], message: str) -> None:
     """A bad command line ends with a single 'tunnelkit: error:' line, not a usage dump."""
     with pytest.raises(SystemExit) as caught:
-        parse(*argv)
+        start(*argv)
     text = str(caught.value.code)
     assert text.startswith("tunnelkit: error:")
     assert message in text
@@ -184,7 +204,7 @@ def test_bare_port_says_it_listens_on_all_interfaces() -> None:
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        build_service(parse("--listen", "8888", "--to", "127.0.0.1:1")).listen()
+        build_service(start("--listen", "8888", "--to", "127.0.0.1:1")).listen()
     finally:
         globalLogPublisher.removeObserver(events.append)
     [line] = [formatEvent(e) for e in events if e.get("event") == "listening"]
@@ -200,39 +220,40 @@ def test_alpn_help_warns_about_h2() -> None:
 
 def test_zero_disables_idle_and_fin_timeouts() -> None:
     """--idle-timeout 0 and --fin-timeout 0 mean no limit."""
-    o = parse("--listen", "1", "--to", "a:1", "--idle-timeout", "0", "--fin-timeout", "0")
-    service = build_service(o)
-    factory = service.factory_for("1")
+    service = build_service(
+        start("--listen", "1", "--to", "a:1", "--idle-timeout", "0", "--fin-timeout", "0")
+    )
+    factory = service.listeners[0].factory()
     assert factory.timeouts.idle is None
     assert factory.timeouts.fin is None
 
 
 def test_max_connections_reaches_registry() -> None:
     """--max-connections caps the registry."""
-    o = parse("--listen", "1", "--to", "a:1", "--max-connections", "7")
-    assert build_service(o).registry.max_tunnels == 7
+    prepared = start("--listen", "1", "--to", "a:1", "--max-connections", "7")
+    assert build_service(prepared).registry.max_tunnels == 7
 
 
 def test_connect_mode_policies_parsed() -> None:
     """--mode connect needs no --to and turns the dest, port and client rules into policies."""
-    o = parse(
+    [o] = parse(
         "--mode", "connect", "--listen", "3128", "--allow-dest", "10.0.0.0/8:5432",
         "--deny-dest", "10.0.0.9", "--allow-port", "443", "--deny-client", "192.0.2.0/24",
         "--header-timeout", "3",
-    )  # fmt: skip
-    assert o.backends == []
+    ).settings.listeners  # fmt: skip
+    assert o.backends == ()
     assert [r.text for r in o.targets.allow] == ["10.0.0.0/8:5432"]
     assert [r.text for r in o.targets.deny] == ["10.0.0.9"]
     assert o.targets.decide("10.0.0.9", 5432).refusal is not None
     assert o.targets.decide("10.1.2.3", 5432).allowed
     assert not o.clients.allows("192.0.2.1")
-    assert o["header-timeout"] == 3.0
+    assert o.header_timeout == 3.0
 
 
 def test_connect_mode_with_to_builds_a_fixed_tunnel() -> None:
     """--mode connect --to B: every CONNECT listener dials B after the policy check."""
-    o = parse("--mode", "connect", "--listen", "1", "--to", "127.0.0.1:6379")
-    factory = build_service(o).factory_for("1")
+    prepared = start("--mode", "connect", "--listen", "1", "--to", "127.0.0.1:6379")
+    factory = build_service(prepared).listeners[0].factory()
     assert isinstance(factory, ConnectFactory)
     assert factory.settings.fixed is not None
     assert [b.name for b in factory.settings.fixed.backends] == ["127.0.0.1:6379"]
@@ -248,19 +269,19 @@ def test_connect_mode_with_to_builds_a_fixed_tunnel() -> None:
 )
 def test_listen_backlog(listen: str, backlog: int) -> None:
     """Every TCP listener gets a backlog of 1024 (Twisted's is 50) unless its string sets one."""
-    [(_, endpoint)] = parse("--listen", listen, "--to", "a:1").listeners
+    [(_, endpoint)] = listener("--listen", listen, "--to", "a:1").endpoints
     assert endpoint._backlog == backlog  # type: ignore[attr-defined]
 
 
 def test_access_log_takes_the_records_and_reopens_on_sighup(tmp_path: Path) -> None:
     """--access-log: the listeners' records go to the file, and SIGHUP's action reopens it."""
     path = tmp_path / "a.log"
-    o = parse("--listen", "1", "--to", "127.0.0.1:1", "--access-log", str(path),
+    o = start("--listen", "1", "--to", "127.0.0.1:1", "--access-log", str(path),
               "--access-log-format", "json")  # fmt: skip
     assert o.access_log is not None
     try:
         service = build_service(o)
-        tunnel_log = service.factory_for("1").tunnel_log
+        tunnel_log = service.listeners[0].factory().tunnel_log
         tunnel_log(a_record("127.0.0.1:7"), "1")
         tunnel_log.flush()
         [line] = path.read_text().splitlines()
@@ -283,18 +304,18 @@ def test_engine_native_says_why_the_engine_cannot_serve(
     pair = write_pair(trustme.CA(), tmp_path, "localhost")
     tls = ("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
     plain = ("--listen", "1", "--to", "127.0.0.1:1")
-    assert native.built() and native.why_not_native(parse(*plain, *tls)) is None
+    assert native.built() and listener(*plain, *tls).why_twisted is None
 
     monkeypatch.setattr(native_tls, "_lib", None)
     why = "TLS is terminated by Python: this pyOpenSSL has no OpenSSL._util bindings"
-    assert native.why_not_native(parse(*plain, *tls)) == why
+    assert listener(*plain, *tls).why_twisted == why
     with pytest.raises(SystemExit, match=f"--engine native: {why}"):
-        parse(*plain, *tls, "--engine", "native")
-    assert native.why_not_native(parse(*plain)) is None
+        start(*plain, *tls, "--engine", "native")
+    assert listener(*plain).why_twisted is None
 
     monkeypatch.setattr(native, "_engine", None)
     with pytest.raises(SystemExit, match="native engine is not built"):
-        parse(*plain, "--engine", "native")
+        start(*plain, "--engine", "native")
 
 
 def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(
@@ -308,7 +329,7 @@ def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(
     events: list[LogEvent] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        log_relay_plane(parse("--listen", "1", "--to", "127.0.0.1:1"))
+        log_relay_plane(start("--listen", "1", "--to", "127.0.0.1:1"))
     finally:
         globalLogPublisher.removeObserver(events.append)
     [line] = [formatEvent(e) for e in events if e.get("event") == "engine"]

@@ -9,9 +9,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.app.service import default_max_tunnels
 from tunnelkit.backends.dialer import Dialer
+from tunnelkit.config.model import Timeouts
 from tunnelkit.modes.forward import ForwardFactory
 from tunnelkit.relay.registry import TunnelRegistry
-from tunnelkit.relay.tunnel import Timeouts, Tunnel
+from tunnelkit.relay.tunnel import Tunnel
 
 
 def tunnel(clock: Clock) -> Tunnel:

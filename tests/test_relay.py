@@ -10,7 +10,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnelkit.relay.tunnel import CloseKind, Leg, Side, Timeouts, Tunnel, TunnelRecord
+from tunnelkit.config.model import Timeouts
+from tunnelkit.relay.tunnel import CloseKind, Leg, Side, Tunnel, TunnelRecord
 
 
 class RelayHarness:

@@ -32,9 +32,12 @@ from loopback import (
 )
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 
+from tunnelkit.app.build import prepare
 from tunnelkit.cli.plugin import Options
+from tunnelkit.config.model import ConfigError
 from tunnelkit.relay import splice
 from tunnelkit.relay.splice import PipePool
 
@@ -145,8 +148,14 @@ def test_pool_spills_lent_pipes_when_the_budget_is_spent() -> None:
 
 def test_splice_on_fails_where_there_is_no_splice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(splice, "AVAILABLE", False)
-    with pytest.raises(SystemExit, match="--splice on: this system has no splice"):
-        Options().parseOptions(["--listen", "1", "--to", "h:1", "--splice", "on"])
+    options = Options(MemoryReactorClock())
+    options.parseOptions(["--listen", "1", "--to", "h:1", "--splice", "on"])
+    assert options.settings is not None
+    with pytest.raises(ConfigError) as caught:
+        prepare(options.settings, options.reactor)
+    assert options.error_lines(caught.value) == (
+        "tunnelkit: error: --splice on: this system has no splice(2) (Linux only)"
+    )
 
 
 # -- over real sockets ----------------------------------------------------------

@@ -10,9 +10,12 @@ from certs import Pair, write_pair
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
 
+from tunnelkit.app.build import Listener, prepare
 from tunnelkit.cli.plugin import Options
+from tunnelkit.config.model import ConfigError
 from tunnelkit.tls.server import (
     CertificatePair,
     Certificates,
@@ -162,10 +165,16 @@ def test_reload_swaps_or_keeps(ca: trustme.CA, tmp_path: Path) -> None:
     assert str(pair.key) in events[-1]["error"]
 
 
-def parse(*args: str) -> Options:
-    options = Options()
+def parse(*args: str) -> Listener:
+    """The listener these flags describe, loaded as a start loads it; errors end it likewise."""
+    options = Options(reactor=MemoryReactorClock())
     options.parseOptions(["--listen", "0", "--to", "127.0.0.1:9", *args])
-    return options
+    assert options.settings is not None
+    try:
+        [listener] = prepare(options.settings, options.reactor).listeners
+    except ConfigError as e:
+        raise SystemExit(options.error_lines(e)) from None
+    return listener
 
 
 @pytest.mark.parametrize(
@@ -176,7 +185,7 @@ def parse(*args: str) -> Options:
         (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert"),
         (["--backend-ca", "ca.pem"], "--backend-ca needs a tls:HOST:PORT backend or --backend-tls"),
         (["--backend-insecure"], "--backend-insecure needs a tls:HOST:PORT backend"),
-        (["--tls-min-version", "1.1"], "--tls-min-version must be 1.2 or 1.3"),
+        (["--tls-min-version", "1.1"], "--tls-min-version: must be one of 1.2, 1.3, not '1.1'"),
         (["--tls-cert", "/nonexistent/c.pem"], "--tls-cert /nonexistent/c.pem: No such file"),
         (["--backend-tls", "--backend-ca", "/nonexistent/ca.pem"], "--backend-ca /nonexistent"),
         (["--tls-cert", "c.pem", "--alpn", ", ,"], "--alpn ', ,': no protocol name"),

@@ -1,15 +1,35 @@
-"""The tunnel service for parsed options: endpoints, factories, shared state.
+"""From settings to a serving process: load what they name, choose each listener's plane, listen.
 
-Imported once the options are parsed (see :mod:`tunnelkit.cli.plugin`): from here on
-the reactor and, when the options ask for TLS, the TLS stack are loaded.
+Three steps, each with one job:
+
+1. :func:`prepare` turns frozen :class:`~tunnelkit.config.model.Settings` into
+   :class:`Prepared`: the endpoints made, certificates and password files
+   read, the access log opened, and the plane of each listener chosen (the
+   native engine, or Twisted and why). Every failure is a
+   :class:`~tunnelkit.config.model.Problem` with its key path, all of them
+   collected, so ``--check`` and a start report the same errors. Nothing
+   listens yet.
+2. :func:`build_service` makes, per listener, the factory that runs each
+   connection through its phases (:mod:`tunnelkit.relay.phases`) and, for
+   the listeners the engine takes, the engine's profile; one registry
+   counts and drains every tunnel of the process.
+3. :func:`make_service` listens (before ``twistd`` daemonizes, so a port in
+   use is an error in the shell) and returns the service, or the supervisor
+   of ``--workers``.
+
+Imported once the settings are parsed: from here on the reactor and, when a
+listener needs TLS, the TLS stack are loaded.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     SSL4ServerEndpoint,
@@ -27,18 +47,27 @@ from twisted.internet.interfaces import (
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
-from twisted.python import usage
 
-from tunnelkit.app.service import TunnelService, default_max_tunnels, fd_slots, raise_fd_limit
+from tunnelkit.app.service import (
+    ListenError,
+    Listening,
+    TunnelService,
+    default_max_tunnels,
+    fd_slots,
+    raise_fd_limit,
+)
+from tunnelkit.backends import resolver
 from tunnelkit.backends.dialer import Backend, Dialer, host_endpoint
-from tunnelkit.backends.resolver import system_resolver
-from tunnelkit.config.addresses import (
-    LISTEN_FORMS,
-    AddressError,
-    HostPort,
-    backend_address,
-    listen_description,
-    tls_host_port,
+from tunnelkit.cli import preflight
+from tunnelkit.config.addresses import LISTEN_FORMS, HostPort
+from tunnelkit.config.keys import KEYS
+from tunnelkit.config.model import (
+    BackendSpec,
+    ConfigError,
+    ListenerSettings,
+    Path,
+    Problem,
+    Settings,
 )
 from tunnelkit.engine import driver
 from tunnelkit.logs.tunnel_log import TunnelLog
@@ -49,11 +78,13 @@ from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tcp_tuning import tuned_reactor
-from tunnelkit.relay.tunnel import Timeouts, TunnelRecord
+from tunnelkit.relay.tunnel import TunnelRecord
 
 if TYPE_CHECKING:
-    from tunnelkit.cli.plugin import Options
     from tunnelkit.engine.tls import EngineTLS
+    from tunnelkit.logs.access_file import AccessLogFile
+    from tunnelkit.policy.htpasswd import Htpasswd
+    from tunnelkit.tls.backend import BackendTLS
     from tunnelkit.tls.server import ServerTLS
 
 log = Logger(namespace="tunnelkit.tap")
@@ -71,103 +102,238 @@ def server_endpoint_types() -> frozenset[str]:
     return frozenset({"tcp", "ssl", "unix"} | {p.prefix.lower() for p in plugins})
 
 
-def open_endpoints(config: Options) -> None:
-    """Make the listeners' and backends' endpoints of ``config`` (nothing listens or connects yet)."""
-    config.listeners = [
-        (text, _tls_listener(config, text, _server_endpoint(config, text)))
-        for text in config["listen"]
-    ]
-    outbound = tuned_reactor(config.reactor, config.socket_options)
-    types = client_endpoint_types()
-    config.backends = [
-        Backend(text, _client_endpoint(config, outbound, text, types)) for text in config["to"]
-    ]
+@attrs.frozen
+class Listener:
+    """One listener's settings and what was loaded for them."""
+
+    settings: ListenerSettings
+    #: ``(listen text, endpoint)`` for each ``listen`` value.
+    endpoints: tuple[tuple[str, IStreamServerEndpoint], ...]
+    backends: tuple[Backend, ...]
+    tls: ServerTLS | None
+    backend_tls: BackendTLS | None
+    users: Htpasswd | None
+    #: Why Twisted relays this listener's tunnels; ``None``: the native engine does.
+    why_twisted: str | None
 
 
-def _server_endpoint(config: Options, text: str) -> IStreamServerEndpoint:
-    try:
-        description = listen_description(text)
-        kind = description.partition(":")[0].lower()
-        types = server_endpoint_types()
-        if kind not in types:
-            raise AddressError(
-                f"{kind!r} is not an endpoint type; give {LISTEN_FORMS}"
-                f" ({', '.join(f'{t}:' for t in sorted(types))})"
+@attrs.frozen
+class Prepared:
+    """Settings with everything they name loaded: ready to build and listen."""
+
+    settings: Settings
+    listeners: tuple[Listener, ...]
+    access_log: AccessLogFile | None
+    reactor: Any
+
+    def close(self) -> None:
+        """Let go of what was opened (``--check``; a worker's supervisor)."""
+        if self.access_log is not None:
+            self.access_log.close()
+
+
+class _Problems:
+    """Problems found while loading one listener, at key paths under its own."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.found: list[Problem] = []
+
+    def add(self, path: Path, message: str) -> None:
+        self.found.append(Problem((*self.path, *path), message))
+
+
+#: A flag named in a message of a loader (``--tls-cert x: ...``) becomes a key
+#: reference, shown as ``tls-cert`` for a file and ``--tls-cert`` for flags.
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+
+
+def _as_keys(message: str) -> str:
+    return _FLAG.sub(lambda m: "{" + m[1] + "}" if m[1] in KEYS else m[0], message)
+
+
+def prepare(settings: Settings, reactor: Any) -> Prepared:
+    """Load what ``settings`` name; :class:`ConfigError` names every problem found."""
+    problems: list[Problem] = []
+    listeners = []
+    for listener in settings.listeners:
+        found = _Problems(listener.path)
+        loaded = _load_listener(listener, settings, reactor, found)
+        problems += found.found
+        if loaded is not None:
+            listeners.append(loaded)
+    access_log = None
+    if settings.access_log is not None and not problems:
+        from tunnelkit.logs.access_file import AccessLogFile
+
+        try:
+            access_log = AccessLogFile(settings.access_log, settings.access_log_format)
+        except OSError as e:
+            problems.append(
+                Problem(("access-log",), f"{{access-log}} {settings.access_log}: {e.strerror or e}")
             )
-        endpoint: IStreamServerEndpoint = serverFromString(config.reactor, description)
+    if problems:
+        raise ConfigError(
+            problems, "" if settings.source == "the command line" else settings.source
+        )
+    return Prepared(settings, tuple(listeners), access_log, reactor)
+
+
+def _load_listener(
+    listener: ListenerSettings, settings: Settings, reactor: Any, problems: _Problems
+) -> Listener | None:
+    if listener.splice == "on" and not splice.AVAILABLE:
+        problems.add(("splice",), "{splice} on: this system has no splice(2) (Linux only)")
+    tls, backend_tls = _load_tls(listener, problems)
+    users = _load_users(listener, problems)
+    endpoints = []
+    for index, text in enumerate(listener.listen):
+        endpoint = _server_endpoint(reactor, listener.endpoints[index], problems, index)
+        if endpoint is not None:
+            endpoints.append((text, _tls_listener(listener, settings, endpoint, problems, index)))
+    outbound = tuned_reactor(reactor, listener.socket_options)
+    backends = []
+    for index, spec in enumerate(listener.backends):
+        try:
+            dial = _client_endpoint(listener, outbound, spec, backend_tls, settings.write_through)
+            backends.append(Backend(spec.text, dial))
+        except Exception as e:
+            problems.add(("to", index), str(e))
+    if problems.found:
+        return None
+    why = _why_twisted(listener, backends, settings.write_through)
+    if listener.engine == "native" and why is not None:
+        problems.add(("engine",), f"{{engine}} native: {why}")
+        return None
+    return Listener(listener, tuple(endpoints), tuple(backends), tls, backend_tls, users, why)
+
+
+def _why_twisted(
+    listener: ListenerSettings, backends: Sequence[Backend], write_through: bool
+) -> str | None:
+    if listener.engine == "python":
+        return "--engine python"
+    return driver.why_not_native(listener, backends, write_through)
+
+
+def _load_tls(
+    listener: ListenerSettings, problems: _Problems
+) -> tuple[ServerTLS | None, BackendTLS | None]:
+    if listener.tls is None and listener.backend_tls is None:
+        return None, None
+    # The TLS stack (pyOpenSSL, cryptography) is loaded only when TLS is used.
+    from tunnelkit.tls.backend import BackendTLS
+    from tunnelkit.tls.server import ServerTLS, TLSConfigError
+
+    tls = backend_tls = None
+    try:
+        if listener.tls is not None:
+            tls = ServerTLS(listener.tls)
+        if listener.backend_tls is not None:
+            backend_tls = BackendTLS(listener.backend_tls)
+    except TLSConfigError as e:
+        problems.add((), _as_keys(str(e)))
+    return tls, backend_tls
+
+
+def _load_users(listener: ListenerSettings, problems: _Problems) -> Htpasswd | None:
+    if listener.auth_file is None:
+        return None
+    # bcrypt is loaded only by the listeners that authenticate.
+    from tunnelkit.policy.htpasswd import Htpasswd, HtpasswdError
+
+    try:
+        return Htpasswd.load(listener.auth_file)
+    except (OSError, HtpasswdError) as e:
+        problems.add(("auth-file",), f"{{auth-file}}: {e}")
+        return None
+
+
+def _server_endpoint(
+    reactor: Any, description: str, problems: _Problems, index: int
+) -> IStreamServerEndpoint | None:
+    kind = description.partition(":")[0].lower()
+    types = server_endpoint_types()
+    if kind not in types:
+        problems.add(
+            ("listen", index),
+            f"{kind!r} is not an endpoint type; give {LISTEN_FORMS}"
+            f" ({', '.join(f'{t}:' for t in sorted(types))})",
+        )
+        return None
+    try:
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
-        raise usage.UsageError(f"--listen {text!r}: {e}") from None
+        problems.add(("listen", index), str(e))
+        return None
     if isinstance(endpoint, UNIXServerEndpoint):
-        _check_socket_directory(text, endpoint._address)
+        # Twisted's own error would name the lock file instead.
+        directory = os.path.dirname(os.path.abspath(endpoint._address))
+        if not os.path.isdir(directory):
+            problems.add(("listen", index), f"directory {directory} does not exist")
+            return None
     return endpoint
 
 
-def _check_socket_directory(text: str, path: str) -> None:
-    """A ``unix:`` listener's directory must exist: Twisted's error names its lock file instead."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise usage.UsageError(f"--listen {text!r}: directory {directory} does not exist")
-
-
 def _tls_listener(
-    config: Options, text: str, endpoint: IStreamServerEndpoint
+    listener: ListenerSettings,
+    settings: Settings,
+    endpoint: IStreamServerEndpoint,
+    problems: _Problems,
+    index: int,
 ) -> IStreamServerEndpoint:
     """An ``ssl:`` listener is served by tunnelkit's TLS transport (see tunnelkit.tls.listener)."""
     if not isinstance(endpoint, SSL4ServerEndpoint):
         return endpoint
-    if config["workers"] > 1:
-        raise usage.UsageError(
-            f"--workers: the workers cannot share the TLS of --listen {text!r};"
-            " use --tls-cert/--tls-key with a tcp: listener"
+    if settings.workers > 1:
+        problems.add(
+            ("listen", index),
+            "the workers of {workers} cannot share its TLS; use {tls-cert}/{tls-key} with"
+            " a tcp: listener",
         )
-    if config.tls is not None:
-        raise usage.UsageError(
-            f"--listen {text!r} has its own certificate, and --tls-cert would wrap it in TLS"
-            " twice; with --tls-cert, listen on a port or a tcp: endpoint"
+    if listener.tls is not None:
+        problems.add(
+            ("listen", index),
+            "has its own certificate, and {tls-cert} would wrap it in TLS twice; with"
+            " {tls-cert}, listen on a port or a tcp: endpoint",
         )
     from tunnelkit.tls.listener import SSLListener
 
     return SSLListener(
         endpoint,
-        read_size=config.socket_options.read_size,
-        write_through=not config["no-write-through"],
+        read_size=listener.socket_options.read_size,
+        write_through=settings.write_through,
     )
 
 
 def _client_endpoint(
-    config: Options, outbound: Any, text: str, types: frozenset[str]
+    listener: ListenerSettings,
+    outbound: Any,
+    spec: BackendSpec,
+    backend_tls: BackendTLS | None,
+    write_through: bool,
 ) -> IStreamClientEndpoint:
-    try:
-        address = backend_address(text, types)
-        tls_target = tls_host_port(text)
-        if tls_target is not None or (config["backend-tls"] and isinstance(address, HostPort)):
-            return _tls_endpoint(config, outbound, tls_target or address)
-        if isinstance(address, HostPort):
-            return host_endpoint(outbound, address.host, address.port, config["connect-timeout"])
-        client: IStreamClientEndpoint = clientFromString(outbound, address)
-        return client
-    except Exception as e:
-        raise usage.UsageError(f"--to {text!r}: {e}") from None
+    address, timeout = spec.address, listener.connect_timeout
+    if spec.tls:
+        from tunnelkit.tls.backend import TLSClientEndpoint
+
+        assert backend_tls is not None and isinstance(address, HostPort)
+        host = address.host
+        return TLSClientEndpoint(
+            host_endpoint(outbound, host, address.port, timeout),
+            backend_tls.creator(host),
+            read_size=listener.socket_options.read_size,
+            write_through=write_through,
+            diagnose=lambda connection, failure: backend_tls.diagnose(host, connection, failure),
+        )
+    if isinstance(address, HostPort):
+        return host_endpoint(outbound, address.host, address.port, timeout)
+    client: IStreamClientEndpoint = clientFromString(outbound, address)
+    return client
 
 
-def _tls_endpoint(config: Options, outbound: Any, address: Any) -> IStreamClientEndpoint:
-    from tunnelkit.tls.backend import TLSClientEndpoint
-
-    assert config.backend_tls is not None and isinstance(address, HostPort)
-    inner = host_endpoint(outbound, address.host, address.port, config["connect-timeout"])
-    backend_tls, host = config.backend_tls, address.host
-    return TLSClientEndpoint(
-        inner,
-        backend_tls.creator(host),
-        read_size=config.socket_options.read_size,
-        write_through=not config["no-write-through"],
-        diagnose=lambda connection, failure: backend_tls.diagnose(host, connection, failure),
-    )
-
-
-def _connect_settings(config: Options, dialer: Dialer | None) -> ConnectSettings:
-    reactor = config.reactor
-    users = config.users
+def _connect_settings(reactor: Any, listener: Listener, dialer: Dialer | None) -> ConnectSettings:
+    users = listener.users
     authenticate = None
     if users is not None:
 
@@ -178,19 +344,20 @@ def _connect_settings(config: Options, dialer: Dialer | None) -> ConnectSettings
             )
             return checked
 
+    settings = listener.settings
     return ConnectSettings(
-        policy=config.targets,
-        resolve=system_resolver(reactor),
-        outbound=tuned_reactor(reactor, config.socket_options),
-        connect_timeout=config["connect-timeout"],
-        header_timeout=config["header-timeout"],
+        policy=settings.targets,
+        resolve=resolver.system_resolver(reactor),
+        outbound=tuned_reactor(reactor, settings.socket_options),
+        connect_timeout=settings.connect_timeout,
+        header_timeout=settings.header_timeout,
         authenticate=authenticate,
         fixed=dialer,
     )
 
 
 def _unlogged(record: TunnelRecord, listener: str) -> None:
-    """``--no-access-log``: the record of a tunnel is dropped."""
+    """``no-access-log``: the record of a tunnel is dropped."""
 
 
 def _on_sighup(*actions: tuple[str, Callable[[], object] | None]) -> Callable[[], None]:
@@ -216,126 +383,73 @@ def _on_sighup(*actions: tuple[str, Callable[[], object] | None]) -> Callable[[]
     return reload
 
 
+def _reload_tls(listeners: Sequence[Listener]) -> Callable[[], None] | None:
+    servers = [listener.tls for listener in listeners if listener.tls is not None]
+    if not servers:
+        return None
+
+    def reload() -> None:
+        for tls in servers:
+            tls.reload()
+
+    return reload
+
+
 def _engine_tls(tls: ServerTLS) -> EngineTLS:
     from tunnelkit.engine.tls import EngineTLS  # only a TLS process loads pyOpenSSL
 
     return EngineTLS(tls)
 
 
-def why_twisted(config: Options) -> str | None:
-    """Why Twisted relays for ``config``; ``None`` when the native engine does."""
-    if config["engine"] == "python":
-        return "--engine python"
-    return driver.why_not_native(config)
+def log_relay_plane(prepared: Prepared) -> None:
+    """Say once, at start-up, who relays each listener's tunnels and why not the engine."""
+    several = len(prepared.listeners) > 1
+    for listener in prepared.listeners:
+        why = listener.why_twisted
+        engine = "the native engine" if why is None else f"Twisted, not the native engine: {why}"
+        name = listener.settings.name
+        log.info(
+            "{listener}: relaying with {engine}" if several else "relaying with {engine}",
+            event="engine",
+            engine=engine,
+            native=why is None,
+            listener=name,
+        )
 
 
-def log_relay_plane(config: Options) -> None:
-    """Say once, at start-up, who relays the tunnels and why not the engine."""
-    why = why_twisted(config)
-    log.info(
-        "relaying with {engine}",
-        event="engine",
-        engine="the native engine" if why is None else f"Twisted, not the native engine: {why}",
-        native=why is None,
-    )
-
-
-def build_service(config: Options) -> TunnelService:
-    """The tunnel service for parsed options, not yet listening."""
-    reactor = config.reactor
-    max_tunnels = config["max-connections"] or default_max_tunnels(raise_fd_limit())
-    use_native = why_twisted(config) is None
+def build_service(prepared: Prepared) -> TunnelService:
+    """The tunnel service of ``prepared``, not yet listening."""
+    reactor, settings = prepared.reactor, prepared.settings
+    max_tunnels = settings.max_connections or default_max_tunnels(raise_fd_limit())
+    engine_listeners = [listener for listener in prepared.listeners if listener.why_twisted is None]
     registry = (
         driver.NativeRegistry(reactor, max_tunnels)
-        if use_native
+        if engine_listeners
         else TunnelRegistry(reactor, max_tunnels)
     )
-    dialer = (
-        Dialer(config.backends, reactor, config["connect-timeout"]) if config.backends else None
-    )
-    timeouts = Timeouts(
-        idle=config["idle-timeout"] or None,
-        fin=config["fin-timeout"] or None,
-        half_close=not config["no-half-close"],
-    )
-    idle_watch = IdleWatch(reactor, timeouts.idle) if timeouts.idle else None
-    access_log = config.access_log
+    access_log = prepared.access_log
     tunnel_log = TunnelLog(reactor) if access_log is None else TunnelLog(reactor, sink=access_log)
-    settings = _connect_settings(config, dialer) if config["mode"] == "connect" else None
-    pipes = (
-        splice.PipePool(
-            eager=config["splice"] == "on",
-            read_size=config.socket_options.read_size,
-            slots=fd_slots(),
-            live=registry.live,
-        )
-        if config["splice"] != "off" and splice.AVAILABLE
-        else None
-    )
-
-    def factory_for(listener: str) -> IProtocolFactory:
-        common: dict[str, Any] = {
-            "listener": listener,
-            "registry": registry,
-            "clock": reactor,
-            "timeouts": timeouts,
-            "idle_watch": idle_watch,
-            "tunnel_log": _unlogged if config["no-access-log"] else tunnel_log,
-            "read_size": config.socket_options.read_size,
-            "clients": config.clients,
-            "write_through": not config["no-write-through"],
-            "pipes": pipes,
-        }
-        if config.tls is not None:
-            return _terminate_tls(config, common)
-        return mode_factory(common)
-
-    def mode_factory(common: dict[str, Any]) -> TunnelFactory:
-        if settings is not None:
-            return ConnectFactory(settings=settings, **common)
-        assert dialer is not None
-        return ForwardFactory(dialer=dialer, **common)
-
-    def _terminate_tls(config: Options, common: dict[str, Any]) -> IProtocolFactory:
-        from tunnelkit.tls.leg import HandshakeLeg
-        from tunnelkit.tls.transport import RelayTLSFactory
-
-        tls = config.tls
-        assert tls is not None
-        factory = mode_factory({**common, "client_leg": lambda tunnel: HandshakeLeg(tunnel, tls)})
-        return RelayTLSFactory(
-            tls,
-            False,
-            factory,
-            read_size=common["read_size"],
-            write_through=common["write_through"],
-        )
-
-    if config.backend_tls is not None and config.backend_tls.settings.insecure:
-        log.warn(
-            "--backend-insecure: backend certificates are not verified; anyone on the path"
-            " can read and change the traffic",
-            event="backend_insecure",
-        )
-
     relay = (
-        driver.NativeRelay(
-            reactor,
-            config.backends,
-            registry=registry,  # type: ignore[arg-type]
-            timeouts=timeouts,
-            connect_timeout=config["connect-timeout"],
-            socket_options=config.socket_options,
-            splice=config["splice"] if splice.AVAILABLE else "off",
-            bulk_read=min(splice.BULK_READ, config.socket_options.read_size),
-            log_records=not config["no-access-log"],
-            restricts_clients=config.clients.restricts,
-            tls=_engine_tls(config.tls) if config.tls is not None else None,
-            fd_slots=fd_slots(),
-        )
-        if use_native
+        driver.NativeRelay(reactor, registry=registry, fd_slots=fd_slots())  # type: ignore[arg-type]
+        if engine_listeners
         else None
     )
+    pipes: list[splice.PipePool] = []
+    listening = []
+    for listener in prepared.listeners:
+        make_factory, profile = _listener_factories(
+            prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
+        )
+        listening += [
+            Listening(name, endpoint, make_factory, listener.settings.socket_options, profile)
+            for name, endpoint in listener.endpoints
+        ]
+        if listener.backend_tls is not None and listener.backend_tls.settings.insecure:
+            log.warn(
+                "--backend-insecure: backend certificates are not verified; anyone on the path"
+                " can read and change the traffic",
+                event="backend_insecure",
+            )
 
     def stopped() -> None:
         if relay is not None:
@@ -343,20 +457,132 @@ def build_service(config: Options) -> TunnelService:
         tunnel_log.flush()
         if access_log is not None:
             access_log.close()
-        if pipes is not None:
-            pipes.close()
+        for pool in pipes:
+            pool.close()
 
     return TunnelService(
-        config.listeners,
-        factory_for,
+        listening,
         registry,
-        config.socket_options,
-        config["drain-timeout"],
+        settings.drain_timeout,
         reactor=reactor,
         on_reload=_on_sighup(
             ("the access log", access_log.reopen if access_log is not None else None),
-            ("the TLS certificates", config.tls.reload if config.tls is not None else None),
+            ("the TLS certificates", _reload_tls(prepared.listeners)),
         ),
         on_stopped=stopped,
         native=relay,
     )
+
+
+def _listener_factories(
+    prepared: Prepared,
+    listener: Listener,
+    *,
+    registry: TunnelRegistry,
+    tunnel_log: TunnelLog,
+    relay: driver.NativeRelay | None,
+    pipes: list[splice.PipePool],
+) -> tuple[Callable[[str], IProtocolFactory], Any]:
+    """How to make the factory of each of ``listener``'s ports; its engine profile, if any."""
+    reactor, settings = prepared.reactor, listener.settings
+    write_through = prepared.settings.write_through
+    options = settings.socket_options
+    dialer = (
+        Dialer(list(listener.backends), reactor, settings.connect_timeout)
+        if listener.backends
+        else None
+    )
+    connect = _connect_settings(reactor, listener, dialer) if settings.mode == "connect" else None
+    idle_watch = IdleWatch(reactor, settings.timeouts.idle) if settings.timeouts.idle else None
+    pool = (
+        splice.PipePool(
+            eager=settings.splice == "on",
+            read_size=options.read_size,
+            slots=fd_slots(),
+            live=registry.live,
+        )
+        if settings.splice != "off" and splice.AVAILABLE
+        else None
+    )
+    if pool is not None:
+        pipes.append(pool)
+    tls = listener.tls
+
+    def make_factory(name: str) -> IProtocolFactory:
+        common: dict[str, Any] = {
+            "listener": name,
+            "registry": registry,
+            "clock": reactor,
+            "timeouts": settings.timeouts,
+            "idle_watch": idle_watch,
+            "tunnel_log": tunnel_log if settings.access_log else _unlogged,
+            "read_size": options.read_size,
+            "clients": settings.clients,
+            "write_through": write_through,
+            "pipes": pool,
+        }
+        if tls is None:
+            return _mode_factory(common, connect, dialer)
+        from tunnelkit.tls.leg import HandshakeLeg
+        from tunnelkit.tls.transport import RelayTLSFactory
+
+        mode = _mode_factory(
+            {**common, "client_leg": lambda tunnel: HandshakeLeg(tunnel, tls)}, connect, dialer
+        )
+        return RelayTLSFactory(
+            tls, False, mode, read_size=options.read_size, write_through=write_through
+        )
+
+    profile = None
+    if relay is not None and listener.why_twisted is None:
+        profile = relay.profile(
+            listener.backends,
+            timeouts=settings.timeouts,
+            connect_timeout=settings.connect_timeout,
+            socket_options=options,
+            splice=settings.splice if splice.AVAILABLE else "off",
+            bulk_read=min(splice.BULK_READ, options.read_size),
+            log_records=settings.access_log,
+            restricts_clients=settings.clients.restricts,
+            tls=_engine_tls(tls) if tls is not None else None,
+        )
+    return make_factory, profile
+
+
+def _mode_factory(
+    common: dict[str, Any], connect: ConnectSettings | None, dialer: Dialer | None
+) -> TunnelFactory:
+    if connect is not None:
+        return ConnectFactory(settings=connect, **common)
+    assert dialer is not None
+    return ForwardFactory(dialer=dialer, **common)
+
+
+def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> IService:
+    """Load, build and listen now (before daemonizing); the service for twistd to run."""
+    prepared = prepare(settings, reactor)
+    # Here, not in build_service: each worker of --workers builds one too.
+    log_relay_plane(prepared)
+    tunnels = build_service(prepared)
+    try:
+        tunnels.listen()
+    except ListenError as e:
+        raise ConfigError([Problem((), str(e))]) from None
+    texts = [b.text for listener in settings.listeners for b in listener.backends]
+    names = preflight.named_backends(texts, client_endpoint_types())
+    if names:
+        resolve = resolver.system_resolver(reactor)
+        reactor.callWhenRunning(preflight.warn_unresolved, resolve, names)
+    top = MultiService()
+    if settings.workers > 1:
+        from tunnelkit.app.supervisor import Workers
+
+        # Opened only to check the path: each worker opens and writes its own.
+        prepared.close()
+        workers = Workers(
+            settings.workers, arguments, tunnels.ports, settings.drain_timeout, reactor
+        )
+        workers.setServiceParent(top)  # type: ignore[no-untyped-call]
+    else:
+        tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
@@ -89,15 +90,30 @@ def fd_slots() -> int:
     return default_max_tunnels(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
+@attrs.frozen
+class Listening:
+    """One endpoint to listen on, and how to serve it."""
+
+    #: The ``listen`` value as written: logs and records name the listener by it.
+    name: str
+    endpoint: IStreamServerEndpoint
+    #: A new factory for a port of this endpoint (a worker makes its own).
+    make_factory: Callable[[str], IProtocolFactory]
+    socket_options: SocketOptions
+    #: The native engine's profile for this listener; ``None``: Twisted serves it.
+    profile: Any = None
+
+    def factory(self) -> IProtocolFactory:
+        return self.make_factory(self.name)
+
+
 class TunnelService(Service):
     """Owns the listening ports and the registry of the tunnels they accept."""
 
     def __init__(
         self,
-        listeners: Sequence[tuple[str, IStreamServerEndpoint]],
-        factory_for: Callable[[str], IProtocolFactory],
+        listeners: Sequence[Listening],
         registry: TunnelRegistry,
-        socket_options: SocketOptions,
         drain_timeout: float,
         *,
         reactor: Any = None,
@@ -106,12 +122,11 @@ class TunnelService(Service):
         native: NativeRelay | None = None,
     ) -> None:
         self.listeners = list(listeners)
-        self.factory_for = factory_for
         self.registry = registry
-        self.socket_options = socket_options
         self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
         self.factories: list[IProtocolFactory] = []
+        self.profiles: list[Any] = []
         self.native = native
         self.reactor = reactor
         self.on_reload = on_reload
@@ -121,21 +136,22 @@ class TunnelService(Service):
 
     def listen(self) -> None:
         """Start every listener now; raise :class:`ListenError` on the first failure."""
-        for name, endpoint in self.listeners:
+        for listening in self.listeners:
+            name = listening.name
             outcome: list[Any] = []
-            factory = self.factory_for(name)
-            endpoint.listen(factory).addBoth(outcome.append)
+            factory = listening.factory()
+            listening.endpoint.listen(factory).addBoth(outcome.append)
             if not outcome:
                 raise ListenError(f"listener {name!r} did not start synchronously")
             if isinstance(outcome[0], Failure):
                 self._close_ports()
                 raise ListenError(f"cannot listen on {name}: {outcome[0].getErrorMessage()}")
             port: IListeningPort = outcome[0]
-            self.add_port(factory, port)
+            self.add_port(listening, factory, port)
             sock = getattr(port, "socket", None)
             if sock is not None:
                 try:
-                    self.socket_options.apply(sock)
+                    listening.socket_options.apply(sock)
                 except OSError as e:
                     self._close_ports()
                     raise ListenError(f"cannot set socket options on {name}: {e}") from None
@@ -149,16 +165,20 @@ class TunnelService(Service):
                 scope=wildcard_scope(getattr(bound, "host", None)),
             )
 
-    def add_port(self, factory: IProtocolFactory, port: IListeningPort) -> None:
+    def add_port(
+        self, listening: Listening, factory: IProtocolFactory, port: IListeningPort
+    ) -> None:
         """Serve ``port`` (listening, or adopted by a worker) with ``factory``."""
         self.ports.append(port)
         self.factories.append(factory)
+        self.profiles.append(listening.profile)
 
     def _close_ports(self) -> None:
         for port in self.ports:
             port.stopListening()
         self.ports.clear()
         self.factories.clear()
+        self.profiles.clear()
 
     def startService(self) -> None:
         """Runs after ``twistd`` has daemonized: claim the UNIX socket locks."""
@@ -168,7 +188,8 @@ class TunnelService(Service):
         if self.native is not None:
             # Here, not at listen(): the supervisor of --workers listens but
             # never starts this service, and must not accept.
-            self.native.start(list(zip(self.factories, self.ports, strict=True)))
+            served = zip(self.factories, self.ports, self.profiles, strict=True)
+            self.native.start([entry for entry in served if entry[2] is not None])
         self._handle_sighup()
 
     def _handle_sighup(self) -> None:
@@ -196,6 +217,7 @@ class TunnelService(Service):
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]
         self.ports.clear()
         self.factories.clear()
+        self.profiles.clear()
         done: Deferred[Any] = gatherResults(stopping)
         done.addBoth(lambda _: self.registry.drain(self.drain_timeout))
         done.addCallback(self._forget_exit_signal)

@@ -55,14 +55,16 @@ def main(argv: list[str]) -> None:
     # Parsed before the reactor is imported: a worker without TLS loads no TLS stack.
     config = Options()
     config.parseOptions(argv[2:])
-    reactor = config.reactor
-    from tunnelkit.app.build import build_service
+    from tunnelkit.cli.plugin import installed_reactor
 
-    service = build_service(config)
-    names = [name for name, _ in service.listeners]
-    for name, fd in zip(names, fds, strict=True):
-        factory = service.factory_for(name)
-        service.add_port(factory, adopt(reactor, fd, factory))
+    reactor = installed_reactor()
+    from tunnelkit.app.build import build_service, prepare
+
+    assert config.settings is not None
+    service = build_service(prepare(config.settings, reactor))
+    for listening, fd in zip(service.listeners, fds, strict=True):
+        factory = listening.factory()
+        service.add_port(listening, factory, adopt(reactor, fd, factory))
 
     def orphaned() -> None:
         if os.getppid() != supervisor:

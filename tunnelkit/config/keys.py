@@ -55,7 +55,9 @@ class Kind:
             raise BadValue(f"must be {self.what}, not {value!r}") from None
 
 
-def _number(kind: type[int] | type[float], low: float, high: float | None = None) -> Kind:
+def _number(
+    kind: type[int] | type[float], low: float, what: str, high: float | None = None
+) -> Kind:
     whole = kind is int
 
     def ranged(value: Any) -> Any:
@@ -70,9 +72,7 @@ def _number(kind: type[int] | type[float], low: float, high: float | None = None
     def parse(text: str) -> Any:
         return ranged(kind(text.strip()))
 
-    unit = "a whole number" if whole else "a number"
-    bounds = f"from {low:g}" if high is None else f"from {low:g} to {high:g}"
-    return Kind(f"{unit} {bounds}", parse, ranged)
+    return Kind(what, parse, ranged)
 
 
 def _text(value: object) -> str:
@@ -97,14 +97,15 @@ def _boolean(value: object) -> bool:
     return value
 
 
-SECONDS = _number(float, 0)
+SECONDS = _number(float, 0, "a number of seconds (0 or more)")
 POSITIVE_SECONDS = Kind(
     "a positive number of seconds",
     lambda text: _positive(float(text)),
-    lambda value: _positive(_number(float, 0).check(value)),
+    lambda value: _positive(SECONDS.check(value)),
 )
-COUNT = _number(int, 1)
-BYTES = _number(int, 1)
+WHOLE_SECONDS = _number(int, 1, "a positive whole number of seconds")
+COUNT = _number(int, 1, "a positive whole number")
+BYTES = _number(int, 1, "a positive whole number of bytes")
 TEXT = Kind("a non-empty string", _text, _text)
 FLAG = Kind("true or false", lambda text: True, _boolean)
 
@@ -151,56 +152,56 @@ def _many(name: str, scope: Scope, help: str) -> Key:
 def _keys() -> Sequence[Key]:
     return (
         # -- where, and what
-        _many("listen", L, "where to accept clients: PORT (every interface), ADDR:PORT, [V6]:PORT or an endpoint string"),
-        _many("to", L, "a backend: HOST:PORT, [V6]:PORT or a client endpoint string (tried in order)"),
+        _many("listen", L, "Where to accept clients (repeatable); a bare PORT listens on all IPv4 interfaces"),
+        _many("to", L, "A backend (repeatable: tried in the order given, first that connects)"),
         Key("mode", L, _choice("forward", "connect"), "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)"),
         # -- who may connect, and where to
-        _many("allow-client", L, "only clients from this address or CIDR may connect"),
-        _many("deny-client", L, "clients from this address or CIDR are closed at once"),
-        _many("allow-dest", L, "connect mode: allow targets matching CIDR, NAME or *.DOMAIN, optionally :PORT[-PORT]"),
-        _many("deny-dest", L, "connect mode: refuse targets matching this rule (beats allow-dest)"),
-        _many("allow-port", L, "connect mode: only these target ports, PORT or PORT-PORT"),
-        Key("auth-file", L, TEXT, None, "connect mode: htpasswd file of bcrypt entries"),
+        _many("allow-client", L, "Only clients from this address or CIDR may connect (repeatable)"),
+        _many("deny-client", L, "Clients from this address or CIDR are closed at once (repeatable)"),
+        _many("allow-dest", L, "connect mode: allow targets matching CIDR, NAME or *.DOMAIN, optionally :PORT[-PORT] (repeatable; overrides the refusal of private addresses)"),
+        _many("deny-dest", L, "connect mode: refuse targets matching this rule (repeatable; beats --allow-dest)"),
+        _many("allow-port", L, "connect mode: only these target ports, PORT or PORT-PORT (repeatable; default: all)"),
+        Key("auth-file", L, TEXT, None, "connect mode: htpasswd file of bcrypt entries (htpasswd -B, tunnelkit passwd)"),
         Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "connect mode: seconds from accept to the end of the request head"),
         # -- timeouts
-        Key("connect-timeout", L, POSITIVE_SECONDS, 10.0, "seconds to connect to a backend"),
-        Key("idle-timeout", L, SECONDS, 3600.0, "close a tunnel that moved no byte this long (0: never)"),
-        Key("fin-timeout", L, SECONDS, 60.0, "longest a half-closed tunnel may linger (0: no limit)"),
-        _switch("no-half-close", L, "close both sides at the first EOF, as nginx's proxy_half_close off does"),
+        Key("connect-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds to connect to a backend"),
+        Key("idle-timeout", L, SECONDS, 3600.0, "Close a tunnel that moved no byte this long (0: never)"),
+        Key("fin-timeout", L, SECONDS, 60.0, "Longest a half-closed tunnel may linger (0: no limit)"),
+        _switch("no-half-close", L, "Close both sides at the first EOF, as nginx's proxy_half_close off does (default: pass the EOF on and keep the other way open)"),
         # -- sockets and the relay
-        _switch("no-nodelay", L, "leave Nagle's algorithm on (TCP_NODELAY is set by default)"),
-        Key("keepalive", L, COUNT, None, "TCP keepalive idle time, whole seconds (off by default)"),
+        _switch("no-nodelay", L, "Leave Nagle's algorithm on"),
+        Key("keepalive", L, WHOLE_SECONDS, None, "TCP keepalive idle time, seconds (off by default)"),
         Key("sndbuf", L, BYTES, None, "SO_SNDBUF for both legs, bytes (kernel default)"),
         Key("rcvbuf", L, BYTES, None, "SO_RCVBUF for both legs, bytes (kernel default)"),
         Key("mss", L, BYTES, None, "TCP_MAXSEG, the TCP segment size for both legs, bytes"),
-        Key("read-size", L, BYTES, DEFAULT_READ_SIZE, "bytes read per event on each leg"),
-        Key("engine", L, _choice("auto", "native", "python"), "auto", "who relays: auto, native (insist) or python (Twisted)"),
-        Key("splice", L, _choice("auto", "on", "off"), "auto", "move bytes in the kernel with splice(2): auto, on or off"),
-        _switch("no-access-log", L, "log no tunnel_closed record for this listener's tunnels"),
+        Key("read-size", L, BYTES, DEFAULT_READ_SIZE, "Bytes read per event on each leg"),
+        Key("engine", L, _choice("auto", "native", "python"), "auto", "Who relays plain forwarding: auto (the native engine where the options allow it), native (insist), python (always Twisted); see docs/performance.md"),
+        Key("splice", L, _choice("auto", "on", "off"), "auto", "Move bytes in the kernel with splice(2) (plain TCP/UNIX legs, Linux): auto (tunnels that move bulk data), on (every tunnel; fails where splice is missing), off"),
+        _switch("no-access-log", L, "Log no tunnel_closed event per connection (other events are still logged)"),
         # -- TLS towards clients
-        _many("tls-cert", L, "terminate TLS with this certificate (chain) file (several: chosen by SNI)"),
-        _many("tls-key", L, "the key of the tls-cert at the same position (default: in the certificate file)"),
-        _switch("tls-strict-sni", L, "refuse TLS clients whose SNI name no tls-cert serves"),
-        Key("tls-min-version", L, _choice("1.2", "1.3"), "1.2", "oldest TLS version accepted from clients"),
+        _many("tls-cert", L, "Terminate TLS with this certificate (chain) file (repeatable: chosen by SNI)"),
+        _many("tls-key", L, "The key of the --tls-cert at the same position (default: in the certificate file)"),
+        _switch("tls-strict-sni", L, "Refuse TLS clients whose SNI name no --tls-cert serves"),
+        Key("tls-min-version", L, _choice("1.2", "1.3"), "1.2", "Oldest TLS version accepted from clients: 1.2 or 1.3"),
         Key("tls-ciphers", L, TEXT, None, "OpenSSL cipher list for TLS 1.2 clients"),
-        Key("alpn", L, TEXT, None, "ALPN protocols offered to clients, e.g. http/1.1"),
-        Key("tls-client-ca", L, TEXT, None, "require client certificates signed by a CA in this file"),
-        _switch("tls-client-optional", L, "with tls-client-ca: accept clients without a certificate"),
-        Key("tls-handshake-timeout", L, POSITIVE_SECONDS, 10.0, "seconds a TLS client has to complete its handshake"),
+        Key("alpn", L, TEXT, None, "ALPN protocols offered to clients, e.g. http/1.1 (offer h2 only if every backend speaks HTTP/2: tunnelkit does not translate)"),
+        Key("tls-client-ca", L, TEXT, None, "Require client certificates signed by a CA in this file"),
+        _switch("tls-client-optional", L, "With --tls-client-ca: accept clients without a certificate"),
+        Key("tls-handshake-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds a TLS client has to complete its handshake"),
         # -- TLS towards backends
-        _switch("backend-tls", L, "TLS to every HOST:PORT backend"),
-        Key("backend-ca", L, TEXT, None, "CA file backend certificates must chain to (default: the system's)"),
+        _switch("backend-tls", L, "TLS to every HOST:PORT backend (see docs/tls.md)"),
+        Key("backend-ca", L, TEXT, None, "CA file backend certificates must chain to (default: system)"),
         Key("backend-sni", L, TEXT, None, "SNI name sent to TLS backends and checked in their certificate"),
-        Key("backend-cert", L, TEXT, None, "client certificate presented to TLS backends"),
-        Key("backend-key", L, TEXT, None, "key of backend-cert (default: read from that file)"),
-        _switch("backend-insecure", L, "do not verify backend certificates (warns)"),
+        Key("backend-cert", L, TEXT, None, "Client certificate presented to TLS backends"),
+        Key("backend-key", L, TEXT, None, "Key of --backend-cert (default: read from that file)"),
+        _switch("backend-insecure", L, "Do not verify backend certificates (warns: traffic can be read and changed)"),
         # -- the process
-        Key("workers", P, _number(int, 1, MAX_WORKERS), 1, "processes accepting on the listeners, supervised by this one"),
-        Key("max-connections", P, COUNT, None, "most tunnels at once (default: what the fd limit allows)"),
-        Key("drain-timeout", P, SECONDS, 30.0, "on SIGTERM, seconds to let tunnels finish"),
-        Key("access-log", P, TEXT, None, "write the tunnel_closed records to this file (reopened on SIGHUP)"),
-        Key("access-log-format", P, _choice("text", "json"), None, "lines of access-log: text (the default) or json"),
-        _switch("no-write-through", P, "always queue writes in Twisted (diagnostics; slower)"),
+        Key("workers", P, _number(int, 1, f"a whole number from 1 to {MAX_WORKERS}", MAX_WORKERS), 1, "Processes accepting on the listeners (one core each), supervised by this one"),
+        Key("max-connections", P, COUNT, None, "Most tunnels at once (default: what the file-descriptor limit allows)"),
+        Key("drain-timeout", P, SECONDS, 30.0, "On SIGTERM, seconds to let tunnels finish"),
+        Key("access-log", P, TEXT, None, "Write the tunnel_closed records to this file instead of twistd's log (reopened on SIGHUP); see docs/logging.md"),
+        Key("access-log-format", P, _choice("text", "json"), None, "Lines of --access-log: text (the default) or json"),
+        _switch("no-write-through", P, "Always queue writes in Twisted (diagnostics; slower): see docs/performance.md"),
     )  # fmt: skip
 
 

@@ -22,7 +22,13 @@ from typing import Any
 
 import attrs
 
-from tunnelkit.config.addresses import AddressError, HostPort, backend_address, listen_description
+from tunnelkit.config.addresses import (
+    AddressError,
+    HostPort,
+    backend_address,
+    listen_description,
+    tls_host_port,
+)
 from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
 from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
 from tunnelkit.relay.socket_options import SocketOptions
@@ -44,14 +50,24 @@ class Problem:
         text = ""
         for part in self.path:
             text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-        message = _KEY_REF.sub(lambda m: m[1] if m[1] in KEYS else m[0], self.message)
+        message = self.message
+        subject = self._subject()
+        if subject is not None:  # "{to} is required" at listener[0].to: "is required"
+            message = message[len(subject) + 2 :].lstrip(" :")
+        message = _KEY_REF.sub(lambda m: m[1] if m[1] in KEYS else m[0], message)
         return f"{text}: {message}" if text else message
+
+    def _subject(self) -> str | None:
+        """The key the message starts with (``{to} ...``) when it is the key at fault."""
+        match = _KEY_REF.match(self.message)
+        keys = [part for part in self.path if isinstance(part, str)]
+        return match[1] if match and keys and keys[-1] == match[1] else None
 
     def as_flag(self, values: Mapping[str, Any]) -> str:
         """``--to 'db': message``: the flag, and the value given when one item is at fault."""
         message = _KEY_REF.sub(lambda m: f"--{m[1]}" if m[1] in KEYS else m[0], self.message)
         names = [i for i, part in enumerate(self.path) if isinstance(part, str) and part in KEYS]
-        if not names:
+        if not names or self._subject() is not None:
             return message
         at = names[-1]
         name = str(self.path[at])
@@ -76,33 +92,51 @@ class ConfigError(Exception):
 
 @attrs.frozen
 class Timeouts:
-    """A listener's time limits, in seconds (``None``: no limit)."""
+    """Time limits of one tunnel, in seconds; ``None`` disables a limit.
 
-    connect: float = 10.0
+    ``close_grace`` bounds a graceful close without progress: once the tunnel
+    closes, a leg whose reader took nothing of what it is owed for a whole
+    grace (checked every grace, so within two) is aborted, as Twisted's
+    ``HTTPChannel`` does with its ``abortTimeout``; one still taking bytes is
+    left to the fin timer, if a half-close armed it. It also bounds the
+    lingering close: a peer owed nothing that has not closed after our FIN.
+
+    ``half_close`` false (``--no-half-close``) gives a half-closed tunnel no
+    time at all: the first EOF closes both legs once what was read is sent,
+    as nginx's ``proxy_half_close off`` (its default) does, and what a peer
+    sends after the other side's FIN is read and dropped until it closes.
+    """
+
     idle: float | None = 3600.0
     fin: float | None = 60.0
-    header: float = 10.0
-    tls_handshake: float = 10.0
+    close_grace: float = 5.0
     half_close: bool = True
 
 
 @attrs.frozen
-class ServerTLSOptions:
-    """What ``tls-*`` and ``alpn`` say about terminating TLS (files are read at build time)."""
+class CertificatePair:
+    """A ``tls-cert`` file (leaf first, then its chain) and the file holding its key."""
 
-    certs: tuple[str, ...]
-    #: The key file of each certificate (its own file when no ``tls-key`` is given).
-    keys: tuple[str, ...]
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class ServerTLSSettings:
+    """Everything ``tls-*`` and ``alpn`` say about terminating TLS (files are read at build time)."""
+
+    pairs: tuple[CertificatePair, ...]
     strict_sni: bool = False
     min_version: str = "1.2"
     ciphers: str | None = None
     alpn: tuple[bytes, ...] = ()
     client_ca: str | None = None
     client_optional: bool = False
+    handshake_timeout: float = 10.0
 
 
 @attrs.frozen
-class BackendTLSOptions:
+class BackendTLSSettings:
     """What ``backend-*`` says about TLS towards backends."""
 
     ca: str | None = None
@@ -116,7 +150,7 @@ class BackendTLSOptions:
 
 @attrs.frozen
 class BackendSpec:
-    """A ``to`` value: a host and port, or a client endpoint string; and whether TLS is spoken."""
+    """A ``to`` value: a host and port, or a client endpoint string; and whether we speak TLS to it."""
 
     text: str
     address: HostPort | str
@@ -129,6 +163,8 @@ class ListenerSettings:
 
     #: ``listener[N]`` in a file; the first ``--listen`` on the command line.
     name: str
+    #: Where its keys are: ``("listener", N)``, under which its problems are reported.
+    path: Path
     #: The ``listen`` values as written, and the endpoint descriptions they became.
     listen: tuple[str, ...]
     endpoints: tuple[str, ...]
@@ -138,12 +174,15 @@ class ListenerSettings:
     targets: TargetPolicy
     auth_file: str | None
     timeouts: Timeouts
+    connect_timeout: float
+    #: connect mode: from accept to the end of the request head.
+    header_timeout: float
     socket_options: SocketOptions
     engine: str
     splice: str
     access_log: bool
-    tls: ServerTLSOptions | None
-    backend_tls: BackendTLSOptions | None
+    tls: ServerTLSSettings | None
+    backend_tls: BackendTLSSettings | None
 
     @property
     def uses_tls(self) -> bool:
@@ -249,7 +288,7 @@ def build_listener(
     before = len(problems)
     r = _Reader(values, path, problems, Scope.LISTENER)
     if not r["listen"]:
-        r.problem(("listen",), "required (e.g. 8888)")
+        r.problem(("listen",), "{listen} is required (e.g. 8888)")
     endpoints = []
     for index, text in enumerate(r["listen"]):
         try:
@@ -259,10 +298,10 @@ def build_listener(
     mode = r["mode"]
     if mode == "forward":
         if not r["to"]:
-            r.problem(("to",), "required in forward mode (e.g. 127.0.0.1:80)")
+            r.problem(("to",), "{to} is required in forward mode (e.g. 127.0.0.1:80)")
         for key in PROXY_ONLY:
             if r.given(key):
-                r.problem((key,), "applies to {mode} connect only")
+                r.problem((key,), f"{{{key}}} applies to {{mode}} connect only")
     backends = _backends(r, endpoint_types)
     clients, targets = _policies(r)
     tls = _server_tls(r)
@@ -271,6 +310,7 @@ def build_listener(
         return None
     return ListenerSettings(
         name=name,
+        path=path,
         listen=tuple(r["listen"]),
         endpoints=tuple(endpoints),
         mode=mode,
@@ -279,13 +319,12 @@ def build_listener(
         targets=targets,
         auth_file=r["auth-file"],
         timeouts=Timeouts(
-            connect=r["connect-timeout"],
             idle=r["idle-timeout"] or None,
             fin=r["fin-timeout"] or None,
-            header=r["header-timeout"],
-            tls_handshake=r["tls-handshake-timeout"],
             half_close=not r["no-half-close"],
         ),
+        connect_timeout=r["connect-timeout"],
+        header_timeout=r["header-timeout"],
         socket_options=SocketOptions(
             nodelay=not r["no-nodelay"],
             keepalive=r["keepalive"],
@@ -310,8 +349,10 @@ def _backends(r: _Reader, endpoint_types: frozenset[str]) -> tuple[BackendSpec, 
         except AddressError as e:
             r.problem(("to", index), str(e))
             continue
-        tls = text[:4].lower() == "tls:" or (r["backend-tls"] and isinstance(address, HostPort))
-        specs.append(BackendSpec(text, address, tls))
+        # tls:HOST:PORT is ours to verify; other tls: strings are Twisted's own endpoints.
+        ours = tls_host_port(text)
+        tls = ours is not None or (r["backend-tls"] and isinstance(address, HostPort))
+        specs.append(BackendSpec(text, ours or address, tls))
     return tuple(specs)
 
 
@@ -328,12 +369,12 @@ def _policies(r: _Reader) -> tuple[ClientPolicy, TargetPolicy]:
     return clients, targets
 
 
-def _server_tls(r: _Reader) -> ServerTLSOptions | None:
+def _server_tls(r: _Reader) -> ServerTLSSettings | None:
     certs, keys = r["tls-cert"], r["tls-key"]
     if not certs:
         for key in SERVER_TLS_ONLY:
             if r.given(key):
-                r.problem((key,), "needs {tls-cert}")
+                r.problem((key,), f"{{{key}}} needs {{tls-cert}}")
         return None
     if keys and len(keys) != len(certs):
         r.problem(
@@ -345,25 +386,27 @@ def _server_tls(r: _Reader) -> ServerTLSOptions | None:
     alpn = tuple(p.strip().encode() for p in (r["alpn"] or "").split(",") if p.strip())
     if any(len(p) > 255 for p in alpn):
         r.problem(("alpn",), "a protocol name is at most 255 bytes")
-    return ServerTLSOptions(
-        certs=tuple(certs),
-        keys=tuple(keys or certs),
+    if r["alpn"] is not None and not alpn:
+        r.problem(("alpn",), f"{{alpn}} {r['alpn']!r}: no protocol name, e.g. h2,http/1.1")
+    return ServerTLSSettings(
+        pairs=tuple(CertificatePair(c, k) for c, k in zip(certs, keys or certs, strict=True)),
         strict_sni=r["tls-strict-sni"],
         min_version=r["tls-min-version"],
         ciphers=r["tls-ciphers"],
         alpn=alpn,
         client_ca=r["tls-client-ca"],
         client_optional=r["tls-client-optional"],
+        handshake_timeout=r["tls-handshake-timeout"],
     )
 
 
-def _backend_tls(r: _Reader, backends: Sequence[BackendSpec]) -> BackendTLSOptions | None:
+def _backend_tls(r: _Reader, backends: Sequence[BackendSpec]) -> BackendTLSSettings | None:
     if not (r["backend-tls"] or any(b.tls for b in backends)):
         for key in BACKEND_TLS_ONLY:
             if r.given(key):
-                r.problem((key,), "needs a tls:HOST:PORT backend or {backend-tls}")
+                r.problem((key,), f"{{{key}}} needs a tls:HOST:PORT backend or {{backend-tls}}")
         return None
-    return BackendTLSOptions(
+    return BackendTLSSettings(
         ca=r["backend-ca"],
         sni=r["backend-sni"],
         cert=r["backend-cert"],
@@ -385,7 +428,7 @@ def build_settings(
     problems: list[Problem] = []
     r = _Reader(process, (), problems, Scope.PROCESS)
     if r["access-log-format"] is not None and r["access-log"] is None:
-        r.problem(("access-log-format",), "needs {access-log}")
+        r.problem(("access-log-format",), "{access-log-format} needs {access-log}")
     if not listeners:
         problems.append(Problem((listener_path,), "no listener: add a [[listener]] table"))
     built = []

@@ -37,11 +37,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnelkit.config.model import Timeouts
 from tunnelkit.relay.registry import TunnelRegistry
-from tunnelkit.relay.tunnel import CloseKind, Side, Timeouts, TunnelRecord
+from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 if TYPE_CHECKING:
     from tunnelkit.backends.dialer import Backend
+    from tunnelkit.config.model import ListenerSettings
     from tunnelkit.engine._engine import Record
     from tunnelkit.engine.tls import EngineTLS
     from tunnelkit.relay.factory import TunnelFactory
@@ -85,31 +87,33 @@ def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] |
     return None
 
 
-def why_not_native(config: Any) -> str | None:
-    """Why the options need the Twisted path, or ``None`` if the engine can serve them."""
+def why_not_native(
+    listener: ListenerSettings, backends: Sequence[Backend], write_through: bool
+) -> str | None:
+    """Why ``listener`` needs the Twisted path, or ``None`` if the engine can serve it."""
     if _engine is None:
         return (
             "the native engine is not built (no C compiler at install time?"
             " `pip install -v` shows why)"
         )
-    tls_why = _tls_unavailable() if config.tls is not None else None
+    tls_why = _tls_unavailable() if listener.tls is not None else None
     reasons = [
-        (config["mode"] != "forward", f"--mode {config['mode']} reads a request first"),
-        (config.backend_tls is not None, "TLS to backends is relayed by Python"),
+        (listener.mode != "forward", f"--mode {listener.mode} reads a request first"),
+        (listener.backend_tls is not None, "TLS to backends is relayed by Python"),
         (tls_why is not None, f"TLS is terminated by Python: {tls_why}"),
-        (config["no-write-through"], "--no-write-through is a diagnostic of the Python path"),
+        (not write_through, "--no-write-through is a diagnostic of the Python path"),
         (
-            len(config["listen"]) > _engine.MAX_LISTENERS,
+            len(listener.listen) > _engine.MAX_LISTENERS,
             f"it takes at most {_engine.MAX_LISTENERS} listeners",
         ),
         (
-            len(config.backends) > _engine.MAX_BACKENDS,
+            len(backends) > _engine.MAX_BACKENDS,
             f"it takes at most {_engine.MAX_BACKENDS} backends",
         ),
     ]
     reasons += [
         (text.strip().lower().startswith(("ssl:", "tls:")), f"--listen {text!r} is a TLS listener")
-        for text in config["listen"]
+        for text in listener.listen
     ]
     reasons += [
         (
@@ -117,7 +121,7 @@ def why_not_native(config: Any) -> str | None:
             f"--to {b.name!r} is not an IP address or a UNIX path: the engine does not"
             " resolve names (Twisted resolves them per connection)",
         )
-        for b in config.backends
+        for b in backends
     ]
     return next((why for applies, why in reasons if applies), None)
 
@@ -181,12 +185,23 @@ class NativeRelay:
     engine's splice pipes count as tunnels against it (0: not counted).
     """
 
-    def __init__(
+    def __init__(self, reactor: Any, *, registry: NativeRegistry, fd_slots: int = 0) -> None:
+        self.reactor = reactor
+        self.registry = registry
+        self.fd_slots = fd_slots
+        self.tls: EngineTLS | None = None
+        self.engine: Any = None
+        self._profile: dict[str, Any] | None = None
+        self._factories: list[TunnelFactory] = []
+        self._listening: list[int] = []
+        self._tick: IDelayedCall | None = None
+        self._closed = False
+        self._nested = False
+
+    def profile(
         self,
-        reactor: Any,
         backends: Sequence[Backend],
         *,
-        registry: NativeRegistry,
         timeouts: Timeouts,
         connect_timeout: float,
         socket_options: SocketOptions,
@@ -195,46 +210,53 @@ class NativeRelay:
         log_records: bool,
         restricts_clients: bool,
         tls: EngineTLS | None = None,
-        fd_slots: int = 0,
-    ) -> None:
-        self.reactor = reactor
-        self.registry = registry
-        self.tls = tls
-        self._factories: list[TunnelFactory] = []
-        self._listening: list[int] = []
-        self._tick: IDelayedCall | None = None
-        self._closed = False
-        self._nested = False
-        options = socket_options
+    ) -> dict[str, Any]:
+        """What the engine needs to serve one listener's tunnels."""
         specs = [spec for spec in map(native_backend, backends) if spec is not None]
         assert len(specs) == len(backends), "why_not_native() was not asked"
-        self.engine: Any = _engine.Engine(
-            specs,
+        return {
+            "specs": specs,
+            "timeouts": timeouts,
+            "connect_timeout": connect_timeout,
+            "options": socket_options,
+            "splice": splice,
+            "bulk_read": bulk_read,
+            "log_records": log_records,
+            "restricts_clients": restricts_clients,
+            "tls": tls,
+        }
+
+    def _make_engine(self, profile: dict[str, Any]) -> None:
+        options, timeouts, tls = profile["options"], profile["timeouts"], profile["tls"]
+        self.tls = tls
+        self._profile = profile
+        self.engine = _engine.Engine(
+            profile["specs"],
             options.read_size,
-            bulk_read,
-            {"off": 0, "auto": 1, "on": 2}[splice],
+            profile["bulk_read"],
+            {"off": 0, "auto": 1, "on": 2}[profile["splice"]],
             timeouts.idle or 0.0,
             timeouts.fin or 0.0,
             timeouts.close_grace,
-            connect_timeout,
+            profile["connect_timeout"],
             half_close=timeouts.half_close,
-            max_tunnels=registry.max_tunnels,
-            log_records=log_records,
+            max_tunnels=self.registry.max_tunnels,
+            log_records=profile["log_records"],
             nodelay=options.nodelay,
             keepalive=-1 if options.keepalive is None else options.keepalive,
             sndbuf=-1 if options.sndbuf is None else options.sndbuf,
             rcvbuf=-1 if options.rcvbuf is None else options.rcvbuf,
             mss=-1 if options.mss is None else options.mss,
-            client_check=self._client_allowed if restricts_clients else None,
+            client_check=self._client_allowed if profile["restricts_clients"] else None,
             tls=tls.argument() if tls is not None else None,
-            fd_slots=fd_slots,
+            fd_slots=self.fd_slots,
         )
-        registry.engine = self.engine
+        self.registry.engine = self.engine
 
     # -- listeners ------------------------------------------------------------
 
-    def start(self, listeners: Sequence[tuple[Any, IListeningPort]]) -> None:
-        """Accept on these ``(factory, port)`` pairs in the engine from now on.
+    def start(self, listeners: Sequence[tuple[Any, IListeningPort, dict[str, Any]]]) -> None:
+        """Accept on these ``(factory, port, profile)`` triples in the engine from now on.
 
         Each port stops being read by the reactor; a port the engine cannot
         take (a TLS port) goes on accepting through Twisted and its factory.
@@ -242,10 +264,13 @@ class NativeRelay:
         takes the wrapped one and does the TLS itself (a port it cannot
         take still terminates TLS through Twisted).
         """
+        if not listeners:
+            return
+        self._make_engine(listeners[0][2])
         self._nest()
-        for factory, port in listeners:
+        for factory, port, profile in listeners:
             fd = _port_socket(factory, port)
-            if fd is None:
+            if fd is None or profile is not self._profile:
                 continue
             mode = factory.wrappedFactory if self.tls is not None else factory
             # Registered first: if that fails, the port still reads through Twisted.
@@ -331,6 +356,8 @@ class NativeRelay:
     def close(self) -> None:
         """Reset what is left, log it, and let the descriptors go."""
         self._closed = True
+        if self.engine is None:  # never started (the supervisor of --workers)
+            return
         if self._tick is not None and self._tick.active():
             self._tick.cancel()
         self._tick = None

@@ -17,12 +17,13 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from tunnelkit.config.model import Timeouts
 from tunnelkit.logs.tunnel_log import log_tunnel_closed
 from tunnelkit.policy.targets import ClientPolicy
 from tunnelkit.relay.idle_watch import IdleWatch
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.splice import PipePool
-from tunnelkit.relay.tunnel import Leg, Timeouts, Tunnel, TunnelRecord
+from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
 
 log = Logger(namespace="tunnelkit.listener")
 

@@ -41,6 +41,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnelkit.config.model import Timeouts
 from tunnelkit.relay.idle_watch import IdleWatch, count_writes
 from tunnelkit.relay.reset_watch import reset_watch
 from tunnelkit.relay.send_queue import unsent
@@ -65,29 +66,6 @@ class CloseKind(enum.Enum):
     TIMEOUT = "timeout"
     ERROR = "error"
     SHUTDOWN = "shutdown"
-
-
-@attrs.frozen
-class Timeouts:
-    """Time limits of one tunnel, in seconds; ``None`` disables a limit.
-
-    ``close_grace`` bounds a graceful close without progress: once the tunnel
-    closes, a leg whose reader took nothing of what it is owed for a whole
-    grace (checked every grace, so within two) is aborted, as Twisted's
-    ``HTTPChannel`` does with its ``abortTimeout``; one still taking bytes is
-    left to the fin timer, if a half-close armed it. It also bounds the
-    lingering close: a peer owed nothing that has not closed after our FIN.
-
-    ``half_close`` false (``--no-half-close``) gives a half-closed tunnel no
-    time at all: the first EOF closes both legs once what was read is sent,
-    as nginx's ``proxy_half_close off`` (its default) does, and what a peer
-    sends after the other side's FIN is read and dropped until it closes.
-    """
-
-    idle: float | None = 3600.0
-    fin: float | None = 60.0
-    close_grace: float = 5.0
-    half_close: bool = True
 
 
 @attrs.frozen

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
@@ -30,6 +29,7 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tunnelkit.config.model import BackendTLSSettings
 from tunnelkit.tls.server import TLSConfigError, openssl_reason, pem_certificates, private_key
 from tunnelkit.tls.transport import RelayTLSFactory, RelayTLSProtocol
 
@@ -42,17 +42,6 @@ except ImportError:  # pragma: no cover - a pyOpenSSL without these bindings
 
 class BackendTLSError(Exception):
     """A TLS backend's handshake failed; the message says what was checked, against what."""
-
-
-@attrs.frozen
-class BackendTLSSettings:
-    """What ``--backend-*`` says about TLS towards backends."""
-
-    ca: str | None = None
-    sni: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    insecure: bool = False
 
 
 def _pem(option: str, path: str) -> bytes:

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -22,6 +21,8 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from tunnelkit.config.model import CertificatePair, ServerTLSSettings
 
 log = Logger(namespace="tunnelkit.tls")
 
@@ -40,28 +41,6 @@ _OPTIONS = (
 
 class TLSConfigError(Exception):
     """A certificate, key or CA file cannot be used; the message names it."""
-
-
-@attrs.frozen
-class CertificatePair:
-    """A ``--tls-cert`` file (leaf first, then its chain) and the file holding its key."""
-
-    cert: str
-    key: str
-
-
-@attrs.frozen
-class ServerTLSSettings:
-    """Everything ``--tls-*`` says about terminating TLS."""
-
-    pairs: tuple[CertificatePair, ...]
-    strict_sni: bool = False
-    min_version: str = "1.2"
-    ciphers: str | None = None
-    alpn: tuple[bytes, ...] = ()
-    client_ca: str | None = None
-    client_optional: bool = False
-    handshake_timeout: float = 10.0
 
 
 def _read(option: str, path: str) -> bytes:
