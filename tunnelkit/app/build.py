@@ -186,6 +186,8 @@ def _load_listener(
         problems.add(("splice",), "{splice} on: this system has no splice(2) (Linux only)")
     tls, backend_tls = _load_tls(listener, problems)
     users = _load_users(listener, problems)
+    if problems.found:  # the endpoints would only repeat what is missing
+        return None
     endpoints = []
     for index, text in enumerate(listener.listen):
         endpoint = _server_endpoint(reactor, listener.endpoints[index], problems, index)

@@ -14,7 +14,8 @@ endpoint may need TLS) keep the stack available.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 #: Endpoint types that never involve TLS.
 PLAIN_TYPES = frozenset({"tcp", "tcp6", "unix", "systemd"})
@@ -42,6 +43,28 @@ def needed(listen: Iterable[str], to: Iterable[str], tls_options: bool) -> bool:
         if kind is not None and kind not in PLAIN_TYPES:
             return True
     return False
+
+
+def needed_by(listeners: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether any listener may use TLS, from its raw values: the flags, or a file's table.
+
+    Raw, because the answer must come before anything imports Twisted's
+    endpoints (and with them, where it can, pyOpenSSL).
+    """
+    return any(
+        needed(
+            _strings(values.get("listen")),
+            _strings(values.get("to")),
+            bool(values.get("tls-cert") or values.get("backend-tls")),
+        )
+        for values in listeners
+    )
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
 
 
 def keep_out() -> bool:

@@ -23,6 +23,7 @@ from twisted.python import usage
 
 from tunnelkit.app import tls_stack
 from tunnelkit.cli import preflight
+from tunnelkit.config import toml_file
 from tunnelkit.config.keys import KEYS, TEXT, Key, Scope
 from tunnelkit.config.model import ConfigError, Settings
 
@@ -164,30 +165,34 @@ class Options(usage.Options):
             raise usage.UsageError("--nodelay and --no-nodelay contradict each other")
         if self["access-log"] is not None and self["no-access-log"]:
             raise usage.UsageError("--access-log and --no-access-log contradict each other")
+        document = None
         if self["config"] is not None:
-            self.settings = self._from_file(self["config"])
+            document = toml_file.read(self["config"])
+            listeners = toml_file.listener_tables(document)
+        elif not self["listen"]:
+            raise usage.UsageError("--listen is required (e.g. --listen 8888), or --config FILE")
         else:
-            if not self["listen"]:
-                raise usage.UsageError(
-                    "--listen is required (e.g. --listen 8888), or --config FILE"
-                )
-            from tunnelkit.app.build import client_endpoint_types
-
-            self.settings = _from_flags(self.given(), client_endpoint_types())
-        # Decided before anything imports the reactor (twisted.internet.tcp
-        # imports pyOpenSSL when it can): see tunnelkit.app.tls_stack.
-        if not any(listener.uses_tls for listener in self.settings.listeners):
+            listeners = [self]
+        # Decided before anything imports Twisted's endpoints (and with them
+        # pyOpenSSL, where it can): see tunnelkit.app.tls_stack.
+        if not tls_stack.needed_by(listeners):
             tls_stack.keep_out()
+        from tunnelkit.app.build import client_endpoint_types
+
+        types = client_endpoint_types()
+        if document is not None:
+            self.settings = self._from_file(self["config"], document, types)
+        else:
+            self.settings = _from_flags(self.given(), types)
         for error in preflight.twistd_file_errors(self.parent):
             raise usage.UsageError(error)
         if self["check"]:
             self._check(self.settings)
 
-    def _from_file(self, path: str) -> Settings:
+    def _from_file(
+        self, path: str, document: dict[str, Any], endpoint_types: frozenset[str]
+    ) -> Settings:
         """The file's settings; flags may only add process settings the file leaves out."""
-        from tunnelkit.app.build import client_endpoint_types
-        from tunnelkit.config.toml_file import load
-
         given = self.given()
         listener_flags = [name for name in given if KEYS[name].scope is Scope.LISTENER]
         if listener_flags:
@@ -195,7 +200,7 @@ class Options(usage.Options):
                 f"--{listener_flags[0]} cannot be combined with --config: the file's"
                 " [[listener]] tables say what each listener does"
             )
-        settings = load(path, client_endpoint_types())
+        settings = toml_file.from_document(document, path, endpoint_types)
         fields = _process_fields({KEYS[name].attribute: value for name, value in given.items()})
         defaults = {f.name: f.default for f in attrs.fields(Settings)}
         twice = [name for name in fields if getattr(settings, name) != defaults[name]]

@@ -184,15 +184,6 @@ class ListenerSettings:
     tls: ServerTLSSettings | None
     backend_tls: BackendTLSSettings | None
 
-    @property
-    def uses_tls(self) -> bool:
-        """Whether this listener needs the TLS stack (decided before the reactor loads)."""
-        from tunnelkit.app import tls_stack
-
-        return tls_stack.needed(
-            self.listen, [b.text for b in self.backends], self.tls is not None
-        ) or any(b.tls for b in self.backends)
-
 
 @attrs.frozen
 class Settings:

@@ -31,14 +31,26 @@ LISTENER = "listener"
 
 def load(path: str, endpoint_types: frozenset[str]) -> Settings:
     """The settings in the TOML file at ``path``; :class:`ConfigError` names every problem."""
+    return from_document(read(path), path, endpoint_types)
+
+
+def read(path: str) -> dict[str, Any]:
+    """The TOML document at ``path``, parsed but not checked."""
     try:
         with open(path, "rb") as f:
-            document = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError([Problem((), f"cannot read: {e.strerror or e}")], path) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([Problem((), f"not valid TOML: {e}")], path) from None
-    return from_document(document, path, endpoint_types)
+
+
+def listener_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The document's ``[[listener]]`` tables, as written (none if it has no valid array)."""
+    tables = document.get(LISTENER, [])
+    if isinstance(tables, list) and all(isinstance(t, dict) for t in tables):
+        return tables
+    return []
 
 
 def from_document(
@@ -46,10 +58,9 @@ def from_document(
 ) -> Settings:
     """The settings in a parsed TOML ``document`` (from ``source``, for messages)."""
     problems: list[Problem] = []
-    tables = document.get(LISTENER, [])
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+    tables = listener_tables(document)
+    if not tables and LISTENER in document:
         problems.append(Problem((LISTENER,), "must be an array of tables: write [[listener]]"))
-        tables = []
     process = _typed({k: v for k, v in document.items() if k != LISTENER}, (), problems)
     listeners = [_typed(table, (LISTENER, i), problems) for i, table in enumerate(tables)]
     try:
