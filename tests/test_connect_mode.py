@@ -13,11 +13,13 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tunnelkit.backends.dialer import Backend, Dialer, host_endpoint
+from tunnelkit.backends.endpoints import host_endpoint
+from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.backends.resolver import IPAddress, ResolveError
 from tunnelkit.config.model import Timeouts
-from tunnelkit.modes.connect import ConnectFactory, ConnectSettings
+from tunnelkit.modes.connect import ConnectMode, ConnectSettings
 from tunnelkit.policy.targets import TargetPolicy
+from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import TunnelRecord
 
@@ -62,12 +64,12 @@ class Harness:
             authenticate=self.authenticate if auth else None,
             fixed=None
             if fixed is None
-            else Dialer(
+            else BackendGroup(
                 [Backend(fixed, host_endpoint(self.reactor, fixed, 6379, 5.0))], self.reactor, 5.0
             ),
         )
-        self.factory = ConnectFactory(
-            settings=settings,
+        self.factory = TunnelFactory(
+            mode=ConnectMode(settings, self.reactor),
             listener="test",
             registry=self.registry,
             clock=self.reactor,

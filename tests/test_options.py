@@ -15,10 +15,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from tunnelkit.app.build import Listener, Prepared, build_service, prepare
-from tunnelkit.backends.dialer import AddressEndpoint
+from tunnelkit.backends.endpoints import AddressEndpoint
 from tunnelkit.cli.plugin import Options
 from tunnelkit.config.model import ConfigError
-from tunnelkit.modes.connect import ConnectFactory
+from tunnelkit.modes.connect import ConnectMode
 from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
 
@@ -254,9 +254,10 @@ def test_connect_mode_with_to_builds_a_fixed_tunnel() -> None:
     """--mode connect --to B: every CONNECT listener dials B after the policy check."""
     prepared = start("--mode", "connect", "--listen", "1", "--to", "127.0.0.1:6379")
     factory = build_service(prepared).listeners[0].factory()
-    assert isinstance(factory, ConnectFactory)
-    assert factory.settings.fixed is not None
-    assert [b.name for b in factory.settings.fixed.backends] == ["127.0.0.1:6379"]
+    mode = factory.mode  # type: ignore[attr-defined]
+    assert isinstance(mode, ConnectMode)
+    assert mode.settings.fixed is not None
+    assert [b.name for b in mode.settings.fixed.backends] == ["127.0.0.1:6379"]
 
 
 @pytest.mark.parametrize(

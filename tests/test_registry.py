@@ -8,9 +8,10 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.app.service import default_max_tunnels
-from tunnelkit.backends.dialer import Dialer
+from tunnelkit.backends.group import BackendGroup
 from tunnelkit.config.model import Timeouts
-from tunnelkit.modes.forward import ForwardFactory
+from tunnelkit.modes.forward import ForwardMode
+from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import Tunnel
 
@@ -38,9 +39,9 @@ class RegistryTests(SynchronousTestCase):
         """A full registry makes the listener close the new socket (buildProtocol returns None)."""
         clock = Clock()
         registry = TunnelRegistry(clock, max_tunnels=1)
-        factory = ForwardFactory(
+        factory = TunnelFactory(
             listener="l",
-            dialer=Dialer([object()], clock, 1.0),  # type: ignore[list-item]
+            mode=ForwardMode(BackendGroup([object()], clock, 1.0)),  # type: ignore[list-item]
             registry=registry,
             clock=clock,
             timeouts=Timeouts(),

@@ -57,7 +57,8 @@ from tunnelkit.app.service import (
     raise_fd_limit,
 )
 from tunnelkit.backends import resolver
-from tunnelkit.backends.dialer import Backend, Dialer, host_endpoint
+from tunnelkit.backends.endpoints import host_endpoint
+from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.cli import preflight
 from tunnelkit.config.addresses import LISTEN_FORMS, HostPort
 from tunnelkit.config.keys import KEYS
@@ -71,14 +72,15 @@ from tunnelkit.config.model import (
 )
 from tunnelkit.engine import driver
 from tunnelkit.logs.tunnel_log import TunnelLog
-from tunnelkit.modes.connect import ConnectFactory, ConnectSettings
-from tunnelkit.modes.forward import ForwardFactory
+from tunnelkit.modes.connect import ConnectMode, ConnectSettings
+from tunnelkit.modes.forward import ForwardMode
 from tunnelkit.relay import splice
 from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
+from tunnelkit.relay.phases import Mode
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tcp_tuning import tuned_reactor
-from tunnelkit.relay.tunnel import TunnelRecord
+from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
 
 if TYPE_CHECKING:
     from tunnelkit.engine.tls import EngineTLS
@@ -334,7 +336,9 @@ def _client_endpoint(
     return client
 
 
-def _connect_settings(reactor: Any, listener: Listener, dialer: Dialer | None) -> ConnectSettings:
+def _connect_settings(
+    reactor: Any, listener: Listener, group: BackendGroup | None
+) -> ConnectSettings:
     users = listener.users
     authenticate = None
     if users is not None:
@@ -354,7 +358,7 @@ def _connect_settings(reactor: Any, listener: Listener, dialer: Dialer | None) -
         connect_timeout=settings.connect_timeout,
         header_timeout=settings.header_timeout,
         authenticate=authenticate,
-        fixed=dialer,
+        fixed=group,
     )
 
 
@@ -395,6 +399,13 @@ def _reload_tls(listeners: Sequence[Listener]) -> Callable[[], None] | None:
             tls.reload()
 
     return reload
+
+
+def _handshake_leg(tls: ServerTLS) -> Callable[[Tunnel], Leg]:
+    """The client leg of a listener that terminates TLS: it waits for the handshake."""
+    from tunnelkit.tls.leg import HandshakeLeg
+
+    return lambda tunnel: HandshakeLeg(tunnel, tls)
 
 
 def _engine_tls(tls: ServerTLS) -> EngineTLS:
@@ -489,12 +500,12 @@ def _listener_factories(
     reactor, settings = prepared.reactor, listener.settings
     write_through = prepared.settings.write_through
     options = settings.socket_options
-    dialer = (
-        Dialer(list(listener.backends), reactor, settings.connect_timeout)
+    group = (
+        BackendGroup(list(listener.backends), reactor, settings.connect_timeout)
         if listener.backends
         else None
     )
-    connect = _connect_settings(reactor, listener, dialer) if settings.mode == "connect" else None
+    mode = _mode(reactor, listener, group)
     idle_watch = IdleWatch(reactor, settings.timeouts.idle) if settings.timeouts.idle else None
     pool = (
         splice.PipePool(
@@ -509,30 +520,29 @@ def _listener_factories(
     if pool is not None:
         pipes.append(pool)
     tls = listener.tls
+    client_leg = _handshake_leg(tls) if tls is not None else None
 
     def make_factory(name: str) -> IProtocolFactory:
-        common: dict[str, Any] = {
-            "listener": name,
-            "registry": registry,
-            "clock": reactor,
-            "timeouts": settings.timeouts,
-            "idle_watch": idle_watch,
-            "tunnel_log": tunnel_log if settings.access_log else _unlogged,
-            "read_size": options.read_size,
-            "clients": settings.clients,
-            "write_through": write_through,
-            "pipes": pool,
-        }
+        factory = TunnelFactory(
+            mode=mode,
+            listener=name,
+            registry=registry,
+            clock=reactor,
+            timeouts=settings.timeouts,
+            idle_watch=idle_watch,
+            tunnel_log=tunnel_log if settings.access_log else _unlogged,
+            read_size=options.read_size,
+            clients=settings.clients,
+            write_through=write_through,
+            pipes=pool,
+            client_leg=client_leg,
+        )
         if tls is None:
-            return _mode_factory(common, connect, dialer)
-        from tunnelkit.tls.leg import HandshakeLeg
+            return factory
         from tunnelkit.tls.transport import RelayTLSFactory
 
-        mode = _mode_factory(
-            {**common, "client_leg": lambda tunnel: HandshakeLeg(tunnel, tls)}, connect, dialer
-        )
         return RelayTLSFactory(
-            tls, False, mode, read_size=options.read_size, write_through=write_through
+            tls, False, factory, read_size=options.read_size, write_through=write_through
         )
 
     profile = None
@@ -551,13 +561,12 @@ def _listener_factories(
     return make_factory, profile
 
 
-def _mode_factory(
-    common: dict[str, Any], connect: ConnectSettings | None, dialer: Dialer | None
-) -> TunnelFactory:
-    if connect is not None:
-        return ConnectFactory(settings=connect, **common)
-    assert dialer is not None
-    return ForwardFactory(dialer=dialer, **common)
+def _mode(reactor: Any, listener: Listener, group: BackendGroup | None) -> Mode:
+    """The listener's mode: what its identify and route phases do."""
+    if listener.settings.mode == "connect":
+        return ConnectMode(_connect_settings(reactor, listener, group), reactor)
+    assert group is not None
+    return ForwardMode(group)
 
 
 def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> IService:

@@ -42,7 +42,7 @@ from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 if TYPE_CHECKING:
-    from tunnelkit.backends.dialer import Backend
+    from tunnelkit.backends.group import Backend
     from tunnelkit.config.model import ListenerSettings
     from tunnelkit.engine._engine import Record
     from tunnelkit.engine.tls import EngineTLS
@@ -73,7 +73,7 @@ def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] |
     """
     from twisted.internet.endpoints import UNIXClientEndpoint
 
-    from tunnelkit.backends.dialer import AddressEndpoint
+    from tunnelkit.backends.endpoints import AddressEndpoint
 
     endpoint = backend.endpoint
     if type(endpoint) is AddressEndpoint:

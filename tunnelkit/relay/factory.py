@@ -1,10 +1,11 @@
-"""What every listener does with a new client, whatever its mode.
+"""What every listener does with a new client, whatever its mode: the admit and record phases.
 
 A :class:`TunnelFactory` admits or refuses the client (client policy, the
-connection cap), makes its :class:`Tunnel`, hands it to the mode's
-:meth:`TunnelFactory.start` and logs the record when it ends. Modes only say
-how the backend is found: forward dials the configured backends, CONNECT
-reads a request first.
+connection cap), makes its :class:`Tunnel`, runs it through its mode's
+phases (:class:`~tunnelkit.relay.phases.Connection`) once the client is
+connected, and logs the record when it ends. Modes only say how the backend
+is found (:class:`~tunnelkit.relay.phases.Mode`): forward dials the
+configured backends, CONNECT reads a request first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tunnelkit.config.model import Timeouts
 from tunnelkit.logs.tunnel_log import log_tunnel_closed
 from tunnelkit.policy.targets import ClientPolicy
 from tunnelkit.relay.idle_watch import IdleWatch
+from tunnelkit.relay.phases import Connection, Mode
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.splice import PipePool
 from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
@@ -29,13 +31,14 @@ log = Logger(namespace="tunnelkit.listener")
 
 
 class TunnelFactory(Factory):
-    """Accepts clients on one listener; subclasses implement :meth:`start`."""
+    """Accepts clients on one listener and runs each through ``mode``'s phases."""
 
     noisy = False
 
     def __init__(
         self,
         *,
+        mode: Mode,
         listener: str,
         registry: TunnelRegistry,
         clock: IReactorTime,
@@ -48,6 +51,7 @@ class TunnelFactory(Factory):
         tunnel_log: Callable[[TunnelRecord, str], None] = log_tunnel_closed,
         pipes: PipePool | None = None,
     ) -> None:
+        self.mode = mode
         self.listener = listener
         self.registry = registry
         self.clock = clock
@@ -102,12 +106,12 @@ class TunnelFactory(Factory):
         return False
 
     def overloaded(self) -> Protocol | None:
-        """What a client gets when the connection cap is reached: a plain close."""
-        return None
+        """What a client gets when the connection cap is reached: the mode says."""
+        return self.mode.overloaded()
 
     def start(self, tunnel: Tunnel) -> None:
-        """The client is connected: find its backend (or read its request first)."""
-        raise NotImplementedError
+        """The client is connected: identify, route, connect, relay."""
+        Connection(tunnel, self.mode).start()
 
     def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:
         # Logged before the registry hears of it: the last discard of a drain

@@ -13,7 +13,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tunnelkit.backends.dialer import AddressEndpoint, Backend, BackendsUnavailable, Dialed, Dialer
+from tunnelkit.backends.endpoints import AddressEndpoint
+from tunnelkit.backends.group import Backend, BackendGroup, BackendsUnavailable, Dialed
 
 
 @implementer(IStreamClientEndpoint)
@@ -36,11 +37,11 @@ class ControlledEndpoint:
         return attempt
 
 
-def make(count: int, timeout: float = 5.0) -> tuple[Clock, list[ControlledEndpoint], Dialer]:
+def make(count: int, timeout: float = 5.0) -> tuple[Clock, list[ControlledEndpoint], BackendGroup]:
     clock = Clock()
     endpoints = [ControlledEndpoint() for _ in range(count)]
     backends = [Backend(f"b{i}", ep) for i, ep in enumerate(endpoints)]
-    return clock, endpoints, Dialer(backends, clock, timeout)
+    return clock, endpoints, BackendGroup(backends, clock, timeout)
 
 
 class DialerTests(SynchronousTestCase):
@@ -79,7 +80,7 @@ class DialerTests(SynchronousTestCase):
         """Twisted's endpoints fail a cancelled attempt with ConnectingCancelledError: still a timeout."""
         clock = Clock()
         endpoint = ControlledEndpoint(ConnectingCancelledError(HostnameAddress(b"b0", 80)))
-        dialer = Dialer([Backend("b0", endpoint)], clock, 2.0)
+        dialer = BackendGroup([Backend("b0", endpoint)], clock, 2.0)
         failures: list[BackendsUnavailable] = []
         dialer.dial(Factory()).addErrback(lambda f: failures.append(f.value))
         clock.advance(2.0)
@@ -115,7 +116,7 @@ class DialerTests(SynchronousTestCase):
 
     def test_needs_a_backend(self) -> None:
         """A dialer with no backend is a programming error."""
-        self.assertRaises(ValueError, Dialer, [], Clock(), 1.0)
+        self.assertRaises(ValueError, BackendGroup, [], Clock(), 1.0)
 
 
 class AddressEndpointTests(SynchronousTestCase):
