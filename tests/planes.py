@@ -41,6 +41,10 @@ them: the options that select it and whether the engine must relay there.
   users get; ``EngineChoiceTests`` in test_relay_sockets.py holds that plain
   forwarding picks the engine.
 
+* A plane's options come before a test's own, so a test that passes
+  ``--splice on`` itself gets it on either plane. A new variant is one more
+  :class:`Plane` constant here.
+
 The reactor is not a plane: conftest.py installs tunnelkit's reactor, and
 ``TUNNELKIT_TEST_REACTOR=twisted`` reruns a suite on Twisted's own
 (tests/test_reactor.py does so for test_relay_sockets.py).

@@ -175,7 +175,7 @@ class SpliceUseTests(LoopbackTestCase):
         assert (yield self.one_tunnel("--splice", "on", payload_size=10))
 
     @inlineCallbacks
-    def test_auto_leaves_small_messages_on_the_python_path(self) -> Inline:
+    def test_auto_leaves_small_messages_unspliced(self) -> Inline:
         """--splice auto: a tunnel whose reads never fill a read size is not spliced."""
         assert not (yield self.one_tunnel("--splice", "auto", payload_size=10))
 
@@ -191,7 +191,7 @@ class SpliceUseTests(LoopbackTestCase):
 
     @inlineCallbacks
     def test_off_never_splices(self) -> Inline:
-        """--splice off: 16 MiB through a 64 KiB read size stay on the Python path."""
+        """--splice off: 16 MiB through a 64 KiB read size are copied through user space, never spliced."""
         args = ("--splice", "off", "--read-size", "65536")
         assert not (yield self.one_tunnel(*args, payload_size=16 * MiB))
 
