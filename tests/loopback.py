@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from planes import Plane
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -680,17 +681,21 @@ class LoopbackTestCase(TestCase):
     """A forwarder and backends that are torn down after each test (forwarder first)."""
 
     timeout = 60
-    #: Options every forwarder of the class gets (the queued-write variants).
-    extra_args: tuple[str, ...] = ()
+    #: The plane every forwarder of the test relays on (set by ``planes.on_planes``);
+    #: ``None``: the options decide, as for users.
+    plane: Plane | None = None
 
     def serve(self, handler: Callable[[socket.socket], Any]) -> ThreadedServer:
         server = ThreadedServer(handler)
         self.addCleanup(server.close)
         return server
 
-    def forward(self, *args: str) -> Forwarder:
-        forwarder = Forwarder(*self.extra_args, *args)
-        self.addCleanup(forwarder.stop)
+    def forward(self, *args: str, listen: str = "127.0.0.1:0") -> Forwarder:
+        """A forwarder on this test's plane, stopped after the test unless the test stopped it."""
+        forwarder = Forwarder(*(self.plane.args if self.plane else ()), *args, listen=listen)
+        self.addCleanup(lambda: forwarder.stop() if forwarder.service.running else None)
+        if self.plane is not None:
+            self.plane.check_forwarder(forwarder)
         return forwarder
 
 

@@ -18,7 +18,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from planes import Plane
 
 #: The scripts of the interpreter running the tests (a venv's ``bin``).
 BIN = Path(sys.executable).parent
@@ -131,10 +134,14 @@ def access_log_records(text: str) -> list[dict[str, Any]]:
 
 
 class Process:
-    """A command running in the background, its stdout and stderr collected as it goes."""
+    """A command running in the background, its stdout and stderr collected as it goes.
 
-    def __init__(self, argv: Sequence[str], cwd: Path) -> None:
+    A ``twistd`` started on a ``plane`` is checked to relay on it once it listens.
+    """
+
+    def __init__(self, argv: Sequence[str], cwd: Path, plane: Plane | None = None) -> None:
         self.argv = list(argv)
+        self.plane = plane
         self._changed = threading.Condition()
         self._out: list[str] = []
         self._err: list[str] = []
@@ -210,13 +217,16 @@ class Process:
                 self._changed.wait(min(remaining, 0.1))
 
     def wait_listening(self, count: int = 1, timeout: float = START_TIMEOUT) -> list[str]:
-        """The bound addresses, once ``count`` listeners have logged ``listening``."""
+        """The bound addresses, once ``count`` listeners have logged ``listening`` (on :attr:`plane`)."""
 
         def enough(text: str) -> list[str] | None:
             found = listening_addresses(text)
             return found if len(found) >= count else None
 
-        return self.wait_for(enough, f"{count} listening event(s)", timeout)
+        addresses = self.wait_for(enough, f"{count} listening event(s)", timeout)
+        if self.plane is not None:
+            self.plane.check_log(self.stdout + self.stderr)
+        return addresses
 
     def send_signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -247,22 +257,31 @@ class Process:
                     pipe.close()
 
 
-def start(argv: Sequence[str], cwd: Path) -> Process:
-    """Start ``argv`` in ``cwd`` (which also holds ``twistd.pid`` for ``twistd -n``)."""
-    return Process(argv, cwd)
+def start(argv: Sequence[str], cwd: Path, plane: Plane | None = None) -> Process:
+    """Start ``argv`` in ``cwd`` (which also holds ``twistd.pid`` for ``twistd -n``).
+
+    ``plane``: the one ``argv`` selects (see :func:`twistd_argv`), checked once it listens.
+    """
+    return Process(argv, cwd, plane)
 
 
-def twistd_argv(*args: str, twistd_options: Sequence[str] = ()) -> list[str]:
-    """``twistd -n TWISTD_OPTIONS tunnelkit ARGS``: twistd's own options go before the plugin name."""
-    return [executable("twistd"), "-n", *twistd_options, "tunnelkit", *args]
+def twistd_argv(
+    *args: str, twistd_options: Sequence[str] = (), plane: Plane | None = None
+) -> list[str]:
+    """``twistd -n TWISTD_OPTIONS tunnelkit [PLANE OPTIONS] ARGS``: twistd's own options go before the plugin name."""
+    selected = plane.args if plane is not None else ()
+    return [executable("twistd"), "-n", *twistd_options, "tunnelkit", *selected, *args]
 
 
-def twistd(*args: str, cwd: Path, twistd_options: Sequence[str] = ()) -> Process:
+def twistd(
+    *args: str, cwd: Path, twistd_options: Sequence[str] = (), plane: Plane | None = None
+) -> Process:
     """``twistd -n TWISTD_OPTIONS tunnelkit ARGS`` in the foreground, logging to stdout.
 
-    ``twistd_options`` are twistd's own, such as ``("--logger", "tunnelkit.json_log.observer")``.
+    ``twistd_options`` are twistd's own, such as ``("--logger", "tunnelkit.json_log.observer")``;
+    ``plane`` (tests/planes.py) is the relay plane it must run on.
     """
-    return start(twistd_argv(*args, twistd_options=twistd_options), cwd)
+    return start(twistd_argv(*args, twistd_options=twistd_options, plane=plane), cwd, plane)
 
 
 def twist(*args: str, cwd: Path) -> Process:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from loopback import Serve, connect, echo, exchange
+from planes import Plane, on_each_plane
 from processes import (
     access_log_records,
     assert_clean_stop,
@@ -51,20 +52,17 @@ def umasked(mode: int) -> int:
     return mode & ~umask
 
 
-@pytest.mark.parametrize(
-    ("log_format", "engine"),
-    [("text", "auto"), ("json", "python")],
-    ids=["text-native", "json-python"],
-)
+@on_each_plane
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_one_line_per_tunnel_in_the_file_and_none_in_twistds_log(
-    tmp_path: Path, serve: Serve, log_format: str, engine: str
+    tmp_path: Path, serve: Serve, log_format: str, plane: Plane
 ) -> None:
     """25 tunnels of random sizes: 25 lines with their byte counts (the last ones flushed by SIGTERM), no tunnel_closed in twistd's log."""
     backend = serve(echo)
     path = tmp_path / "access.log"
-    argv = ("--listen", "127.0.0.1:0", "--to", backend.address, "--engine", engine,
+    argv = ("--listen", "127.0.0.1:0", "--to", backend.address,
             "--access-log", str(path), "--access-log-format", log_format)  # fmt: skip
-    with twistd(*argv, cwd=tmp_path) as tk:
+    with twistd(*argv, cwd=tmp_path, plane=plane) as tk:
         [address] = tk.wait_listening()
         sizes = echo_random(address, 25)
         # At once: the last records are still queued; the drain writes them out.
@@ -79,12 +77,15 @@ def test_one_line_per_tunnel_in_the_file_and_none_in_twistds_log(
     assert stat.S_IMODE(path.stat().st_mode) == umasked(0o640)
 
 
-def test_sighup_after_rotation_writes_to_a_new_file(tmp_path: Path, serve: Serve) -> None:
+@on_each_plane
+def test_sighup_after_rotation_writes_to_a_new_file(
+    tmp_path: Path, serve: Serve, plane: Plane
+) -> None:
     """logrotate: rename the file and send SIGHUP; earlier tunnels stay in the old file, later ones land in a new one."""
     backend = serve(echo)
     path, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
     argv = ("--listen", "127.0.0.1:0", "--to", backend.address, "--access-log", str(path))
-    with twistd(*argv, cwd=tmp_path) as tk:
+    with twistd(*argv, cwd=tmp_path, plane=plane) as tk:
         [address] = tk.wait_listening()
         before = echo_random(address, 3)
         wait_until(lambda: len(read_text(path).splitlines()) == 3, "3 lines")

@@ -17,8 +17,8 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
 from loopback import IO_TIMEOUT, MiB, Serve, assert_echoes, echo, recv_all, sha256
+from planes import ENGINE_SPLICE, TWISTED_SPLICE, Plane, on_each_plane, on_planes
 from processes import free_port, start, tunnel_closed_events, twistd_argv, wait_until
 
 #: The child's descriptor limit: room for about twenty tunnels after Python's own.
@@ -35,8 +35,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.parametrize("engine", ["native", "python"])
-def test_descriptor_exhaustion_is_survived(tmp_path: Path, serve: Serve, engine: str) -> None:
+@on_each_plane
+def test_descriptor_exhaustion_is_survived(tmp_path: Path, serve: Serve, plane: Plane) -> None:
     """With no descriptor left, excess clients are closed at once, the proxy idles, and it serves again after."""
     backend = serve(echo)
     port = free_port()
@@ -45,13 +45,12 @@ def test_descriptor_exhaustion_is_survived(tmp_path: Path, serve: Serve, engine:
         f"127.0.0.1:{port}",
         "--to",
         backend.address,
-        "--engine",
-        engine,
         "--max-connections",
         "1000",
+        plane=plane,
     )
     command = f"ulimit -n {FD_LIMIT} && exec {shlex.join(argv)}"
-    with start(["sh", "-c", command], tmp_path) as tk, contextlib.ExitStack() as clients:
+    with start(["sh", "-c", command], tmp_path, plane) as tk, contextlib.ExitStack() as clients:
         tk.wait_listening()
         socks = []
         for _ in range(CLIENTS):
@@ -68,7 +67,7 @@ def test_descriptor_exhaustion_is_survived(tmp_path: Path, serve: Serve, engine:
             except (ConnectionError, TimeoutError):
                 refused += 1
         assert refused > 0, "every client was served: the limit did not bite"
-        if engine == "native":
+        if plane.native:
             # Said once for the whole burst (the text form of the accept_failed event).
             tk.wait_for(lambda text: "out of file descriptors" in text or None, "accept_failed", 10)
             assert tk.output.count("out of file descriptors") == 1, tk.output
@@ -148,9 +147,9 @@ def served(address: tuple[str, int], count: int) -> int:
     return done
 
 
-@pytest.mark.parametrize("engine", ["native", "python"])
+@on_planes(ENGINE_SPLICE, TWISTED_SPLICE)
 def test_pipes_leave_room_for_every_client_up_to_the_cap(
-    tmp_path: Path, serve: Serve, engine: str
+    tmp_path: Path, serve: Serve, plane: Plane
 ) -> None:
     """Splice pipes, holding bytes or pooled, never cost a client within the cap its descriptors; the held bytes all arrive."""
     backend = serve(send_requested, backlog=512)
@@ -161,14 +160,11 @@ def test_pipes_leave_room_for_every_client_up_to_the_cap(
         f"127.0.0.1:{port}",
         "--to",
         backend.address,
-        "--engine",
-        engine,
-        "--splice",
-        "on",
+        plane=plane,
     )
     expected = sha256(BLOCK * (STALLED_SIZE // MiB))
     command = f"ulimit -n {PIPE_FD_LIMIT} && exec {shlex.join(argv)}"
-    with start(["sh", "-c", command], tmp_path) as tk, contextlib.ExitStack() as stalled:
+    with start(["sh", "-c", command], tmp_path, plane) as tk, contextlib.ExitStack() as stalled:
         tk.wait_listening()
         socks = [stalled.enter_context(request(address, STALLED_SIZE)) for _ in range(STALLED)]
         wait_until(lambda: pipes_of(tk.pid) >= 2 * STALLED or None, "a pipe per stalled tunnel")

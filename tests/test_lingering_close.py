@@ -20,7 +20,7 @@ from collections.abc import Generator
 from typing import Any
 
 from loopback import IO_TIMEOUT, LoopbackTestCase, MiB, connect, recv_outcome, sha256
-from test_relay_sockets import PYTHON, SPLICE_OFF, SPLICE_ON
+from planes import ENGINE, ENGINE_NO_SPLICE, ENGINE_SPLICE, TWISTED, TWISTED_SPLICE, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
@@ -78,6 +78,7 @@ def request_while_reading(address: str, request: bytes) -> tuple[bytes, str, lis
     return data, how, failures
 
 
+@on_planes(ENGINE, ENGINE_SPLICE, ENGINE_NO_SPLICE, TWISTED, TWISTED_SPLICE)
 class LingeringCloseTests(LoopbackTestCase):
     """The backend answers and closes while the request is still arriving (``--no-half-close``)."""
 
@@ -99,27 +100,3 @@ class LingeringCloseTests(LoopbackTestCase):
             assert digest == sha256(request[:got]), round_
             assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN"), record
             assert (record["bytes_up"], record["bytes_down"]) == (got, ANSWER), (round_, record)
-
-
-class UnsplicedLingeringCloseTests(LingeringCloseTests):
-    """LingeringCloseTests on the engine without splice(2)."""
-
-    extra_args = SPLICE_OFF
-
-
-class SplicedLingeringCloseTests(LingeringCloseTests):
-    """LingeringCloseTests on the engine, every tunnel spliced."""
-
-    extra_args = SPLICE_ON
-
-
-class PythonLingeringCloseTests(LingeringCloseTests):
-    """LingeringCloseTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonSplicedLingeringCloseTests(LingeringCloseTests):
-    """LingeringCloseTests on Twisted's path, every tunnel spliced."""
-
-    extra_args = (*PYTHON, *SPLICE_ON)

@@ -3,9 +3,8 @@
 The native engine (tunnelkit/engine/_engine.c driven by tunnelkit/engine/driver.py) takes
 over accept, client policy, the connection cap, failover, relay, half-close
 and the drain from Twisted when the options allow it. Each behaviour here is
-proved over real loopback sockets on the default engine (which must be the
-native one) and again with ``--engine python``, so both paths keep the same
-promises and log the same records. Payloads are random and checked by
+proved over real loopback sockets on each plane (tests/planes.py), so both
+paths keep the same promises and log the same records. Payloads are random and checked by
 SHA-256; addresses are loopback, ports are 0, UNIX paths are temporary.
 """
 
@@ -39,6 +38,7 @@ from loopback import (
     silent_listener,
     split_address,
 )
+from planes import ENGINE, on_each_plane, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -127,18 +127,9 @@ class Events:
         return [event for event in self.seen if event["event"] == name]
 
 
-class NativeEngineTests(LoopbackTestCase):
-    """Client policy, the cap, failover, half-close, UNIX sockets, byte counts and drain, natively."""
-
-    #: Whether the forwarders of this class must relay with the native engine.
-    native = True
-
-    def forwarder(self, *args: str, listen: str = "127.0.0.1:0") -> Forwarder:
-        """A forwarder on this class's engine, stopped after the test unless the test stopped it."""
-        fwd = Forwarder(*self.extra_args, *args, listen=listen)
-        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
-        assert fwd.native is self.native, "the forwarder runs on the wrong engine"
-        return fwd
+@on_each_plane
+class ForwardingTests(LoopbackTestCase):
+    """Client policy, the cap, failover, half-close, UNIX sockets, byte counts and drain."""
 
     def observe(self, *names: str) -> Events:
         """Keep the log events called ``names`` until the test ends."""
@@ -152,7 +143,7 @@ class NativeEngineTests(LoopbackTestCase):
         """--allow-client: other clients are closed at once, unseen by the backend and unrecorded; allowed ones relay 1 MiB."""
         events = self.observe("client_refused")
         backend = self.serve(hashing_echo)
-        fwd = self.forwarder("--to", backend.address, "--allow-client", "127.0.0.2/32")
+        fwd = self.forward("--to", backend.address, "--allow-client", "127.0.0.2/32")
         port, data, how = yield deferToThread(refused_client, fwd.address)
         assert data == b"" and how in ("EOF", "RST"), (data, how)
         [refused] = events.named("client_refused")
@@ -170,7 +161,7 @@ class NativeEngineTests(LoopbackTestCase):
         """--max-connections 1: clients beyond it are closed at once, unseen by the backend, logged once per burst."""
         events = self.observe("connection_limit")
         backend = self.serve(echo)
-        fwd = self.forwarder("--to", backend.address, "--max-connections", "1")
+        fwd = self.forward("--to", backend.address, "--max-connections", "1")
         first = yield deferToThread(open_tunnel, fwd.address)
         self.addCleanup(first.close)
         for _ in range(2):
@@ -196,7 +187,7 @@ class NativeEngineTests(LoopbackTestCase):
         """At the cap, a client the policy refuses is still logged as client_refused, not as connection_limit."""
         events = self.observe("client_refused", "connection_limit")
         backend = self.serve(echo)
-        fwd = self.forwarder(
+        fwd = self.forward(
             "--to", backend.address, "--max-connections", "1", "--allow-client", "127.0.0.2/32"
         )
         allowed = yield deferToThread(open_tunnel, fwd.address, "127.0.0.2")
@@ -210,7 +201,7 @@ class NativeEngineTests(LoopbackTestCase):
         """A refused first --to fails over to the second, which the record names."""
         backend = self.serve(hashing_echo)
         with refusing_address() as refused:
-            fwd = self.forwarder("--to", refused, "--to", backend.address)
+            fwd = self.forward("--to", refused, "--to", backend.address)
             sock = yield deferToThread(connect, fwd.address)
             assert (yield deferToThread(echoes, sock, 256 * 1024))
             [record] = yield fwd.closed(1)
@@ -223,7 +214,7 @@ class NativeEngineTests(LoopbackTestCase):
     def test_all_backends_refused(self) -> Inline:
         """When every --to refuses, the client is closed and the record names each backend tried, in order."""
         with refusing_address() as one, refusing_address() as two:
-            fwd = self.forwarder("--to", one, "--to", two)
+            fwd = self.forward("--to", one, "--to", two)
             _, data, how = yield deferToThread(refused_client, fwd.address)
             [record] = yield fwd.closed(1)
         assert data == b"" and how in ("EOF", "RST"), (data, how)
@@ -245,7 +236,7 @@ class NativeEngineTests(LoopbackTestCase):
         and the tunnel's record.
         """
         backend = self.serve(digest_then_reply(b""))
-        fwd = self.forwarder(*args, "--to", backend.address)
+        fwd = self.forward(*args, "--to", backend.address)
         payload = os.urandom(size)
 
         def client() -> tuple[bytes, float]:
@@ -268,7 +259,7 @@ class NativeEngineTests(LoopbackTestCase):
     def test_urgent_data_is_stepped_over(self) -> Inline:
         """TCP urgent data on a spliced tunnel is dropped as by recv: the rest of the stream and the FIN still arrive."""
         backend = self.serve(digest_then_reply(b""))
-        fwd = self.forwarder("--splice", "on", "--to", backend.address)
+        fwd = self.forward("--splice", "on", "--to", backend.address)
         head, tail = os.urandom(64 * 1024), os.urandom(64 * 1024)
 
         def client() -> bytes:
@@ -313,7 +304,7 @@ class NativeEngineTests(LoopbackTestCase):
         listener.bind(backend_path)
         listener.listen(8)
         args = ("--to", f"unix:{backend_path}", "--splice", splice)
-        fwd = self.forwarder(*args, listen=f"unix:{listen_path}")
+        fwd = self.forward(*args, listen=f"unix:{listen_path}")
         assert os.fsdecode(fwd.address) == listen_path
         served = deferToThread(serve_one, listener, hashing_echo)
         payload = os.urandom(4 * MiB)
@@ -355,7 +346,7 @@ class NativeEngineTests(LoopbackTestCase):
             return sha256(request), recv_all(conn)
 
         backend = self.serve(reply_then_close)
-        fwd = self.forwarder("--to", backend.address)
+        fwd = self.forward("--to", backend.address)
 
         def client() -> bytes:
             with connect(fwd.address) as sock:
@@ -375,7 +366,7 @@ class NativeEngineTests(LoopbackTestCase):
         from twisted.internet import reactor
 
         backend = self.serve(echo)
-        fwd = self.forwarder("--to", backend.address)
+        fwd = self.forward("--to", backend.address)
         sock = yield deferToThread(open_tunnel, fwd.address)
         self.addCleanup(sock.close)
         sock.settimeout(10)
@@ -406,7 +397,7 @@ class NativeEngineTests(LoopbackTestCase):
             return conn.recv(1)  # the proxy's FIN (half-close would wait for the client's)
 
         backend = self.serve(speak_then_close)
-        fwd = self.forwarder("--to", backend.address, "--no-half-close")
+        fwd = self.forward("--to", backend.address, "--no-half-close")
         sock = yield deferToThread(connect, fwd.address)
         with sock:
             received = yield deferToThread(recv_all, sock)
@@ -435,7 +426,7 @@ class NativeEngineTests(LoopbackTestCase):
                 return recv_outcome(sock)
 
         backend = self.serve(digest_then_answer)
-        fwd = self.forwarder("--to", backend.address, "--no-half-close")
+        fwd = self.forward("--to", backend.address, "--no-half-close")
         data, how = yield deferToThread(send_then_read, fwd.address)
         assert (data, how) == (b"", "EOF")
         assert (yield deferToThread(backend.outcome)) == (MiB, sha256(payload))
@@ -444,6 +435,7 @@ class NativeEngineTests(LoopbackTestCase):
         assert (record["bytes_up"], record["bytes_down"]) == (MiB, 0)
 
 
+@on_planes(ENGINE)
 class EngineWaitTests(LoopbackTestCase):
     """On tunnelkit's reactor the engine does the reactor's waiting (the reactor's epoll nested in the engine's)."""
 
@@ -454,20 +446,13 @@ class EngineWaitTests(LoopbackTestCase):
         if getattr(reactor, "nest_engine", None) is None:
             raise SkipTest("Twisted's own reactor: the engine is watched as a reader")
 
-    def forwarder(self, backend_address: str) -> Forwarder:
-        """A native forwarder to ``backend_address``, stopped after the test unless the test stopped it."""
-        fwd = Forwarder("--to", backend_address)
-        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
-        assert fwd.native
-        return fwd
-
     @inlineCallbacks
     def test_the_engine_waits_for_the_reactor(self) -> Inline:
         """Nested while it runs, unnested after; tunnels relay and threads still wake the reactor."""
         from twisted.internet import reactor
 
         backend = self.serve(hashing_echo)
-        fwd = self.forwarder(backend.address)
+        fwd = self.forward("--to", backend.address)
         relay = fwd.service.native
         assert relay is not None
         assert reactor._engine_wait == relay.wait
@@ -492,7 +477,7 @@ class EngineWaitTests(LoopbackTestCase):
 
         self.patch(reactor, "nest_engine", bad_descriptor)
         backend = self.serve(hashing_echo)
-        fwd = self.forwarder(backend.address)
+        fwd = self.forward("--to", backend.address)
         assert len(self.flushLoggedErrors(OSError)) == 1
         assert reactor._engine_wait is None
         assert fwd.service.native in reactor.getReaders()
@@ -502,7 +487,7 @@ class EngineWaitTests(LoopbackTestCase):
     def two_forwarders(self) -> tuple[Forwarder, Forwarder]:
         """Two forwarders in this process, both on the native engine, to one echo backend."""
         backend = self.serve(hashing_echo)
-        return self.forwarder(backend.address), self.forwarder(backend.address)
+        return self.forward("--to", backend.address), self.forward("--to", backend.address)
 
     @inlineCallbacks
     def test_a_second_engine_leaves_the_first_served(self) -> Inline:
@@ -525,7 +510,7 @@ class EngineWaitTests(LoopbackTestCase):
         """A forwarder whose engine does the reactor's waiting, and the list of its wait() timeouts."""
         from twisted.internet import reactor
 
-        fwd = self.forwarder(backend_address)
+        fwd = self.forward("--to", backend_address)
         relay = fwd.service.native
         calls: list[float | None] = []
 
@@ -569,13 +554,6 @@ class EngineWaitTests(LoopbackTestCase):
         assert (yield deferToThread(end_tunnel, short)) == b""
         [record] = yield fwd.closed(1, timeout=2)
         assert (record["closed_by"], record["close_kind"]) == ("client", "FIN"), record
-
-
-class PythonEngineTests(NativeEngineTests):
-    """The same promises on Twisted's relay (--engine python)."""
-
-    native = False
-    extra_args = ("--engine", "python")
 
 
 class RecordedEngine:

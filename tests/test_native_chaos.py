@@ -31,7 +31,6 @@ from typing import Any, NamedTuple
 
 import pytest
 from loopback import (
-    Forwarder,
     LoopbackTestCase,
     MiB,
     ThreadedServer,
@@ -40,6 +39,7 @@ from loopback import (
     reset,
     sha256,
 )
+from planes import ENGINE, ENGINE_NO_SPLICE, ENGINE_SPLICE, TWISTED, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -295,12 +295,11 @@ def poll(condition: Callable[[], object], timeout: float = 5.0) -> Generator[Any
     return bool(condition())
 
 
+@on_planes(ENGINE, ENGINE_SPLICE, ENGINE_NO_SPLICE, TWISTED)
 class ChaosTests(LoopbackTestCase):
-    """Random clients and a random backend through one forwarder, with --splice auto."""
+    """Random clients and a random backend through one forwarder."""
 
     timeout = 900 if SOAK else 60
-    extra_args: tuple[str, ...] = ("--splice", "auto")
-    native = True
 
     @pytest.mark.soak
     @inlineCallbacks
@@ -312,15 +311,13 @@ class ChaosTests(LoopbackTestCase):
         behaviour = ChaosBackend(rng.getrandbits(64))
         backend = ThreadedServer(behaviour, backlog=1024)
         self.addCleanup(backend.close)
-        fwd = Forwarder(*self.extra_args, "--to", backend.address)
-        self.addCleanup(lambda: fwd.stop() if fwd.service.running else None)
-        assert fwd.native is self.native, "the forwarder runs on the wrong engine"
+        fwd = self.forward("--to", backend.address)
 
         outcomes = yield deferToThread(run_clients, fwd.address, planned)
         failures = [f"{o.plan}, port {o.port}: {o.failure}" for o in outcomes if o.failure]
         assert not failures, f"seed {SEED}: {len(failures)} failed:\n" + "\n".join(failures)
 
-        engine = fwd.service.native.engine if self.native else None
+        engine = fwd.service.native.engine if fwd.native else None
         drained = yield poll(lambda: (engine.active if engine else len(fwd.tunnels)) == 0)
         assert drained, f"live tunnels: {engine.tunnels() if engine else fwd.tunnels}"
         ports = Counter(o.port for o in outcomes)
@@ -347,22 +344,3 @@ class ChaosTests(LoopbackTestCase):
         backend.close()
         settled = yield poll(lambda: fd_count() <= fds_before + FD_MARGIN)
         assert settled, f"{fd_count()} descriptors open, {fds_before} before the run"
-
-
-class SplicedChaosTests(ChaosTests):
-    """ChaosTests with every tunnel spliced from its join."""
-
-    extra_args = ("--splice", "on")
-
-
-class UnsplicedChaosTests(ChaosTests):
-    """ChaosTests with no splice(2) at all."""
-
-    extra_args = ("--splice", "off")
-
-
-class PythonChaosTests(ChaosTests):
-    """ChaosTests on Twisted's path (--engine python), the control."""
-
-    extra_args = ("--engine", "python")
-    native = False

@@ -4,8 +4,9 @@ In-process tests run tunnelkit's service (built by ``tunnelkit.cli.plugin``) on 
 real reactor inside a trial ``TestCase``, with blocking clients and backends in
 threads (Twisted protocols for the 200 concurrent tunnels); the memory and
 descriptor tests run ``twistd -n tunnelkit`` as a process and read its
-``/proc`` entries. Payloads are random and checked by
-SHA-256; addresses are loopback, ports are 0.
+``/proc`` entries. Every suite runs on both planes, with splice(2) as needed,
+forced on and off, and on Twisted with queued writes only (tests/planes.py).
+Payloads are random and checked by SHA-256; addresses are loopback, ports are 0.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ from loopback import (
     sha256,
     silent_listener,
     split_address,
+)
+from planes import (
+    ENGINE,
+    ENGINE_NO_SPLICE,
+    ENGINE_SPLICE,
+    SPLICE_VARIANTS,
+    TWISTED,
+    TWISTED_QUEUED,
+    TWISTED_SPLICE,
+    Plane,
+    on_each_plane,
+    on_planes,
 )
 from processes import (
     Process,
@@ -103,6 +116,7 @@ def banner_then_echo(banner: bytes) -> Callable[[socket.socket], int]:
     return handler
 
 
+@on_planes(*SPLICE_VARIANTS, TWISTED_QUEUED)
 class DataTests(LoopbackTestCase):
     """Bytes move intact in both directions, in any order the peers choose."""
 
@@ -255,6 +269,7 @@ class PayloadClient(Protocol):
         self.reason = reason
 
 
+@on_planes(ENGINE, ENGINE_SPLICE, TWISTED, TWISTED_SPLICE, TWISTED_QUEUED)
 class ConcurrencyTests(LoopbackTestCase):
     """Tunnels are independent of each other."""
 
@@ -324,6 +339,7 @@ def wait_for_close(address: str, timeout: float) -> tuple[bytes, str, float]:
         return data, how, time.monotonic() - started
 
 
+@on_each_plane
 class UnreachableBackendTests(LoopbackTestCase):
     """A client whose backend cannot be connected is closed, and the record says why."""
 
@@ -442,6 +458,7 @@ def reply_and_close(conn: socket.socket) -> None:
 Ended = tuple[tuple[bytes, str], dict[str, Any]]
 
 
+@on_planes(*SPLICE_VARIANTS, TWISTED_QUEUED)
 class CloseTests(LoopbackTestCase):
     """An RST on one side is an RST on the other; a clean close stays clean."""
 
@@ -501,6 +518,7 @@ class CloseTests(LoopbackTestCase):
         assert (record["closed_by"], record["close_kind"]) == ("backend", "FIN")
 
 
+@on_planes(ENGINE, ENGINE_SPLICE, TWISTED, TWISTED_SPLICE)
 class IdleTests(LoopbackTestCase):
     """The idle timeout on real sockets."""
 
@@ -601,6 +619,7 @@ def assert_maxseg(value: int) -> None:
     assert MSS - 40 <= value <= MSS, value
 
 
+@on_each_plane
 class SocketOptionTests(LoopbackTestCase):
     """The options asked for are on the proxy's sockets of both legs, read back with getsockopt."""
 
@@ -679,156 +698,19 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-# -- the same on each relay path ----------------------------------------------
-#
-# The classes above run with the defaults: --engine auto, which is the native
-# engine for these options (test_auto_is_native says so), and --splice auto
-# (bulk tests switch to splice(2) mid-stream). Each path is also forced: the
-# engine splicing from the join or never, and Twisted's path (--engine
-# python) with the same three splice settings and with queued writes only.
-
-SPLICE_ON = ("--splice", "on")
-SPLICE_OFF = ("--splice", "off")
-PYTHON = ("--engine", "python")
-QUEUED_WRITES = (*PYTHON, "--splice", "off", "--no-write-through")
+# -- which plane relays by default ---------------------------------------------
 
 
 class EngineChoiceTests(LoopbackTestCase):
     """--engine auto picks the native engine for plain forwarding, python keeps Twisted's path."""
 
     def test_auto_is_native(self) -> None:
-        """With the defaults the classes above test the native engine, not Twisted's path."""
+        """With the default --engine auto, plain forwarding relays on the native engine."""
         assert self.forward("--to", "127.0.0.1:9").native
 
     def test_python_is_twisted(self) -> None:
         """--engine python relays with Twisted."""
-        assert not self.forward("--to", "127.0.0.1:9", *PYTHON).native
-
-
-class SplicedDataTests(DataTests):
-    """DataTests with every tunnel spliced from its join."""
-
-    extra_args = SPLICE_ON
-
-
-class SplicedConcurrencyTests(ConcurrencyTests):
-    """ConcurrencyTests with every tunnel spliced."""
-
-    extra_args = SPLICE_ON
-
-
-class SplicedCloseTests(CloseTests):
-    """CloseTests with every tunnel spliced: FIN, RST and the close timers."""
-
-    extra_args = SPLICE_ON
-
-
-class SplicedIdleTests(IdleTests):
-    """IdleTests with every tunnel spliced: the idle timer sees spliced bytes."""
-
-    extra_args = SPLICE_ON
-
-
-class UnsplicedDataTests(DataTests):
-    """DataTests with no splice(2) at all."""
-
-    extra_args = SPLICE_OFF
-
-
-class UnsplicedCloseTests(CloseTests):
-    """CloseTests with no splice(2) at all."""
-
-    extra_args = SPLICE_OFF
-
-
-class PythonDataTests(DataTests):
-    """DataTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonConcurrencyTests(ConcurrencyTests):
-    """ConcurrencyTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonUnreachableBackendTests(UnreachableBackendTests):
-    """UnreachableBackendTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonCloseTests(CloseTests):
-    """CloseTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonIdleTests(IdleTests):
-    """IdleTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonSocketOptionTests(SocketOptionTests):
-    """SocketOptionTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonSplicedDataTests(DataTests):
-    """DataTests on Twisted's path, every tunnel spliced from its join."""
-
-    extra_args = (*PYTHON, *SPLICE_ON)
-
-
-class PythonSplicedConcurrencyTests(ConcurrencyTests):
-    """ConcurrencyTests on Twisted's path, every tunnel spliced."""
-
-    extra_args = (*PYTHON, *SPLICE_ON)
-
-
-class PythonSplicedCloseTests(CloseTests):
-    """CloseTests on Twisted's path, every tunnel spliced."""
-
-    extra_args = (*PYTHON, *SPLICE_ON)
-
-
-class PythonSplicedIdleTests(IdleTests):
-    """IdleTests on Twisted's path, every tunnel spliced."""
-
-    extra_args = (*PYTHON, *SPLICE_ON)
-
-
-class PythonUnsplicedDataTests(DataTests):
-    """DataTests on Twisted's path with no splice(2)."""
-
-    extra_args = (*PYTHON, *SPLICE_OFF)
-
-
-class PythonUnsplicedCloseTests(CloseTests):
-    """CloseTests on Twisted's path with no splice(2)."""
-
-    extra_args = (*PYTHON, *SPLICE_OFF)
-
-
-class QueuedDataTests(DataTests):
-    """DataTests with --no-write-through: both write paths keep every promise."""
-
-    extra_args = QUEUED_WRITES
-
-
-class QueuedConcurrencyTests(ConcurrencyTests):
-    """ConcurrencyTests with --no-write-through."""
-
-    extra_args = QUEUED_WRITES
-
-
-class QueuedCloseTests(CloseTests):
-    """CloseTests with --no-write-through."""
-
-    extra_args = QUEUED_WRITES
+        assert not self.forward("--to", "127.0.0.1:9", *TWISTED.args).native
 
 
 def download(address: str, size: int) -> tuple[int, str]:
@@ -847,27 +729,14 @@ def wait_records(tk: Process, count: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize(
-    "write_path",
-    [
-        (),
-        ("--splice", "on"),
-        ("--splice", "off"),
-        PYTHON,
-        (*PYTHON, "--splice", "on"),
-        QUEUED_WRITES,
-    ],
-    ids=["engine", "engine-spliced", "engine-direct", "python", "python-spliced", "queued"],
-)
-def test_slow_reader_keeps_proxy_memory_flat(
-    tmp_path: Path, serve: Serve, write_path: tuple[str, ...]
-) -> None:
+@on_planes(ENGINE, ENGINE_SPLICE, ENGINE_NO_SPLICE, TWISTED, TWISTED_SPLICE, TWISTED_QUEUED)
+def test_slow_reader_keeps_proxy_memory_flat(tmp_path: Path, serve: Serve, plane: Plane) -> None:
     """A backend pushing 256 MiB (1 GiB with TUNNELKIT_SOAK=1) to a stalled, then slow reader grows twistd's RSS by under 32 MiB."""
     size = (1024 if SOAK else 256) * MiB
     bulk = BulkSender()
     backend = serve(bulk)
-    argv = ("--listen", "127.0.0.1:0", "--to", backend.address, *write_path)
-    with twistd(*argv, cwd=tmp_path) as tk:
+    argv = ("--listen", "127.0.0.1:0", "--to", backend.address)
+    with twistd(*argv, cwd=tmp_path, plane=plane) as tk:
         [address] = tk.wait_listening()
         assert download(address, 4 * MiB)[0] == 4 * MiB
         backend.outcome()
@@ -931,12 +800,13 @@ def relay_batch(address: str, count: int) -> None:
         close_half_by_reset(clients)
 
 
-def test_fds_back_to_baseline_after_churn(tmp_path: Path, serve: Serve) -> None:
+@on_each_plane
+def test_fds_back_to_baseline_after_churn(tmp_path: Path, serve: Serve, plane: Plane) -> None:
     """After 300 tunnels ended cleanly, by RST, or by clients leaving mid-connect, twistd holds as many descriptors as before."""
     backend = serve(echo)
     batch = 100
     argv = ("--listen", "127.0.0.1:0", "--to", backend.address, "--connect-timeout", "3")
-    with twistd(*argv, cwd=tmp_path) as tk:
+    with twistd(*argv, cwd=tmp_path, plane=plane) as tk:
         [address] = tk.wait_listening()
         # One tunnel first: the reactor is then running, with all its own descriptors.
         with connect(address) as sock:

@@ -30,6 +30,7 @@ from loopback import (
     recv_exactly,
     send_while_reading,
 )
+from planes import TWISTED, Plane, on_each_plane, on_planes
 from processes import (
     Process,
     assert_clean_stop,
@@ -109,47 +110,65 @@ def _json_logger() -> tuple[str, ...]:
     return ("--logger", "tunnelkit.json_log.observer")
 
 
-@pytest.mark.parametrize("mode", ["native", "python", "connect", "ssl-listener"])
-def test_three_sighups_during_a_transfer(tmp_path: Path, serve: Serve, mode: str) -> None:
-    """Three SIGHUPs during a 64 MiB echo (download over TLS): every byte arrives, the process keeps serving, each SIGHUP is logged once."""
-    payload = os.urandom(SIZE)
-    backend = serve(echo if mode != "ssl-listener" else _send_payload(payload))
-    dial: Callable[[str], socket.socket] = _plain
-    if mode in ("native", "python"):
-        args: tuple[str, ...] = ("--listen", "127.0.0.1:0", "--to", backend.address)
-        args += ("--engine", mode)
-    elif mode == "connect":
-        args = ("--mode", "connect", "--listen", "127.0.0.1:0", "--allow-dest", "127.0.0.0/8")
-        dial = _through_connect(backend.address)
-    else:
-        pair = write_pair(trustme.CA(), tmp_path, "localhost")
-        listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
-        args = ("--listen", listen, "--to", backend.address)
-        dial = _tls
-    with twistd(*args, cwd=tmp_path, twistd_options=_json_logger()) as tk:
-        [address] = tk.wait_listening()
-        with dial(address) as sock:
-            _transfer_with_sighups(sock, tk, payload, echo=mode != "ssl-listener")
-        with dial(address) as sock:
-            if mode == "ssl-listener":
-                assert recv_exactly(sock, 1024) == payload[:1024]
-            else:
-                sock.sendall(b"still serving")
-                assert recv_exactly(sock, 13) == b"still serving"
-        lines = tk.wait_for(lambda text: _sighup_lines(text)[2:] or None, "three sighup events")
-        assert_clean_stop(tk, tk.stop())
+def _three_sighups(
+    tk: Process, dial: Callable[[str], socket.socket], payload: bytes, echo: bool
+) -> None:
+    """A transfer through ``tk`` with three SIGHUPs, then one more exchange; then a clean stop."""
+    [address] = tk.wait_listening()
+    with dial(address) as sock:
+        _transfer_with_sighups(sock, tk, payload, echo=echo)
+    with dial(address) as sock:
+        if echo:
+            sock.sendall(b"still serving")
+            assert recv_exactly(sock, 13) == b"still serving"
+        else:
+            assert recv_exactly(sock, 1024) == payload[:1024]
+    lines = tk.wait_for(lambda text: _sighup_lines(text)[2:] or None, "three sighup events")
+    assert_clean_stop(tk, tk.stop())
     assert len(_sighup_lines(tk.output)) == 3, tk.output
     assert all(line["reloading"] == [] for line in lines)
 
 
-def test_sighup_reloads_what_is_reloadable(tmp_path: Path, serve: Serve) -> None:
+@on_each_plane
+def test_three_sighups_during_a_transfer(tmp_path: Path, serve: Serve, plane: Plane) -> None:
+    """Three SIGHUPs during a 64 MiB echo: every byte arrives, the process keeps serving, each SIGHUP is logged once."""
+    backend = serve(echo)
+    args = ("--listen", "127.0.0.1:0", "--to", backend.address)
+    with twistd(*args, cwd=tmp_path, twistd_options=_json_logger(), plane=plane) as tk:
+        _three_sighups(tk, _plain, os.urandom(SIZE), echo=True)
+
+
+@on_planes(TWISTED)
+@pytest.mark.parametrize("mode", ["connect", "ssl-listener"])
+def test_three_sighups_during_a_transfer_through_twisted_only_listeners(
+    tmp_path: Path, serve: Serve, mode: str, plane: Plane
+) -> None:
+    """The same through a CONNECT proxy and (a download) through an ssl: listener, which Twisted serves."""
+    payload = os.urandom(SIZE)
+    if mode == "connect":
+        backend = serve(echo)
+        args: tuple[str, ...] = ("--mode", "connect", "--listen", "127.0.0.1:0")
+        args += ("--allow-dest", "127.0.0.0/8")
+        dial = _through_connect(backend.address)
+    else:
+        backend = serve(_send_payload(payload))
+        pair = write_pair(trustme.CA(), tmp_path, "localhost")
+        listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+        args = ("--listen", listen, "--to", backend.address)
+        dial = _tls
+    with twistd(*args, cwd=tmp_path, twistd_options=_json_logger(), plane=plane) as tk:
+        _three_sighups(tk, dial, payload, echo=mode == "connect")
+
+
+@on_each_plane
+def test_sighup_reloads_what_is_reloadable(tmp_path: Path, serve: Serve, plane: Plane) -> None:
     """With --tls-cert and --access-log, SIGHUP's one line names both, and both are reloaded."""
     backend = serve(echo)
     pair = write_pair(trustme.CA(), tmp_path, "localhost")
     access = tmp_path / "access.log"
     args = ("--listen", "127.0.0.1:0", "--to", backend.address, "--tls-cert", str(pair.cert))
     args += ("--tls-key", str(pair.key), "--access-log", str(access))
-    with twistd(*args, cwd=tmp_path, twistd_options=_json_logger()) as tk:
+    with twistd(*args, cwd=tmp_path, twistd_options=_json_logger(), plane=plane) as tk:
         tk.wait_listening()
         tk.send_signal(signal.SIGHUP)
         [line] = tk.wait_for(_sighup_lines, "a sighup event")

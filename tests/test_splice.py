@@ -1,11 +1,12 @@
 """The splice(2) fast path: when it is used, that it keeps the relay's promises, its pipes.
 
-The relay suite in tests/test_relay_sockets.py runs with splice forced on
-(its ``Spliced*`` classes) and off (``Unspliced*``), so every half-close,
-reset, timeout and payload test covers both paths. The tests of this module
-prove the path is really taken (and not taken where it must not
-be), that a slow reader leaves bytes in a pipe and stops the source rather
-than buffering, and that pipes are reused and closed.
+The relay suite in tests/test_relay_sockets.py runs on each plane with splice
+forced on (``...OnEngineSplice``, ``...OnTwistedSplice``) and off
+(``...NoSplice``), so every half-close, reset, timeout and payload test covers
+both paths. The tests of this module prove the path is really taken (and not
+taken where it must not be) on each plane, that Twisted's splicer leaves a slow
+reader's bytes in a pipe and stops the source rather than buffering, and that
+pipes are reused and closed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 
 import pytest
 from loopback import (
-    Forwarder,
     LoopbackTestCase,
     MiB,
     connect,
@@ -30,6 +30,7 @@ from loopback import (
     recv_all,
     sha256,
 )
+from planes import TWISTED, on_each_plane, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
@@ -161,11 +162,9 @@ def test_splice_on_fails_where_there_is_no_splice(monkeypatch: pytest.MonkeyPatc
 # -- over real sockets ----------------------------------------------------------
 
 
+@on_each_plane
 class SpliceUseTests(LoopbackTestCase):
-    """Which tunnels are spliced, and what a spliced tunnel does with a slow reader."""
-
-    #: These tests look into the Python splicer; the engine has its own tests.
-    extra_args = ("--engine", "python")
+    """Which tunnels are spliced, as their records say."""
 
     @inlineCallbacks
     def one_tunnel(self, *args: str, payload_size: int) -> Generator[Deferred[Any], Any, bool]:
@@ -185,7 +184,7 @@ class SpliceUseTests(LoopbackTestCase):
         assert (yield self.one_tunnel("--splice", "on", payload_size=10))
 
     @inlineCallbacks
-    def test_auto_leaves_small_messages_on_the_python_path(self) -> Inline:
+    def test_auto_leaves_small_messages_unspliced(self) -> Inline:
         """--splice auto: a tunnel whose reads never fill a read size is not spliced."""
         assert not (yield self.one_tunnel("--splice", "auto", payload_size=10))
 
@@ -201,7 +200,7 @@ class SpliceUseTests(LoopbackTestCase):
 
     @inlineCallbacks
     def test_off_never_splices(self) -> Inline:
-        """--splice off: 16 MiB through a 64 KiB read size stay on the Python path."""
+        """--splice off: 16 MiB through a 64 KiB read size are copied through user space, never spliced."""
         args = ("--splice", "off", "--read-size", "65536")
         assert not (yield self.one_tunnel(*args, payload_size=16 * MiB))
 
@@ -212,8 +211,7 @@ class SpliceUseTests(LoopbackTestCase):
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "tk.sock")
-        fwd = Forwarder("--to", backend.address, "--splice", "on", listen=f"unix:{path}")
-        self.addCleanup(fwd.stop)
+        fwd = self.forward("--to", backend.address, "--splice", "on", listen=f"unix:{path}")
         payload = os.urandom(16 * MiB)
 
         def client() -> bytes:
@@ -230,6 +228,11 @@ class SpliceUseTests(LoopbackTestCase):
             16 * MiB,
             True,
         )
+
+
+@on_planes(TWISTED)
+class SplicerTests(LoopbackTestCase):
+    """What Twisted's splicer does with a slow reader (it looks into the splicer; the engine's pipes: test_fd_exhaustion.py)."""
 
     @inlineCallbacks
     def test_stalled_reader_leaves_bytes_in_a_pipe_and_pauses_the_writer(self) -> Inline:

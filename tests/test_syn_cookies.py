@@ -36,7 +36,16 @@ from loopback import (
     sha256,
     split_address,
 )
-from test_relay_sockets import PYTHON, SPLICE_OFF, SPLICE_ON, PayloadClient, poll
+from planes import (
+    ENGINE,
+    ENGINE_NO_SPLICE,
+    ENGINE_SPLICE,
+    TWISTED,
+    TWISTED_SPLICE,
+    on_each_plane,
+    on_planes,
+)
+from test_relay_sockets import PayloadClient, poll
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
@@ -72,6 +81,7 @@ def require_syn_cookies() -> None:
         raise SkipTest("this kernel sends no SYN cookies (net.ipv4.tcp_syncookies = 0)")
 
 
+@on_planes(ENGINE, ENGINE_SPLICE, ENGINE_NO_SPLICE, TWISTED, TWISTED_SPLICE)
 class SynCookieBurstTests(LoopbackTestCase):
     """Every client of a burst toward a backend that answers with SYN cookies gets its whole echo."""
 
@@ -137,6 +147,7 @@ def read_to_eof_then_reset(conn: socket.socket) -> None:
     reset(conn)
 
 
+@on_each_plane
 class BackendResetRecordTests(LoopbackTestCase):
     """A backend that resets a half-closed tunnel is recorded as a reset, not as the client's FIN."""
 
@@ -158,33 +169,3 @@ class BackendResetRecordTests(LoopbackTestCase):
         [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("backend", "RST"), record
         assert record["bytes_down"] == 0
-
-
-class UnsplicedSynCookieBurstTests(SynCookieBurstTests):
-    """SynCookieBurstTests with no splice(2) at all."""
-
-    extra_args = SPLICE_OFF
-
-
-class SplicedSynCookieBurstTests(SynCookieBurstTests):
-    """SynCookieBurstTests with every tunnel spliced from its join."""
-
-    extra_args = SPLICE_ON
-
-
-class PythonSynCookieBurstTests(SynCookieBurstTests):
-    """SynCookieBurstTests on Twisted's path."""
-
-    extra_args = PYTHON
-
-
-class PythonSplicedSynCookieBurstTests(SynCookieBurstTests):
-    """SynCookieBurstTests on Twisted's path, every tunnel spliced."""
-
-    extra_args = (*PYTHON, *SPLICE_ON)
-
-
-class PythonBackendResetRecordTests(BackendResetRecordTests):
-    """BackendResetRecordTests on Twisted's path."""
-
-    extra_args = PYTHON

@@ -52,6 +52,7 @@ from loopback import (
     sha256,
     split_address,
 )
+from planes import TWISTED, Plane, on_each_plane, on_planes
 from processes import (
     MEMORY_CHECKED,
     Process,
@@ -95,21 +96,6 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 SECLEVEL0 = "DEFAULT@SECLEVEL=0"
 
 _proxy_numbers = itertools.count()
-#: ``--engine`` of every proxy of the running test (see :func:`both_engines`).
-_engine = ["auto"]
-
-
-@pytest.fixture(autouse=True, params=["auto", "python"])
-def both_engines(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Every test twice: TLS terminated by the native engine (the default) and by Twisted's path.
-
-    TLS to backends is Twisted's either way: those tests run once.
-    """
-    if request.param == "python" and request.node.name.startswith("test_backend"):
-        pytest.skip("TLS to backends is relayed by Twisted with either engine")
-    _engine[0] = request.param
-    yield
-    _engine[0] = "auto"
 
 
 # -- the proxy under test -----------------------------------------------------
@@ -153,8 +139,8 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def tls_proxy(cwd: Path, *args: str, listen: str = "127.0.0.1:0") -> Iterator[Proxy]:
-    """``twistd -n tunnelkit --listen 127.0.0.1:0 ARGS`` (each in its own directory, for twistd.pid)."""
+def tls_proxy(cwd: Path, plane: Plane, *args: str, listen: str = "127.0.0.1:0") -> Iterator[Proxy]:
+    """``twistd -n tunnelkit --listen 127.0.0.1:0 ARGS`` on ``plane`` (each in its own directory, for twistd.pid)."""
     directory = cwd / f"proxy{next(_proxy_numbers)}"
     directory.mkdir()
     process = twistd(
@@ -162,11 +148,10 @@ def tls_proxy(cwd: Path, *args: str, listen: str = "127.0.0.1:0") -> Iterator[Pr
         listen,
         "--drain-timeout",
         "2",
-        "--engine",
-        _engine[0],
         *args,
         cwd=directory,
         twistd_options=JSON_LOG,
+        plane=plane,
     )
     with process:
         [address] = process.wait_listening()
@@ -236,7 +221,10 @@ def curl(*args: str) -> bytes:
 
 @needs_curl
 @pytest.mark.parametrize("key_form", ["separate-key", "combined-pem"])
-def test_curl_https_to_plain_http_backend(tmp_path: Path, pki: PKI, key_form: str) -> None:
+@on_each_plane
+def test_curl_https_to_plain_http_backend(
+    tmp_path: Path, pki: PKI, key_form: str, plane: Plane
+) -> None:
     """curl --cacert CA https://localhost:P/ gets a 3 MiB body from a plaintext HTTP backend; the chain (leaf + intermediate) is served."""
     assert CURL is not None
     intermediate = pki.ca.create_child_ca()
@@ -247,7 +235,7 @@ def test_curl_https_to_plain_http_backend(tmp_path: Path, pki: PKI, key_form: st
     (www / "file").write_bytes(body)
     combined = key_form == "combined-pem"
     tls = ["--tls-cert", str(pair.combined)] if combined else tls_args(pair)
-    with http_backend(www) as backend, tls_proxy(tmp_path, *tls, "--to", backend) as proxy:
+    with http_backend(www) as backend, tls_proxy(tmp_path, plane, *tls, "--to", backend) as proxy:
         fetched = curl(
             "-s",
             "-S",
@@ -272,7 +260,8 @@ def test_curl_https_to_plain_http_backend(tmp_path: Path, pki: PKI, key_form: st
 
 
 @needs_curl
-def test_https_proxy_in_connect_mode(tmp_path: Path, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_https_proxy_in_connect_mode(tmp_path: Path, pki: PKI, plane: Plane) -> None:
     """--mode connect over TLS is an HTTPS proxy: curl --proxy https://localhost:P fetches 1 MiB intact."""
     assert CURL is not None
     pair = pki.pair("localhost")
@@ -281,7 +270,7 @@ def test_https_proxy_in_connect_mode(tmp_path: Path, pki: PKI) -> None:
     body = os.urandom(MiB)
     (www / "file").write_bytes(body)
     args = ("--mode", "connect", "--allow-dest", "127.0.0.0/8", *tls_args(pair))
-    with http_backend(www) as backend, tls_proxy(tmp_path, *args) as proxy:
+    with http_backend(www) as backend, tls_proxy(tmp_path, plane, *args) as proxy:
         fetched = curl(
             "-q",
             "-sS",
@@ -306,12 +295,15 @@ def test_https_proxy_in_connect_mode(tmp_path: Path, pki: PKI) -> None:
     assert closed["sni"] == "localhost", closed
 
 
-def test_twisted_ssl_endpoint_still_listens(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_twisted_ssl_endpoint_still_listens(
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
+) -> None:
     """--listen ssl:0:...:privateKey=KEY:certKey=CERT (Twisted's own TLS) still relays."""
     backend = serve(echo)
     pair = pki.pair("localhost")
     listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
-    with tls_proxy(tmp_path, "--to", backend.address, listen=listen) as proxy:
+    with tls_proxy(tmp_path, plane, "--to", backend.address, listen=listen) as proxy:
         ctx = client_context(pki.ca_path)
         with tls_ping(proxy.address, ctx, "localhost") as tls:
             assert tls.getpeercert(binary_form=True) == leaf_der(pair)
@@ -320,7 +312,8 @@ def test_twisted_ssl_endpoint_still_listens(tmp_path: Path, serve: Serve, pki: P
 
 
 @needs_curl
-def test_twisted_ssl_endpoint_serves_alpn_clients(tmp_path: Path, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_twisted_ssl_endpoint_serves_alpn_clients(tmp_path: Path, pki: PKI, plane: Plane) -> None:
     """An ssl: listener serves clients that offer ALPN (Python ssl, curl by default): no protocol is negotiated."""
     pair = pki.pair("localhost")
     www = tmp_path / "www"
@@ -328,7 +321,10 @@ def test_twisted_ssl_endpoint_serves_alpn_clients(tmp_path: Path, pki: PKI) -> N
     body = os.urandom(MiB)
     (www / "file").write_bytes(body)
     listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
-    with http_backend(www) as backend, tls_proxy(tmp_path, "--to", backend, listen=listen) as proxy:
+    with (
+        http_backend(www) as backend,
+        tls_proxy(tmp_path, plane, "--to", backend, listen=listen) as proxy,
+    ):
         ctx = client_context(pki.ca_path, alpn=["h2", "http/1.1"])
         with tls_connect(proxy.address, ctx, "localhost") as tls:
             assert tls.selected_alpn_protocol() is None
@@ -351,15 +347,16 @@ def test_twisted_ssl_endpoint_serves_alpn_clients(tmp_path: Path, pki: PKI) -> N
         proxy.closed(2)
 
 
+@on_planes(TWISTED)
 def test_twisted_ssl_endpoint_logs_tls_errors_in_words(
-    tmp_path: Path, serve: Serve, pki: PKI
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
 ) -> None:
     """A client that refuses an ssl: listener's certificate is logged with OpenSSL's reason, not its error-queue tuples."""
     backend = serve(echo)
     pair = pki.pair("localhost")
     _, stranger_ca = pki.other_ca("stranger")
     listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
-    with tls_proxy(tmp_path, "--to", backend.address, listen=listen) as proxy:
+    with tls_proxy(tmp_path, plane, "--to", backend.address, listen=listen) as proxy:
         assert refused(proxy.address, client_context(stranger_ca), "localhost")[0]
         [closed] = proxy.closed()
     assert closed["reason"] == "client reset: tlsv1 alert unknown ca", closed
@@ -437,16 +434,17 @@ def tls11_control(serve: Serve, pki: PKI) -> None:
 
 
 @needs_openssl
-def test_protocol_versions(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_protocol_versions(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """TLS 1.2 and 1.3 are accepted; TLS 1.1 never (even with --tls-ciphers at SECLEVEL 0); --tls-min-version 1.3 refuses 1.2."""
     tls11_control(serve, pki)
     backend = serve(echo)
     pair = pki.pair("localhost")
     to = ("--to", backend.address)
     with (
-        tls_proxy(tmp_path, *tls_args(pair), *to) as default,
-        tls_proxy(tmp_path, *tls_args(pair), "--tls-ciphers", SECLEVEL0, *to) as weak,
-        tls_proxy(tmp_path, *tls_args(pair), "--tls-min-version", "1.3", *to) as modern,
+        tls_proxy(tmp_path, plane, *tls_args(pair), *to) as default,
+        tls_proxy(tmp_path, plane, *tls_args(pair), "--tls-ciphers", SECLEVEL0, *to) as weak,
+        tls_proxy(tmp_path, plane, *tls_args(pair), "--tls-min-version", "1.3", *to) as modern,
     ):
         outputs = {
             "default -tls1_2": s_client(default.address, "-tls1_2"),
@@ -485,7 +483,10 @@ def test_protocol_versions(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     assert backend.accepted == 4
 
 
-def test_tls12_ciphers_in_server_order(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_tls12_ciphers_in_server_order(
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
+) -> None:
     """--tls-ciphers limits TLS 1.2 suites and the server's order wins over the client's."""
     backend = serve(echo)
     pair = pki.pair("localhost")
@@ -497,7 +498,7 @@ def test_tls12_ciphers_in_server_order(tmp_path: Path, serve: Serve, pki: PKI) -
         ctx.set_ciphers(ciphers)
         return ctx
 
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         client_order = "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES256-GCM-SHA384"
         with tls_ping(proxy.address, tls12(client_order), "localhost") as tls:
             cipher = tls.cipher()
@@ -514,7 +515,8 @@ def test_tls12_ciphers_in_server_order(tmp_path: Path, serve: Serve, pki: PKI) -
 # -- 3. SNI ----------------------------------------------------------------------
 
 
-def test_sni_selects_certificate(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_sni_selects_certificate(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """The SNI name picks the certificate (exact beats wildcard, a wildcard matches one label); unknown or no name gets the first; --tls-strict-sni refuses those."""
     backend = serve(echo)
     a = pki.pair("a.example")
@@ -531,7 +533,7 @@ def test_sni_selects_certificate(tmp_path: Path, serve: Serve, pki: PKI) -> None
         "unknown.example": a,
         None: a,
     }
-    with tls_proxy(tmp_path, *certs, "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *certs, "--to", backend.address) as proxy:
         for name, pair in cases.items():
             der = served_certificate(proxy.address, ctx, name)
             assert der == leaf_der(pair), f"SNI {name!r}: served the wrong certificate"
@@ -541,7 +543,7 @@ def test_sni_selects_certificate(tmp_path: Path, serve: Serve, pki: PKI) -> None
 
     strict_ok = ["a.example", "x.b.example", "exact.b.example"]
     strict_refused: list[str | None] = ["unknown.example", "deep.x.b.example", None]
-    with tls_proxy(tmp_path, *certs, "--tls-strict-sni", "--to", backend.address) as strict:
+    with tls_proxy(tmp_path, plane, *certs, "--tls-strict-sni", "--to", backend.address) as strict:
         for name in strict_ok:
             assert served_certificate(strict.address, ctx, name) == leaf_der(cases[name])
         alerts: dict[str | None, str] = {}
@@ -576,7 +578,8 @@ def test_sni_selects_certificate(tmp_path: Path, serve: Serve, pki: PKI) -> None
 # -- 4. ALPN -----------------------------------------------------------------------
 
 
-def test_alpn(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_alpn(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """--alpn h2,http/1.1: our preference wins, one shared protocol is chosen, and a client offering none of them connects without ALPN."""
     backend = serve(echo)
     pair = pki.pair("localhost")
@@ -588,7 +591,7 @@ def test_alpn(tmp_path: Path, serve: Serve, pki: PKI) -> None:
         (None, None),
     ]
     with tls_proxy(
-        tmp_path, *tls_args(pair), "--alpn", "h2,http/1.1", "--to", backend.address
+        tmp_path, plane, *tls_args(pair), "--alpn", "h2,http/1.1", "--to", backend.address
     ) as proxy:
         for offer, expected in offers:
             ctx = client_context(pki.ca_path, alpn=offer)
@@ -599,7 +602,7 @@ def test_alpn(tmp_path: Path, serve: Serve, pki: PKI) -> None:
             assert event.get("alpn") == expected, (offer, event)
             if expected is None:
                 assert "alpn" not in event, event
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as plain:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as plain:
         ctx = client_context(pki.ca_path, alpn=["h2", "http/1.1"])
         with tls_ping(plain.address, ctx, "localhost") as tls:
             assert tls.selected_alpn_protocol() is None
@@ -608,7 +611,8 @@ def test_alpn(tmp_path: Path, serve: Serve, pki: PKI) -> None:
 # -- 5. mutual TLS -------------------------------------------------------------------
 
 
-def test_client_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_client_certificates(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """--tls-client-ca: no certificate or one from another CA fails the handshake; a good one works and is logged; --tls-client-optional admits clients without one."""
     backend = serve(echo)
     pair = pki.pair("localhost")
@@ -643,7 +647,7 @@ def test_client_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> None:
         assert event["client_fingerprint"].lower() == der_sha256(good_der), event
 
     args = (*tls_args(pair), "--tls-client-ca", str(client_ca_path), "--to", backend.address)
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         for cert, maximum in [
             (None, None),
             (None, ssl.TLSVersion.TLSv1_2),
@@ -667,7 +671,7 @@ def test_client_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     assert backend.accepted == 2
 
     optional = (*args, "--tls-client-optional")
-    with tls_proxy(tmp_path, *optional) as proxy:
+    with tls_proxy(tmp_path, plane, *optional) as proxy:
         with tls_ping(proxy.address, ctx(None), "localhost") as tls:
             anonymous = tls.getsockname()[1]
         with tls_ping(proxy.address, ctx(good), "localhost") as tls:
@@ -775,7 +779,8 @@ ALLOW_CLIENT_RENEGOTIATION = 1 << 8
 
 
 @needs_openssl
-def test_client_renegotiation_refused(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_client_renegotiation_refused(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """s_client's R (a TLS 1.2 renegotiation) succeeds against a server allowing it, and never through tunnelkit."""
     pair = pki.pair("localhost")
     control = TLSBackend(serve, pair, tls_echo)
@@ -784,7 +789,7 @@ def test_client_renegotiation_refused(tmp_path: Path, serve: Serve, pki: PKI) ->
     if not renegotiated:
         pytest.skip(f"s_client cannot renegotiate with a permissive server here:\n{output[-1500:]}")
     backend = serve(echo)
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         renegotiated, output = try_renegotiation(proxy.address, pki.ca_path)
         assert not renegotiated, f"the client renegotiated through tunnelkit:\n{output}"
         assert output.count("depth=0") == 1, output
@@ -792,10 +797,13 @@ def test_client_renegotiation_refused(tmp_path: Path, serve: Serve, pki: PKI) ->
 
 
 @needs_openssl
-def test_client_key_update(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_client_key_update(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """s_client's K (a TLS 1.3 KeyUpdate asking for ours) mid-stream: the echo goes on, both ways."""
     backend = serve(echo)
-    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+    with tls_proxy(
+        tmp_path, plane, *tls_args(pki.pair("localhost")), "--to", backend.address
+    ) as proxy:
         session = SClientSession(proxy.address, pki.ca_path, "-tls1_3")
         # One update: s_client (3.0) does not send a second one's next line.
         lines = [f"line-{i}-{os.urandom(6).hex()}" for i in range(2)]
@@ -813,11 +821,16 @@ def test_client_key_update(tmp_path: Path, serve: Serve, pki: PKI) -> None:
         assert event["bytes_up"] == event["bytes_down"] == sum(len(line) + 1 for line in lines)
 
 
-def test_key_updates_while_the_client_reads_nothing(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_key_updates_while_the_client_reads_nothing(
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
+) -> None:
     """Two KeyUpdates asking for ours, sent while our writes to the client are blocked: all 16 MiB still arrive, both ways."""
     down, up = os.urandom(16 * MiB), os.urandom(MiB)
     backend = serve(functools.partial(send_while_reading, down))
-    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+    with tls_proxy(
+        tmp_path, plane, *tls_args(pki.pair("localhost")), "--to", backend.address
+    ) as proxy:
         with Pump(proxy.address, client_context(pki.ca_path), "localhost") as pump:
             pump.stall_then_update_keys(2.0, updates=2)
             pump.run(up, timeout=60)
@@ -831,14 +844,17 @@ def test_key_updates_while_the_client_reads_nothing(tmp_path: Path, serve: Serve
     ), closed
 
 
-def test_writing_to_a_slow_tls_reader_is_not_idle(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_writing_to_a_slow_tls_reader_is_not_idle(
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
+) -> None:
     """A TLS tunnel that only writes (a held 1 MiB read draining to a slow reader) for longer than --idle-timeout is not idle."""
     size = 2 * MiB
     bulk = BulkSender()
     backend = serve(bulk)
     args = ("--idle-timeout", "0.5", "--read-size", str(MiB), "--sndbuf", "16384")
     with tls_proxy(
-        tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address, *args
+        tmp_path, plane, *tls_args(pki.pair("localhost")), "--to", backend.address, *args
     ) as proxy:
         # Small kernel buffers: what the proxy holds drains at the reader's pace.
         raw = socket.socket()
@@ -863,13 +879,14 @@ def test_writing_to_a_slow_tls_reader_is_not_idle(tmp_path: Path, serve: Serve, 
 # -- 7. bulk both ways ------------------------------------------------------------------
 
 
-def test_64_mib_both_ways_at_once(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_64_mib_both_ways_at_once(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """64 MiB up and the echo of it down at the same time through a TLS client leg, both intact."""
     size = 64 * MiB
     payload = os.urandom(size)
     backend = serve(hashing_echo)
     pair = pki.pair("localhost")
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         pump = tls_exchange(
             proxy.address, client_context(pki.ca_path), "localhost", payload, timeout=120
         )
@@ -889,14 +906,17 @@ def test_64_mib_both_ways_at_once(tmp_path: Path, serve: Serve, pki: PKI) -> Non
 
 
 @pytest.mark.soak
-def test_stalled_tls_reader_keeps_memory_flat(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_stalled_tls_reader_keeps_memory_flat(
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
+) -> None:
     """A backend pushing 256 MiB (1 GiB with TUNNELKIT_SOAK=1) to a TLS client that stalls, then reads slowly, grows twistd's RSS by under 64 MiB."""
     size = (1024 if SOAK else 256) * MiB
     bulk = BulkSender()
     backend = serve(bulk)
     pair = pki.pair("localhost")
     ctx = client_context(pki.ca_path)
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         with tls_connect(proxy.address, ctx, "localhost") as tls:
             tls.sendall(b"%d\n" % (4 * MiB))
             warmup = b""
@@ -926,11 +946,14 @@ def test_stalled_tls_reader_keeps_memory_flat(tmp_path: Path, serve: Serve, pki:
 IDLE_TLS = 300
 
 
-def test_idle_tls_tunnels_are_small(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_idle_tls_tunnels_are_small(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """300 idle TLS tunnels, each proven by an echo, cost twistd under 32 KiB each (no idle record buffers)."""
     backend = serve(echo)
     ctx = client_context(pki.ca_path)
-    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+    with tls_proxy(
+        tmp_path, plane, *tls_args(pki.pair("localhost")), "--to", backend.address
+    ) as proxy:
         with contextlib.ExitStack() as stack:
 
             def idle_client() -> None:
@@ -955,14 +978,15 @@ def test_idle_tls_tunnels_are_small(tmp_path: Path, serve: Serve, pki: PKI) -> N
 _HANDSHAKE_TIMEOUT_REASON = re.compile(r"TLS handshake timeout \(2(\.0*)? s\)")
 
 
-def test_silent_and_garbage_clients(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_silent_and_garbage_clients(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """40 silent and 20 garbage clients: a real client still handshakes and echoes within 1 s; each of the 60 ends in one tunnel_closed (timeout/error) and none reaches the backend."""
     backend = serve(echo)
     pair = pki.pair("localhost")
     args = (*tls_args(pair), "--tls-handshake-timeout", "2", "--to", backend.address)
     silent: list[socket.socket] = []
     garbage: list[socket.socket] = []
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         try:
             for _ in range(40):
                 silent.append(connect(proxy.address))
@@ -1017,7 +1041,8 @@ def install(pair: Pair, cert: Path, key: Path) -> None:
     shutil.copyfile(pair.key, key)
 
 
-def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """SIGHUP under load: the transfer in flight finishes intact; new handshakes get the new certificate; a broken file, a mismatched or damaged key keeps the old one and logs tls_reload_failed saying which file, what is wrong, and that the old certificates stay in use."""
     size = 32 * MiB
     payload = os.urandom(size)
@@ -1037,7 +1062,7 @@ def test_sighup_reloads_certificates(tmp_path: Path, serve: Serve, pki: PKI) -> 
         return served_certificate(proxy.address, trust_both, "localhost")
 
     args = ("--tls-cert", str(cert), "--tls-key", str(key), "--to", backend.address)
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         dial = functools.partial(
             tls_connect, ctx=client_context(pki.ca_path), server_hostname="localhost"
         )
@@ -1103,7 +1128,10 @@ def assert_reload_failures(failures: list[dict[str, Any]], cert: Path, key: Path
 
 
 @pytest.mark.parametrize("form", ["tls-prefix", "backend-tls-flag", "ip-address"])
-def test_backend_tls_verified(tmp_path: Path, serve: Serve, pki: PKI, form: str) -> None:
+@on_planes(TWISTED)
+def test_backend_tls_verified(
+    tmp_path: Path, serve: Serve, pki: PKI, form: str, plane: Plane
+) -> None:
     """--to tls:localhost:P (or --backend-tls, or an IP backend) with --backend-ca relays 2 MiB intact and sends SNI."""
     pair = pki.pair("127.0.0.1" if form == "ip-address" else "localhost")
     backend = TLSBackend(serve, pair, tls_echo)
@@ -1112,7 +1140,7 @@ def test_backend_tls_verified(tmp_path: Path, serve: Serve, pki: PKI, form: str)
         "backend-tls-flag": ["--to", f"localhost:{backend.port}", "--backend-tls"],
         "ip-address": ["--to", f"tls:127.0.0.1:{backend.port}"],
     }[form]
-    with tls_proxy(tmp_path, *to, "--backend-ca", str(pki.ca_path)) as proxy:
+    with tls_proxy(tmp_path, plane, *to, "--backend-ca", str(pki.ca_path)) as proxy:
         digest = sha256(assert_echoes(proxy.address))
         [closed] = proxy.closed()
     assert backend.handshakes == 1
@@ -1123,7 +1151,8 @@ def test_backend_tls_verified(tmp_path: Path, serve: Serve, pki: PKI, form: str)
     assert (closed["bytes_up"], closed["bytes_down"]) == (2 * MiB, 2 * MiB)
 
 
-def test_backend_ca_bundle(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_backend_ca_bundle(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """--backend-ca trusts every CA of a bundle file, not only its first."""
     second_ca, second_path = pki.other_ca("second-ca")
     bundle = pki.directory / "bundle.pem"
@@ -1131,7 +1160,7 @@ def test_backend_ca_bundle(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     pair = write_pair(second_ca, pki.directory, "localhost", name="by-second")
     backend = TLSBackend(serve, pair, tls_echo)
     to = f"tls:localhost:{backend.port}"
-    with tls_proxy(tmp_path, "--to", to, "--backend-ca", str(bundle)) as proxy:
+    with tls_proxy(tmp_path, plane, "--to", to, "--backend-ca", str(bundle)) as proxy:
         digest = sha256(assert_echoes(proxy.address))
         proxy.closed()
     assert backend.server.outcome() == digest
@@ -1164,11 +1193,12 @@ def tls11_only(pair: Pair, conn: socket.socket) -> None:
         tls_echo(tls)
 
 
-def test_backend_tls_1_1_refused(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_backend_tls_1_1_refused(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """TLS 1.2 is the minimum towards backends: a TLS 1.1-only backend fails the connection, logged in OpenSSL's words."""
     backend = serve(functools.partial(tls11_only, pki.pair("localhost")))
     to = f"tls:localhost:{split_address(backend.address)[1]}"
-    with tls_proxy(tmp_path, "--to", to, "--backend-ca", str(pki.ca_path)) as proxy:
+    with tls_proxy(tmp_path, plane, "--to", to, "--backend-ca", str(pki.ca_path)) as proxy:
         closed = assert_backend_failed(proxy)
     assert backend.accepted == 1
     # OpenSSL's reason, without its error-queue tuples.
@@ -1193,8 +1223,9 @@ BAD_BACKEND_CERTIFICATES = {
 
 
 @pytest.mark.parametrize("problem", list(BAD_BACKEND_CERTIFICATES))
+@on_planes(TWISTED)
 def test_backend_tls_refuses_bad_certificate(
-    tmp_path: Path, serve: Serve, pki: PKI, problem: str
+    tmp_path: Path, serve: Serve, pki: PKI, problem: str, plane: Plane
 ) -> None:
     """A backend certificate for another name (or the --backend-sni name), from another CA, self-signed, or not in the system's CAs fails the connection; the log says which name, which CAs, and why."""
     if problem == "wrong-name":
@@ -1216,7 +1247,7 @@ def test_backend_tls_refuses_bad_certificate(
         args += ["--backend-ca", str(pki.ca_path)]
     if problem == "wrong-sni-name":
         args += ["--backend-sni", "sni.example"]
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         closed = assert_backend_failed(proxy)
     assert backend.server.accepted == 1
     if problem == "wrong-sni-name":
@@ -1227,13 +1258,14 @@ def test_backend_tls_refuses_bad_certificate(
     )
 
 
-def test_backend_insecure(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_backend_insecure(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """--backend-insecure relays to a backend whose certificate has another name and an unknown CA, and warns at start-up."""
     other_ca, _ = pki.other_ca("other-ca")
     pair = write_pair(other_ca, pki.directory, "other.example", name="untrusted")
     backend = TLSBackend(serve, pair, tls_echo)
     args = ("--to", f"tls:localhost:{backend.port}", "--backend-insecure")
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         warnings_logged = [
             e
             for e in json_events(proxy.process.stdout)
@@ -1247,23 +1279,25 @@ def test_backend_insecure(tmp_path: Path, serve: Serve, pki: PKI) -> None:
     assert backend.handshakes == 1
 
 
-def test_backend_sni(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_backend_sni(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """--backend-sni NAME is sent to an IP backend and its certificate is checked against NAME."""
     pair = pki.pair("sni.example")
     backend = TLSBackend(serve, pair, tls_echo)
     args = ("--to", f"tls:127.0.0.1:{backend.port}", "--backend-sni", "sni.example")
-    with tls_proxy(tmp_path, *args, "--backend-ca", str(pki.ca_path)) as proxy:
+    with tls_proxy(tmp_path, plane, *args, "--backend-ca", str(pki.ca_path)) as proxy:
         assert_echoes(proxy.address)
         proxy.closed()
     assert backend.sni == ["sni.example"]
 
 
-def test_backend_tls_failover(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_backend_tls_failover(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """With two --to backends, a failed TLS handshake with the first moves on to the second."""
     bad = TLSBackend(serve, pki.pair("other.example"), tls_echo)
     good = TLSBackend(serve, pki.pair("localhost"), tls_echo)
     args = ["--to", f"tls:localhost:{bad.port}", "--to", f"tls:localhost:{good.port}"]
-    with tls_proxy(tmp_path, *args, "--backend-ca", str(pki.ca_path)) as proxy:
+    with tls_proxy(tmp_path, plane, *args, "--backend-ca", str(pki.ca_path)) as proxy:
         assert_echoes(proxy.address)
         [closed] = proxy.closed()
     assert closed["backend"] == f"tls:localhost:{good.port}", closed
@@ -1280,13 +1314,16 @@ def mute(conn: socket.socket) -> bytes:
         return b""
 
 
-def test_backend_handshake_within_connect_timeout(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_planes(TWISTED)
+def test_backend_handshake_within_connect_timeout(
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
+) -> None:
     """A backend that accepts TCP but never answers the handshake times out within --connect-timeout; the next --to is used."""
     stuck = serve(mute)
     good = TLSBackend(serve, pki.pair("localhost"), tls_echo)
     args = ["--to", f"tls:localhost:{split_address(stuck.address)[1]}"]
     args += ["--to", f"tls:localhost:{good.port}", "--backend-ca", str(pki.ca_path)]
-    with tls_proxy(tmp_path, *args, "--connect-timeout", "1") as proxy:
+    with tls_proxy(tmp_path, plane, *args, "--connect-timeout", "1") as proxy:
         assert_echoes(proxy.address)
         [closed] = proxy.closed()
     assert closed["backend"] == f"tls:localhost:{good.port}", closed
@@ -1295,7 +1332,10 @@ def test_backend_handshake_within_connect_timeout(tmp_path: Path, serve: Serve, 
 
 
 @pytest.mark.parametrize("key_form", ["separate-key", "combined-pem", "no-cert"])
-def test_backend_client_certificate(tmp_path: Path, serve: Serve, pki: PKI, key_form: str) -> None:
+@on_planes(TWISTED)
+def test_backend_client_certificate(
+    tmp_path: Path, serve: Serve, pki: PKI, key_form: str, plane: Plane
+) -> None:
     """--backend-cert/--backend-key present a client certificate to a backend that requires one."""
     client_ca, client_ca_path = pki.other_ca("client-ca")
     mine = write_pair(client_ca, pki.directory, "proxy.example", name="proxy-client")
@@ -1305,7 +1345,7 @@ def test_backend_client_certificate(tmp_path: Path, serve: Serve, pki: PKI, key_
         args += ["--backend-cert", str(mine.cert), "--backend-key", str(mine.key)]
     elif key_form == "combined-pem":
         args += ["--backend-cert", str(mine.combined)]
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         if key_form == "no-cert":
             assert plain_client_cut_off(proxy.address) == b""
             [closed] = proxy.closed()
@@ -1335,22 +1375,50 @@ class LateReply:
         return sha256(request)
 
 
-@pytest.mark.parametrize("listener", ["tls-cert", "ssl-endpoint"])
-@pytest.mark.parametrize("finish", ["close_notify+fin", "close_notify", "fin"])
+#: How a TLS client ends its side.
+FINISHES = ["close_notify+fin", "close_notify", "fin"]
+
+
+@on_each_plane
+@pytest.mark.parametrize("finish", FINISHES)
 def test_tls_client_half_close_gets_late_reply(
-    tmp_path: Path, serve: Serve, pki: PKI, finish: str, listener: str
+    tmp_path: Path, serve: Serve, pki: PKI, finish: str, plane: Plane
 ) -> None:
-    """A TLS client that ends its side (close_notify and/or FIN) still gets the reply the backend sends after seeing EOF, then close_notify; on --tls-cert and ssl: listeners."""
+    """A TLS client that ends its side (close_notify and/or FIN) still gets the reply the backend sends after seeing EOF, then close_notify; on a --tls-cert listener."""
+    pair = pki.pair("localhost")
+    assert_late_reply_after_half_close(
+        tmp_path, serve, pki, finish=finish, plane=plane, tls=tls_args(pair)
+    )
+
+
+@on_planes(TWISTED)
+@pytest.mark.parametrize("finish", FINISHES)
+def test_ssl_listener_client_half_close_gets_late_reply(
+    tmp_path: Path, serve: Serve, pki: PKI, finish: str, plane: Plane
+) -> None:
+    """The same on an ssl: listener (Twisted's own TLS)."""
+    pair = pki.pair("localhost")
+    listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
+    assert_late_reply_after_half_close(
+        tmp_path, serve, pki, finish=finish, plane=plane, tls=[], listen=listen
+    )
+
+
+def assert_late_reply_after_half_close(
+    tmp_path: Path,
+    serve: Serve,
+    pki: PKI,
+    *,
+    finish: str,
+    plane: Plane,
+    tls: list[str],
+    listen: str = "127.0.0.1:0",
+) -> None:
+    """A TLS client that ends its side with ``finish`` gets the backend's late reply, then close_notify."""
     late = LateReply()
     backend = serve(late)
-    pair = pki.pair("localhost")
     request = os.urandom(MiB)
-    if listener == "ssl-endpoint":
-        tls: list[str] = []
-        listen = f"ssl:0:interface=127.0.0.1:privateKey={pair.key}:certKey={pair.cert}"
-    else:
-        tls, listen = tls_args(pair), "127.0.0.1:0"
-    with tls_proxy(tmp_path, *tls, "--to", backend.address, listen=listen) as proxy:
+    with tls_proxy(tmp_path, plane, *tls, "--to", backend.address, listen=listen) as proxy:
         pump = Pump(proxy.address, client_context(pki.ca_path), "localhost", finish)
         with pump:
             pump.run(request, timeout=30)
@@ -1365,8 +1433,9 @@ def test_tls_client_half_close_gets_late_reply(
 
 
 @pytest.mark.parametrize("client", ["plain-client", "tls-client"])
+@on_planes(TWISTED)
 def test_tls_backend_half_close_gets_late_reply(
-    tmp_path: Path, serve: Serve, pki: PKI, client: str
+    tmp_path: Path, serve: Serve, pki: PKI, client: str, plane: Plane
 ) -> None:
     """Through a TLS backend leg: the client's EOF reaches the backend as close_notify, and its later reply reaches the client."""
     late = LateReply()
@@ -1376,7 +1445,7 @@ def test_tls_backend_half_close_gets_late_reply(
     args: list[str] = ["--to", f"tls:localhost:{backend.port}", "--backend-ca", str(pki.ca_path)]
     if client == "tls-client":
         args += tls_args(pair)
-    with tls_proxy(tmp_path, *args) as proxy:
+    with tls_proxy(tmp_path, plane, *args) as proxy:
         if client == "tls-client":
             pump = tls_exchange(proxy.address, client_context(pki.ca_path), "localhost", request)
             assert pump.peer_end == "close_notify"

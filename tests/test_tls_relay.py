@@ -37,6 +37,7 @@ from loopback import (
     sha256,
 )
 from OpenSSL import SSL
+from planes import TWISTED, on_each_plane, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
@@ -151,14 +152,16 @@ class TLSTestCase(LoopbackTestCase):
         return context
 
 
-class TerminationTests(TLSTestCase):
-    #: Whether these tests expect the native engine to terminate TLS (when it is built).
-    expect_native = True
-
-    def test_engine(self) -> None:
-        """TLS is terminated by the engine by default, by Twisted's path with --engine python."""
+class TLSEngineChoiceTests(TLSTestCase):
+    def test_engine_by_default(self) -> None:
+        """With the default --engine auto, TLS is terminated by the engine (when it is built)."""
         fwd = self.terminate("--to", "127.0.0.1:9")
-        assert fwd.native is (self.expect_native and native.built())
+        assert fwd.native is native.built()
+
+
+@on_each_plane
+class TerminationTests(TLSTestCase):
+    """A TLS client leg: both ways at once, half-close, resets."""
 
     @inlineCallbacks
     def test_both_ways_at_once(self) -> Inline:
@@ -278,6 +281,43 @@ class TerminationTests(TLSTestCase):
         [record] = yield fwd.closed(1)
         assert (record["closed_by"], record["close_kind"]) == ("backend", "RST")
 
+
+@on_each_plane
+class HandshakeTests(TLSTestCase):
+    """Clients that never complete a handshake."""
+
+    @inlineCallbacks
+    def test_silent_and_garbage_clients_never_reach_the_backend(self) -> Inline:
+        """A silent client times out, a plaintext one fails; neither dials the backend; each logs once."""
+        backend = self.serve(echo)
+        fwd = self.terminate("--to", backend.address, "--tls-handshake-timeout", "0.5")
+
+        def clients() -> tuple[tuple[bytes, str], tuple[bytes, str]]:
+            with connect(fwd.address) as garbage:
+                garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                garbage_outcome = recv_outcome(garbage)
+            with connect(fwd.address) as silent:
+                silent.settimeout(5)
+                return garbage_outcome, recv_outcome(silent)
+
+        garbage_outcome, silent_outcome = yield deferToThread(clients)
+        assert garbage_outcome == (b"", "EOF")
+        assert silent_outcome == (b"", "RST")
+        records = yield fwd.closed(2)
+        assert [(r["close_kind"], r["backend"]) for r in records] == [
+            ("error", "-"),
+            ("timeout", "-"),
+        ]
+        assert records[0]["reason"].startswith("TLS handshake failed: ")
+        assert records[1]["reason"] == "TLS handshake timeout (0.5 s)"
+        assert backend.accepted == 0
+        assert fwd.service.ports[0].factory.creator.handshake_failures == 2
+
+
+@on_planes(TWISTED)
+class BackendTLSTests(TLSTestCase):
+    """A TLS backend leg and CONNECT over TLS, which Twisted relays on either --engine."""
+
     @inlineCallbacks
     def test_https_proxy(self) -> Inline:
         """--mode connect over TLS: the CONNECT request and the tunnel both ride the client's TLS."""
@@ -328,37 +368,6 @@ class TerminationTests(TLSTestCase):
             yield fwd.closed(5)
         assert not cycles, cycles
 
-
-class HandshakeTests(TLSTestCase):
-    @inlineCallbacks
-    def test_silent_and_garbage_clients_never_reach_the_backend(self) -> Inline:
-        """A silent client times out, a plaintext one fails; neither dials the backend; each logs once."""
-        backend = self.serve(echo)
-        fwd = self.terminate("--to", backend.address, "--tls-handshake-timeout", "0.5")
-
-        def clients() -> tuple[tuple[bytes, str], tuple[bytes, str]]:
-            with connect(fwd.address) as garbage:
-                garbage.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                garbage_outcome = recv_outcome(garbage)
-            with connect(fwd.address) as silent:
-                silent.settimeout(5)
-                return garbage_outcome, recv_outcome(silent)
-
-        garbage_outcome, silent_outcome = yield deferToThread(clients)
-        assert garbage_outcome == (b"", "EOF")
-        assert silent_outcome == (b"", "RST")
-        records = yield fwd.closed(2)
-        assert [(r["close_kind"], r["backend"]) for r in records] == [
-            ("error", "-"),
-            ("timeout", "-"),
-        ]
-        assert records[0]["reason"].startswith("TLS handshake failed: ")
-        assert records[1]["reason"] == "TLS handshake timeout (0.5 s)"
-        assert backend.accepted == 0
-        assert fwd.service.ports[0].factory.creator.handshake_failures == 2
-
-
-class BackendTLSTests(TLSTestCase):
     @inlineCallbacks
     def test_verified_backend(self) -> Inline:
         """tls:HOST:PORT with --backend-ca: a hash-checked echo through a verified TLS backend."""
@@ -457,32 +466,18 @@ class BackendTLSTests(TLSTestCase):
         assert fwd.tunnels == []
 
 
-class PythonTerminationTests(TerminationTests):
-    """The same, with TLS terminated by Twisted's path instead of the native engine."""
-
-    extra_args = ("--engine", "python")
-    expect_native = False
-
-
-class PythonHandshakeTests(HandshakeTests):
-    """The same, with TLS terminated by Twisted's path instead of the native engine."""
-
-    extra_args = ("--engine", "python")
-
-
+@on_planes(TWISTED)
 class PortableTerminationTests(TerminationTests):
-    """Twisted's path, with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
-
-    extra_args = ("--engine", "python")
-    expect_native = False
+    """TerminationTests with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
 
     def setUp(self) -> None:
         super().setUp()
         self.patch(RelayTLSProtocol, "direct_openssl", False)
 
 
+@on_planes(TWISTED)
 class PortableBackendTLSTests(BackendTLSTests):
-    """The same, with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
+    """BackendTLSTests with bulk TLS through pyOpenSSL's calls only (no tls_direct)."""
 
     def setUp(self) -> None:
         super().setUp()

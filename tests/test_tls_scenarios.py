@@ -6,8 +6,8 @@ burst with the TCP connection left open, a fatal record after data, a
 ClientHello cut short by a reset, a receive buffer left full. Checked each
 time: every byte (SHA-256), how the stream ended (close_notify, then FIN),
 memory and CPU while stalled, and the ``tunnel_closed`` record. Each test
-runs with the native engine terminating TLS (``--engine native``) and with
-Twisted's path (``--engine python``).
+runs on each plane (tests/planes.py): the native engine terminating TLS and
+Twisted's path.
 """
 
 from __future__ import annotations
@@ -22,24 +22,15 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import test_tls_e2e as e2e
 from loopback import MiB, Serve, connect, recv_all, recv_outcome, sha256
+from planes import Plane, on_each_plane
 from processes import MEMORY_CHECKED, proc_status_kib
 from test_tls_e2e import PKI, tls_args, tls_proxy
 from tls_clients import client_context
-
-
-@pytest.fixture(autouse=True, params=["native", "python"])
-def engine(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The ``--engine`` of every proxy the test starts."""
-    e2e._engine[0] = request.param
-    yield request.param
-    e2e._engine[0] = "auto"
 
 
 @pytest.fixture
@@ -159,13 +150,14 @@ def late_reply(conn: socket.socket) -> tuple[str, bytes]:
 
 
 @pytest.mark.parametrize("size", [10, 100_000, 3 * MiB])
+@on_each_plane
 def test_burst_with_close_notify_tcp_open(
-    tmp_path: Path, serve: Serve, pki: PKI, size: int
+    tmp_path: Path, serve: Serve, pki: PKI, size: int, plane: Plane
 ) -> None:
     """Data and close_notify in one burst, TCP left open: the backend sees EOF, its late reply arrives, then close_notify and FIN."""
     backend = serve(late_reply)
     pair = pki.pair("localhost")
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         client = RawTLS(proxy.address, client_context(pki.ca_path))
         payload = os.urandom(size)
         client.burst(payload, close_notify=True)
@@ -196,13 +188,14 @@ def push_and_close(size: int) -> Any:
 
 
 @pytest.mark.parametrize(("size", "rcvbuf"), [(16 * MiB, 65536), (64 * MiB, None)])
+@on_each_plane
 def test_backend_pushes_to_a_stalled_reader(
-    tmp_path: Path, serve: Serve, pki: PKI, size: int, rcvbuf: int | None
+    tmp_path: Path, serve: Serve, pki: PKI, *, size: int, rcvbuf: int | None, plane: Plane
 ) -> None:
     """The backend sends SIZE and closes while the TLS client reads nothing: memory flat, no spin; then every byte, close_notify and FIN."""
     backend = serve(push_and_close(size))
     pair = pki.pair("localhost")
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         pid = proxy.process.pid
         base = proc_status_kib(pid, "VmRSS")
         client = RawTLS(proxy.address, client_context(pki.ca_path), rcvbuf=rcvbuf)
@@ -232,13 +225,14 @@ def slow_sink(conn: socket.socket) -> str:
     return sha256(data)
 
 
-def test_stalled_backend_64mib(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_stalled_backend_64mib(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """64 MiB from a TLS client to a backend that reads nothing for 4 s: memory flat, no spin, every byte."""
     size = 64 * MiB
     backend = serve(slow_sink)
     pair = pki.pair("localhost")
     payload = os.urandom(size)
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         pid = proxy.process.pid
         base = proc_status_kib(pid, "VmRSS")
         client = RawTLS(proxy.address, client_context(pki.ca_path))
@@ -263,7 +257,8 @@ def test_stalled_backend_64mib(tmp_path: Path, serve: Serve, pki: PKI) -> None:
 # -- 4. a client that resets mid-handshake ---------------------------------------------
 
 
-def test_reset_mid_handshake(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_reset_mid_handshake(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """30 clients reset mid-handshake: each logged, no backend dialled, and the next client is served."""
 
     def echo(conn: socket.socket) -> None:
@@ -272,7 +267,7 @@ def test_reset_mid_handshake(tmp_path: Path, serve: Serve, pki: PKI) -> None:
 
     backend = serve(echo)
     pair = pki.pair("localhost")
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         ctx = client_context(pki.ca_path)
         for i in range(30):
             sock = connect(proxy.address)
@@ -319,12 +314,13 @@ def sized_reply(conn: socket.socket) -> str:
     return sha256(data)
 
 
-def test_200_concurrent(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_200_concurrent(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """200 concurrent clients, random sizes both ways (record boundaries included), ending with close_notify, a bare FIN or both."""
     backend = serve(sized_reply, backlog=512)
     pair = pki.pair("localhost")
     ctx = client_context(pki.ca_path)
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
 
         def one(i: int) -> None:
             rnd = random.Random(i)
@@ -349,7 +345,8 @@ def test_200_concurrent(tmp_path: Path, serve: Serve, pki: PKI) -> None:
 # -- 6. idle timeout sends close_notify --------------------------------------------------
 
 
-def test_idle_timeout_close_notify(tmp_path: Path, serve: Serve, pki: PKI) -> None:
+@on_each_plane
+def test_idle_timeout_close_notify(tmp_path: Path, serve: Serve, pki: PKI, plane: Plane) -> None:
     """--idle-timeout ends a TLS tunnel gracefully: close_notify then FIN, logged as a timeout."""
 
     def hold(conn: socket.socket) -> None:
@@ -361,7 +358,7 @@ def test_idle_timeout_close_notify(tmp_path: Path, serve: Serve, pki: PKI) -> No
     backend = serve(hold)
     pair = pki.pair("localhost")
     with tls_proxy(
-        tmp_path, *tls_args(pair), "--to", backend.address, "--idle-timeout", "1"
+        tmp_path, plane, *tls_args(pair), "--to", backend.address, "--idle-timeout", "1"
     ) as proxy:
         client = RawTLS(proxy.address, client_context(pki.ca_path))
         client.burst(b"x", close_notify=False)
@@ -382,13 +379,16 @@ def greet_then_collect(conn: socket.socket) -> tuple[bytes, str]:
     return recv_outcome(conn)
 
 
+@on_each_plane
 def test_data_before_a_forged_record_reaches_the_backend(
-    tmp_path: Path, serve: Serve, pki: PKI
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
 ) -> None:
     """Data records and a forged one in one burst: the data is relayed, then the backend is reset; the record counts what it got."""
     backend = serve(greet_then_collect)
     payload = os.urandom(100_000)
-    with tls_proxy(tmp_path, *tls_args(pki.pair("localhost")), "--to", backend.address) as proxy:
+    with tls_proxy(
+        tmp_path, plane, *tls_args(pki.pair("localhost")), "--to", backend.address
+    ) as proxy:
         client = RawTLS(proxy.address, client_context(pki.ca_path))
         client.burst(b"!", close_notify=False)
         while True:
@@ -459,14 +459,15 @@ def read_paced(client: RawTLS, rate: int, timeout: float = 120) -> tuple[int, st
     return size, digest.hexdigest(), end
 
 
+@on_each_plane
 def test_slow_reader_after_close_notify_gets_everything(
-    tmp_path: Path, serve: Serve, pki: PKI
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
 ) -> None:
     """A client that sends close_notify, then reads 4 MiB at 256 KiB/s (more than two close graces): every byte, and an exact record."""
     size = 4 * MiB
     backend = serve(push_and_close(size))
     pair = pki.pair("localhost")
-    with tls_proxy(tmp_path, *tls_args(pair), "--to", backend.address) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), "--to", backend.address) as proxy:
         client = RawTLS(proxy.address, client_context(pki.ca_path), rcvbuf=65536)
         client.burst(b"go", close_notify=True)
         got, digest, end = read_paced(client, 256 * 1024)
@@ -478,15 +479,16 @@ def test_slow_reader_after_close_notify_gets_everything(
     assert (closed["closed_by"], closed["close_kind"]) == ("client", "FIN"), closed
 
 
+@on_each_plane
 def test_stalled_reader_reset_counts_only_what_it_got(
-    tmp_path: Path, serve: Serve, pki: PKI
+    tmp_path: Path, serve: Serve, pki: PKI, plane: Plane
 ) -> None:
     """A client that half-closes and reads nothing is reset by --fin-timeout; the record counts no byte it did not get."""
     size = 16 * MiB
     backend = serve(push_and_close(size))
     pair = pki.pair("localhost")
     args = ("--fin-timeout", "2", "--to", backend.address)
-    with tls_proxy(tmp_path, *tls_args(pair), *args) as proxy:
+    with tls_proxy(tmp_path, plane, *tls_args(pair), *args) as proxy:
         client = RawTLS(proxy.address, client_context(pki.ca_path), rcvbuf=65536)
         client.burst(b"go", close_notify=True)
         [closed] = proxy.closed(timeout=30)
