@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from loopback import Serve, ThreadedServer
 
 # The in-process tests run on the reactor tunnelkit installs in production
-# (tests/test_reactor.py checks, and runs the relay suite once more on
+# (tests/app/test_reactor.py checks, and runs the relay suite once more on
 # Twisted's own with TUNNELKIT_TEST_REACTOR=twisted).
 if os.environ.get("TUNNELKIT_TEST_REACTOR", "tunnelkit") == "tunnelkit":
     installed_reactor()

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from tunnelkit.app.build import build_service, prepare
 from tunnelkit.cli.plugin import Options
+from tunnelkit.config.model import ConfigError
 from tunnelkit.relay.tunnel import Tunnel
 
 MiB = 1024 * 1024
@@ -596,7 +597,12 @@ class Forwarder:
         config.parseOptions(
             ["--listen", listen, "--max-connections", "4096", "--drain-timeout", "2", *args]
         )
-        self.service = build_service(prepare(config.settings, reactor))
+        assert config.settings is not None
+        try:
+            prepared = prepare(config.settings, reactor)
+        except ConfigError as e:  # as makeService ends the command
+            raise SystemExit(config.error_lines(e)) from None
+        self.service = build_service(prepared)
         self._log = TunnelRecords(reactor)
         self.records = self._log.records
         globalLogPublisher.addObserver(self._log)

@@ -47,7 +47,7 @@ them: the options that select it and whether the engine must relay there.
 
 The reactor is not a plane: conftest.py installs tunnelkit's reactor, and
 ``TUNNELKIT_TEST_REACTOR=twisted`` reruns a suite on Twisted's own
-(tests/test_reactor.py does so for test_relay_sockets.py).
+(tests/app/test_reactor.py does so for test_relay_sockets.py).
 """
 
 from __future__ import annotations

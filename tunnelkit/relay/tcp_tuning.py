@@ -75,7 +75,7 @@ class _TunedReactor:
         # One outbound connection is not worth two "Starting/Stopping factory"
         # log lines (they cost about 40 % of twistd portforward's connect rate).
         factory.noisy = False
-        # No connector timeout: every attempt goes through the Dialer, whose
+        # No connector timeout: every attempt goes through a BackendGroup, whose
         # own deadline cancels it; a second timer per connection is waste.
         connector = _TunedConnector(
             host,

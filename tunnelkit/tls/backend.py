@@ -3,7 +3,7 @@
 A backend written ``tls:HOST:PORT`` (or any ``HOST:PORT`` with
 ``--backend-tls``) is dialled with :class:`TLSClientEndpoint`: TCP first,
 then the handshake, and only a verified handshake counts as connected, so a
-backend with a wrong certificate is a failed attempt and the dialer moves on
+backend with a wrong certificate is a failed attempt and the backend group moves on
 to the next one. Names are checked by Twisted with ``service_identity``.
 """
 

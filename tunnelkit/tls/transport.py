@@ -20,12 +20,13 @@ things change for a relay:
 * **Connect after the handshake** (client side, optional): the wrapped
   protocol is connected only once the handshake and the certificate check
   have succeeded, so a backend whose certificate is refused is a failed
-  connection attempt (the dialer tries the next backend) rather than a
+  connection attempt (the backend group tries the next backend) rather than a
   connected leg that resets.
 
 It reads ``TLSMemoryBIOProtocol``'s private state (``_tlsConnection``,
 ``_handshakeDone``, ``_aborted``, ``_lostTLSConnection``, ``_appSendBuffer``);
-tests/test_tls_transport.py pins the behaviour down against real OpenSSL.
+tests/tls/test_tls_relay.py and tests/tls/test_tls_server.py pin the behaviour down
+against real OpenSSL.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from processes import run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: Longest a pip command may take (it may download Twisted and its dependencies).
 PIP_TIMEOUT = 300.0

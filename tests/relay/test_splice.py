@@ -1,6 +1,6 @@
 """The splice(2) fast path: when it is used, that it keeps the relay's promises, its pipes.
 
-The relay suite in tests/test_relay_sockets.py runs on each plane with splice
+The relay suite in tests/relay/test_relay_sockets.py runs on each plane with splice
 forced on (``...OnEngineSplice``, ``...OnTwistedSplice``) and off
 (``...NoSplice``), so every half-close, reset, timeout and payload test covers
 both paths. The tests of this module prove the path is really taken (and not

@@ -35,7 +35,7 @@ from processes import (
 )
 from tls_clients import client_context, tls_exchange
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def documented_example() -> dict[str, Any]:

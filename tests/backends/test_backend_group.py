@@ -44,32 +44,32 @@ def make(count: int, timeout: float = 5.0) -> tuple[Clock, list[ControlledEndpoi
     return clock, endpoints, BackendGroup(backends, clock, timeout)
 
 
-class DialerTests(SynchronousTestCase):
-    """The dialer tries backends in order and leaves nothing pending."""
+class BackendGroupTests(SynchronousTestCase):
+    """A group tries its backends in order (the InOrder strategy) and leaves nothing pending."""
 
     def test_first_backend_that_connects_wins(self) -> None:
         """The first listed backend is used when it connects."""
-        _, endpoints, dialer = make(2)
+        _, endpoints, group = make(2)
         results: list[Dialed] = []
-        dialer.dial(Factory()).addCallback(results.append)
+        group.dial(Factory()).addCallback(results.append)
         proto = Protocol()
         endpoints[0].attempts[0].callback(proto)
         self.assertEqual([(r.backend.name, r.protocol) for r in results], [("b0", proto)])
         self.assertEqual(endpoints[1].attempts, [])
 
     def test_next_backend_after_refusal(self) -> None:
-        """A refused backend makes the dialer try the next one."""
-        _, endpoints, dialer = make(2)
+        """A refused backend makes the group try the next one."""
+        _, endpoints, group = make(2)
         results: list[Dialed] = []
-        dialer.dial(Factory()).addCallback(results.append)
+        group.dial(Factory()).addCallback(results.append)
         endpoints[0].attempts[0].errback(ConnectionRefusedError())
         endpoints[1].attempts[0].callback(Protocol())
         self.assertEqual([r.backend.name for r in results], ["b1"])
 
     def test_connect_timeout_cancels_attempt_and_moves_on(self) -> None:
         """An attempt that takes longer than the connect timeout is cancelled; the next is tried."""
-        clock, endpoints, dialer = make(2, timeout=5.0)
-        dialer.dial(Factory())
+        clock, endpoints, group = make(2, timeout=5.0)
+        group.dial(Factory())
         clock.advance(4.9)
         self.assertEqual(endpoints[0].cancelled, 0)
         clock.advance(0.1)
@@ -80,9 +80,9 @@ class DialerTests(SynchronousTestCase):
         """Twisted's endpoints fail a cancelled attempt with ConnectingCancelledError: still a timeout."""
         clock = Clock()
         endpoint = ControlledEndpoint(ConnectingCancelledError(HostnameAddress(b"b0", 80)))
-        dialer = BackendGroup([Backend("b0", endpoint)], clock, 2.0)
+        group = BackendGroup([Backend("b0", endpoint)], clock, 2.0)
         failures: list[BackendsUnavailable] = []
-        dialer.dial(Factory()).addErrback(lambda f: failures.append(f.value))
+        group.dial(Factory()).addErrback(lambda f: failures.append(f.value))
         clock.advance(2.0)
         [error] = failures
         self.assertTrue(error.timed_out)
@@ -90,9 +90,9 @@ class DialerTests(SynchronousTestCase):
 
     def test_all_failing_reports_each_reason(self) -> None:
         """When every backend fails, the error names each backend and why."""
-        clock, endpoints, dialer = make(2, timeout=5.0)
+        clock, endpoints, group = make(2, timeout=5.0)
         failures: list[BackendsUnavailable] = []
-        dialer.dial(Factory()).addErrback(lambda f: failures.append(f.value))
+        group.dial(Factory()).addErrback(lambda f: failures.append(f.value))
         endpoints[0].attempts[0].errback(ConnectionRefusedError())
         clock.advance(5)
         [error] = failures
@@ -104,8 +104,8 @@ class DialerTests(SynchronousTestCase):
 
     def test_cancel_cancels_attempt_in_flight_and_stops(self) -> None:
         """Cancelling the dial cancels the pending attempt and tries no other backend."""
-        clock, endpoints, dialer = make(2)
-        dialing = dialer.dial(Factory())
+        clock, endpoints, group = make(2)
+        dialing = group.dial(Factory())
         errors: list[type] = []
         dialing.addErrback(lambda f: errors.append(f.type))
         dialing.cancel()
@@ -115,7 +115,7 @@ class DialerTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_needs_a_backend(self) -> None:
-        """A dialer with no backend is a programming error."""
+        """A group with no backend is a programming error."""
         self.assertRaises(ValueError, BackendGroup, [], Clock(), 1.0)
 
 

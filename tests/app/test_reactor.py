@@ -85,9 +85,9 @@ def test_the_in_process_suite_runs_on_it() -> None:
 )
 def test_the_relay_suite_passes_on_twisteds_own_reactor(tmp_path: Path) -> None:
     """The relay socket suite, run again in a child pytest on Twisted's EPollReactor (the fast path off)."""
-    tests = Path(__file__).parent
+    suite = Path(__file__).parents[1] / "relay" / "test_relay_sockets.py"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", str(tests / "test_relay_sockets.py")],
+        [sys.executable, "-m", "pytest", "-q", "-x", str(suite)],
         cwd=tmp_path,
         env={**os.environ, "TUNNELKIT_TEST_REACTOR": "twisted"},
         capture_output=True,
