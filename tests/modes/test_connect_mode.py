@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
 
-from transports import HalfCloseTransport
+from transports import HalfCloseTransport, MemoryListener
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
@@ -16,12 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from tunnelkit.backends.endpoints import host_endpoint
 from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.backends.resolver import IPAddress, ResolveError
-from tunnelkit.config.model import Timeouts
 from tunnelkit.modes.connect import ConnectMode, ConnectSettings
 from tunnelkit.policy.targets import TargetPolicy
-from tunnelkit.relay.factory import TunnelFactory
-from tunnelkit.relay.registry import TunnelRegistry
-from tunnelkit.relay.tunnel import TunnelRecord
 
 #: A globally routable address (documentation ranges are not "global"); only
 #: ever handed to a memory reactor, never dialled.
@@ -47,14 +42,12 @@ class Harness:
         fixed: str | None = None,
     ) -> None:
         self.reactor = MemoryReactorClock()
-        self.records: list[TunnelRecord] = []
         self.lookups: list[tuple[str, int]] = []
         self.answers: list[list[IPAddress]] = [[PUBLIC], [LOOPBACK]]
         self.auth_checks: list[tuple[str, str]] = []
         self.pending_auth: Deferred[bool] | None = None
         self.resolve_error = resolve_error
         self.resolve_hangs = resolve_hangs
-        self.registry = TunnelRegistry(self.reactor, 10)
         settings = ConnectSettings(
             policy=policy or TargetPolicy(),
             resolve=self.resolve,
@@ -68,22 +61,10 @@ class Harness:
                 [Backend(fixed, host_endpoint(self.reactor, fixed, 6379, 5.0))], self.reactor, 5.0
             ),
         )
-        self.factory = TunnelFactory(
-            mode=ConnectMode(settings, self.reactor),
-            listener="test",
-            registry=self.registry,
-            clock=self.reactor,
-            timeouts=Timeouts(idle=None, fin=None),
-            read_size=65536,
-        )
-        self.factory._on_ended = self._ended
-        self.client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "198.51.100.5", 5000))
-        self.leg: Any = self.factory.buildProtocol(self.client.getPeer())
-        self.leg.makeConnection(self.client)
-
-    def _ended(self, tunnel: Any, record: TunnelRecord) -> None:
-        self.registry.discard(tunnel)
-        self.records.append(record)
+        self.listener = MemoryListener(ConnectMode(settings, self.reactor), self.reactor)
+        self.registry = self.listener.registry
+        self.records = self.listener.records
+        self.leg, self.client = self.listener.client()
 
     def resolve(self, host: str, port: int) -> Deferred[list[IPAddress]]:
         self.lookups.append((host, port))
@@ -321,7 +302,7 @@ class ConnectModeTests(SynchronousTestCase):
         h = Harness()
         h.registry.max_tunnels = 1
         late = HalfCloseTransport()
-        protocol = h.factory.buildProtocol(IPv4Address("TCP", "198.51.100.6", 5001))
+        protocol = h.listener.factory.buildProtocol(IPv4Address("TCP", "198.51.100.6", 5001))
         assert protocol is not None
         protocol.makeConnection(late)
         self.assertTrue(late.value().startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))

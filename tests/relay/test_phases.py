@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transports import HalfCloseTransport
+from transports import HalfCloseTransport, MemoryListener
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
@@ -18,10 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.backends.endpoints import host_endpoint
 from tunnelkit.backends.group import Backend, BackendGroup
-from tunnelkit.config.model import Timeouts
-from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.phases import Mode, Refused, Route
-from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import CloseKind, Tunnel, TunnelRecord
 
 
@@ -62,31 +59,16 @@ class PhaseTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.mode = ScriptedMode(self.reactor)
-        self.records: list[TunnelRecord] = []
-        self.registry = TunnelRegistry(self.reactor, 10)
-        self.factory = TunnelFactory(
-            mode=self.mode,
-            listener="test",
-            registry=self.registry,
-            clock=self.reactor,
-            timeouts=Timeouts(idle=None, fin=None),
-            read_size=65536,
-        )
-        self.factory._on_ended = self._ended
+        self.listener = MemoryListener(self.mode, self.reactor)
+        self.records = self.listener.records
+        self.factory = self.listener.factory
         self.events: list[LogEvent] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
-    def _ended(self, tunnel: Any, record: TunnelRecord) -> None:
-        self.registry.discard(tunnel)
-        self.records.append(record)
-
     def start_client(self) -> Any:
-        client = HalfCloseTransport(peerAddress=IPv4Address("TCP", "198.51.100.5", 5000))
-        leg: Any = self.factory.buildProtocol(client.getPeer())
-        leg.makeConnection(client)
-        self.leg = leg
-        return leg
+        self.leg, _ = self.listener.client()
+        return self.leg
 
     def record(self) -> TunnelRecord:
         """The tunnel's record, once its client leg has closed as the refusal asked."""
