@@ -226,7 +226,14 @@ def why_twisted(config: Options) -> str | None:
     """Why Twisted relays for ``config``; ``None`` when the native engine does."""
     if config["engine"] == "python":
         return "--engine python"
-    return driver.why_not_native(config)
+    return driver.why_not_native(
+        mode=config["mode"],
+        listen=config["listen"],
+        backends=config.backends,
+        terminates_tls=config.tls is not None,
+        backend_tls=config.backend_tls is not None,
+        write_through=not config["no-write-through"],
+    )
 
 
 def log_relay_plane(config: Options) -> None:
@@ -319,10 +326,13 @@ def build_service(config: Options) -> TunnelService:
         )
 
     relay = (
-        driver.NativeRelay(
-            reactor,
+        driver.NativeRelay(reactor, registry=registry, fd_slots=fd_slots())  # type: ignore[arg-type]
+        if use_native
+        else None
+    )
+    profile = (
+        relay.profile(
             config.backends,
-            registry=registry,  # type: ignore[arg-type]
             timeouts=timeouts,
             connect_timeout=config["connect-timeout"],
             socket_options=config.socket_options,
@@ -331,9 +341,8 @@ def build_service(config: Options) -> TunnelService:
             log_records=not config["no-access-log"],
             restricts_clients=config.clients.restricts,
             tls=_engine_tls(config.tls) if config.tls is not None else None,
-            fd_slots=fd_slots(),
         )
-        if use_native
+        if relay is not None
         else None
     )
 
@@ -359,4 +368,5 @@ def build_service(config: Options) -> TunnelService:
         ),
         on_stopped=stopped,
         native=relay,
+        native_profile=profile,
     )

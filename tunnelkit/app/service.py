@@ -31,6 +31,7 @@ from tunnelkit.relay.socket_options import SocketOptions
 from tunnelkit.relay.tunnel import describe
 
 if TYPE_CHECKING:
+    from tunnelkit.engine._engine import Profile
     from tunnelkit.engine.driver import NativeRelay
 
 log = Logger(namespace="tunnelkit.service")
@@ -104,6 +105,7 @@ class TunnelService(Service):
         on_reload: Callable[[], object] | None = None,
         on_stopped: Callable[[], object] | None = None,
         native: NativeRelay | None = None,
+        native_profile: Profile | None = None,
     ) -> None:
         self.listeners = list(listeners)
         self.factory_for = factory_for
@@ -113,6 +115,8 @@ class TunnelService(Service):
         self.ports: list[IListeningPort] = []
         self.factories: list[IProtocolFactory] = []
         self.native = native
+        #: The engine's profile of every listener (they share their settings).
+        self.native_profile = native_profile
         self.reactor = reactor
         self.on_reload = on_reload
         self.on_stopped = on_stopped
@@ -168,7 +172,11 @@ class TunnelService(Service):
         if self.native is not None:
             # Here, not at listen(): the supervisor of --workers listens but
             # never starts this service, and must not accept.
-            self.native.start(list(zip(self.factories, self.ports, strict=True)))
+            profile = self.native_profile
+            assert profile is not None, "a native relay needs its listeners' profile"
+            self.native.start(
+                [(f, p, profile) for f, p in zip(self.factories, self.ports, strict=True)]
+            )
         self._handle_sighup()
 
     def _handle_sighup(self) -> None:

@@ -385,9 +385,9 @@ class Options(usage.Options):
 
         open_endpoints(self)
         if self["engine"] == "native":
-            from tunnelkit.engine.driver import why_not_native
+            from tunnelkit.app.build import why_twisted
 
-            why = why_not_native(self)
+            why = why_twisted(self)
             if why is not None:
                 raise usage.UsageError(f"--engine native: {why}")
         self._access_log()
