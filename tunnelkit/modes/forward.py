@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -40,12 +40,23 @@ _T = TypeVar("_T")
 
 
 def dial_backend(tunnel: Tunnel, dialer: Dialer) -> Deferred[Dialed]:
-    """Dial a backend leg for ``tunnel``; the client leaving cancels the attempt."""
+    """Dial a backend leg for ``tunnel``; the client leaving cancels the attempt.
+
+    A dial that fails (not one the client's leaving cancelled) marks the
+    tunnel :attr:`~Tunnel.connect_failed`, for its listener's counters.
+    """
     legs = _BackendLegFactory(tunnel)
     dialing = dialer.dial(legs)
     dialing.addBoth(legs.dial_over)
+    dialing.addErrback(_connect_failed, tunnel)
     tunnel.pending = dialing
     return dialing
+
+
+def _connect_failed(failure: Failure, tunnel: Tunnel) -> Failure:
+    if not failure.check(CancelledError):
+        tunnel.connect_failed = True
+    return failure
 
 
 def join_dialed(tunnel: Tunnel, dialed: Dialed) -> None:
