@@ -8,14 +8,18 @@ on each: so the planes agree. Payloads are random and checked by SHA-256.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trustme
 from certs import write_pair
 from loopback import (
@@ -163,3 +167,50 @@ class PythonCountersTests(NativeCountersTests):
     """The same counters on Twisted's relay (``--engine python``)."""
 
     engine = "python"
+
+
+def test_the_engine_counts_clients_refused_for_want_of_descriptors() -> None:
+    """Out of descriptors, the engine accepts each client with its reserved one, closes it, and counts it.
+
+    (Twisted's port closes such clients itself without telling the factory:
+    its refused_out_of_fds stays 0.) The engine runs alone here, without the
+    reactor, so nothing else in this process needs a descriptor meanwhile.
+    """
+    engine_module = pytest.importorskip("tunnelkit.engine._engine")
+    engine = engine_module.Engine(max_tunnels=10)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as backend,
+        socket.create_server(("127.0.0.1", 0)) as listener,
+    ):
+        host, port = backend.getsockname()
+        profile = engine_module.Profile(
+            [("b", host, port)], 65536, 65536, "off", 0.0, 0.0, 2.0, 5.0
+        )
+        listener.setblocking(False)
+        engine.add_listener(listener.fileno(), 0, profile)
+        clients = [socket.socket() for _ in range(2)]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest = os.open(os.devnull, os.O_RDONLY)
+        os.close(lowest)
+        try:
+            # No descriptor is free below the limit now; connect() needs none.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+            for client in clients:
+                client.connect(listener.getsockname())
+            for _ in range(500):
+                engine.run()
+                if engine.counters(0)[engine_module.COUNTERS.index("refused_out_of_fds")] == len(
+                    clients
+                ):
+                    break
+                time.sleep(0.01)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            for client in clients:
+                client.close()
+        counted = ListenerCounters(
+            **dict(zip(engine_module.COUNTERS, engine.counters(0), strict=True))
+        )
+        assert counted == ListenerCounters(refused_out_of_fds=2)
+        assert engine.take_notices() == [("accept_failed", errno.EMFILE)]
+        engine.close()
