@@ -161,7 +161,7 @@ class ProfilesTests(LoopbackTestCase):
         tls_factory = TLSWrapper(tls_mode)
         tls_port, tls_address = self.listen(tls_factory)
         plain_port, plain_address = self.listen(plain_mode)
-        relay.start(
+        indexes = relay.start(
             [
                 (
                     tls_factory,
@@ -171,6 +171,7 @@ class ProfilesTests(LoopbackTestCase):
                 (plain_mode, plain_port, self.profile(relay, plain_backend.address, idle=3600)),
             ]
         )
+        assert indexes == [0, 1]
         # A TLS tunnel left idle is closed after its listener's 0.3 s, while
         # the plain listener's tunnel, idle meanwhile, lives on.
         lasting = yield deferToThread(connect, plain_address)

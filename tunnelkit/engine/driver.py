@@ -262,28 +262,32 @@ class NativeRelay:
 
     # -- listeners ------------------------------------------------------------
 
-    def start(self, listeners: Sequence[tuple[Any, IListeningPort, Profile]]) -> None:
+    def start(self, listeners: Sequence[tuple[Any, IListeningPort, Profile]]) -> list[int | None]:
         """Accept on these ``(factory, port, profile)`` listeners in the engine from now on.
 
-        Each port stops being read by the reactor, and its listener's index
-        (for :meth:`counters` and :meth:`set_profile`) is its place among the
-        ports taken; a port the engine cannot take (a TLS port) goes on
-        accepting through Twisted and its factory. With a TLS profile, the
-        factory wraps its mode's in TLS: the engine takes the wrapped one and
-        does the TLS itself (a port it cannot take still terminates TLS
-        through Twisted).
+        Returns each listener's index in the engine (for :meth:`counters`
+        and :meth:`set_profile`), or ``None`` for a port the engine cannot
+        take (a TLS port): that one goes on accepting through Twisted and its
+        factory. Each port taken stops being read by the reactor. With a TLS
+        profile, the factory wraps its mode's in TLS: the engine takes the
+        wrapped one and does the TLS itself.
         """
         self._nest()
+        indexes: list[int | None] = []
         for factory, port, profile in listeners:
             fd = _port_socket(factory, port)
             if fd is None:
+                indexes.append(None)
                 continue
             mode = factory.wrappedFactory if profile.context is not None else factory
+            index = len(self._factories)
             # Registered first: if that fails, the port still reads through Twisted.
-            self.engine.add_listener(fd, len(self._factories), profile)
+            self.engine.add_listener(fd, index, profile)
             port.stopReading()  # type: ignore[attr-defined]
             self._factories.append(mode)
             self._listening.append(fd)
+            indexes.append(index)
+        return indexes
 
     def set_profile(self, index: int, profile: Profile) -> None:
         """Serve listener ``index``'s new clients with ``profile``; live tunnels keep theirs."""
