@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -277,24 +278,65 @@ def test_engine_native_says_why_the_engine_cannot_serve(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No built module, or a pyOpenSSL that lends no OpenSSL to it: --engine native says so; auto uses Twisted."""
+    from tunnelkit.app.build import why_twisted
     from tunnelkit.engine import driver as native
     from tunnelkit.engine import tls as native_tls
 
     pair = write_pair(trustme.CA(), tmp_path, "localhost")
     tls = ("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
     plain = ("--listen", "1", "--to", "127.0.0.1:1")
-    assert native.built() and native.why_not_native(parse(*plain, *tls)) is None
+    assert native.built() and why_twisted(parse(*plain, *tls)) is None
 
     monkeypatch.setattr(native_tls, "_lib", None)
     why = "TLS is terminated by Python: this pyOpenSSL has no OpenSSL._util bindings"
-    assert native.why_not_native(parse(*plain, *tls)) == why
+    assert why_twisted(parse(*plain, *tls)) == why
     with pytest.raises(SystemExit, match=f"--engine native: {why}"):
         parse(*plain, *tls, "--engine", "native")
-    assert native.why_not_native(parse(*plain)) is None
+    assert why_twisted(parse(*plain)) is None
 
     monkeypatch.setattr(native, "_engine", None)
     with pytest.raises(SystemExit, match="native engine is not built"):
         parse(*plain, "--engine", "native")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({}, None),
+        ({"mode": "connect"}, "--mode connect reads a request first"),
+        ({"backend_tls": True}, "TLS to backends is relayed by Python"),
+        ({"write_through": False}, "--no-write-through is a diagnostic of the Python path"),
+        ({"listen": ["ssl:8443"]}, "--listen 'ssl:8443' is a TLS listener"),
+        ({"listen": ["1"] * 65}, "it takes at most 64 listeners"),
+        (
+            {"backends": ["example.com:80"]},
+            "--to 'example.com:80' is not an IP address or a UNIX path: the engine does not"
+            " resolve names (Twisted resolves them per connection)",
+        ),
+    ],
+)
+def test_why_not_native_takes_one_listeners_values(change: dict[str, Any], why: str | None) -> None:
+    """why_not_native is asked per listener with plain values (no Options), and says why as the flags name it."""
+    from twisted.internet import reactor
+
+    from tunnelkit.backends.dialer import Backend, host_endpoint
+    from tunnelkit.engine.driver import why_not_native
+
+    values: dict[str, Any] = {
+        "mode": "forward",
+        "listen": ["1"],
+        "backends": ["127.0.0.1:80"],
+        "terminates_tls": False,
+        "backend_tls": False,
+        "write_through": True,
+        **change,
+    }
+    addresses = [text.rpartition(":") for text in values["backends"]]
+    values["backends"] = [
+        Backend(f"{host}:{port}", host_endpoint(reactor, host, int(port), 5.0))
+        for host, _, port in addresses
+    ]
+    assert why_not_native(**values) == why
 
 
 def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(
