@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -317,6 +318,47 @@ def test_engine_native_says_why_the_engine_cannot_serve(
     monkeypatch.setattr(native, "_engine", None)
     with pytest.raises(SystemExit, match="native engine is not built"):
         start(*plain, "--engine", "native")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({}, None),
+        ({"mode": "connect"}, "--mode connect reads a request first"),
+        ({"backend_tls": True}, "TLS to backends is relayed by Python"),
+        ({"write_through": False}, "--no-write-through is a diagnostic of the Python path"),
+        ({"listen": ["ssl:8443"]}, "--listen 'ssl:8443' is a TLS listener"),
+        ({"listen": ["1"] * 65}, "it takes at most 64 listeners"),
+        (
+            {"backends": ["example.com:80"]},
+            "--to 'example.com:80' is not an IP address or a UNIX path: the engine does not"
+            " resolve names (Twisted resolves them per connection)",
+        ),
+    ],
+)
+def test_why_not_native_takes_one_listeners_values(change: dict[str, Any], why: str | None) -> None:
+    """why_not_native is asked per listener with plain values (no Options), and says why as the flags name it."""
+    from twisted.internet import reactor
+
+    from tunnelkit.backends.endpoints import host_endpoint
+    from tunnelkit.backends.group import Backend
+    from tunnelkit.engine.driver import why_not_native
+
+    values: dict[str, Any] = {
+        "mode": "forward",
+        "listen": ["1"],
+        "backends": ["127.0.0.1:80"],
+        "terminates_tls": False,
+        "backend_tls": False,
+        "write_through": True,
+        **change,
+    }
+    addresses = [text.rpartition(":") for text in values["backends"]]
+    values["backends"] = [
+        Backend(f"{host}:{port}", host_endpoint(reactor, host, int(port), 5.0))
+        for host, _, port in addresses
+    ]
+    assert why_not_native(**values) == why
 
 
 def test_start_up_line_says_the_engine_is_not_built_and_how_to_see_why(

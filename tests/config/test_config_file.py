@@ -124,6 +124,13 @@ def test_one_process_serves_every_listener_of_the_file(tmp_path: Path, serve: Se
             log = tmp_path / "access.log"
             records = wait_until(lambda: _records(log, 3), "three access-log records")
             assert_clean_stop(tk, tk.stop())
+    # Each listener on its own plane: the engine forwards and offloads TLS, Twisted reads CONNECT.
+    planes = re.findall(r"(listener\[\d\]): relaying with (the native engine|Twisted)", tk.output)
+    assert planes == [
+        ("listener[0]", "the native engine"),
+        ("listener[1]", "Twisted"),
+        ("listener[2]", "the native engine"),
+    ], tk.output
     assert all(r["bytes_up"] == MiB and r["bytes_down"] == MiB for r in records)
     by_mode = {r.get("mode", "forward") for r in records}
     assert by_mode == {"forward", "connect"}, records

@@ -592,7 +592,22 @@ class ReportTests(SynchronousTestCase):
         """The access log failing on the first record of a batch: it is logged as a failure, the others still reach the log."""
         clients = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"]
         records = [
-            (0, (client, "b", "127.0.0.1:9", 1, 2, 0.5, 0.1), 0, 0, "client sent FIN", False, None)
+            (
+                0,
+                client,
+                "b",
+                "127.0.0.1:9",
+                1,
+                2,
+                0.5,
+                0.1,
+                0,
+                0,
+                "client sent FIN",
+                False,
+                None,
+                None,
+            )
             for client in clients
         ]
         factory = FlakyLog(bad=clients[0])
@@ -626,20 +641,20 @@ def test_no_registration_outlives_a_closed_socket() -> None:
         socket.create_server(("127.0.0.1", 0)) as listener,
     ):
         listener.setblocking(False)
-        engine = _engine.Engine(
+        engine = _engine.Engine(max_tunnels=10)
+        profile = _engine.Profile(
             [("b", "127.0.0.1", backend.getsockname()[1])],
             65536,
             1 << 30,
-            0,
+            "off",
             0.0,
             0.0,
             2.0,
             5.0,
-            max_tunnels=10,
             log_records=False,
         )
         try:
-            engine.add_listener(listener.fileno(), 0)
+            engine.add_listener(listener.fileno(), 0, profile)
             idle = set(epoll_targets(engine.fileno()))  # the listener and the engine's eventfd
             with socket.create_connection(listener.getsockname(), timeout=IO_TIMEOUT):
                 deadline = time.monotonic() + IO_TIMEOUT

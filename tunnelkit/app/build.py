@@ -217,7 +217,14 @@ def _why_twisted(
 ) -> str | None:
     if listener.engine == "python":
         return "--engine python"
-    return driver.why_not_native(listener, backends, write_through)
+    return driver.why_not_native(
+        mode=listener.mode,
+        listen=listener.listen,
+        backends=backends,
+        terminates_tls=listener.tls is not None,
+        backend_tls=listener.backend_tls is not None,
+        write_through=write_through,
+    )
 
 
 def _load_tls(

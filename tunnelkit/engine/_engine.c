@@ -97,7 +97,19 @@ enum { TAG_LISTENER = 2, TAG_WAKE = 3, TAG_REACTOR = 4 | TAG_WAKE };
 /* How a tunnel's socket is registered, once, for its whole life. */
 #define SOCKET_EVENTS (EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLPRI | EPOLLET)
 
+/* The values of tunnelkit.relay.tunnel.Side and CloseKind, by C value:
+ * exported as SIDES and CLOSE_KINDS (a test holds them against Python's). */
 static const char *SIDE_NAMES[] = {"client", "backend", "proxy"};
+static const char *KIND_NAMES[] = {"FIN", "RST", "timeout", "error", "shutdown"};
+/* A record's fields, in order (exported as RECORD_FIELDS): the listener
+ * index, then TunnelRecord's fields as C knows them (closed_by and
+ * close_kind as indexes into SIDES and CLOSE_KINDS), whether it spliced,
+ * (pyOpenSSL Connection, handshaken) for a TLS client else None, and the
+ * tunnel's Profile. */
+static const char *RECORD_FIELDS[] = {
+    "listener", "client", "backend", "backend_address", "bytes_up", "bytes_down", "duration",
+    "connect_time", "closed_by", "close_kind", "reason", "spliced", "tls", "profile",
+};
 
 typedef struct {
     struct sockaddr_storage addr;
@@ -130,6 +142,7 @@ typedef struct tunnel {
     dir_t dir[2];       /* dir[CLIENT]: client -> backend; dir[BACKEND]: backend -> client */
     int state;
     int listener_id;
+    struct profile *profile; /* a reference: what the listener was set to when the tunnel began */
     int backend_index;
     int splicing;
     int spliced;
@@ -166,31 +179,70 @@ typedef struct {
     const char *(*reason)(unsigned long code);
 } tls_api_t;
 
-typedef struct {
+/* A listener's profile: how its tunnels are served (backends, timeouts,
+ * socket options, TLS, logging, client policy). Immutable once made, and
+ * shared: each tunnel holds a reference to the profile its listener had when
+ * it was accepted, so set_profile() changes new connections only and a
+ * profile lives while a listener or a tunnel uses it. */
+typedef struct profile {
     PyObject_HEAD
-    int epfd;
-    int reserve_fd; /* kept free for the EMFILE accept guard */
     size_t read_size;
     size_t bulk_read;
     int splice_mode; /* 0 off, 1 auto, 2 on */
     double idle, fin, grace, connect_timeout;
     int half_close; /* 0: the first EOF closes both sides (--no-half-close) */
-    long max_tunnels;
     int log_records;
     int nodelay, keepalive, sndbuf, rcvbuf, mss;
-    int running; /* inside run(): ended tunnels may still have events in the batch */
-    backend_t backends[MAX_BACKENDS];
-    PyObject *backend_names[MAX_BACKENDS];
     int n_backends;
-    listener_t listeners[MAX_LISTENERS];
+    backend_t *backends;        /* n_backends of them */
+    PyObject **backend_names;
     PyObject *client_check; /* callable(host, port, listener_id) -> bool, or NULL */
-    PyObject *records;      /* list of record tuples, taken by Python */
-    PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
-    char *scratch;
-    size_t scratch_size;
     tls_api_t tls;        /* set when tls_new is */
     PyObject *tls_new;    /* callable(fd) -> (SSL address, pyOpenSSL Connection), or NULL */
     double tls_timeout;   /* --tls-handshake-timeout */
+    PyObject *context;    /* Python's own object for this profile (Profile.context) */
+} Profile;
+
+/* What each listener index counts, in COUNTER_NAMES' order (the fields of
+ * tunnelkit.relay.counters.ListenerCounters, which documents each). */
+enum {
+    C_ACCEPTED = 0,
+    C_REFUSED_CLIENT_POLICY,
+    C_REFUSED_CONNECTION_LIMIT,
+    C_REFUSED_OUT_OF_FDS,
+    C_ACTIVE,
+    C_BYTES_UP,
+    C_BYTES_DOWN,
+    C_CONNECT_FAILURES,
+    C_TLS_FAILURES,
+    N_COUNTERS,
+};
+static const char *COUNTER_NAMES[N_COUNTERS] = {
+    "accepted",         "refused_client_policy", "refused_connection_limit",
+    "refused_out_of_fds", "active",              "bytes_up",
+    "bytes_down",       "connect_failures",      "tls_failures",
+};
+
+/* A listener index: its profile for new tunnels and its counters. */
+typedef struct {
+    Profile *profile; /* NULL: never added (or the engine is closed) */
+    int added;
+    unsigned long long counters[N_COUNTERS];
+} slot_t;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int reserve_fd; /* kept free for the EMFILE accept guard */
+    long max_tunnels;
+    int quiet; /* no records (a dying engine) */
+    int running; /* inside run(): ended tunnels may still have events in the batch */
+    listener_t listeners[MAX_LISTENERS];
+    slot_t slots[MAX_LISTENERS]; /* by listener index */
+    PyObject *records;      /* list of record tuples, taken by Python */
+    PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
+    char *scratch;
+    size_t scratch_size;    /* enough for every profile added (see scratch_for) */
     int pipes[PIPES_KEPT][2];
     int n_pipes;
     long fd_slots;   /* tunnels the descriptor limit has room for (0: no limit); a pipe takes one too */
@@ -254,21 +306,21 @@ static PyObject *describe(const struct sockaddr_storage *ss, socklen_t len) {
     return PyUnicode_FromString("-");
 }
 
-static void set_options(Engine *e, int fd, int family) {
+static void set_options(const Profile *p, int fd, int family) {
     if (family != AF_INET && family != AF_INET6)
         return;
     int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &e->nodelay, sizeof e->nodelay);
-    if (e->keepalive >= 0) {
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &p->nodelay, sizeof p->nodelay);
+    if (p->keepalive >= 0) {
         setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
-        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &e->keepalive, sizeof e->keepalive);
+        setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &p->keepalive, sizeof p->keepalive);
     }
-    if (e->sndbuf >= 0)
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &e->sndbuf, sizeof e->sndbuf);
-    if (e->rcvbuf >= 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &e->rcvbuf, sizeof e->rcvbuf);
-    if (e->mss >= 0)
-        setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &e->mss, sizeof e->mss);
+    if (p->sndbuf >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &p->sndbuf, sizeof p->sndbuf);
+    if (p->rcvbuf >= 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &p->rcvbuf, sizeof p->rcvbuf);
+    if (p->mss >= 0)
+        setsockopt(fd, IPPROTO_TCP, TCP_MAXSEG, &p->mss, sizeof p->mss);
 }
 
 static void close_abortively(int fd) {
@@ -383,12 +435,12 @@ static inline void drained(tunnel_t *t, int s, uint32_t what) { t->ready[s] &= ~
 
 /* The reasons OpenSSL queued, ", "-joined as tunnelkit.tls.server.openssl_reason
  * does, else what the system call said. Empties the queue. */
-static void tls_reason(Engine *e, int err, int saved_errno, char *out, size_t size) {
+static void tls_reason(const tls_api_t *tls, int err, int saved_errno, char *out, size_t size) {
     size_t used = 0;
     unsigned long code;
     out[0] = '\0';
-    while ((code = e->tls.next_error()) != 0) {
-        const char *reason = e->tls.reason(code);
+    while ((code = tls->next_error()) != 0) {
+        const char *reason = tls->reason(code);
         if (reason == NULL || used + 1 >= size)
             continue;
         int n = snprintf(out + used, size - used, "%s%s", used ? ", " : "", reason);
@@ -406,29 +458,29 @@ static void tls_reason(Engine *e, int err, int saved_errno, char *out, size_t si
  * must offer the same bytes again (OpenSSL may hold an encrypted record of
  * them); the relay does, from its held buffer (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER).
  * While OpenSSL holds such a record, the client is not read (see may_read). */
-static ssize_t tls_send(Engine *e, tunnel_t *t, const char *buf, size_t len) {
+static ssize_t tls_send(tunnel_t *t, const char *buf, size_t len) {
     size_t done = 0;
     while (done < len) {
         int chunk = len - done > (1 << 30) ? (1 << 30) : (int)(len - done);
-        e->tls.clear_error();
+        t->profile->tls.clear_error();
         errno = 0;
-        int n = e->tls.write(t->ssl, buf + done, chunk);
+        int n = t->profile->tls.write(t->ssl, buf + done, chunk);
         if (n > 0) {
             t->write_pending = 0;
             done += n;
             continue;
         }
         int saved = errno;
-        int err = e->tls.get_error(t->ssl, n);
+        int err = t->profile->tls.get_error(t->ssl, n);
         t->write_pending = err == TLS_WANT_WRITE; /* a record of buf is held */
         if (err == TLS_WANT_WRITE || err == TLS_WANT_READ || done > 0)
             break; /* an error shows again at the next call */
         if (err == TLS_ERROR_SSL) {
             char why[256];
-            tls_reason(e, err, saved, why, sizeof why);
+            tls_reason(&t->profile->tls, err, saved, why, sizeof why);
             note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
         }
-        e->tls.clear_error();
+        t->profile->tls.clear_error();
         errno = saved ? saved : EPIPE;
         return -1;
     }
@@ -453,9 +505,9 @@ static inline int last_bytes(const tunnel_t *t, int to, int more) {
 
 /* Send to side `to` of the tunnel: through TLS to a TLS client, else plain.
  * Less than len taken means the socket is full: epoll says when it has room. */
-static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_t len) {
+static inline ssize_t put(tunnel_t *t, int to, const char *buf, size_t len) {
     ssize_t n = to == CLIENT && t->ssl != NULL
-                    ? tls_send(e, t, buf, len)
+                    ? tls_send(t, buf, len)
                     : send(t->fd[to], buf, len,
                            MSG_NOSIGNAL | MSG_DONTWAIT | last_bytes(t, to, MSG_MORE));
     if (n < (ssize_t)len)
@@ -465,17 +517,17 @@ static inline ssize_t put(Engine *e, tunnel_t *t, int to, const char *buf, size_
 
 /* Send the close_notify owed to the client. 1: sent (or OpenSSL gave up on
  * it); 0: wait until the client is writable; -1: the socket failed (errno). */
-static int tls_notify(Engine *e, tunnel_t *t) {
-    e->tls.clear_error();
+static int tls_notify(tunnel_t *t) {
+    t->profile->tls.clear_error();
     errno = 0;
-    int r = e->tls.shutdown(t->ssl);
+    int r = t->profile->tls.shutdown(t->ssl);
     int saved = errno;
-    int err = r < 0 ? e->tls.get_error(t->ssl, r) : 0;
+    int err = r < 0 ? t->profile->tls.get_error(t->ssl, r) : 0;
     if (err == TLS_WANT_WRITE) {
         drained(t, CLIENT, EPOLLOUT);
         return 0;
     }
-    e->tls.clear_error();
+    t->profile->tls.clear_error();
     t->dir[BACKEND].notify = 0;
     t->notified = 1;
     if (err == TLS_ERROR_SYSCALL && saved != 0) {
@@ -606,14 +658,19 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
     e->active--;
     if (e->active < e->max_tunnels)
         e->warned_full = 0;
+    unsigned long long *counters = e->slots[t->listener_id].counters;
+    counters[C_ACTIVE]--;
+    counters[C_BYTES_UP] += t->dir[CLIENT].bytes;
+    counters[C_BYTES_DOWN] += t->dir[BACKEND].bytes;
+    counters[C_TLS_FAILURES] += t->tls != NULL && !t->handshaken;
     /* A failed handshake is reported even unlogged: Python counts it. */
-    if (e->log_records || (t->tls != NULL && !t->handshaken)) {
+    if (!e->quiet && (t->profile->log_records || (t->tls != NULL && !t->handshaken))) {
         double end = now();
         PyObject *client = describe(&t->peer, t->peer_len);
         PyObject *backend, *backend_address;
         if (t->connected > 0 && t->backend_index >= 0) {
-            backend_t *b = &e->backends[t->backend_index];
-            backend = Py_NewRef(e->backend_names[t->backend_index]);
+            backend_t *b = &t->profile->backends[t->backend_index];
+            backend = Py_NewRef(t->profile->backend_names[t->backend_index]);
             backend_address = describe(&b->addr, b->len);
         } else {
             backend = PyUnicode_FromString("");
@@ -625,14 +682,13 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
                                        : (Py_INCREF(Py_None), Py_None);
         if (!t->noted)
             note(t, PROXY, K_ERROR, "unknown");
+        /* In RECORD_FIELDS' order. Allocation failures only lose the record,
+         * never the engine. */
         PyObject *record = Py_BuildValue(
-            "(i(NNNKKdN)iisON)", t->listener_id, client, backend, backend_address,
+            "(iNNNKKdNiisONO)", t->listener_id, client, backend, backend_address,
             t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
             t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
-            t->spliced ? Py_True : Py_False, tls);
-        /* (listener, TunnelRecord's first seven fields, side, kind, reason,
-         * spliced, (TLS connection, handshaken) or None). Allocation failures
-         * only lose the record, never the engine. */
+            t->spliced ? Py_True : Py_False, tls, (PyObject *)t->profile);
         if (record == NULL || PyList_Append(e->records, record) < 0)
             PyErr_Clear();
         Py_XDECREF(record);
@@ -652,6 +708,7 @@ static void bury(Engine *e) {
         e->graveyard = t->next;
         free(t->reason);
         free(t->errors);
+        Py_DECREF(t->profile); /* may free it: the last tunnel of a replaced profile */
         free(t);
     }
 }
@@ -691,9 +748,9 @@ static void abort_tunnel(Engine *e, tunnel_t *t) {
 }
 
 /* Closing starts the close grace (see grace_expired). */
-static void start_grace(Engine *e, tunnel_t *t) {
+static void start_grace(tunnel_t *t) {
     if (t->grace_at == 0) {
-        t->grace_at = now() + e->grace;
+        t->grace_at = now() + t->profile->grace;
         t->owed = UINT32_MAX;
     }
 }
@@ -704,7 +761,7 @@ static int discard(Engine *e, tunnel_t *t, int s) {
     if (!(t->ready[s] & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)))
         return 0; /* nothing arrived since the last read: epoll will say */
     for (int i = 0; i < 4; i++) {
-        ssize_t n = recv(t->fd[s], e->scratch, e->read_size, MSG_DONTWAIT);
+        ssize_t n = recv(t->fd[s], e->scratch, t->profile->read_size, MSG_DONTWAIT);
         if (n > 0 || (n < 0 && errno == EINTR))
             continue;
         if (n == 0) {
@@ -758,7 +815,7 @@ static int maybe_finish(Engine *e, tunnel_t *t) {
 static int close_both(Engine *e, tunnel_t *t) {
     owe_notify(t);
     t->state = S_CLOSING;
-    start_grace(e, t);
+    start_grace(t);
     return maybe_finish(e, t);
 }
 
@@ -785,7 +842,7 @@ static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
         unwatch_close(e, t, peer, 1);
     }
     t->state = S_CLOSING;
-    start_grace(e, t);
+    start_grace(t);
     return maybe_finish(e, t);
 }
 
@@ -802,7 +859,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
     if (dst < 0)
         return 0;
     while (d->len > d->off) {
-        ssize_t n = put(e, t, 1 - s, d->buf + d->off, d->len - d->off);
+        ssize_t n = put(t, 1 - s, d->buf + d->off, d->len - d->off);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 return 0;
@@ -833,7 +890,7 @@ static int flush(Engine *e, tunnel_t *t, int s) {
     }
     give_pipe(e, d);
     if (d->notify) {
-        int sent = tls_notify(e, t);
+        int sent = tls_notify(t);
         if (sent == 0)
             return 0;
         if (sent < 0)
@@ -857,15 +914,15 @@ static int send_eof_if_done(Engine *e, tunnel_t *t, int s) {
     d->shut = 1;
     if (t->fd[1 - s] >= 0)
         shutdown(t->fd[1 - s], SHUT_WR);
-    if (e->fin > 0 && t->fin_at == 0)
-        t->fin_at = now() + e->fin;
+    if (t->profile->fin > 0 && t->fin_at == 0)
+        t->fin_at = now() + t->profile->fin;
     return 0;
 }
 
 static int got_eof(Engine *e, tunnel_t *t, int s) {
     t->dir[s].eof = 1;
     note(t, s, K_FIN, "%s sent FIN", SIDE_NAMES[s]);
-    if (!e->half_close)
+    if (!t->profile->half_close)
         return close_both(e, t); /* what was read is sent first, then both close */
     if (s == BACKEND && t->ssl != NULL) {
         owe_notify(t); /* the client hears close_notify, then the FIN */
@@ -879,8 +936,8 @@ static int got_eof(Engine *e, tunnel_t *t, int s) {
     return 0;
 }
 
-static void start_splicing(Engine *e, tunnel_t *t) {
-    if (e->splice_mode > 0 && t->ssl == NULL) /* TLS bytes are rewritten: nothing to splice */
+static void start_splicing(tunnel_t *t) {
+    if (t->profile->splice_mode > 0 && t->ssl == NULL) /* TLS bytes are rewritten: nothing to splice */
         t->splicing = 1;
 }
 
@@ -888,7 +945,7 @@ static void start_splicing(Engine *e, tunnel_t *t) {
  * the peer refuses (and stop reading s until it drains). 1 if the tunnel ended. */
 static int deliver(Engine *e, tunnel_t *t, int s, size_t n) {
     dir_t *d = &t->dir[s];
-    ssize_t sent = put(e, t, 1 - s, e->scratch, n);
+    ssize_t sent = put(t, 1 - s, e->scratch, n);
     if (sent < 0) {
         if (errno != EAGAIN && errno != EINTR)
             return side_failed(e, t, 1 - s, errno);
@@ -916,16 +973,16 @@ static int tls_relay_read(Engine *e, tunnel_t *t) {
     int end = 0, err = 0, saved = 0; /* end: 1 EOF (close_notify or a bare FIN), 2 failed */
     t->read_wants_write = 0;
     while (e->scratch_size - got >= TLS_RECORD) {
-        e->tls.clear_error();
+        t->profile->tls.clear_error();
         errno = 0;
         size_t room = e->scratch_size - got;
-        int n = e->tls.read(t->ssl, e->scratch + got, room > (1 << 30) ? (1 << 30) : (int)room);
+        int n = t->profile->tls.read(t->ssl, e->scratch + got, room > (1 << 30) ? (1 << 30) : (int)room);
         if (n > 0) {
             got += n;
             continue;
         }
         saved = errno;
-        err = e->tls.get_error(t->ssl, n);
+        err = t->profile->tls.get_error(t->ssl, n);
         if (err == TLS_WANT_READ)
             drained(t, CLIENT, EPOLLIN);
         if (err == TLS_WANT_WRITE) { /* a key update to answer: retried once writable */
@@ -939,7 +996,7 @@ static int tls_relay_read(Engine *e, tunnel_t *t) {
     }
     if (end == 2) {
         char why[256];
-        tls_reason(e, err, saved, why, sizeof why);
+        tls_reason(&t->profile->tls, err, saved, why, sizeof why);
         if (err == TLS_ERROR_SSL)
             note(t, CLIENT, K_ERROR, "client TLS error: %s", why);
     }
@@ -991,7 +1048,7 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
             t->splicing = 0; /* this pair of descriptors cannot splice: read as usual */
         }
     }
-    ssize_t n = recv(src, e->scratch, e->read_size, 0);
+    ssize_t n = recv(src, e->scratch, t->profile->read_size, 0);
     if (n == 0)
         return got_eof(e, t, s);
     if (n < 0) {
@@ -1003,12 +1060,12 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
     }
     /* A short read emptied the socket, unless it stopped at urgent data
      * (EPOLLPRI) or before an EOF (EPOLLRDHUP) that the next read returns. */
-    if ((size_t)n < e->read_size && !(t->ready[s] & (EPOLLRDHUP | EPOLLPRI | EPOLLHUP)))
+    if ((size_t)n < t->profile->read_size && !(t->ready[s] & (EPOLLRDHUP | EPOLLPRI | EPOLLHUP)))
         drained(t, s, EPOLLIN);
     d->bytes += n;
     t->last_moved = now();
-    if ((size_t)n >= e->bulk_read)
-        start_splicing(e, t);
+    if ((size_t)n >= t->profile->bulk_read)
+        start_splicing(t);
     return deliver(e, t, s, n);
 }
 
@@ -1022,8 +1079,8 @@ static void join(Engine *e, tunnel_t *t) {
     t->state = S_JOINED;
     t->connected = now();
     t->last_moved = t->connected;
-    if (e->splice_mode == 2)
-        start_splicing(e, t);
+    if (t->profile->splice_mode == 2)
+        start_splicing(t);
     rewatch(e, t, BACKEND);
     /* What the client sent meanwhile (even a FIN) waits in the kernel, in order. */
     rewatch(e, t, CLIENT);
@@ -1031,7 +1088,7 @@ static void join(Engine *e, tunnel_t *t) {
 
 static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out) {
     t->last_timed_out = timed_out;
-    const char *name = PyUnicode_AsUTF8(e->backend_names[t->backend_index]);
+    const char *name = PyUnicode_AsUTF8(t->profile->backend_names[t->backend_index]);
     if (name == NULL)
         PyErr_Clear();
     char *errors;
@@ -1045,8 +1102,8 @@ static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_ou
 
 /* Start the next backend attempt; when none is left, close the client and end. */
 static int try_backends(Engine *e, tunnel_t *t) {
-    while (++t->backend_index < e->n_backends) {
-        backend_t *b = &e->backends[t->backend_index];
+    while (++t->backend_index < t->profile->n_backends) {
+        backend_t *b = &t->profile->backends[t->backend_index];
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0 && (errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
             shrink_pool(e, 1); /* as at accept: pipes go first */
@@ -1062,8 +1119,8 @@ static int try_backends(Engine *e, tunnel_t *t) {
             continue;
         }
         e->warned_fds = 0; /* a tunnel got its descriptors: the burst is over */
-        set_options(e, fd, b->addr.ss_family);
-        t->deadline = now() + e->connect_timeout;
+        set_options(t->profile, fd, b->addr.ss_family);
+        t->deadline = now() + t->profile->connect_timeout;
         /* Registered once connect() has started: epoll calls an unconnected
          * TCP socket hung up. */
         int r = connect(fd, (struct sockaddr *)&b->addr, b->len);
@@ -1081,6 +1138,7 @@ static int try_backends(Engine *e, tunnel_t *t) {
         attempt_failed(e, t, strerror(err), 0);
     }
     t->backend_index = -1;
+    e->slots[t->listener_id].counters[C_CONNECT_FAILURES]++;
     note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
          t->errors ? t->errors : "no attempt made");
     turn_away(e, t);
@@ -1131,7 +1189,7 @@ static int client_while_connecting(Engine *e, tunnel_t *t, uint32_t ev) {
 /* Close a client that will get no tunnel: what it sent is read and dropped
  * first, as closing with unread bytes would send an RST instead of a FIN. */
 static void turn_away(Engine *e, tunnel_t *t) {
-    for (int i = 0; i < 4 && recv(t->fd[CLIENT], e->scratch, e->read_size, MSG_DONTWAIT) > 0; i++)
+    for (int i = 0; i < 4 && recv(t->fd[CLIENT], e->scratch, t->profile->read_size, MSG_DONTWAIT) > 0; i++)
         ;
     unwatch_close(e, t, CLIENT, 0);
     end_tunnel(e, t);
@@ -1139,11 +1197,11 @@ static void turn_away(Engine *e, tunnel_t *t) {
 
 /* Go on with the handshake; once done, dial the backends. 1 if the tunnel ended. */
 static int tls_handshake(Engine *e, tunnel_t *t) {
-    e->tls.clear_error();
+    t->profile->tls.clear_error();
     errno = 0;
-    int r = e->tls.do_handshake(t->ssl); /* may call Python: SNI, ALPN */
+    int r = t->profile->tls.do_handshake(t->ssl); /* may call Python: SNI, ALPN */
     if (PyErr_Occurred())
-        PyErr_WriteUnraisable(e->tls_new);
+        PyErr_WriteUnraisable(t->profile->tls_new);
     if (r == 1) {
         t->handshaken = 1;
         t->state = S_CONNECTING;
@@ -1151,7 +1209,7 @@ static int tls_handshake(Engine *e, tunnel_t *t) {
         return try_backends(e, t);
     }
     int saved = errno;
-    int err = e->tls.get_error(t->ssl, r);
+    int err = t->profile->tls.get_error(t->ssl, r);
     if (err == TLS_WANT_READ || err == TLS_WANT_WRITE) {
         uint32_t what = err == TLS_WANT_READ ? EPOLLIN : EPOLLOUT;
         drained(t, CLIENT, what);
@@ -1159,7 +1217,7 @@ static int tls_handshake(Engine *e, tunnel_t *t) {
         return 0;
     }
     char why[256];
-    tls_reason(e, err, saved, why, sizeof why);
+    tls_reason(&t->profile->tls, err, saved, why, sizeof why);
     note(t, CLIENT, K_ERROR, "TLS handshake failed: %s", why);
     turn_away(e, t);
     return 1;
@@ -1170,18 +1228,18 @@ static int tls_handshake(Engine *e, tunnel_t *t) {
 static void tls_start(Engine *e, tunnel_t *t) {
     unsigned long long address = 0;
     PyObject *connection = NULL;
-    PyObject *made = PyObject_CallFunction(e->tls_new, "i", t->fd[CLIENT]);
+    PyObject *made = PyObject_CallFunction(t->profile->tls_new, "i", t->fd[CLIENT]);
     if (made != NULL && PyArg_ParseTuple(made, "KO", &address, &connection) && address != 0) {
         t->ssl = (void *)(uintptr_t)address;
         t->tls = Py_NewRef(connection);
         Py_DECREF(made);
         t->state = S_HANDSHAKE;
-        t->deadline = now() + e->tls_timeout;
+        t->deadline = now() + t->profile->tls_timeout;
         watch(e, t, CLIENT, EPOLLIN);
         return;
     }
     if (PyErr_Occurred())
-        PyErr_WriteUnraisable(e->tls_new);
+        PyErr_WriteUnraisable(t->profile->tls_new);
     Py_XDECREF(made);
     note(t, PROXY, K_ERROR, "TLS setup failed");
     unwatch_close(e, t, CLIENT, 1);
@@ -1205,47 +1263,70 @@ static void out_of_fds(Engine *e, int err) {
     }
 }
 
+/* Whether profile p's client policy lets this client in (UNIX peers pass:
+ * file modes guard them). The policy may run any Python: the caller holds
+ * its own reference to p. */
+static int client_allowed(Profile *p, int id, const struct sockaddr_storage *ss) {
+    if (p->client_check == NULL || (ss->ss_family != AF_INET && ss->ss_family != AF_INET6))
+        return 1;
+    char host[INET6_ADDRSTRLEN];
+    int port;
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        port = ntohs(a->sin_port);
+    } else {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        port = ntohs(a->sin6_port);
+    }
+    PyObject *ok = PyObject_CallFunction(p->client_check, "sii", host, port, id);
+    int allowed = ok == NULL ? -1 : PyObject_IsTrue(ok);
+    Py_XDECREF(ok);
+    /* A policy that fails refuses: logged, and the engine goes on. */
+    if (allowed < 0)
+        PyErr_WriteUnraisable(p->client_check);
+    return allowed == 1;
+}
+
 /* The client policy first, then the cap, as on Twisted's path (a refused
- * client is logged as such even when the proxy is full). */
+ * client is logged as such even when the proxy is full). The new tunnel
+ * keeps the listener's profile of this moment. */
 static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
-    if (e->client_check != NULL && (ss->ss_family == AF_INET || ss->ss_family == AF_INET6)) {
-        char host[INET6_ADDRSTRLEN];
-        int port;
-        if (ss->ss_family == AF_INET) {
-            struct sockaddr_in *a = (struct sockaddr_in *)ss;
-            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
-            port = ntohs(a->sin_port);
-        } else {
-            struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
-            inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
-            port = ntohs(a->sin6_port);
-        }
-        PyObject *ok = PyObject_CallFunction(e->client_check, "sii", host, port, l->id);
-        int allowed = ok == NULL ? -1 : PyObject_IsTrue(ok);
-        Py_XDECREF(ok);
-        if (allowed != 1) {
-            /* A policy that fails refuses: logged, and the engine goes on. */
-            if (allowed < 0)
-                PyErr_WriteUnraisable(e->client_check);
-            close(fd);
-            return;
-        }
+    slot_t *slot = &e->slots[l->id];
+    Profile *p = slot->profile;
+    if (p == NULL) { /* the engine was closed by the client policy */
+        close(fd);
+        return;
+    }
+    Py_INCREF(p);
+    if (!client_allowed(p, l->id, ss)) {
+        slot->counters[C_REFUSED_CLIENT_POLICY]++;
+        Py_DECREF(p);
+        close(fd);
+        return;
     }
     if (e->active >= e->max_tunnels) {
         if (!e->warned_full) {
             e->warned_full = 1;
             notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
         }
+        slot->counters[C_REFUSED_CONNECTION_LIMIT]++;
+        Py_DECREF(p);
         close(fd);
         return;
     }
     tunnel_t *t = calloc(1, sizeof *t);
     if (t == NULL) {
+        Py_DECREF(p);
         close(fd);
         return;
     }
     e->active++;
+    slot->counters[C_ACCEPTED]++;
+    slot->counters[C_ACTIVE]++;
     room_for_tunnel(e);
+    t->profile = p;
     t->fd[CLIENT] = fd;
     t->fd[BACKEND] = -1;
     for (int s = 0; s < 2; s++)
@@ -1265,7 +1346,7 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
         abort_tunnel(e, t);
         return;
     }
-    if (e->tls_new != NULL) {
+    if (p->tls_new != NULL) {
         tls_start(e, t);
         return;
     }
@@ -1274,7 +1355,8 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
 }
 
 static void accept_clients(Engine *e, listener_t *l) {
-    for (int i = 0; i < ACCEPTS_PER_EVENT; i++) {
+    /* l->fd < 0: a client policy removed the listener meanwhile. */
+    for (int i = 0; i < ACCEPTS_PER_EVENT && l->fd >= 0; i++) {
         struct sockaddr_storage ss;
         socklen_t len = sizeof ss;
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -1290,8 +1372,10 @@ static void accept_clients(Engine *e, listener_t *l) {
                  * client is told, and the listener does not spin. */
                 close(e->reserve_fd);
                 fd = accept(l->fd, NULL, NULL);
-                if (fd >= 0)
+                if (fd >= 0) {
                     close(fd);
+                    e->slots[l->id].counters[C_REFUSED_OUT_OF_FDS]++;
+                }
                 e->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
                 out_of_fds(e, EMFILE);
             }
@@ -1520,7 +1604,7 @@ static void grace_expired(Engine *e, tunnel_t *t) {
             owed += owed_to(t, s);
     if (owed > 0 && owed < t->owed) {
         t->owed = owed < UINT32_MAX ? (uint32_t)owed : UINT32_MAX - 1;
-        t->grace_at = now() + e->grace;
+        t->grace_at = now() + t->profile->grace;
     } else if (owed > 0) {
         abort_tunnel(e, t);
     } else {
@@ -1538,28 +1622,28 @@ static void sweep(Engine *e) {
         tunnel_t *next = t->next;
         if (t->state == S_HANDSHAKE) {
             if (t_now >= t->deadline) {
-                note(t, PROXY, K_TIMEOUT, "TLS handshake timeout (%g s)", e->tls_timeout);
+                note(t, PROXY, K_TIMEOUT, "TLS handshake timeout (%g s)", t->profile->tls_timeout);
                 abort_tunnel(e, t);
             }
         } else if (t->state == S_CONNECTING) {
             if (t_now >= t->deadline) {
                 char why[64];
-                snprintf(why, sizeof why, "connect timeout (%g s)", e->connect_timeout);
+                snprintf(why, sizeof why, "connect timeout (%g s)", t->profile->connect_timeout);
                 attempt_failed(e, t, why, 1);
                 try_backends(e, t);
             }
         } else if (t->state == S_CLOSING) {
             if (t->fin_at > 0 && t_now >= t->fin_at) {
-                note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
+                note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", t->profile->fin);
                 abort_tunnel(e, t);
             } else if (t->grace_at > 0 && t_now >= t->grace_at) {
                 grace_expired(e, t);
             }
         } else if (t->fin_at > 0 && t_now >= t->fin_at) {
-            note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", e->fin);
+            note(t, PROXY, K_TIMEOUT, "fin timeout (%g s half-closed)", t->profile->fin);
             abort_tunnel(e, t);
-        } else if (e->idle > 0 && t_now - t->last_moved >= e->idle) {
-            note(t, PROXY, K_TIMEOUT, "idle timeout (%g s without data)", e->idle);
+        } else if (t->profile->idle > 0 && t_now - t->last_moved >= t->profile->idle) {
+            note(t, PROXY, K_TIMEOUT, "idle timeout (%g s without data)", t->profile->idle);
             close_both(e, t);
         }
         t = next;
@@ -1586,14 +1670,77 @@ static PyObject *Engine_abort_all(Engine *e, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+static PyTypeObject ProfileType;
+
+/* The slot of listener index `index`, or NULL with ValueError; with
+ * `added`, only one that add_listener() has used. */
+static slot_t *slot_at(Engine *e, int index, int added) {
+    if (index < 0 || index >= MAX_LISTENERS) {
+        PyErr_Format(PyExc_ValueError, "listener index %d is not in 0..%d", index, MAX_LISTENERS - 1);
+        return NULL;
+    }
+    if (added && !e->slots[index].added) {
+        PyErr_Format(PyExc_ValueError, "no listener was added with index %d", index);
+        return NULL;
+    }
+    return &e->slots[index];
+}
+
+/* The scratch buffer fits every profile in use: a read of read_size, or a
+ * few TLS records whatever --read-size says. It only grows, and only here
+ * (between events), so no read holds the old one. */
+static int fit_scratch(Engine *e, const Profile *p) {
+    size_t need = p->tls_new != NULL && p->read_size < 4 * TLS_RECORD ? 4 * TLS_RECORD : p->read_size;
+    if (need <= e->scratch_size)
+        return 0;
+    char *scratch = realloc(e->scratch, need);
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    e->scratch = scratch;
+    e->scratch_size = need;
+    return 0;
+}
+
+/* Listener index `index` serves its new tunnels with `profile` from now on.
+ * The tunnels it has keep the profile they began with (their reference). */
+static int use_profile(Engine *e, slot_t *slot, PyObject *profile) {
+    if (!PyObject_TypeCheck(profile, &ProfileType)) {
+        PyErr_Format(PyExc_TypeError, "profile must be a tunnelkit.engine._engine.Profile, not %.200s",
+                     Py_TYPE(profile)->tp_name);
+        return -1;
+    }
+    if (e->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the engine is closed");
+        return -1;
+    }
+    if (fit_scratch(e, (Profile *)profile) < 0)
+        return -1;
+    Profile *old = slot->profile;
+    slot->profile = (Profile *)Py_NewRef(profile);
+    Py_XDECREF(old);
+    return 0;
+}
+
 static PyObject *Engine_add_listener(Engine *e, PyObject *args) {
     int fd, id;
-    if (!PyArg_ParseTuple(args, "ii", &fd, &id))
+    PyObject *profile;
+    if (!PyArg_ParseTuple(args, "iiO", &fd, &id, &profile))
+        return NULL;
+    slot_t *slot = slot_at(e, id, 0);
+    if (slot == NULL)
         return NULL;
     for (int i = 0; i < MAX_LISTENERS; i++) {
         listener_t *l = &e->listeners[i];
         if (l->fd >= 0)
             continue;
+        Profile *before = slot->profile;
+        Py_XINCREF(before);
+        if (use_profile(e, slot, profile) < 0) {
+            Py_XDECREF(before);
+            return NULL;
+        }
         /* Exclusive: of the --workers sharing this socket, one is woken per
          * connection, not all (kernels before 4.5 refuse the flag). */
         struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE,
@@ -1603,14 +1750,50 @@ static PyObject *Engine_add_listener(Engine *e, PyObject *args) {
             ev.events = EPOLLIN;
             r = epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev);
         }
-        if (r < 0)
-            return PyErr_SetFromErrno(PyExc_OSError);
+        if (r < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            Profile *made = slot->profile; /* as it was: the index may serve other sockets */
+            slot->profile = before;
+            Py_DECREF(made);
+            return NULL;
+        }
+        Py_XDECREF(before);
         l->fd = fd;
         l->id = id;
+        slot->added = 1;
         Py_RETURN_NONE;
     }
     PyErr_SetString(PyExc_ValueError, "too many listeners for the native engine");
     return NULL;
+}
+
+static PyObject *Engine_set_profile(Engine *e, PyObject *args) {
+    int id;
+    PyObject *profile;
+    if (!PyArg_ParseTuple(args, "iO", &id, &profile))
+        return NULL;
+    slot_t *slot = slot_at(e, id, 1);
+    if (slot == NULL || use_profile(e, slot, profile) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_counters(Engine *e, PyObject *arg) {
+    int id = PyLong_AsLong(arg);
+    if (id == -1 && PyErr_Occurred())
+        return NULL;
+    slot_t *slot = slot_at(e, id, 1);
+    if (slot == NULL)
+        return NULL;
+    PyObject *values = PyTuple_New(N_COUNTERS);
+    for (int i = 0; values != NULL && i < N_COUNTERS; i++) {
+        PyObject *value = PyLong_FromUnsignedLongLong(slot->counters[i]);
+        if (value == NULL)
+            Py_CLEAR(values);
+        else
+            PyTuple_SET_ITEM(values, i, value);
+    }
+    return values;
 }
 
 static PyObject *Engine_remove_listener(Engine *e, PyObject *arg) {
@@ -1662,14 +1845,16 @@ static PyObject *Engine_tunnels(Engine *e, PyObject *Py_UNUSED(unused)) {
 }
 
 static void close_all(Engine *e) {
-    Py_CLEAR(e->client_check); /* it is a method of the object that holds this engine */
-    Py_CLEAR(e->tls_new);
     while (e->head.next != &e->head) {
         tunnel_t *t = e->head.next;
         note(t, PROXY, K_SHUTDOWN, "engine closed");
         abort_tunnel(e, t);
     }
     bury(e);
+    /* The profiles' client policies are methods of the object that holds
+     * this engine: let them go, the counters stay readable. */
+    for (int i = 0; i < MAX_LISTENERS; i++)
+        Py_CLEAR(e->slots[i].profile);
     shrink_pool(e, 1);
     if (e->epfd >= 0)
         close(e->epfd);
@@ -1685,128 +1870,22 @@ static PyObject *Engine_close(Engine *e, PyObject *Py_UNUSED(unused)) {
     Py_RETURN_NONE;
 }
 
-static int parse_backend(Engine *e, PyObject *item, int i) {
-    PyObject *name;
-    const char *host;
-    int port = 0;
-    backend_t *b = &e->backends[i];
-    memset(b, 0, sizeof *b);
-    if (!PyArg_ParseTuple(item, "Us|i", &name, &host, &port))
-        return -1;
-    struct sockaddr_in *a4 = (struct sockaddr_in *)&b->addr;
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&b->addr;
-    struct sockaddr_un *un = (struct sockaddr_un *)&b->addr;
-    if (host[0] == '/') {
-        if (strlen(host) >= sizeof un->sun_path) {
-            PyErr_Format(PyExc_ValueError, "UNIX socket path too long: %s", host);
-            return -1;
-        }
-        un->sun_family = AF_UNIX;
-        strcpy(un->sun_path, host);
-        b->len = offsetof(struct sockaddr_un, sun_path) + strlen(host) + 1;
-    } else if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons(port);
-        b->len = sizeof *a4;
-    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons(port);
-        b->len = sizeof *a6;
-    } else {
-        PyErr_Format(PyExc_ValueError, "not an IP address or UNIX socket path: %s", host);
-        return -1;
-    }
-    Py_INCREF(name);
-    e->backend_names[i] = name;
-    e->n_backends = i + 1;
-    return 0;
-}
-
-/* tls=((the addresses of SSL_do_handshake, SSL_read, SSL_write, SSL_shutdown,
- * SSL_get_error, ERR_clear_error, ERR_get_error, ERR_reason_error_string),
- * new_connection(fd) -> (SSL address, owner), handshake timeout) */
-static int parse_tls(Engine *e, PyObject *tls) {
-    unsigned long long f[8];
-    PyObject *factory;
-    if (!PyArg_ParseTuple(tls, "(KKKKKKKK)Od", &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6],
-                          &f[7], &factory, &e->tls_timeout))
-        return -1;
-    for (int i = 0; i < 8; i++) {
-        if (f[i] == 0) {
-            PyErr_SetString(PyExc_ValueError, "a TLS function address is 0");
-            return -1;
-        }
-    }
-    if (!PyCallable_Check(factory)) {
-        PyErr_SetString(PyExc_TypeError, "new_connection must be callable");
-        return -1;
-    }
-    e->tls.do_handshake = (int (*)(void *))(uintptr_t)f[0];
-    e->tls.read = (int (*)(void *, void *, int))(uintptr_t)f[1];
-    e->tls.write = (int (*)(void *, const void *, int))(uintptr_t)f[2];
-    e->tls.shutdown = (int (*)(void *))(uintptr_t)f[3];
-    e->tls.get_error = (int (*)(const void *, int))(uintptr_t)f[4];
-    e->tls.clear_error = (void (*)(void))(uintptr_t)f[5];
-    e->tls.next_error = (unsigned long (*)(void))(uintptr_t)f[6];
-    e->tls.reason = (const char *(*)(unsigned long))(uintptr_t)f[7];
-    e->tls_new = Py_NewRef(factory);
-    return 0;
-}
-
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
-                             "grace", "connect_timeout", "half_close", "max_tunnels", "log_records",
-                             "nodelay", "keepalive", "sndbuf", "rcvbuf", "mss", "client_check",
-                             "tls", "fd_slots", NULL};
-    PyObject *backends, *check = Py_None, *tls = Py_None;
-    Py_ssize_t read_size, bulk_read;
+    static char *kwlist[] = {"max_tunnels", "fd_slots", NULL};
     if (e->epfd >= 0) {
         PyErr_SetString(PyExc_TypeError, "an Engine is initialized once");
         return -1;
     }
-    e->keepalive = e->sndbuf = e->rcvbuf = e->mss = -1;
-    e->nodelay = 1;
-    e->half_close = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnidddd|$plppiiiiOOl", kwlist, &backends,
-                                     &read_size, &bulk_read, &e->splice_mode, &e->idle, &e->fin,
-                                     &e->grace, &e->connect_timeout, &e->half_close, &e->max_tunnels,
-                                     &e->log_records, &e->nodelay, &e->keepalive, &e->sndbuf,
-                                     &e->rcvbuf, &e->mss, &check, &tls, &e->fd_slots))
+    e->max_tunnels = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$ll", kwlist, &e->max_tunnels, &e->fd_slots))
         return -1;
-    if (tls != Py_None && parse_tls(e, tls) < 0)
-        return -1;
-    if (read_size <= 0 || bulk_read <= 0) {
-        PyErr_SetString(PyExc_ValueError, "read_size and bulk_read must be positive");
+    if (e->max_tunnels <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_tunnels must be given, and positive");
         return -1;
     }
-    PyObject *seq = PySequence_Fast(backends, "backends must be a sequence");
-    if (seq == NULL)
+    if (e->fd_slots < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd_slots must be 0 (no limit) or positive");
         return -1;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    if (count < 1 || count > MAX_BACKENDS) {
-        Py_DECREF(seq);
-        PyErr_Format(PyExc_ValueError, "the native engine takes 1 to %d backends", MAX_BACKENDS);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        if (parse_backend(e, PySequence_Fast_GET_ITEM(seq, i), (int)i) < 0) {
-            Py_DECREF(seq);
-            return -1;
-        }
-    }
-    Py_DECREF(seq);
-    e->read_size = read_size;
-    e->bulk_read = bulk_read;
-    /* TLS reads whole records: room for a few whatever --read-size says. */
-    e->scratch_size = e->tls_new != NULL && read_size < 4 * TLS_RECORD ? 4 * TLS_RECORD : read_size;
-    e->scratch = malloc(e->scratch_size);
-    if (e->scratch == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (check != Py_None) {
-        Py_INCREF(check);
-        e->client_check = check;
     }
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -1838,12 +1917,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObj
 }
 
 static void Engine_dealloc(Engine *e) {
-    e->log_records = 0; /* no records for a dying engine */
+    e->quiet = 1; /* no records for a dying engine */
     close_all(e);
-    for (int i = 0; i < e->n_backends; i++)
-        Py_XDECREF(e->backend_names[i]);
-    Py_XDECREF(e->client_check);
-    Py_XDECREF(e->tls_new);
     Py_XDECREF(e->records);
     Py_XDECREF(e->notices);
     free(e->scratch);
@@ -1862,7 +1937,11 @@ static PyMethodDef Engine_methods[] = {
      "Fire the timers that are due; True if there are records or notices to take."},
     {"abort_all", (PyCFunction)Engine_abort_all, METH_O, "Reset every tunnel, with this reason."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
-     "Accept on listening socket fd, recording listener id."},
+     "add_listener(fd, index, profile): accept on listening socket fd as listener index, with profile."},
+    {"set_profile", (PyCFunction)Engine_set_profile, METH_VARARGS,
+     "set_profile(index, profile): new clients of listener index get profile; live tunnels keep theirs."},
+    {"counters", (PyCFunction)Engine_counters, METH_O,
+     "counters(index): listener index's counters, in COUNTERS order."},
     {"remove_listener", (PyCFunction)Engine_remove_listener, METH_O, "Stop accepting on fd."},
     {"take_records", (PyCFunction)Engine_take_records, METH_NOARGS,
      "The records of the tunnels that ended since the last call."},
@@ -1892,26 +1971,280 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* -- profiles ------------------------------------------------------------------- */
+
+static int parse_backend(Profile *p, PyObject *item, int i) {
+    PyObject *name;
+    const char *host;
+    int port = 0;
+    backend_t *b = &p->backends[i];
+    memset(b, 0, sizeof *b);
+    if (!PyTuple_Check(item)) {
+        PyErr_Format(PyExc_TypeError, "a backend is (name, host, port) or (name, path), not %.200s",
+                     Py_TYPE(item)->tp_name);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(item, "Us|i", &name, &host, &port))
+        return -1;
+    struct sockaddr_in *a4 = (struct sockaddr_in *)&b->addr;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&b->addr;
+    struct sockaddr_un *un = (struct sockaddr_un *)&b->addr;
+    if (host[0] == '/') {
+        if (strlen(host) >= sizeof un->sun_path) {
+            PyErr_Format(PyExc_ValueError, "UNIX socket path too long: %s", host);
+            return -1;
+        }
+        un->sun_family = AF_UNIX;
+        strcpy(un->sun_path, host);
+        b->len = offsetof(struct sockaddr_un, sun_path) + strlen(host) + 1;
+    } else if (port < 1 || port > 65535) {
+        PyErr_Format(PyExc_ValueError, "backend %s needs a port in 1..65535, not %d", host, port);
+        return -1;
+    } else if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(port);
+        b->len = sizeof *a4;
+    } else if (inet_pton(AF_INET6, host, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(port);
+        b->len = sizeof *a6;
+    } else {
+        PyErr_Format(PyExc_ValueError, "not an IP address or UNIX socket path: %s", host);
+        return -1;
+    }
+    p->backend_names[i] = Py_NewRef(name);
+    p->n_backends = i + 1;
+    return 0;
+}
+
+static int parse_backends(Profile *p, PyObject *backends) {
+    PyObject *seq = PySequence_Fast(backends, "backends must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    if (count < 1 || count > MAX_BACKENDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "the native engine takes 1 to %d backends, not %zd",
+                     MAX_BACKENDS, count);
+        return -1;
+    }
+    p->backends = calloc(count, sizeof *p->backends);
+    p->backend_names = calloc(count, sizeof *p->backend_names);
+    if (p->backends == NULL || p->backend_names == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (parse_backend(p, PySequence_Fast_GET_ITEM(seq, i), (int)i) < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* tls=((the addresses of SSL_do_handshake, SSL_read, SSL_write, SSL_shutdown,
+ * SSL_get_error, ERR_clear_error, ERR_get_error, ERR_reason_error_string),
+ * new_connection(fd) -> (SSL address, owner), handshake timeout) */
+static int parse_tls(Profile *p, PyObject *tls) {
+    unsigned long long f[8];
+    PyObject *factory;
+    if (!PyTuple_Check(tls)) {
+        PyErr_SetString(PyExc_TypeError, "tls must be (functions, new_connection, handshake timeout) or None");
+        return -1;
+    }
+    if (!PyArg_ParseTuple(tls, "(KKKKKKKK)Od", &f[0], &f[1], &f[2], &f[3], &f[4], &f[5], &f[6],
+                          &f[7], &factory, &p->tls_timeout))
+        return -1;
+    for (int i = 0; i < 8; i++) {
+        if (f[i] == 0) {
+            PyErr_SetString(PyExc_ValueError, "a TLS function address is 0");
+            return -1;
+        }
+    }
+    if (!PyCallable_Check(factory)) {
+        PyErr_SetString(PyExc_TypeError, "new_connection must be callable");
+        return -1;
+    }
+    if (!(p->tls_timeout > 0)) {
+        PyErr_SetString(PyExc_ValueError, "the TLS handshake timeout must be positive");
+        return -1;
+    }
+    p->tls.do_handshake = (int (*)(void *))(uintptr_t)f[0];
+    p->tls.read = (int (*)(void *, void *, int))(uintptr_t)f[1];
+    p->tls.write = (int (*)(void *, const void *, int))(uintptr_t)f[2];
+    p->tls.shutdown = (int (*)(void *))(uintptr_t)f[3];
+    p->tls.get_error = (int (*)(const void *, int))(uintptr_t)f[4];
+    p->tls.clear_error = (void (*)(void))(uintptr_t)f[5];
+    p->tls.next_error = (unsigned long (*)(void))(uintptr_t)f[6];
+    p->tls.reason = (const char *(*)(unsigned long))(uintptr_t)f[7];
+    p->tls_new = Py_NewRef(factory);
+    return 0;
+}
+
+/* The settings' ranges, each with the message a caller can act on. */
+static int check_profile(Profile *p, Py_ssize_t read_size, Py_ssize_t bulk_read, const char *splice) {
+    static const char *SPLICE[] = {"off", "auto", "on"};
+    p->splice_mode = -1;
+    for (int i = 0; i < 3; i++)
+        if (strcmp(splice, SPLICE[i]) == 0)
+            p->splice_mode = i;
+    const char *why = p->splice_mode < 0 ? "splice must be 'off', 'auto' or 'on'"
+                      : read_size <= 0 || bulk_read <= 0 ? "read_size and bulk_read must be positive"
+                      : !(p->idle >= 0) || !(p->fin >= 0) ? "idle and fin must be 0 (none) or positive"
+                      : !(p->grace > 0) ? "grace must be positive"
+                      : !(p->connect_timeout > 0) ? "connect_timeout must be positive"
+                      : p->keepalive < -1 || p->sndbuf < -1 || p->rcvbuf < -1 || p->mss < -1
+                          ? "keepalive, sndbuf, rcvbuf and mss must be -1 (unset) or at least 0"
+                          : NULL;
+    if (why != NULL) {
+        PyErr_SetString(PyExc_ValueError, why);
+        return -1;
+    }
+    p->read_size = read_size;
+    p->bulk_read = bulk_read;
+    return 0;
+}
+
+static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
+                             "grace", "connect_timeout", "half_close", "log_records", "nodelay",
+                             "keepalive", "sndbuf", "rcvbuf", "mss", "client_check", "tls",
+                             "context", NULL};
+    PyObject *backends, *check = Py_None, *tls = Py_None, *context = Py_None;
+    Py_ssize_t read_size, bulk_read;
+    const char *splice;
+    Profile *p = (Profile *)type->tp_alloc(type, 0);
+    if (p == NULL)
+        return NULL;
+    p->keepalive = p->sndbuf = p->rcvbuf = p->mss = -1;
+    p->nodelay = p->half_close = p->log_records = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnsdddd|$pppiiiiOOO", kwlist, &backends,
+                                     &read_size, &bulk_read, &splice, &p->idle, &p->fin, &p->grace,
+                                     &p->connect_timeout, &p->half_close, &p->log_records,
+                                     &p->nodelay, &p->keepalive, &p->sndbuf, &p->rcvbuf, &p->mss,
+                                     &check, &tls, &context) ||
+        check_profile(p, read_size, bulk_read, splice) < 0 || parse_backends(p, backends) < 0)
+        goto fail;
+    if (check != Py_None && !PyCallable_Check(check)) {
+        PyErr_SetString(PyExc_TypeError, "client_check must be callable or None");
+        goto fail;
+    }
+    if (tls != Py_None && parse_tls(p, tls) < 0)
+        goto fail;
+    p->client_check = check != Py_None ? Py_NewRef(check) : NULL;
+    p->context = Py_NewRef(context);
+    return (PyObject *)p;
+fail:
+    Py_DECREF(p);
+    return NULL;
+}
+
+static int Profile_traverse(Profile *p, visitproc visit, void *arg) {
+    Py_VISIT(p->client_check);
+    Py_VISIT(p->tls_new);
+    Py_VISIT(p->context);
+    return 0;
+}
+
+static int Profile_clear(Profile *p) {
+    Py_CLEAR(p->client_check);
+    Py_CLEAR(p->tls_new);
+    Py_CLEAR(p->context);
+    return 0;
+}
+
+static void Profile_dealloc(Profile *p) {
+    PyObject_GC_UnTrack(p);
+    Profile_clear(p);
+    for (int i = 0; i < p->n_backends; i++)
+        Py_XDECREF(p->backend_names[i]);
+    free(p->backend_names);
+    free(p->backends);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *Profile_get_context(Profile *p, void *Py_UNUSED(closure)) {
+    return Py_NewRef(p->context != NULL ? p->context : Py_None);
+}
+
+static PyObject *Profile_get_backends(Profile *p, void *Py_UNUSED(closure)) {
+    PyObject *names = PyTuple_New(p->n_backends);
+    for (int i = 0; names != NULL && i < p->n_backends; i++)
+        PyTuple_SET_ITEM(names, i, Py_NewRef(p->backend_names[i]));
+    return names;
+}
+
+static PyGetSetDef Profile_getset[] = {
+    {"context", (getter)Profile_get_context, NULL, "The context object given at creation.", NULL},
+    {"backends", (getter)Profile_get_backends, NULL, "The backends' names, in order.", NULL},
+    {NULL},
+};
+
+static PyTypeObject ProfileType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelkit.engine._engine.Profile",
+    .tp_basicsize = sizeof(Profile),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "How a listener's tunnels are served: backends, timeouts, socket options, TLS, logging, client policy.",
+    .tp_new = Profile_new,
+    .tp_traverse = (traverseproc)Profile_traverse,
+    .tp_clear = (inquiry)Profile_clear,
+    .tp_dealloc = (destructor)Profile_dealloc,
+    .tp_getset = Profile_getset,
+};
+
+/* -- the module ------------------------------------------------------------------ */
+
 static struct PyModuleDef engine_module = {
     PyModuleDef_HEAD_INIT, "tunnelkit.engine._engine", "tunnelkit's native relay engine.", -1, NULL, NULL, NULL, NULL, NULL,
 };
 
+/* A tuple of the n strings of names, as a module constant. */
+static int add_names(PyObject *m, const char *constant, const char **names, Py_ssize_t n) {
+    PyObject *tuple = PyTuple_New(n);
+    for (Py_ssize_t i = 0; tuple != NULL && i < n; i++) {
+        PyObject *name = PyUnicode_FromString(names[i]);
+        if (name == NULL)
+            Py_CLEAR(tuple);
+        else
+            PyTuple_SET_ITEM(tuple, i, name);
+    }
+    if (tuple == NULL || PyModule_AddObject(m, constant, tuple) < 0) {
+        Py_XDECREF(tuple);
+        return -1;
+    }
+    return 0;
+}
+
+static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
+    Py_INCREF(type);
+    if (PyModule_AddObject(m, name, (PyObject *)type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    return 0;
+}
+
+#define COUNT(array) ((Py_ssize_t)(sizeof(array) / sizeof(array)[0]))
+
 PyMODINIT_FUNC PyInit__engine(void) {
-    if (PyType_Ready(&EngineType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ProfileType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (m == NULL)
         return NULL;
-    /* Python checks the options against these before making an Engine. */
+    /* Python checks the options against these before making an Engine, and
+     * builds its records and counters from the names (the relay contract). */
     if (PyModule_AddIntConstant(m, "MAX_BACKENDS", MAX_BACKENDS) < 0 ||
         PyModule_AddIntConstant(m, "MAX_LISTENERS", MAX_LISTENERS) < 0 ||
-        PyModule_AddObject(m, "TICK", PyFloat_FromDouble(TICK)) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&EngineType);
-    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
-        Py_DECREF(&EngineType);
+        PyModule_AddObject(m, "TICK", PyFloat_FromDouble(TICK)) < 0 ||
+        add_names(m, "SIDES", SIDE_NAMES, COUNT(SIDE_NAMES)) < 0 ||
+        add_names(m, "CLOSE_KINDS", KIND_NAMES, COUNT(KIND_NAMES)) < 0 ||
+        add_names(m, "RECORD_FIELDS", RECORD_FIELDS, COUNT(RECORD_FIELDS)) < 0 ||
+        add_names(m, "COUNTERS", COUNTER_NAMES, N_COUNTERS) < 0 ||
+        add_type(m, "Engine", &EngineType) < 0 || add_type(m, "Profile", &ProfileType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -11,6 +11,13 @@ tunnels itself, with the same rules as :mod:`tunnelkit.relay.tunnel`. It also
 terminates TLS (``--tls-cert``) with the connections pyOpenSSL makes
 (:mod:`tunnelkit.engine.tls`).
 
+Each listener has a :class:`~tunnelkit.engine._engine.Profile` (its
+backends, timeouts, socket options, TLS, logging and client policy; see
+:meth:`NativeRelay.profile`), so one engine serves listeners of different
+settings, and :meth:`NativeRelay.set_profile` changes a listener's for the
+clients that come next. The engine counts per listener
+(:meth:`NativeRelay.counters`), without Python per connection.
+
 Python keeps what is configuration or policy: Twisted parses the endpoint
 strings and opens the listening sockets (so errors, backlogs, socket
 options, ``systemd:`` and ``--workers`` are unchanged), the client policy is
@@ -38,13 +45,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.config.model import Timeouts
+from tunnelkit.relay.counters import ListenerCounters
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 if TYPE_CHECKING:
     from tunnelkit.backends.group import Backend
-    from tunnelkit.config.model import ListenerSettings
-    from tunnelkit.engine._engine import Record
+    from tunnelkit.engine._engine import Profile, Record
     from tunnelkit.engine.tls import EngineTLS
     from tunnelkit.relay.factory import TunnelFactory
     from tunnelkit.relay.socket_options import SocketOptions
@@ -56,8 +63,11 @@ try:
 except ImportError:  # not built (no compiler at install time) or not Linux
     _engine = None  # type: ignore[assignment]
 
-_SIDES = (Side.CLIENT, Side.BACKEND, Side.PROXY)
-_KINDS = (CloseKind.FIN, CloseKind.RST, CloseKind.TIMEOUT, CloseKind.ERROR, CloseKind.SHUTDOWN)
+if _engine is not None:
+    # The engine's values by name (the relay contract): a name Python does
+    # not know fails here, at import, not in a record.
+    _SIDES = tuple(map(Side, _engine.SIDES))
+    _KINDS = tuple(map(CloseKind, _engine.CLOSE_KINDS))
 
 
 def built() -> bool:
@@ -88,32 +98,41 @@ def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] |
 
 
 def why_not_native(
-    listener: ListenerSettings, backends: Sequence[Backend], write_through: bool
+    *,
+    mode: str,
+    listen: Sequence[str],
+    backends: Sequence[Backend],
+    terminates_tls: bool,
+    backend_tls: bool,
+    write_through: bool,
 ) -> str | None:
-    """Why ``listener`` needs the Twisted path, or ``None`` if the engine can serve it."""
+    """Why one listener needs the Twisted path, or ``None`` if the engine can serve it.
+
+    Asked per listener, with its settings: its ``mode``, its ``listen``
+    strings, its ``backends``, whether it terminates TLS (the engine does
+    when pyOpenSSL lends it OpenSSL) or speaks TLS to its backends, and
+    whether its writes go through (``--no-write-through`` is Python's).
+    """
     if _engine is None:
         return (
             "the native engine is not built (no C compiler at install time?"
             " `pip install -v` shows why)"
         )
-    tls_why = _tls_unavailable() if listener.tls is not None else None
+    tls_why = _tls_unavailable() if terminates_tls else None
     reasons = [
-        (listener.mode != "forward", f"--mode {listener.mode} reads a request first"),
-        (listener.backend_tls is not None, "TLS to backends is relayed by Python"),
+        (mode != "forward", f"--mode {mode} reads a request first"),
+        (backend_tls, "TLS to backends is relayed by Python"),
         (tls_why is not None, f"TLS is terminated by Python: {tls_why}"),
         (not write_through, "--no-write-through is a diagnostic of the Python path"),
         (
-            len(listener.listen) > _engine.MAX_LISTENERS,
+            len(listen) > _engine.MAX_LISTENERS,
             f"it takes at most {_engine.MAX_LISTENERS} listeners",
         ),
-        (
-            len(backends) > _engine.MAX_BACKENDS,
-            f"it takes at most {_engine.MAX_BACKENDS} backends",
-        ),
+        (len(backends) > _engine.MAX_BACKENDS, f"it takes at most {_engine.MAX_BACKENDS} backends"),
     ]
     reasons += [
         (text.strip().lower().startswith(("ssl:", "tls:")), f"--listen {text!r} is a TLS listener")
-        for text in listener.listen
+        for text in listen
     ]
     reasons += [
         (
@@ -178,25 +197,24 @@ class NativeRegistry(TunnelRegistry):
 class NativeRelay:
     """Drives one :class:`tunnelkit.engine._engine.Engine` from the reactor.
 
-    Each listener it takes (:meth:`start`) keeps its :class:`TunnelFactory`:
-    the engine asks that factory's client policy and logs through its access
-    log, so records and refusals read the same as on Twisted's path.
-    ``fd_slots`` is the tunnels the descriptor limit has room for: the
-    engine's splice pipes count as tunnels against it (0: not counted).
+    Each listener it takes (:meth:`start`) keeps its :class:`TunnelFactory`
+    and a profile (:meth:`profile`): the engine asks that factory's client
+    policy and logs through its access log, so records and refusals read the
+    same as on Twisted's path. ``fd_slots`` is the tunnels the descriptor
+    limit has room for: the engine's splice pipes count as tunnels against
+    it (0: not counted). The cap is the registry's, for the whole process.
     """
 
     def __init__(self, reactor: Any, *, registry: NativeRegistry, fd_slots: int = 0) -> None:
         self.reactor = reactor
         self.registry = registry
-        self.fd_slots = fd_slots
-        self.tls: EngineTLS | None = None
-        self.engine: Any = None
-        self._profile: dict[str, Any] | None = None
         self._factories: list[TunnelFactory] = []
         self._listening: list[int] = []
         self._tick: IDelayedCall | None = None
         self._closed = False
         self._nested = False
+        self.engine: Any = _engine.Engine(max_tunnels=registry.max_tunnels, fd_slots=fd_slots)
+        registry.engine = self.engine
 
     def profile(
         self,
@@ -210,74 +228,77 @@ class NativeRelay:
         log_records: bool,
         restricts_clients: bool,
         tls: EngineTLS | None = None,
-    ) -> dict[str, Any]:
-        """What the engine needs to serve one listener's tunnels."""
+    ) -> Profile:
+        """How one listener's tunnels are served, for :meth:`start` or :meth:`set_profile`.
+
+        ``splice`` is ``off``, ``auto`` or ``on``; ``restricts_clients``
+        makes the engine ask the listener's factory about each IP client;
+        with ``tls`` the listener terminates TLS with that listener's
+        certificates (its factory is then the TLS wrapper of its mode's).
+        """
+        options = socket_options
         specs = [spec for spec in map(native_backend, backends) if spec is not None]
         assert len(specs) == len(backends), "why_not_native() was not asked"
-        return {
-            "specs": specs,
-            "timeouts": timeouts,
-            "connect_timeout": connect_timeout,
-            "options": socket_options,
-            "splice": splice,
-            "bulk_read": bulk_read,
-            "log_records": log_records,
-            "restricts_clients": restricts_clients,
-            "tls": tls,
-        }
-
-    def _make_engine(self, profile: dict[str, Any]) -> None:
-        options, timeouts, tls = profile["options"], profile["timeouts"], profile["tls"]
-        self.tls = tls
-        self._profile = profile
-        self.engine = _engine.Engine(
-            profile["specs"],
+        profile: Profile = _engine.Profile(
+            specs,
             options.read_size,
-            profile["bulk_read"],
-            {"off": 0, "auto": 1, "on": 2}[profile["splice"]],
+            bulk_read,
+            splice,
             timeouts.idle or 0.0,
             timeouts.fin or 0.0,
             timeouts.close_grace,
-            profile["connect_timeout"],
+            connect_timeout,
             half_close=timeouts.half_close,
-            max_tunnels=self.registry.max_tunnels,
-            log_records=profile["log_records"],
+            log_records=log_records,
             nodelay=options.nodelay,
             keepalive=-1 if options.keepalive is None else options.keepalive,
             sndbuf=-1 if options.sndbuf is None else options.sndbuf,
             rcvbuf=-1 if options.rcvbuf is None else options.rcvbuf,
             mss=-1 if options.mss is None else options.mss,
-            client_check=self._client_allowed if profile["restricts_clients"] else None,
+            client_check=self._client_allowed if restricts_clients else None,
             tls=tls.argument() if tls is not None else None,
-            fd_slots=self.fd_slots,
+            context=tls,
         )
-        self.registry.engine = self.engine
+        return profile
 
     # -- listeners ------------------------------------------------------------
 
-    def start(self, listeners: Sequence[tuple[Any, IListeningPort, dict[str, Any]]]) -> None:
-        """Accept on these ``(factory, port, profile)`` triples in the engine from now on.
+    def start(self, listeners: Sequence[tuple[Any, IListeningPort, Profile]]) -> list[int | None]:
+        """Accept on these ``(factory, port, profile)`` listeners in the engine from now on.
 
-        Each port stops being read by the reactor; a port the engine cannot
-        take (a TLS port) goes on accepting through Twisted and its factory.
-        With :attr:`tls`, each factory wraps its mode's in TLS: the engine
-        takes the wrapped one and does the TLS itself (a port it cannot
-        take still terminates TLS through Twisted).
+        Returns each listener's index in the engine (for :meth:`counters`
+        and :meth:`set_profile`), or ``None`` for a port the engine cannot
+        take (a TLS port): that one goes on accepting through Twisted and its
+        factory. Each port taken stops being read by the reactor. With a TLS
+        profile, the factory wraps its mode's in TLS: the engine takes the
+        wrapped one and does the TLS itself.
         """
-        if not listeners:
-            return
-        self._make_engine(listeners[0][2])
         self._nest()
+        indexes: list[int | None] = []
         for factory, port, profile in listeners:
             fd = _port_socket(factory, port)
-            if fd is None or profile is not self._profile:
+            if fd is None:
+                indexes.append(None)
                 continue
-            mode = factory.wrappedFactory if self.tls is not None else factory
+            mode = factory.wrappedFactory if profile.context is not None else factory
+            index = len(self._factories)
             # Registered first: if that fails, the port still reads through Twisted.
-            self.engine.add_listener(fd, len(self._factories))
+            self.engine.add_listener(fd, index, profile)
             port.stopReading()  # type: ignore[attr-defined]
             self._factories.append(mode)
             self._listening.append(fd)
+            indexes.append(index)
+        return indexes
+
+    def set_profile(self, index: int, profile: Profile) -> None:
+        """Serve listener ``index``'s new clients with ``profile``; live tunnels keep theirs."""
+        self.engine.set_profile(index, profile)
+
+    def counters(self, index: int) -> ListenerCounters:
+        """Listener ``index``'s counts (see :class:`ListenerCounters`), also after :meth:`close`."""
+        return ListenerCounters(
+            **dict(zip(_engine.COUNTERS, self.engine.counters(index), strict=True))
+        )
 
     def stop_accepting(self) -> None:
         """Stop accepting (before the ports close their sockets); tunnels go on."""
@@ -356,8 +377,6 @@ class NativeRelay:
     def close(self) -> None:
         """Reset what is left, log it, and let the descriptors go."""
         self._closed = True
-        if self.engine is None:  # never started (the supervisor of --workers)
-            return
         if self._tick is not None and self._tick.active():
             self._tick.cancel()
         self._tick = None
@@ -400,29 +419,19 @@ class NativeRelay:
                 )
 
     def _log_record(self, record: Record) -> None:
-        listener, fields, side, kind, why, spliced, tls = record
-        factory = self._factories[listener]
-        details: dict[str, object] = {"spliced": True} if spliced else {}
-        reason = why if tls is None else self._tls_details(tls, kind, why, details)
-        closed = TunnelRecord(*fields, _SIDES[side], _KINDS[kind], reason, details)
-        factory.tunnel_log(closed, factory.listener)
-
-    def _tls_details(
-        self, tls: tuple[Any, bool], kind: int, reason: str, details: dict[str, object]
-    ) -> str:
-        """Add a TLS tunnel's fields to ``details``; its reason, as Twisted's path words it."""
-        from tunnelkit.tls.leg import connection_details, failed_handshake
-
-        connection, handshaken = tls
-        if handshaken:
-            details.update(connection_details(connection))
-            return reason
-        assert self.tls is not None
-        refused, more = failed_handshake(self.tls.server, connection)
-        details.update(more)
-        return refused if refused and _KINDS[kind] is CloseKind.ERROR else reason
+        """Log a record of the engine, named by ``RECORD_FIELDS``, as a :class:`TunnelRecord`."""
+        fields: dict[str, Any] = dict(zip(_engine.RECORD_FIELDS, record, strict=True))
+        factory = self._factories[fields.pop("listener")]
+        details: dict[str, object] = {"spliced": True} if fields.pop("spliced") else {}
+        tls, profile = fields.pop("tls"), fields.pop("profile")
+        fields["closed_by"] = _SIDES[fields["closed_by"]]
+        kind = fields["close_kind"] = _KINDS[fields["close_kind"]]
+        if tls is not None:
+            fields["reason"] = _tls_details(profile.context, tls, kind, fields["reason"], details)
+        factory.tunnel_log(TunnelRecord(**fields, details=details), factory.listener)
 
     def _notice(self, name: str, value: int) -> None:
+        """A notice of the engine, said in the log once per burst."""
         if name == "connection_limit":
             self.registry.engine_full()
         elif name == "accept_failed":
@@ -430,3 +439,25 @@ class NativeRelay:
                 "out of file descriptors: new clients are accepted and closed at once",
                 event="accept_failed",
             )
+
+
+def _tls_details(
+    tls: EngineTLS,
+    connection: tuple[Any, bool],
+    kind: CloseKind,
+    reason: str,
+    details: dict[str, object],
+) -> str:
+    """Add a TLS tunnel's fields to ``details``; its reason, as Twisted's path words it.
+
+    ``tls`` is the listener's when the tunnel began: its profile's context.
+    """
+    from tunnelkit.tls.leg import connection_details, failed_handshake
+
+    ssl, handshaken = connection
+    if handshaken:
+        details.update(connection_details(ssl))
+        return reason
+    refused, more = failed_handshake(tls.server, ssl)
+    details.update(more)
+    return refused if refused and kind is CloseKind.ERROR else reason

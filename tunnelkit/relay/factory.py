@@ -3,9 +3,10 @@
 A :class:`TunnelFactory` admits or refuses the client (client policy, the
 connection cap), makes its :class:`Tunnel`, runs it through its mode's
 phases (:class:`~tunnelkit.relay.phases.Connection`) once the client is
-connected, and logs the record when it ends. Modes only say how the backend
-is found (:class:`~tunnelkit.relay.phases.Mode`): forward dials the
-configured backends, CONNECT reads a request first.
+connected, and logs the record when it ends; it counts each of those steps
+in its :attr:`TunnelFactory.counters`. Modes only say how the backend is
+found (:class:`~tunnelkit.relay.phases.Mode`): forward dials the configured
+backends, CONNECT reads a request first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.logger import Logger
 from tunnelkit.config.model import Timeouts
 from tunnelkit.logs.tunnel_log import log_tunnel_closed
 from tunnelkit.policy.targets import ClientPolicy
+from tunnelkit.relay.counters import ListenerCounters
 from tunnelkit.relay.idle_watch import IdleWatch
 from tunnelkit.relay.phases import Connection, Mode
 from tunnelkit.relay.registry import TunnelRegistry
@@ -58,7 +60,8 @@ class TunnelFactory(Factory):
         self.timeouts = timeouts
         self.read_size = read_size
         self.clients = clients or ClientPolicy()
-        self.refused_clients = 0
+        #: What this listener counted on Twisted's plane (the engine counts its own).
+        self.counters = ListenerCounters()
         self.write_through = write_through
         self.client_leg = client_leg
         self.idle_watch = idle_watch
@@ -71,7 +74,9 @@ class TunnelFactory(Factory):
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) if refused."""
+        counters = self.counters
         if not self.client_allowed(addr):
+            counters.refused_client_policy += 1
             return None
         tunnel = Tunnel(
             self.clock,
@@ -84,7 +89,10 @@ class TunnelFactory(Factory):
             pipes=self.pipes,
         )
         if not self.registry.admit(tunnel):
+            counters.refused_connection_limit += 1
             return self.overloaded()
+        counters.accepted += 1
+        counters.active += 1
         if self.pipes is not None:
             self.pipes.make_room()
         tunnel.on_client_connected = self._on_connected
@@ -96,7 +104,6 @@ class TunnelFactory(Factory):
             return True
         if self.clients.allows(ipaddress.ip_address(addr.host.split("%", 1)[0])):
             return True
-        self.refused_clients += 1
         log.info(
             "client {client} refused by the client policy",
             event="client_refused",
@@ -117,4 +124,10 @@ class TunnelFactory(Factory):
         # Logged before the registry hears of it: the last discard of a drain
         # lets shutdown go on, and the log is flushed then.
         self.tunnel_log(record, self.listener)
+        counters = self.counters
+        counters.active -= 1
+        counters.bytes_up += record.bytes_up
+        counters.bytes_down += record.bytes_down
+        counters.connect_failures += tunnel.connect_failed
+        counters.tls_failures += tunnel.client.handshake_failed
         self.registry.discard(tunnel)

@@ -160,6 +160,7 @@ class Connection:
     def _not_connected(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             return  # the client left; the relay has already accounted for it
+        self.tunnel.connect_failed = True  # for the listener's counters
         reason, kind = why_not_connected(failure)
         status = 504 if kind is CloseKind.TIMEOUT else 502
         self.mode.refuse(self.tunnel, Refused(reason, kind, status=status))

@@ -117,6 +117,8 @@ class Leg(Protocol):
     #: True once the tunnel closes while this side may still send: what it
     #: sends is dropped until it closes too (see :meth:`Tunnel.close_leg`).
     lingering = False
+    #: True once a TLS client left without completing its handshake (see tunnelkit.tls.leg).
+    handshake_failed = False
 
     def __init__(self, tunnel: Tunnel, side: Side) -> None:
         self.tunnel = tunnel
@@ -225,6 +227,8 @@ class Tunnel:
 
     #: The client's socket while :mod:`tunnelkit.relay.reset_watch` watches it (set on the instance then).
     _reset_fd = -1
+    #: True once no backend connected (every attempt failed): set on the instance then.
+    connect_failed = False
 
     def __init__(
         self,

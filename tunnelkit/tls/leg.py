@@ -82,6 +82,7 @@ class HandshakeLeg(Leg):
 
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:  # type: ignore[assignment]
         if not self.handshaken:
+            self.handshake_failed = True
             refused, details = failed_handshake(self.tls, self.transport.getHandle())
             self.tunnel.details.update(details)
             why = refused or f"TLS handshake failed: {_why(reason)}"
