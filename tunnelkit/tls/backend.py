@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -30,7 +29,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.config.model import BackendTLSSettings
-from tunnelkit.tls.server import TLSConfigError, openssl_reason, pem_certificates, private_key
+from tunnelkit.tls.server import (
+    openssl_reason,
+    pem_certificates,
+    private_key,
+    read_file,
+)
 from tunnelkit.tls.transport import RelayTLSFactory, RelayTLSProtocol
 
 try:
@@ -42,13 +46,6 @@ except ImportError:  # pragma: no cover - a pyOpenSSL without these bindings
 
 class BackendTLSError(Exception):
     """A TLS backend's handshake failed; the message says what was checked, against what."""
-
-
-def _pem(option: str, path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise TLSConfigError(f"{option} {path}: {e.strerror or e}") from None
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -69,7 +66,7 @@ class _Unverified:
 
 def _client_certificate(cert: str, key: str | None) -> ssl.PrivateCertificate:
     """``--backend-cert`` and its key (``--backend-key``, else in the certificate file), checked."""
-    leaf = pem_certificates("--backend-cert", cert, _pem("--backend-cert", cert))[0]
+    leaf = pem_certificates("--backend-cert", cert, read_file("--backend-cert", cert))[0]
     loaded = private_key(cert, key or cert, leaf, ("--backend-cert", "--backend-key"))
     pem = leaf.public_bytes(serialization.Encoding.PEM) + loaded.private_bytes(
         serialization.Encoding.PEM,
@@ -99,7 +96,9 @@ class BackendTLS:
         self.trust: Any = None
         if settings.ca is not None:
             # Every CA of the file (a bundle), each through its own PEM.
-            cas = pem_certificates("--backend-ca", settings.ca, _pem("--backend-ca", settings.ca))
+            cas = pem_certificates(
+                "--backend-ca", settings.ca, read_file("--backend-ca", settings.ca)
+            )
             self.trust = ssl.trustRootFromCertificates(
                 [ssl.Certificate.loadPEM(ca.public_bytes(serialization.Encoding.PEM)) for ca in cas]
             )

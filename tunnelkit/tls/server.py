@@ -43,7 +43,8 @@ class TLSConfigError(Exception):
     """A certificate, key or CA file cannot be used; the message names it."""
 
 
-def _read(option: str, path: str) -> bytes:
+def read_file(option: str, path: str) -> bytes:
+    """The bytes of the file ``option`` names; an unreadable one is a :class:`TLSConfigError`."""
     try:
         return Path(path).read_bytes()
     except OSError as e:
@@ -112,7 +113,7 @@ def private_key(
     cert_option, key_option = options
     combined = key == cert
     where = f"{cert_option} {cert}" if combined else f"{key_option} {key}"
-    data = _read(cert_option if combined else key_option, key)
+    data = read_file(cert_option if combined else key_option, key)
     if b"PRIVATE KEY-----" not in data:
         if combined:
             raise TLSConfigError(
@@ -178,7 +179,7 @@ def _context(
         context.set_alpn_select_callback(_alpn_chooser(settings.alpn))
     if settings.client_ca:
         pem_certificates(
-            "--tls-client-ca", settings.client_ca, _read("--tls-client-ca", settings.client_ca)
+            "--tls-client-ca", settings.client_ca, read_file("--tls-client-ca", settings.client_ca)
         )
         try:
             context.load_verify_locations(settings.client_ca)
@@ -225,7 +226,7 @@ class Certificates:
         self.names: list[str] = []
         contexts = []
         for pair in settings.pairs:
-            leaf = _leaf(_read("--tls-cert", pair.cert), pair.cert)
+            leaf = _leaf(read_file("--tls-cert", pair.cert), pair.cert)
             context = _context(settings, pair, private_key(pair.cert, pair.key, leaf))
             contexts.append(context)
             for name in _names(leaf):
