@@ -265,3 +265,36 @@ def test_a_process_flag_adds_what_the_file_leaves_out(tmp_path: Path, serve: Ser
         payload = b"x" * 4096
         assert _plain(address, payload) == payload
         assert_clean_stop(tk, tk.stop())
+
+
+def _many_endpoints(backend: str, counts: tuple[int, ...], engine: str = "auto") -> str:
+    return "".join(
+        f"[[listener]]\nlisten = {['127.0.0.1:0'] * count!r}\nto = {backend!r}\n"
+        f"engine = {engine!r}\n".replace("'", '"')
+        for count in counts
+    )
+
+
+def test_listeners_beyond_the_engines_sockets_run_on_twisted(tmp_path: Path, serve: Serve) -> None:
+    """One engine takes 64 listening sockets in all: a listener that would pass that runs on Twisted, and says why."""
+    backend = serve(echo)
+    path = tmp_path / "tk.toml"
+    path.write_text(_many_endpoints(backend.address, (40, 40)))
+    with twistd("--config", str(path), cwd=tmp_path) as tk:
+        addresses = tk.wait_listening(80)
+        payload = os.urandom(64 * 1024)
+        for address in (addresses[0], addresses[39], addresses[40], addresses[79]):
+            assert _plain(address, payload) == payload
+        assert_clean_stop(tk, tk.stop())
+    assert "listener[0]: relaying with the native engine" in tk.output
+    assert (
+        "listener[1]: relaying with Twisted, not the native engine: the engine takes at most 64"
+        " listening sockets in all, and the listeners before this one use 40"
+    ) in tk.output
+
+
+def test_engine_native_beyond_the_engines_sockets_is_an_error(tmp_path: Path) -> None:
+    """engine = "native" on a listener the engine has no room for: --check names it."""
+    code, output = _check(tmp_path, _many_endpoints("127.0.0.1:1", (40, 40), engine="native"))
+    assert code == 1
+    assert "listener[1].engine: native: the engine takes at most 64 listening sockets" in output

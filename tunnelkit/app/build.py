@@ -158,9 +158,13 @@ def prepare(settings: Settings, reactor: Any) -> Prepared:
     """Load what ``settings`` name; :class:`ConfigError` names every problem found."""
     problems: list[Problem] = []
     listeners = []
+    engine_sockets = 0
     for listener in settings.listeners:
         found = _Problems(listener.path)
         loaded = _load_listener(listener, settings, reactor, found)
+        if loaded is not None and loaded.why_twisted is None:
+            loaded = _within_engine(loaded, engine_sockets, found)
+            engine_sockets += len(loaded.endpoints) if loaded.why_twisted is None else 0
         problems += found.found
         if loaded is not None:
             listeners.append(loaded)
@@ -210,6 +214,24 @@ def _load_listener(
         problems.add(("engine",), f"{{engine}} native: {why}")
         return None
     return Listener(listener, tuple(endpoints), tuple(backends), tls, backend_tls, users, why)
+
+
+def _within_engine(listener: Listener, taken: int, problems: _Problems) -> Listener:
+    """``listener`` on Twisted's plane if its sockets would not fit the engine after ``taken``.
+
+    One engine serves every engine listener of the process, and it takes
+    a bounded number of listening sockets in all.
+    """
+    room = driver.listening_sockets() - taken
+    if len(listener.endpoints) <= room:
+        return listener
+    why = (
+        f"the engine takes at most {driver.listening_sockets()} listening sockets in all,"
+        f" and the listeners before this one use {taken}"
+    )
+    if listener.settings.engine == "native":
+        problems.add(("engine",), f"{{engine}} native: {why}")
+    return attrs.evolve(listener, why_twisted=why)
 
 
 def _why_twisted(

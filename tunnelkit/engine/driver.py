@@ -75,6 +75,11 @@ def built() -> bool:
     return _engine is not None
 
 
+def listening_sockets() -> int:
+    """How many listening sockets one engine takes, across all its listeners."""
+    return int(_engine.MAX_LISTENERS) if _engine is not None else 0
+
+
 def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] | None:
     """``(name, host, port)`` or ``(name, path)`` for a backend the engine can dial, else ``None``.
 
