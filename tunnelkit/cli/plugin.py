@@ -18,7 +18,6 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import attrs
 from twisted.python import usage
 
 from tunnelkit.app import tls_stack
@@ -200,14 +199,11 @@ class Options(usage.Options):
                 f"--{listener_flags[0]} cannot be combined with --config: the file's"
                 " [[listener]] tables say what each listener does"
             )
-        settings = toml_file.from_document(document, path, endpoint_types)
-        fields = _process_fields({KEYS[name].attribute: value for name, value in given.items()})
-        defaults = {f.name: f.default for f in attrs.fields(Settings)}
-        twice = [name for name in fields if getattr(settings, name) != defaults[name]]
+        twice = [name for name in given if name in document]
         if twice:
-            flag = "no-write-through" if twice[0] == "write_through" else twice[0].replace("_", "-")
-            raise usage.UsageError(f"--{flag} is also set in {path}: give it in one place")
-        return attrs.evolve(settings, **fields)
+            raise usage.UsageError(f"--{twice[0]} is also set in {path}: give it in one place")
+        # Checked with the file's own values, as if the file had said them.
+        return toml_file.from_document({**document, **given}, path, endpoint_types)
 
     def _check(self, settings: Settings) -> NoReturn:
         """``--check``: load everything a start would, resolve backend names, then exit 0 or 1."""
@@ -227,14 +223,6 @@ class Options(usage.Options):
             raise SystemExit(1)
         print("tunnelkit: configuration OK")
         raise SystemExit(0)
-
-
-def _process_fields(values: dict[str, Any]) -> dict[str, Any]:
-    """Process-wide flag values as :class:`Settings` fields (the ``no-`` switches inverted)."""
-    fields = dict(values)
-    if fields.pop("no_write_through", False):
-        fields["write_through"] = False
-    return fields
 
 
 def _from_flags(given: dict[str, Any], endpoint_types: frozenset[str]) -> Settings:
