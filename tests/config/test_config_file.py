@@ -298,3 +298,43 @@ def test_engine_native_beyond_the_engines_sockets_is_an_error(tmp_path: Path) ->
     code, output = _check(tmp_path, _many_endpoints("127.0.0.1:1", (40, 40), engine="native"))
     assert code == 1
     assert "listener[1].engine: native: the engine takes at most 64 listening sockets" in output
+
+
+def test_process_flags_beside_a_file_are_checked_as_file_values(tmp_path: Path) -> None:
+    """A process flag beside --config reaches the settings, and goes through the file's checks."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from tunnelkit.cli.plugin import Options
+
+    path = tmp_path / "tk.toml"
+    path.write_text('[[listener]]\nlisten = "1"\nto = "127.0.0.1:1"\n')
+    options = Options(MemoryReactorClock())
+    options.parseOptions(["--config", str(path), "--drain-timeout", "1", "--workers", "2"])
+    assert options.settings is not None
+    assert (options.settings.drain_timeout, options.settings.workers) == (1.0, 2)
+    with pytest.raises(SystemExit) as caught:
+        Options(MemoryReactorClock()).parseOptions(
+            ["--config", str(path), "--access-log-format", "json"]
+        )
+    assert "access-log-format: needs access-log" in str(caught.value.code)
+
+
+def test_listeners_on_twisted_share_one_descriptor_budget_for_pipes(tmp_path: Path) -> None:
+    """Each listener has its splice pool, and every pool counts the others' pipes (one fd budget)."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from tunnelkit.app.build import build_service, prepare
+    from tunnelkit.cli.plugin import Options
+
+    path = tmp_path / "tk.toml"
+    path.write_text(
+        "max-connections = 100\n"
+        + '[[listener]]\nlisten = "1"\nto = "127.0.0.1:1"\nengine = "python"\n' * 2
+    )
+    options = Options(MemoryReactorClock())
+    options.parseOptions(["--config", str(path)])
+    assert options.settings is not None
+    service = build_service(prepare(options.settings, options.reactor))
+    first, second = (listening.factory().pipes for listening in service.listeners)
+    assert first is not None and second is not None and first is not second
+    assert first.peers is second.peers and set(map(id, first.peers)) == {id(first), id(second)}

@@ -144,6 +144,23 @@ def test_pool_spills_lent_pipes_when_the_budget_is_spent() -> None:
     assert spilled == [True] and pool.open == 0
 
 
+def test_pools_of_several_listeners_share_one_budget() -> None:
+    """Two listeners' pools: one's pipes count against the other, and room is made in both."""
+    live = [1]
+    peers: list[PipePool] = []
+    first = PipePool(64 * 1024, slots=3, live=lambda: live[0], peers=peers)
+    second = PipePool(64 * 1024, slots=3, live=lambda: live[0], peers=peers)
+    pipes = [first.take(), first.take()]
+    assert second.take() is None
+    for pipe in pipes:
+        assert pipe is not None
+        first.give(pipe)
+    live[0] = 3
+    second.make_room()
+    assert first.open == 0
+    assert not any(is_open(p[0]) for p in pipes if p)
+
+
 # -- options ----------------------------------------------------------------
 
 

@@ -542,12 +542,11 @@ def _listener_factories(
             read_size=options.read_size,
             slots=fd_slots(),
             live=registry.live,
+            peers=pipes,  # the descriptor budget is the process's, not the listener's
         )
         if settings.splice != "off" and splice.AVAILABLE
         else None
     )
-    if pool is not None:
-        pipes.append(pool)
     tls = listener.tls
     client_leg = _handshake_leg(tls) if tls is not None else None
 

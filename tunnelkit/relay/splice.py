@@ -83,7 +83,9 @@ class PipePool:
     and the pipe is then used at the size it has. ``keep`` bounds how many
     idle pipes stay open. With ``slots`` (the tunnels the descriptor limit
     has room for) and ``live`` (how many tunnels are live), live tunnels and
-    open pipes together stay within ``slots``. The pool also carries the ``--splice`` policy:
+    open pipes together stay within ``slots``; ``peers`` are the pools that
+    share that budget, this one among them (one per listener of a process),
+    and room is made in all of them. The pool also carries the ``--splice`` policy:
     ``eager`` splices every plain tunnel from its join; otherwise a tunnel is
     spliced once one of its reads fills ``bulk_read``, so request/response
     traffic of small messages keeps the Python path (cheaper per message) and
@@ -99,6 +101,7 @@ class PipePool:
         keep: int = 16,
         slots: int = 0,
         live: Callable[[], int] | None = None,
+        peers: list[PipePool] | None = None,
     ) -> None:
         self.size = size
         #: Splice every plain tunnel from its join (``--splice on``), not only bulk ones.
@@ -109,6 +112,10 @@ class PipePool:
         self.keep = keep
         self.slots = slots
         self.live = live
+        #: The pools sharing the descriptor budget, this one included.
+        self.peers = peers if peers is not None else [self]
+        if self not in self.peers:
+            self.peers.append(self)
         self._free: list[Pipe] = []
         self.made = 0
         #: Pipes made and not closed: pooled or holding bytes.
@@ -117,7 +124,9 @@ class PipePool:
         self._lent: dict[int, Callable[[], None]] = {}
 
     def _over_budget(self, more: int = 0) -> bool:
-        return bool(self.slots and self.live and self.live() + self.open + more > self.slots)
+        if not (self.slots and self.live):
+            return False
+        return self.live() + sum(pool.open for pool in self.peers) + more > self.slots
 
     def take(self) -> Pipe | None:
         """An empty pipe, or ``None`` if none can be made now (out of descriptors)."""
@@ -162,11 +171,13 @@ class PipePool:
         Pooled pipes are closed first, then pipes holding bytes are emptied
         into their destinations' queues.
         """
-        while self._free and self._over_budget():
-            self.discard(self._free.pop())
-        while self._lent and self._over_budget():
-            spill = next(iter(self._lent.values()))
-            spill()
+        for pool in self.peers:
+            while pool._free and self._over_budget():
+                pool.discard(pool._free.pop())
+        for pool in self.peers:
+            while pool._lent and self._over_budget():
+                spill = next(iter(pool._lent.values()))
+                spill()
 
     def close(self) -> None:
         """Close the idle pipes (on shutdown; pipes in use belong to their tunnels)."""
