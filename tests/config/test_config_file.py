@@ -338,3 +338,21 @@ def test_listeners_on_twisted_share_one_descriptor_budget_for_pipes(tmp_path: Pa
     first, second = (listening.factory().pipes for listening in service.listeners)
     assert first is not None and second is not None and first is not second
     assert first.peers is second.peers and set(map(id, first.peers)) == {id(first), id(second)}
+
+
+def test_every_worker_serves_every_listener_of_the_file(tmp_path: Path, serve: Serve) -> None:
+    """workers = 2 in the file: both workers adopt both listeners (forward and CONNECT) and relay."""
+    backend = serve(echo)
+    path = tmp_path / "tk.toml"
+    path.write_text(
+        f'workers = 2\n[[listener]]\nlisten = "127.0.0.1:0"\nto = "{backend.address}"\n'
+        '[[listener]]\nlisten = "127.0.0.1:0"\nmode = "connect"\nallow-dest = "127.0.0.0/8"\n'
+    )
+    with twistd("--config", str(path), cwd=tmp_path) as tk:
+        forward, connect = tk.wait_listening(2)
+        tk.wait_for(lambda text: text.count("worker ready") == 2, "both workers ready")
+        for _ in range(8):  # the kernel spreads the connections over the workers
+            payload = os.urandom(64 * 1024)
+            assert sha256(_plain(forward, payload)) == sha256(payload)
+            assert sha256(_through_connect(connect, backend.address, payload)) == sha256(payload)
+        assert_clean_stop(tk, tk.stop())
