@@ -9,12 +9,20 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tunnelkit.backends.endpoints import AddressEndpoint
-from tunnelkit.backends.group import Backend, BackendGroup, BackendsUnavailable, Dialed
+from tunnelkit.backends.balance import WEIGHT_SCALE
+from tunnelkit.backends.group import (
+    Backend,
+    BackendGroup,
+    BackendsUnavailable,
+    Balancing,
+    Dialed,
+)
 
 
 @implementer(IStreamClientEndpoint)
@@ -148,3 +156,157 @@ class AddressEndpointTests(SynchronousTestCase):
         self.failureResultOf(self.connecting, ConnectingCancelledError)
         [connector] = self.reactor.connectors
         self.assertTrue(connector.stoppedConnecting)
+
+
+def balanced(
+    count: int, balancing: Balancing, *, weights: tuple[int, ...] = (), backups: int = 0
+) -> tuple[Clock, list[ControlledEndpoint], BackendGroup]:
+    clock = Clock()
+    endpoints = [ControlledEndpoint() for _ in range(count)]
+    backends = [
+        Backend(f"b{i}", ep, weights[i] if weights else 1, i >= count - backups)
+        for i, ep in enumerate(endpoints)
+    ]
+    return clock, endpoints, BackendGroup(backends, clock, 5.0, balancing, listener="l")
+
+
+def refuse(endpoint: ControlledEndpoint) -> None:
+    endpoint.attempts[-1].errback(ConnectionRefusedError())
+
+
+class BalancedGroupTests(SynchronousTestCase):
+    """Retries, passive ejection, backups, limits, health marks and slow start, in memory."""
+
+    def dial(self, group: BackendGroup) -> tuple[list[Dialed], list[Failure]]:
+        results: list[Dialed] = []
+        failures: list[Failure] = []
+        group.dial(Factory()).addCallbacks(results.append, failures.append)
+        return results, failures
+
+    def test_retries_bound_the_attempts(self) -> None:
+        """Refused everywhere: 1 + retries attempts, then the dial fails naming each."""
+        _, endpoints, group = balanced(4, Balancing("round-robin", retries=2))
+        _, failures = self.dial(group)
+        for endpoint in endpoints[:3]:
+            refuse(endpoint)
+        self.assertEqual([len(e.attempts) for e in endpoints], [1, 1, 1, 0])
+        error = failures[0].value
+        assert isinstance(error, BackendsUnavailable)
+        self.assertEqual([b.name for b, _ in error.errors], ["b0", "b1", "b2"])
+        self.assertEqual([s.load.active for s in group.states], [0, 0, 0, 0])
+
+    def test_active_counts_attempts_and_tunnels(self) -> None:
+        """A backend's connections count from the attempt until the tunnel is released."""
+        _, endpoints, group = balanced(2, Balancing("least-conn"))
+        results, _ = self.dial(group)
+        self.assertEqual(group.states[0].load.active, 1)
+        endpoints[0].attempts[0].callback(Protocol())
+        self.assertEqual(results[0].attempts, 1)
+        self.dial(group)  # the least loaded is now b1
+        self.assertEqual([len(e.attempts) for e in endpoints], [1, 1])
+        group.release(results[0], object())  # type: ignore[arg-type]
+        self.assertEqual(group.states[0].load.active, 0)
+
+    def test_failures_in_a_row_eject_then_probation(self) -> None:
+        """eject_after failures eject a backend (logged once); after the backoff it is tried again."""
+        clock, endpoints, group = balanced(2, Balancing("first", retries=1, eject_after=2))
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(2):
+            results, _ = self.dial(group)
+            refuse(endpoints[0])
+            endpoints[1].attempts[-1].callback(Protocol())
+        self.assertEqual(len(endpoints[0].attempts), 2)
+        self.dial(group)  # b0 is ejected: straight to b1
+        self.assertEqual((len(endpoints[0].attempts), len(endpoints[1].attempts)), (2, 3))
+        down = [e for e in events if e.get("event") == "backend_down"]
+        self.assertEqual([(e["backend"], e["listener"]) for e in down], [("b0", "l")])
+        self.assertIn("2 connect failures in a row", str(down[0]["reason"]))
+        clock.advance(1.0)  # the first backoff is over: b0 is tried again
+        self.dial(group)
+        refuse(endpoints[0])  # and ejected again at once, for twice as long
+        clock.advance(1.5)
+        self.dial(group)
+        self.assertEqual(len(endpoints[0].attempts), 3)
+        clock.advance(0.5)
+        self.dial(group)
+        endpoints[0].attempts[-1].callback(Protocol())
+        up = [e for e in events if e.get("event") == "backend_up"]
+        self.assertEqual(len(down), 1)
+        self.assertEqual([(e["backend"], e["reason"]) for e in up], [("b0", "connected again")])
+
+    def test_panic_tries_ejected_backends_rather_than_none(self) -> None:
+        """Every backend ejected: they are tried anyway, rather than turning the client away."""
+        _, endpoints, group = balanced(1, Balancing("first", eject_after=1))
+        self.dial(group)
+        refuse(endpoints[0])
+        results, _ = self.dial(group)
+        endpoints[0].attempts[-1].callback(Protocol())
+        self.assertEqual(len(results), 1)
+
+    def test_backups_only_while_every_primary_is_down(self) -> None:
+        """A backup takes clients when the health checks have taken every primary down."""
+        _, endpoints, group = balanced(3, Balancing("round-robin"), backups=1)
+        for _ in range(4):
+            self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [2, 2, 0])
+        group.mark(0, False, "test")
+        group.mark(1, False, "test")
+        self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [2, 2, 1])
+        group.mark(1, True, "test")
+        self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [2, 3, 1])
+
+    def test_all_down_fails_at_once(self) -> None:
+        """No backend up: no attempt, and the failure says so."""
+        _, endpoints, group = balanced(2, Balancing("round-robin"))
+        group.mark(0, False, "test")
+        group.mark(1, False, "test")
+        _, failures = self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [0, 0])
+        self.assertEqual(str(failures[0].value), "no backend available")
+
+    def test_weight_zero_is_never_picked(self) -> None:
+        """A drained backend (weight 0) takes no new client."""
+        _, endpoints, group = balanced(2, Balancing("round-robin"), weights=(0, 1))
+        for _ in range(3):
+            self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [0, 3])
+
+    def test_max_conn_spills_over(self) -> None:
+        """A full backend (--max-conn-per-backend) sends the next clients to the others."""
+        _, endpoints, group = balanced(2, Balancing("first", max_conn=2))
+        for _ in range(3):
+            self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [2, 1])
+
+    def test_slow_start_ramps_the_weight(self) -> None:
+        """A backend back up starts at a small weight and reaches its own over slow_start."""
+        clock, _, group = balanced(2, Balancing("round-robin", slow_start=10.0))
+        group.mark(0, False, "test")
+        group.mark(0, True, "test")
+        weights = [group.states[0].load.weight]
+        for _ in range(10):
+            clock.advance(1.0)
+            weights.append(group.states[0].load.weight)
+        self.assertEqual(weights[0], 1)
+        self.assertEqual(weights, sorted(weights))
+        self.assertEqual(weights[-1], WEIGHT_SCALE)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_close_on_down_aborts_the_backends_tunnels(self) -> None:
+        """With close_on_down, a backend's live tunnels end when its checks take it down."""
+        _, endpoints, group = balanced(2, Balancing("first", close_on_down=True))
+        results, _ = self.dial(group)
+        endpoints[0].attempts[0].callback(Protocol())
+        aborted: list[str] = []
+
+        class FakeTunnel:
+            def abort(self, reason: str, kind: object) -> None:
+                aborted.append(reason)
+
+        group.attach(results[0], FakeTunnel())  # type: ignore[arg-type]
+        group.mark(0, False, "3 health checks failed")
+        self.assertEqual(aborted, ["backend b0 went down: 3 health checks failed"])

@@ -203,8 +203,11 @@ def _load_listener(
     backends = []
     for index, spec in enumerate(listener.backends):
         try:
-            dial = _client_endpoint(listener, outbound, spec, backend_tls, settings.write_through)
-            backends.append(Backend(spec.text, dial))
+            for name, each in _addresses(spec):
+                dial = _client_endpoint(
+                    listener, outbound, each, backend_tls, settings.write_through
+                )
+                backends.append(Backend(name, dial, spec.weight, spec.backup))
         except Exception as e:
             problems.add(("to", index), str(e))
     if problems.found:
@@ -214,6 +217,37 @@ def _load_listener(
         problems.add(("engine",), f"{{engine}} native: {why}")
         return None
     return Listener(listener, tuple(endpoints), tuple(backends), tls, backend_tls, users, why)
+
+
+def _addresses(spec: BackendSpec) -> list[tuple[str, BackendSpec]]:
+    """A backend name's addresses, each a backend of its own: resolved now, not per connection.
+
+    So balancing and health see every address, and a listener whose names
+    resolve relays on the engine (nginx's and HAProxy's servers are resolved
+    at start too). A TLS backend keeps its name (its certificate is checked
+    against it, and Twisted resolves it per connection), and so does a name
+    that does not resolve now: it is warned about, and Twisted tries it per
+    connection, in case DNS comes later.
+    """
+    address = spec.address
+    if spec.tls or not isinstance(address, HostPort) or preflight.is_ip(address.host):
+        return [(spec.text, spec)]
+    try:
+        found = resolver.lookup(address.host, address.port)
+    except resolver.ResolveError as e:
+        log.warn(
+            "--to {backend}: {error}; clients are dropped until it resolves",
+            event="backend_unresolved",
+            backend=spec.text,
+            error=str(e),
+        )
+        return [(spec.text, spec)]
+    if len(found) == 1:
+        return [(spec.text, attrs.evolve(spec, address=HostPort(str(found[0]), address.port)))]
+    return [
+        (f"{spec.text} ({ip})", attrs.evolve(spec, address=HostPort(str(ip), address.port)))
+        for ip in found
+    ]
 
 
 def _within_engine(listener: Listener, taken: int, problems: _Problems) -> Listener:
@@ -530,7 +564,13 @@ def _listener_factories(
     write_through = prepared.settings.write_through
     options = settings.socket_options
     group = (
-        BackendGroup(list(listener.backends), reactor, settings.connect_timeout)
+        BackendGroup(
+            listener.backends,
+            reactor,
+            settings.connect_timeout,
+            settings.balancing,
+            listener=settings.name,
+        )
         if listener.backends
         else None
     )
@@ -575,8 +615,9 @@ def _listener_factories(
 
     profile = None
     if relay is not None and listener.why_twisted is None:
+        assert group is not None  # the engine forwards to backends
         profile = relay.profile(
-            listener.backends,
+            group,
             timeouts=settings.timeouts,
             connect_timeout=settings.connect_timeout,
             socket_options=options,
@@ -607,11 +648,6 @@ def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> 
         tunnels.listen()
     except ListenError as e:
         raise ConfigError([Problem((), str(e))]) from None
-    texts = [b.text for listener in settings.listeners for b in listener.backends]
-    names = preflight.named_backends(texts, client_endpoint_types())
-    if names:
-        resolve = resolver.system_resolver(reactor)
-        reactor.callWhenRunning(preflight.warn_unresolved, resolve, names)
     top = MultiService()
     if settings.workers > 1:
         from tunnelkit.app.supervisor import Workers

@@ -1,55 +1,109 @@
-"""A listener's backends, and how one connection reaches one of them.
+"""A listener's backends, their state, and how one connection reaches one of them.
 
 A :class:`BackendGroup` owns what the connect phase needs: which backends
-there are, the order a connection tries them in (its :class:`Strategy`;
-today's ordered failover is :class:`InOrder`, and balancing strategies
-plug in the same way), the connect timeout of each attempt, and the
-retries. Each attempt is bounded by the connect timeout (the group cancels
-the endpoint's attempt, which closes its socket), and cancelling the whole
-dial cancels the attempt in flight: a client that leaves while its backend
-is still connecting leaves nothing behind.
+there are and which of them may take a connection now (health, passive
+ejection, ``--max-conn-per-backend``, backups), the strategy that picks one
+(:mod:`tunnelkit.backends.balance`), the connect timeout of each attempt,
+and the retries. Each attempt is bounded by the connect timeout (the group
+cancels the endpoint's attempt, which closes its socket), and cancelling the
+whole dial cancels the attempt in flight: a client that leaves while its
+backend is still connecting leaves nothing behind.
+
+The rules are the engine's too (``_engine.c``'s ``Pool``): when a listener
+runs on the engine, the group keeps its configuration and pushes what Python
+learns (health checks, slow start) to the engine's pool through
+:attr:`BackendGroup.mirror`, and logs the pool's passive transitions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 from twisted.internet import error
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import (
+    IAddress,
     IDelayedCall,
     IProtocol,
     IProtocolFactory,
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from tunnelkit.backends import balance
+from tunnelkit.backends.balance import WEIGHT_SCALE, Load
+
+if TYPE_CHECKING:
+    from tunnelkit.relay.tunnel import Tunnel
+
+log = Logger(namespace="tunnelkit.backends")
+
+#: The most a backend's configured weight may be (HAProxy's limit).
+MAX_WEIGHT = 256
 
 
 @attrs.frozen
 class Backend:
-    """A configured backend: what the user wrote and the endpoint it became."""
+    """A configured backend: what the user wrote, the endpoint it became, its weight, whether it is a backup."""
 
     name: str
     endpoint: IStreamClientEndpoint
+    weight: int = 1
+    backup: bool = False
+
+
+@attrs.frozen
+class Balancing:
+    """How a group shares connections and reacts to failures (see docs/balancing.md).
+
+    The defaults are a bare group's (a CONNECT target's addresses): each tried
+    once in order, nothing remembered. Listeners get ``--balance`` and the
+    other keys from their settings.
+    """
+
+    strategy: str = "first"
+    #: Attempts after the first; ``None``: each backend once.
+    retries: int | None = None
+    #: Connections per backend at most (0: no limit); the next backend takes the rest.
+    max_conn: int = 0
+    #: Consecutive connect failures that eject a backend (0: never).
+    eject_after: int = 0
+    #: The first ejection's length, doubled on each one after it, up to ``eject_max``.
+    eject_base: float = 1.0
+    eject_max: float = 60.0
+    #: Seconds a backend that comes back up takes to reach its full weight.
+    slow_start: float = 0.0
+    #: Abort a backend's live tunnels when it goes down (health checks).
+    close_on_down: bool = False
 
 
 @attrs.frozen
 class Dialed:
-    """A connected backend and the protocol its connection was given."""
+    """A connected backend, the protocol its connection was given, and the attempts it took."""
 
     backend: Backend
     protocol: IProtocol
+    attempts: int = 1
+    #: Which of its group's backends, for the group's :meth:`~BackendGroup.release`.
+    index: int = 0
+    group: BackendGroup | None = None
 
 
 class BackendsUnavailable(Exception):
-    """No backend accepted the connection; ``errors`` says why, per backend."""
+    """No backend accepted the connection; ``errors`` says why, per backend.
+
+    No errors at all means no backend was available to try (all down).
+    """
 
     def __init__(self, errors: Sequence[tuple[Backend, str]]) -> None:
         self.errors = list(errors)
-        super().__init__("; ".join(f"{backend.name}: {why}" for backend, why in self.errors))
+        message = "; ".join(f"{backend.name}: {why}" for backend, why in self.errors)
+        super().__init__(message or "no backend available")
 
     @property
     def timed_out(self) -> bool:
@@ -66,52 +120,239 @@ def _why(failure: Failure, timeout: float, timed_out: bool) -> str:
     return failure.getErrorMessage()
 
 
-class Strategy(Protocol):
-    """Chooses, for one connection, the order in which it tries the group's backends."""
+class Mirror(Protocol):
+    """Where a group's health and weights also go: the engine's ``Pool`` of the same backends."""
 
-    def order(self, backends: tuple[Backend, ...]) -> Iterator[Backend]:
-        """The backends to try, best first; the dial stops at the first that connects."""
-        ...
+    def set(self, index: int, *, up: bool | None = None, weight: int | None = None) -> None: ...
 
 
-class InOrder:
-    """The backends in the order given: the first that connects (ordered failover)."""
+@attrs.define(eq=False)
+class BackendState:
+    """What a group knows of one backend now."""
 
-    def order(self, backends: tuple[Backend, ...]) -> Iterator[Backend]:
-        return iter(backends)
-
-
-#: The strategy of a group that is given none.
-IN_ORDER = InOrder()
+    load: Load
+    #: As the health checks last said.
+    up: bool = True
+    #: Consecutive failed connects, and the ejections in a row they caused.
+    failures: int = 0
+    ejections: int = 0
+    #: The clock's time until which a passive ejection lasts (0: none).
+    ejected_until: float = 0.0
+    #: The last failure that counted towards an ejection.
+    last_error: str = ""
+    #: When it came back up (a slow start ramps its weight from then).
+    up_since: float = 0.0
+    #: Its live tunnels, kept only with ``close_on_down``.
+    tunnels: set[Tunnel] = attrs.field(factory=set)
 
 
 class BackendGroup:
-    """A listener's backends: one connection reaches one of them, in the strategy's order."""
+    """A listener's backends: one connection reaches one of them, as the strategy picks."""
 
     def __init__(
         self,
         backends: Sequence[Backend],
         clock: IReactorTime,
         connect_timeout: float,
-        strategy: Strategy = IN_ORDER,
+        balancing: Balancing = Balancing(),
+        *,
+        listener: str = "",
+        strategy: balance.Strategy | None = None,
     ) -> None:
         if not backends:
             raise ValueError("at least one backend is needed")
         self.backends = tuple(backends)
         self.clock = clock
         self.connect_timeout = connect_timeout
-        self.strategy = strategy
+        self.balancing = balancing
+        self.listener = listener
+        self.strategy = strategy or balance.strategy(balancing.strategy)
+        retries = balancing.retries
+        self.attempts = len(self.backends) if retries is None else 1 + retries
+        self.states = [
+            BackendState(Load(b.weight * WEIGHT_SCALE, balance.fnv1a64(b.name.encode())))
+            for b in self.backends
+        ]
+        self.loads = [state.load for state in self.states]
+        #: The engine's pool of the same backends, when the listener runs there.
+        self.mirror: Mirror | None = None
+        #: Called with ``(index, reason)`` to abort a backend's engine tunnels (``close_on_down``).
+        self.close_mirrored: Callable[[int, str], object] | None = None
+        self._ramp: IDelayedCall | None = None
 
-    def dial(self, factory: IProtocolFactory) -> Deferred[Dialed]:
-        """Try the backends in the strategy's order; fail with :class:`BackendsUnavailable`."""
-        dialing = _Dialing(self, factory)
+    # -- picking -----------------------------------------------------------
+
+    def _usable(self, i: int, now: float, *, ejected_too: bool = False) -> bool:
+        state = self.states[i]
+        max_conn = self.balancing.max_conn
+        return (
+            state.up
+            and state.load.weight > 0
+            and (ejected_too or state.ejected_until <= now)
+            and (max_conn == 0 or state.load.active < max_conn)
+        )
+
+    def candidates(self, tried: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """Who may take the next attempt: available primaries, else backups, else ejected ones.
+
+        The last tier ("panic") tries backends that are up but passively
+        ejected rather than refuse a client while one might answer.
+        """
+        now = self.clock.seconds()
+        fresh = [i for i in range(len(self.backends)) if i not in tried]
+        for tier in (False, True):
+            found = [i for i in fresh if self.backends[i].backup is tier and self._usable(i, now)]
+            if found:
+                return found
+        return [i for i in fresh if self._usable(i, now, ejected_too=True)]
+
+    def pick(self, client: int, tried: set[int] | frozenset[int] = frozenset()) -> int | None:
+        """The backend for the next attempt, or ``None`` if none may be tried."""
+        candidates = self.candidates(tried)
+        if not candidates:
+            return None
+        return self.strategy.pick(self.loads, candidates, client)
+
+    def dial(self, factory: IProtocolFactory, client: IAddress | None = None) -> Deferred[Dialed]:
+        """Connect to a backend for ``client``; fail with :class:`BackendsUnavailable`."""
+        dialing = _Dialing(self, factory, balance.client_key(getattr(client, "host", None)))
         result = dialing.result
         dialing.attempt_next()
         return result
 
+    # -- what attempts and tunnels report --------------------------------------
+
+    def connected(self, index: int) -> None:
+        """An attempt connected: the backend's failures are forgiven, and an ejection ends."""
+        state = self.states[index]
+        state.failures = 0
+        if state.ejections:
+            state.ejections = 0
+            state.ejected_until = 0.0
+            self.log_change(index, True, "connected again")
+
+    def failed(self, index: int, why: str) -> None:
+        """An attempt failed: count it, and eject the backend after ``eject_after`` in a row."""
+        state = self.states[index]
+        state.load.active -= 1
+        state.failures += 1
+        state.last_error = why
+        settings = self.balancing
+        if not settings.eject_after or state.failures < settings.eject_after:
+            return
+        if state.ejected_until > self.clock.seconds():
+            return  # attempts begun before the ejection, failing after it
+        backoff = min(settings.eject_base * 2**state.ejections, settings.eject_max)
+        state.ejected_until = self.clock.seconds() + backoff
+        state.ejections += 1
+        if state.ejections == 1:
+            self.log_change(
+                index,
+                False,
+                f"{state.failures} connect failures in a row: {why}; next try in {backoff:g} s",
+            )
+
+    def attach(self, dialed: Dialed, tunnel: Tunnel) -> None:
+        """``tunnel`` relays to ``dialed``'s backend (kept to close it on a health failure)."""
+        if self.balancing.close_on_down:
+            self.states[dialed.index].tunnels.add(tunnel)
+
+    def release(self, dialed: Dialed, tunnel: Tunnel) -> None:
+        """``tunnel``, which ``dialed`` connected, has ended."""
+        state = self.states[dialed.index]
+        state.load.active -= 1
+        state.tunnels.discard(tunnel)
+
+    # -- health ----------------------------------------------------------------
+
+    def mark(self, index: int, up: bool, reason: str) -> None:
+        """The health checks changed their mind about a backend: log it once and act on it."""
+        state = self.states[index]
+        if state.up == up:
+            return
+        state.up = up
+        self.log_change(index, up, reason)
+        if up:
+            state.failures = state.ejections = 0
+            state.ejected_until = 0.0
+            state.up_since = self.clock.seconds()
+            if self.balancing.slow_start > 0:
+                self._set_weight(index, max(1, self.backends[index].weight))
+                self._schedule_ramp()
+        if self.mirror is not None:
+            self.mirror.set(index, up=up)
+        if not up and self.balancing.close_on_down:
+            self._close(index, f"backend {self.backends[index].name} went down: {reason}")
+
+    def log_change(self, index: int, up: bool, reason: str) -> None:
+        """Log a backend's change of state, once (from the group, its checks or the engine's pool)."""
+        backend = self.backends[index].name
+        if up:
+            log.info(
+                "backend {backend} is up: {reason}",
+                event="backend_up",
+                listener=self.listener,
+                backend=backend,
+                reason=reason,
+            )
+            return
+        log.warn(
+            "backend {backend} is down: {reason}",
+            event="backend_down",
+            listener=self.listener,
+            backend=backend,
+            reason=reason,
+        )
+        if not any(self._usable(i, self.clock.seconds()) for i in range(len(self.backends))):
+            log.error(
+                "no backend of {listener} is available: clients are turned away",
+                event="no_backend_available",
+                listener=self.listener,
+            )
+
+    def _close(self, index: int, reason: str) -> None:
+        from tunnelkit.relay.tunnel import CloseKind
+
+        for tunnel in list(self.states[index].tunnels):
+            tunnel.abort(reason, CloseKind.SHUTDOWN)
+        if self.close_mirrored is not None:
+            self.close_mirrored(index, reason)
+
+    # -- slow start ------------------------------------------------------------
+
+    def _set_weight(self, index: int, weight: int) -> None:
+        self.states[index].load.weight = weight
+        if self.mirror is not None:
+            self.mirror.set(index, weight=weight)
+
+    def _schedule_ramp(self) -> None:
+        if self._ramp is None or not self._ramp.active():
+            self._ramp = self.clock.callLater(self.balancing.slow_start / 10, self._ramp_weights)
+
+    def _ramp_weights(self) -> None:
+        """Raise the weights of backends in their slow start, by tenths, to the configured one."""
+        self._ramp = None
+        now, period = self.clock.seconds(), self.balancing.slow_start
+        ramping = False
+        for i, state in enumerate(self.states):
+            full = self.backends[i].weight * WEIGHT_SCALE
+            if not state.up or state.load.weight >= full:
+                continue
+            share = min(1.0, (now - state.up_since) / period)
+            self._set_weight(i, max(1, math.floor(full * share)))
+            ramping = ramping or share < 1.0
+        if ramping:
+            self._schedule_ramp()
+
+    def stop(self) -> None:
+        """Cancel the slow start's timer (the service is stopping)."""
+        if self._ramp is not None and self._ramp.active():
+            self._ramp.cancel()
+        self._ramp = None
+
 
 class _Dialing:
-    """One :meth:`BackendGroup.dial`: the backends in the strategy's order, until one connects.
+    """One :meth:`BackendGroup.dial`: attempts on the strategy's picks, until one connects.
 
     A plain object rather than nested closures: a closure that calls itself
     for the next attempt is a reference cycle, which kept the whole tunnel
@@ -119,10 +360,11 @@ class _Dialing:
     Everything is let go once the result fires.
     """
 
-    def __init__(self, group: BackendGroup, factory: IProtocolFactory) -> None:
+    def __init__(self, group: BackendGroup, factory: IProtocolFactory, client: int) -> None:
         self.group = group
         self.factory: IProtocolFactory | None = factory
-        self.order = group.strategy.order(group.backends)
+        self.client = client
+        self.tried: set[int] = set()
         self.errors: list[tuple[Backend, str]] = []
         self.current: Deferred[IProtocol] | None = None
         self.timer: IDelayedCall | None = None
@@ -131,16 +373,19 @@ class _Dialing:
         self.result: Deferred[Dialed] = Deferred(self._cancel)
 
     def attempt_next(self) -> None:
-        backend = next(self.order, None)
-        if backend is None:
+        group = self.group
+        index = group.pick(self.client, self.tried) if len(self.tried) < group.attempts else None
+        if index is None:
             self._finish().errback(BackendsUnavailable(self.errors))
             return
         assert self.factory is not None
+        self.tried.add(index)
+        group.states[index].load.active += 1
         self.timed_out = False
-        connecting = self.current = backend.endpoint.connect(self.factory)
-        self.timer = self.group.clock.callLater(self.group.connect_timeout, self._deadline)
+        connecting = self.current = group.backends[index].endpoint.connect(self.factory)
+        self.timer = group.clock.callLater(group.connect_timeout, self._deadline)
         connecting.addCallbacks(
-            self._connected, self._failed, callbackArgs=(backend,), errbackArgs=(backend,)
+            self._connected, self._failed, callbackArgs=(index,), errbackArgs=(index,)
         )
 
     def _deadline(self) -> None:
@@ -154,16 +399,21 @@ class _Dialing:
             self.timer.cancel()
             self.timer = None
 
-    def _connected(self, protocol: IProtocol, backend: Backend) -> None:
+    def _connected(self, protocol: IProtocol, index: int) -> None:
         self._stop_timer()
-        self._finish().callback(Dialed(backend, protocol))
+        self.group.connected(index)
+        backend = self.group.backends[index]
+        self._finish().callback(Dialed(backend, protocol, len(self.tried), index, self.group))
 
-    def _failed(self, failure: Failure, backend: Backend) -> None:
+    def _failed(self, failure: Failure, index: int) -> None:
         self._stop_timer()
+        group = self.group
         if self.cancelled:
+            group.states[index].load.active -= 1
             return
-        timeout = self.group.connect_timeout
-        self.errors.append((backend, _why(failure, timeout, self.timed_out)))
+        why = _why(failure, group.connect_timeout, self.timed_out)
+        group.failed(index, why)
+        self.errors.append((group.backends[index], why))
         self.attempt_next()
 
     def _cancel(self, _: Deferred[Dialed]) -> None:

@@ -7,11 +7,10 @@ listeners were briefly up. The plugin's options are parsed first, with
 twistd's own at hand as the parent options, so those paths are checked here
 and a bad one is a one-line error in the shell.
 
-A backend given by name is resolved per connection; a name that does not
-resolve is not an error at start-up (DNS may come later) but every client
-would be dropped, so it is resolved once and a warning says so
-(:func:`warn_unresolved`), and ``--check`` reports it as an error
-(:func:`unresolved`).
+A backend given by name is resolved at start-up (each address a backend,
+see :mod:`tunnelkit.app.build`); a name that does not resolve then is not an
+error (DNS may come later: Twisted resolves it per connection meanwhile, with
+a warning), but ``--check`` reports it as an error (:func:`unresolved`).
 """
 
 from __future__ import annotations
@@ -21,13 +20,8 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-
-from tunnelkit.backends.resolver import Resolve, ResolveError, lookup
+from tunnelkit.backends.resolver import ResolveError, lookup
 from tunnelkit.config.addresses import AddressError, HostPort, backend_address, tls_host_port
-
-log = Logger(namespace="tunnelkit.tap")
 
 
 def unwritable(path: str) -> str | None:
@@ -81,12 +75,13 @@ def named_backends(texts: Sequence[str], endpoint_types: frozenset[str]) -> list
             address = tls_host_port(text) or backend_address(text, endpoint_types)
         except AddressError:
             continue
-        if isinstance(address, HostPort) and not _is_ip(address.host):
+        if isinstance(address, HostPort) and not is_ip(address.host):
             names.append(address)
     return names
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP address (a scoped IPv6 one too), not a name."""
     try:
         ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -103,23 +98,3 @@ def unresolved(backends: Sequence[HostPort]) -> list[str]:
         except ResolveError as e:
             errors.append(f"--to {backend}: {e}")
     return errors
-
-
-def warn_unresolved(resolve: Resolve, backends: Sequence[HostPort]) -> Deferred[list[object]]:
-    """Resolve each backend name once and warn about those that fail; never fails itself."""
-    from twisted.internet.defer import gatherResults
-
-    def warn(failure: Any, backend: HostPort) -> None:
-        log.warn(
-            "--to {backend}: {error}; clients are dropped until it resolves",
-            event="backend_unresolved",
-            backend=str(backend),
-            error=failure.getErrorMessage(),
-        )
-
-    checks: list[Deferred[Any]] = []
-    for backend in backends:
-        checked = resolve(backend.host, backend.port)
-        checked.addErrback(warn, backend)
-        checks.append(checked)
-    return gatherResults(checks)

@@ -153,8 +153,21 @@ def _keys() -> Sequence[Key]:
     return (
         # -- where, and what
         _many("listen", L, "Where to accept clients (repeatable); a bare PORT listens on all IPv4 interfaces"),
-        _many("to", L, "A backend (repeatable: tried in the order given, first that connects)"),
+        _many("to", L, "A backend, HOST:PORT or an endpoint, optionally ,weight=N (1-256) or ,backup (repeatable; see --balance)"),
+        _many("backup", L, "A backup backend: takes clients only while every --to is down (repeatable)"),
         Key("mode", L, _choice("forward", "connect"), "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)"),
+        # -- balancing, retries and health (docs/balancing.md)
+        Key("balance", L, _choice("round-robin", "least-conn", "random", "source-hash", "first"), "round-robin", "How clients are spread over the backends: round-robin (by weight), least-conn (fewest connections per weight), random (power of two choices), source-hash (a client address stays on its backend), first (ordered failover)"),
+        Key("connect-retries", L, _number(int, 0, "a whole number (0 or more)"), 2, "Further backends tried when a connect is refused or times out (each within --connect-timeout)"),
+        Key("max-conn-per-backend", L, COUNT, None, "Connections one backend takes at most; the next takes the rest (default: no limit)"),
+        Key("health-interval", L, SECONDS, 0.0, "Seconds between active health checks of each backend (0: off; failed connects still eject a backend for a while)"),
+        Key("health-timeout", L, POSITIVE_SECONDS, None, "Seconds one health check may take (default: the interval, at most --connect-timeout)"),
+        Key("health-send", L, TEXT, None, "Bytes a health check sends once connected (\\r, \\n, \\t, \\xNN and \\\\ escapes)"),
+        Key("health-expect", L, TEXT, None, "Bytes a health check must receive (same escapes); default: connecting (and a TLS backend's handshake) is enough"),
+        Key("rise", L, COUNT, 2, "Health checks in a row that bring a backend back up"),
+        Key("fall", L, COUNT, 3, "Failed health checks, or connects, in a row that take a backend down"),
+        Key("slow-start", L, SECONDS, 0.0, "Seconds over which a backend that comes back up ramps to its full weight (0: at once)"),
+        _switch("close-on-down", L, "Abort a backend's live tunnels when its health checks take it down (default: they go on)"),
         # -- who may connect, and where to
         _many("allow-client", L, "Only clients from this address or CIDR may connect (repeatable)"),
         _many("deny-client", L, "Clients from this address or CIDR are closed at once (repeatable)"),

@@ -22,6 +22,7 @@ from typing import Any
 
 import attrs
 
+from tunnelkit.backends.group import MAX_WEIGHT, Balancing
 from tunnelkit.config.addresses import (
     AddressError,
     HostPort,
@@ -155,6 +156,21 @@ class BackendSpec:
     text: str
     address: HostPort | str
     tls: bool
+    weight: int = 1
+    #: Takes clients only while every other backend is down.
+    backup: bool = False
+
+
+@attrs.frozen
+class HealthChecks:
+    """Active health checks of a listener's backends (``health-*``, ``rise``, ``fall``)."""
+
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    send: bytes | None
+    expect: bytes | None
 
 
 @attrs.frozen
@@ -183,6 +199,9 @@ class ListenerSettings:
     access_log: bool
     tls: ServerTLSSettings | None
     backend_tls: BackendTLSSettings | None
+    balancing: Balancing = attrs.field(factory=Balancing)
+    #: ``None``: no active checks (failed connects still eject a backend).
+    health: HealthChecks | None = None
 
 
 @attrs.frozen
@@ -297,6 +316,7 @@ def build_listener(
     clients, targets = _policies(r)
     tls = _server_tls(r)
     backend_tls = _backend_tls(r, backends)
+    health = _health(r)
     if len(problems) > before:
         return None
     return ListenerSettings(
@@ -329,22 +349,95 @@ def build_listener(
         access_log=not r["no-access-log"],
         tls=tls,
         backend_tls=backend_tls,
+        balancing=Balancing(
+            strategy=r["balance"],
+            retries=r["connect-retries"],
+            max_conn=r["max-conn-per-backend"] or 0,
+            eject_after=r["fall"],
+            slow_start=r["slow-start"],
+            close_on_down=r["close-on-down"],
+        ),
+        health=health,
     )
 
 
 def _backends(r: _Reader, endpoint_types: frozenset[str]) -> tuple[BackendSpec, ...]:
     specs = []
-    for index, text in enumerate(r["to"]):
+    given = [("to", index, text) for index, text in enumerate(r["to"])]
+    given += [("backup", index, text) for index, text in enumerate(r["backup"])]
+    for key, index, written in given:
         try:
+            text, weight, backup = _backend_options(written)
             address = backend_address(text, endpoint_types)
-        except AddressError as e:
-            r.problem(("to", index), str(e))
+        except (AddressError, ValueError) as e:
+            r.problem((key, index), str(e))
             continue
         # tls:HOST:PORT is ours to verify; other tls: strings are Twisted's own endpoints.
         ours = tls_host_port(text)
         tls = ours is not None or (r["backend-tls"] and isinstance(address, HostPort))
-        specs.append(BackendSpec(text, ours or address, tls))
+        specs.append(BackendSpec(text, ours or address, tls, weight, backup or key == "backup"))
+    if specs and all(spec.backup for spec in specs):
+        r.problem(("backup",), "{backup} backends need a {to} backend to stand in for")
     return tuple(specs)
+
+
+_OPTION = re.compile(r",(weight=[^,]*|backup)$")
+
+
+def _backend_options(text: str) -> tuple[str, int, bool]:
+    """A ``to`` value without its ``,weight=N`` and ``,backup`` suffixes, and what they say."""
+    weight, backup = 1, False
+    while (found := _OPTION.search(text)) is not None:
+        option = found.group(1)
+        text = text[: found.start()]
+        if option == "backup":
+            backup = True
+            continue
+        value = option.partition("=")[2]
+        if not value.isdigit() or int(value) > MAX_WEIGHT:
+            raise ValueError(f"weight={value}: a weight is a whole number from 0 to {MAX_WEIGHT}")
+        weight = int(value)
+    return text, weight, backup
+
+
+def _health(r: _Reader) -> HealthChecks | None:
+    interval = r["health-interval"]
+    if not interval:
+        for key in ("health-timeout", "health-send", "health-expect"):
+            if r.given(key):
+                r.problem((key,), f"{{{key}}} needs {{health-interval}}")
+        return None
+    send, expect = (_unescape(r, key) for key in ("health-send", "health-expect"))
+    return HealthChecks(
+        interval=interval,
+        timeout=r["health-timeout"] or min(interval, r["connect-timeout"]),
+        rise=r["rise"],
+        fall=r["fall"],
+        send=send,
+        expect=expect,
+    )
+
+
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[rnt\\])|\\")
+_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}
+
+
+def _unescape(r: _Reader, key: str) -> bytes | None:
+    """``health-send``'s bytes: UTF-8 with ``\\r``, ``\\n``, ``\\t``, ``\\xNN`` and ``\\\\``."""
+    text = r[key]
+    if text is None:
+        return None
+    out, at = bytearray(), 0
+    for found in _ESCAPE.finditer(text):
+        out += text[at : found.start()].encode()
+        escape = found.group(1)
+        if escape is None:
+            r.problem((key,), "a backslash starts \\r, \\n, \\t, \\xNN or \\\\ only")
+            return None
+        out += bytes([int(escape[1:], 16)]) if escape[0] == "x" else _ESCAPES[escape]
+        at = found.end()
+    out += text[at:].encode()
+    return bytes(out)
 
 
 def _policies(r: _Reader) -> tuple[ClientPolicy, TargetPolicy]:

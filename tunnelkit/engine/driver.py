@@ -36,6 +36,7 @@ and the module is built, ``native`` insists (an error says why it cannot),
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -50,7 +51,7 @@ from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 if TYPE_CHECKING:
-    from tunnelkit.backends.group import Backend
+    from tunnelkit.backends.group import Backend, BackendGroup
     from tunnelkit.engine._engine import Profile, Record
     from tunnelkit.engine.tls import EngineTLS
     from tunnelkit.relay.factory import TunnelFactory
@@ -223,7 +224,7 @@ class NativeRelay:
 
     def profile(
         self,
-        backends: Sequence[Backend],
+        group: BackendGroup,
         *,
         timeouts: Timeouts,
         connect_timeout: float,
@@ -242,10 +243,8 @@ class NativeRelay:
         certificates (its factory is then the TLS wrapper of its mode's).
         """
         options = socket_options
-        specs = [spec for spec in map(native_backend, backends) if spec is not None]
-        assert len(specs) == len(backends), "why_not_native() was not asked"
         profile: Profile = _engine.Profile(
-            specs,
+            self._pool(group),
             options.read_size,
             bulk_read,
             splice,
@@ -265,6 +264,32 @@ class NativeRelay:
             context=tls,
         )
         return profile
+
+    def _pool(self, group: BackendGroup) -> Any:
+        """The engine's copy of ``group``: it picks there, and ``group`` feeds it what Python learns.
+
+        The group's health checks and slow start set the pool's backends up,
+        down and their weights (:attr:`BackendGroup.mirror`); the pool's own
+        passive ejections are logged by the group, as its own would be.
+        """
+        specs = [spec for spec in map(native_backend, group.backends) if spec is not None]
+        assert len(specs) == len(group.backends), "why_not_native() was not asked"
+        balancing = group.balancing
+        pool = _engine.Pool(
+            specs,
+            balance=balancing.strategy,
+            weights=[state.load.weight for state in group.states],
+            backups=[backend.backup for backend in group.backends],
+            max_conn=balancing.max_conn,
+            retries=group.attempts - 1,
+            eject_after=balancing.eject_after,
+            eject_base=balancing.eject_base,
+            eject_max=balancing.eject_max,
+            on_change=group.log_change,
+        )
+        group.mirror = pool
+        group.close_mirrored = partial(self.engine.close_backend, pool)
+        return pool
 
     # -- listeners ------------------------------------------------------------
 

@@ -130,4 +130,9 @@ class TunnelFactory(Factory):
         counters.bytes_down += record.bytes_down
         counters.connect_failures += tunnel.connect_failed
         counters.tls_failures += tunnel.client.handshake_failed
+        dialed = tunnel.dialed
+        if dialed is not None:
+            tunnel.dialed = None
+            assert dialed.group is not None
+            dialed.group.release(dialed, tunnel)
         self.registry.discard(tunnel)

@@ -163,6 +163,10 @@ class Connection:
         self.tunnel.connect_failed = True  # for the listener's counters
         reason, kind = why_not_connected(failure)
         status = 504 if kind is CloseKind.TIMEOUT else 502
+        if isinstance(failure.value, BackendsUnavailable):
+            self.tunnel.attempts = len(failure.value.errors)
+            if not failure.value.errors:
+                status = 503  # every backend is down: nothing was tried
         self.mode.refuse(self.tunnel, Refused(reason, kind, status=status))
 
     def _failed(self, failure: Failure) -> None:
@@ -221,6 +225,10 @@ def dial_backend(tunnel: Tunnel, group: BackendGroup) -> Deferred[Dialed]:
 def join_dialed(tunnel: Tunnel, dialed: Dialed) -> None:
     """Relay between the client and the backend leg that ``dialed`` connected."""
     tunnel.backend_name = tunnel.backend_name or dialed.backend.name
+    tunnel.attempts = dialed.attempts
+    if dialed.group is not None:
+        tunnel.dialed = dialed  # released when the tunnel ends (the factory's record phase)
+        dialed.group.attach(dialed, tunnel)
     leg: Any = dialed.protocol
     tunnel.join(leg)
 

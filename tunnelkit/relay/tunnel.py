@@ -31,7 +31,7 @@ import errno
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -48,6 +48,9 @@ from tunnelkit.relay.send_queue import unsent
 from tunnelkit.relay.splice import PipePool, Splicer, start_splicing
 from tunnelkit.relay.tcp_tuning import peer_sent_fin, send_with_fin
 from tunnelkit.relay.write_through import takes_views, writer_for
+
+if TYPE_CHECKING:
+    from tunnelkit.backends.group import Dialed
 
 
 class Side(enum.Enum):
@@ -229,6 +232,10 @@ class Tunnel:
     _reset_fd = -1
     #: True once no backend connected (every attempt failed): set on the instance then.
     connect_failed = False
+    #: Connect attempts made (set on the instance by the connect phase).
+    attempts = 0
+    #: The balanced backend it relays to, until the record phase releases it.
+    dialed: Dialed | None = None
 
     def __init__(
         self,
