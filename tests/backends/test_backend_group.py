@@ -14,8 +14,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tunnelkit.backends.endpoints import AddressEndpoint
 from tunnelkit.backends.balance import WEIGHT_SCALE
+from tunnelkit.backends.endpoints import AddressEndpoint
 from tunnelkit.backends.group import (
     Backend,
     BackendGroup,
@@ -214,7 +214,7 @@ class BalancedGroupTests(SynchronousTestCase):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         for _ in range(2):
-            results, _ = self.dial(group)
+            self.dial(group)
             refuse(endpoints[0])
             endpoints[1].attempts[-1].callback(Protocol())
         self.assertEqual(len(endpoints[0].attempts), 2)
