@@ -17,7 +17,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import Service
@@ -107,6 +107,18 @@ class Listening:
         return self.make_factory(self.name)
 
 
+class Monitor(Protocol):
+    """Something that runs while the service does: a listener's health checks, say.
+
+    Started with the service (in each worker, never in the supervisor of
+    ``--workers``), stopped as soon as it stops accepting.
+    """
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class TunnelService(Service):
     """Owns the listening ports and the registry of the tunnels they accept."""
 
@@ -120,8 +132,10 @@ class TunnelService(Service):
         on_reload: Callable[[], object] | None = None,
         on_stopped: Callable[[], object] | None = None,
         native: NativeRelay | None = None,
+        monitors: Sequence[Monitor] = (),
     ) -> None:
         self.listeners = list(listeners)
+        self.monitors = list(monitors)
         self.registry = registry
         self.drain_timeout = drain_timeout
         self.ports: list[IListeningPort] = []
@@ -190,6 +204,8 @@ class TunnelService(Service):
             # never starts this service, and must not accept.
             served = zip(self.factories, self.ports, self.profiles, strict=True)
             self.native.start([entry for entry in served if entry[2] is not None])
+        for monitor in self.monitors:
+            monitor.start()
         self._handle_sighup()
 
     def _handle_sighup(self) -> None:
@@ -212,6 +228,8 @@ class TunnelService(Service):
         remembered signal is cleared and the process exits with status 0.
         """
         super().stopService()  # type: ignore[no-untyped-call]
+        for monitor in self.monitors:
+            monitor.stop()
         if self.native is not None:
             self.native.stop_accepting()
         stopping = [maybeDeferred(port.stopListening) for port in self.ports]

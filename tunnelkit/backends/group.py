@@ -167,6 +167,8 @@ class BackendGroup:
         self.balancing = balancing
         self.listener = listener
         self.strategy = strategy or balance.strategy(balancing.strategy)
+        #: Whether the strategy needs the client's address (only the source hash reads it).
+        self.by_client = isinstance(self.strategy, balance.SourceHash)
         retries = balancing.retries
         self.attempts = len(self.backends) if retries is None else 1 + retries
         self.states = [
