@@ -84,8 +84,9 @@ def listening_sockets() -> int:
 def native_backend(backend: Backend) -> tuple[str, str, int] | tuple[str, str] | None:
     """``(name, host, port)`` or ``(name, path)`` for a backend the engine can dial, else ``None``.
 
-    The engine dials IP addresses and UNIX paths; names (resolved per
-    connection, happy eyeballs) and TLS stay on the Twisted path.
+    The engine dials IP addresses and UNIX paths (names are resolved at
+    start-up into addresses); a name that did not resolve then, and TLS,
+    stay on the Twisted path.
     """
     from twisted.internet.endpoints import UNIXClientEndpoint
 
@@ -143,8 +144,8 @@ def why_not_native(
     reasons += [
         (
             native_backend(b) is None,
-            f"--to {b.name!r} is not an IP address or a UNIX path: the engine does not"
-            " resolve names (Twisted resolves them per connection)",
+            f"--to {b.name!r} did not resolve at start-up: Twisted resolves it per"
+            " connection (the engine dials addresses and UNIX paths)",
         )
         for b in backends
     ]
