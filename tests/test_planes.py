@@ -101,9 +101,7 @@ def test_the_start_up_event_says_who_relays(log: str, native: bool | None) -> No
 
 def test_a_process_on_the_other_plane_fails_the_check() -> None:
     """A twistd log that says Twisted relays fails the engine plane's check, and one without the event fails both."""
-    twisted = (
-        "relaying with Twisted, not the native engine: --to 'localhost:1' is not an IP address"
-    )
+    twisted = "relaying with Twisted, not the native engine: --no-write-through is a diagnostic"
     TWISTED.check_log(twisted)
     with pytest.raises(AssertionError, match="relays on the other plane"):
         ENGINE.check_log(twisted)
@@ -115,13 +113,13 @@ class FallbackTests(LoopbackTestCase):
     """An in-process forwarder that would fall back to Twisted cannot pass as the engine."""
 
     def test_engine_plane_refuses_what_the_engine_cannot_serve(self) -> None:
-        """The engine does not resolve names: on the engine plane that is a usage error, not a fallback."""
-        with pytest.raises(SystemExit, match="--engine native: --to 'localhost:9'"):
-            Forwarder(*ENGINE.args, "--to", "localhost:9")
+        """--no-write-through is Twisted's: on the engine plane that is a usage error, not a fallback."""
+        with pytest.raises(SystemExit, match="--engine native: --no-write-through"):
+            Forwarder(*ENGINE.args, "--to", "127.0.0.1:9", "--no-write-through")
 
     def test_a_forwarder_on_twisted_fails_the_engine_check(self) -> None:
         """A forwarder that --engine auto put on Twisted fails ENGINE's check and passes TWISTED's."""
-        fwd = self.forward("--to", "localhost:9")
+        fwd = self.forward("--to", "127.0.0.1:9", "--no-write-through")
         TWISTED.check_forwarder(fwd)
         with pytest.raises(AssertionError, match="relays with Twisted"):
             ENGINE.check_forwarder(fwd)

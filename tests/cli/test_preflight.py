@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
 
 from tunnelkit.app.build import client_endpoint_types
-from tunnelkit.backends.resolver import ResolveError
 from tunnelkit.cli import preflight
 from tunnelkit.cli.plugin import Options
 from tunnelkit.config.addresses import HostPort
@@ -80,24 +78,6 @@ def logged() -> Iterator[list[LogEvent]]:
     globalLogPublisher.removeObserver(events.append)
 
 
-def test_unresolved_backend_is_a_warning(logged: list[LogEvent]) -> None:
-    """A name that does not resolve at start-up is one warning naming it and the resolver's error; the start goes on."""
-
-    def resolve(host: str, port: int) -> Any:
-        if host == "gone.example":
-            return fail(ResolveError("cannot resolve 'gone.example': Name or service not known"))
-        return succeed([])
-
-    done = preflight.warn_unresolved(
-        resolve, [HostPort("gone.example", 80), HostPort("ok.example", 80)]
-    )
-    assert done.called
-    [warning] = [e for e in logged if e.get("event") == "backend_unresolved"]
-    assert warning["backend"] == "gone.example:80"
-    assert "Name or service not known" in warning["error"]
-    assert warning["log_level"].name == "warn"
-
-
 def parse(*argv: str) -> Options:
     options = Options(reactor=MemoryReactorClock())
     options.parseOptions(list(argv))
@@ -150,25 +130,41 @@ def test_check_still_refuses_bad_options() -> None:
         parse("--listen", "1", "--to", "127.0.0.1:1", "--connect-timeout", "0", "--check")
 
 
-def test_start_up_resolves_names_once_running(
+def test_start_up_resolves_names_into_backends(
     monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
 ) -> None:
-    """makeService has the --to names resolved once the reactor runs, and warns (without failing) about those that do not resolve."""
-    from tunnelkit.backends import resolver
-    from tunnelkit.cli.plugin import makeService
+    """Names are resolved at start: each address a backend; one that does not resolve is a warning and stays a name."""
+    from tunnelkit.app.build import prepare
+    from tunnelkit.backends.endpoints import AddressEndpoint
 
-    asked: list[str] = []
+    def getaddrinfo(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        found = {"one.example": ["192.0.2.1"], "two.example": ["192.0.2.1", "2001:db8::2"]}
+        if host not in found:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+            for a in found[host]
+        ]
 
-    def resolve(host: str, port: int) -> Any:
-        asked.append(f"{host}:{port}")
-        return fail(ResolveError(f"cannot resolve {host!r}: Name or service not known"))
-
-    monkeypatch.setattr(resolver, "system_resolver", lambda reactor: resolve)
-    argv = ["--listen", "127.0.0.1:0", "--max-connections", "8", "--to", "127.0.0.1:1"]
-    config = parse(*argv, "--to", "gone.example:80")
-    makeService(config)
-    assert asked == []
-    config.reactor.run()
-    assert asked == ["gone.example:80"]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    argv = ["--listen", "127.0.0.1:0", "--max-connections", "8", "--to", "one.example:80"]
+    config = parse(*argv, "--to", "two.example:81", "--to", "gone.example:80")
+    assert config.settings is not None
+    [listener] = prepare(config.settings, config.reactor).listeners
+    assert [b.name for b in listener.backends] == [
+        "one.example:80",
+        "two.example:81 (192.0.2.1)",
+        "two.example:81 (2001:db8::2)",
+        "gone.example:80",
+    ]
+    dials = [b.endpoint for b in listener.backends]
+    assert [(e.host, e.port) for e in dials[:3]] == [  # type: ignore[attr-defined]
+        ("192.0.2.1", 80),
+        ("192.0.2.1", 81),
+        ("2001:db8::2", 81),
+    ]
+    assert all(type(e) is AddressEndpoint for e in dials[:3])
+    assert type(dials[3]) is not AddressEndpoint  # resolved per connection, by Twisted
     [warning] = [e for e in logged if e.get("event") == "backend_unresolved"]
     assert warning["backend"] == "gone.example:80"
+    assert listener.why_twisted is not None and "gone.example:80" in listener.why_twisted

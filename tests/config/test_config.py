@@ -112,6 +112,11 @@ def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nbackend-ca = "ca.pem"\n', "listener[0].backend-ca: needs a tls:HOST:PORT backend or backend-tls"),
         ('[[listener]]\nlisten = ":80"\nto = "h:1"\n', "listener[0].listen[0]: no address before the port"),
         ('access-log-format = "json"\n[[listener]]\nlisten = "1"\nto = "h:1"\n', "access-log-format: needs access-log"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1,weight=300"\n', "listener[0].to[0]: weight=300: a weight is a whole number from 0 to 256"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1"\nbalance = "rr"\n', "listener[0].balance: must be one of round-robin, least-conn, random, source-hash, first, not 'rr'"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1,backup"\n', "listener[0].backup: needs a to backend that is not a backup"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1"\nhealth-send = "x"\n', "listener[0].health-send: needs health-interval"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1"\nhealth-interval = 1\nhealth-expect = "\\\\q"\n', "listener[0].health-expect: a backslash starts"),
         ("workers = 1\n", "listener: no listener: add a [[listener]] table"),
         ('[listener]\nlisten = "1"\n', "listener: must be an array of tables: write [[listener]]"),
         ("workers = \n", "not valid TOML"),
@@ -174,3 +179,33 @@ def test_flag_problems_name_flags(values: dict[str, object], expected: str) -> N
     with pytest.raises(ConfigError) as caught:
         from_flags(values, TYPES)
     assert str(caught.value).startswith(expected), str(caught.value)
+
+
+def test_balancing_keys(tmp_path: Path) -> None:
+    """Weights and backups in the to values, the strategy, retries, health checks and their escapes."""
+    settings = _load(
+        tmp_path,
+        '[[listener]]\nlisten = "1"\nto = ["a:1,weight=3", "b:1,backup"]\nbackup = ["c:1,weight=0"]\n'
+        'balance = "least-conn"\nconnect-retries = 0\nmax-conn-per-backend = 9\nslow-start = 4\n'
+        'health-interval = 2\nhealth-send = "PING\\\\r\\\\n\\\\x00"\nhealth-expect = "+PONG"\nrise = 1\nfall = 5\n',
+    )
+    [listener] = settings.listeners
+    assert [(b.text, b.weight, b.backup) for b in listener.backends] == [
+        ("a:1", 3, False),
+        ("b:1", 1, True),
+        ("c:1", 0, True),
+    ]
+    balancing = listener.balancing
+    assert (balancing.strategy, balancing.retries, balancing.max_conn) == ("least-conn", 0, 9)
+    assert (balancing.eject_after, balancing.slow_start) == (5, 4.0)
+    health = listener.health
+    assert health is not None
+    assert (health.interval, health.timeout, health.rise, health.fall) == (2.0, 2.0, 1, 5)
+    assert (health.send, health.expect) == (b"PING\r\n\x00", b"+PONG")
+
+
+def test_balancing_defaults(tmp_path: Path) -> None:
+    """Round-robin, two retries, fall 3 for passive ejection, no active checks."""
+    [listener] = _load(tmp_path, '[[listener]]\nlisten = "1"\nto = "h:1"\n').listeners
+    assert listener.balancing.strategy == "round-robin" and listener.balancing.retries == 2
+    assert listener.balancing.eject_after == 3 and listener.health is None

@@ -377,7 +377,7 @@ def _backends(r: _Reader, endpoint_types: frozenset[str]) -> tuple[BackendSpec, 
         tls = ours is not None or (r["backend-tls"] and isinstance(address, HostPort))
         specs.append(BackendSpec(text, ours or address, tls, weight, backup or key == "backup"))
     if specs and all(spec.backup for spec in specs):
-        r.problem(("backup",), "{backup} backends need a {to} backend to stand in for")
+        r.problem(("backup",), "{backup} needs a {to} backend that is not a backup")
     return tuple(specs)
 
 
