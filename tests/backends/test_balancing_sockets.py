@@ -248,3 +248,78 @@ class FailoverTests(LoopbackTestCase):
         assert record["attempts"] == 2
         assert record["reason"].startswith("no backend connected: ")
         assert one in record["reason"] and two in record["reason"]
+
+
+#: Health checks fast enough for a test: down after 2 failures, up after 2 passes.
+FAST_CHECKS = ("--health-interval", "0.05", "--health-timeout", "0.5", "--rise", "2", "--fall", "2")
+
+
+@on_each_plane
+class HealthTests(LoopbackTestCase):
+    """Active health checks take dead backends out before clients meet them, and bring them back."""
+
+    @inlineCallbacks
+    def test_a_silent_backend_goes_down_and_rejoins_after_rise(self) -> Inline:
+        """b0 stops answering: down after fall checks, every client to b1; answering again, it rejoins."""
+        events = Events(self)
+        b0, b1 = self.serve(named("b0")), self.serve(named("b1"))
+        fwd = self.forward("--to", b0.address, "--to", b1.address, *FAST_CHECKS)
+        if not b0.silence():
+            self.skipTest("this kernel answers SYNs to a full accept queue")
+        yield events.wait("backend_down")
+        assert events.named("backend_down")[0]["backend"] == b0.address
+        served = yield deferToThread(many, fwd.address, 10)
+        assert served == ["b1"] * 10
+        b0.open()
+        yield events.wait("backend_up")
+        assert "2 health checks passed" in events.named("backend_up")[0]["reason"]
+        served = yield deferToThread(many, fwd.address, 4)
+        assert sorted(served) == ["b0", "b0", "b1", "b1"]
+
+    @inlineCallbacks
+    def test_send_expect_takes_out_a_backend_that_resets(self) -> Inline:
+        """A backend that accepts and resets passes a connect check but fails send/expect."""
+        events = Events(self)
+        bad, good = self.serve(resetting), self.serve(named("ok"))
+        fwd = self.forward(
+            "--to", bad.address, "--to", good.address, *FAST_CHECKS,
+            "--health-send", "hello\\n", "--health-expect", "ok",
+        )  # fmt: skip
+        yield events.wait("backend_down")
+        [down] = events.named("backend_down")
+        assert down["backend"] == bad.address
+        served = yield deferToThread(many, fwd.address, 6)
+        assert served == ["ok"] * 6
+
+    @inlineCallbacks
+    def test_every_backend_down_closes_clients_at_once(self) -> Inline:
+        """With no backend up, a client is closed without an attempt, and the record says why."""
+        events = Events(self)
+        with refusing_address() as one, refusing_address() as two:
+            fwd = self.forward("--to", one, "--to", two, *FAST_CHECKS)
+            yield events.wait("no_backend_available")
+            data = yield deferToThread(read_until_closed, fwd.address)
+            [record] = yield fwd.closed(1)
+        assert data == b""
+        assert record["reason"] == "no backend available"
+        assert record["attempts"] == 0
+
+    @inlineCallbacks
+    def test_close_on_down_ends_the_backends_tunnels(self) -> Inline:
+        """--close-on-down: a tunnel to a backend the checks take down is closed; without it, it lives on."""
+        events = Events(self)
+        server = self.serve(named("b0"))
+        spare = self.serve(named("b1"))
+        fwd = self.forward(
+            "--to", server.address, "--to", spare.address, "--balance", "first",
+            *FAST_CHECKS, "--close-on-down",
+        )  # fmt: skip
+        sock, name = yield deferToThread(hold, fwd.address)
+        self.addCleanup(sock.close)
+        assert name == "b0"
+        if not server.silence():
+            self.skipTest("this kernel answers SYNs to a full accept queue")
+        yield events.wait("backend_down")
+        [record] = yield fwd.closed(1)
+        assert record["reason"].startswith(f"backend {server.address} went down: ")
+        assert record["closed_by"] == "proxy"

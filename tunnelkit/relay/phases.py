@@ -238,6 +238,8 @@ def why_not_connected(failure: Failure) -> tuple[str, CloseKind]:
     """The log reason and close kind for a failed dial."""
     error = failure.value
     if isinstance(error, BackendsUnavailable):
+        if not error.errors:
+            return "no backend available", CloseKind.ERROR
         kind = CloseKind.TIMEOUT if error.timed_out else CloseKind.ERROR
         return f"no backend connected: {error}", kind
     return f"backend connect failed: {failure.getErrorMessage()}", CloseKind.ERROR
