@@ -15,10 +15,13 @@ import os
 import re
 import socket
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from peers import BODY, BODY_PATH, Running
+from peers import BODY, BODY_PATH, Backend, Running
 from procs import (
     BenchError,
     MachineTimes,
@@ -230,6 +233,53 @@ def measure_wrk(
     if running.proc is not None:
         figures["req_per_cpu_s"] = figures["requests"] / max(figures["proxy_cpu_s"], 1e-9)
     return figures
+
+
+# -- balance ---------------------------------------------------------------
+
+
+def measure_balance(
+    running: Running,
+    backend: Backend,
+    ports: Sequence[int],
+    seconds: int,
+    flush_timeout: float = 5.0,
+) -> dict[str, float]:
+    """New connections per second (wrk, ``Connection: close``) and how ``ports`` shared them.
+
+    The backend logs the port of every request it served; the lines written
+    during the run give each port's share (``share_min_pct`` and
+    ``share_max_pct``: 25 and 25 is an even spread over 4), so a proxy that
+    sends everything to one backend cannot pass for balancing. ``served``
+    (all logged requests) should be at least wrk's count; ``served_elsewhere``
+    (by ports the row does not use) should be 0.
+    """
+    log = backend.served_log
+    if log is None:
+        raise BenchError("the balance figure needs a backend that logs the serving port")
+    offset = log.stat().st_size
+    figures = measure_wrk(running, backend.proc.pid, seconds, close=True)
+    counts = served_since(log, offset, figures["requests"], flush_timeout)
+    served = [counts[p] for p in ports]
+    total = sum(counts.values())
+    figures["served"] = float(total)
+    figures["served_elsewhere"] = float(total - sum(served))
+    figures["share_min_pct"] = 100.0 * min(served) / total if total else 0.0
+    figures["share_max_pct"] = 100.0 * max(served) / total if total else 0.0
+    return figures
+
+
+def served_since(log: Path, offset: int, expected: float, timeout: float) -> Counter[int]:
+    """Requests per port logged after ``offset``, once ``expected`` are in (bounded: nginx
+    writes its buffer when full or a second after the first line in it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with log.open("rb") as f:
+            f.seek(offset)
+            counts = Counter(int(line) for line in f.read().split())
+        if sum(counts.values()) >= expected or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.1)
 
 
 # -- idle connections --------------------------------------------------------
