@@ -90,6 +90,10 @@ DETAILS["balance"] = [
 
 #: Issue 15: new connections/s over several backends at least this share of one backend's.
 BALANCE_TARGET = 0.95
+#: A spread counts as even when the least-served backend had at least this share of an
+#: even split (20 % of the requests over 4): a rate with everything on one backend is no
+#: balancing figure.
+BALANCE_EVEN = 0.8
 
 GROUP_TITLES = {
     "iperf": "iperf3, one stream, client -> proxy -> iperf3 -s",
@@ -254,6 +258,7 @@ def balance_summary(runs: list[dict[str, Any]], rows: Sequence[BalanceRow]) -> d
             "share_min_pct": median(values(runs, r.name, "balance", "share_min_pct")),
             "share_max_pct": median(values(runs, r.name, "balance", "share_max_pct")),
         }
+        out["rows"][r.name]["even"] = _even(out["rows"][r.name])
     many = {r.system: r.name for r in rows if r.backends > 1}
     one = {r.system: r.name for r in rows if r.backends == 1 and r.system in many}
     for system, name in many.items():
@@ -269,6 +274,12 @@ def balance_summary(runs: list[dict[str, Any]], rows: Sequence[BalanceRow]) -> d
     return out
 
 
+def _even(row: dict[str, Any]) -> bool:
+    """Whether a row's least-served backend had its share of an even split (BALANCE_EVEN)."""
+    least = row["share_min_pct"]
+    return least is not None and least >= BALANCE_EVEN * 100 / row["backends"]
+
+
 def _quotient(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -282,8 +293,10 @@ def balance_lines(summary: dict[str, Any]) -> list[str]:
         base = next(n for n, r in rows.items() if r["system"] == system and r["backends"] == 1)
         verdict = ""
         if system.startswith("tunnelkit") and ratio is not None:
-            met = ratio >= BALANCE_TARGET
-            verdict = f" (target >= {BALANCE_TARGET:.2f}x: {'MET' if met else 'MISSED'})"
+            met = ratio >= BALANCE_TARGET and _even(rows[name])
+            verdict = (
+                f" (target >= {BALANCE_TARGET:.2f}x, spread even: {'MET' if met else 'MISSED'})"
+            )
         lines.append(
             f"{name} / {base}: {_num(rows[name]['rps'])} / {_num(rows[base]['rps'])} req/s"
             f" = {_ratio(ratio)}{verdict}"
@@ -296,7 +309,8 @@ def balance_lines(summary: dict[str, Any]) -> list[str]:
             lines.append(
                 f"{name}: each of {row['backends']} backends served"
                 f" {_num(row['share_min_pct'], 1)}-{_num(row['share_max_pct'], 1)} %"
-                f" of the requests (even: {100 / row['backends']:.1f})"
+                f" of the requests (even: {100 / row['backends']:.1f}):"
+                f" {'EVEN' if _even(row) else 'UNEVEN'}"
             )
     headroom = summary["headroom"]
     lines.append(
