@@ -237,6 +237,8 @@ class BalanceRow(Protocol):
     def system(self) -> str: ...
     @property
     def backends(self) -> int: ...
+    @property
+    def balance(self) -> str: ...
 
 
 def balance_summary(runs: list[dict[str, Any]], rows: Sequence[BalanceRow]) -> dict[str, Any]:
@@ -323,7 +325,9 @@ def balance_lines(summary: dict[str, Any]) -> list[str]:
 def render_balance(runs: list[dict[str, Any]], rows: Sequence[BalanceRow]) -> str:
     """The balance figure's section: the detail table and the verdicts."""
     names = [r.name for r in rows]
-    parts = [f"## {GROUP_TITLES['balance']}", "", detail_table(runs, names, "balance"), ""]
+    strategy = ", ".join(sorted({r.balance for r in rows}))
+    title = f"{GROUP_TITLES['balance']}; --balance {strategy}"
+    parts = [f"## {title}", "", detail_table(runs, names, "balance"), ""]
     parts += ["## Balancing: rate over several backends, and against the peers", ""]
     parts += [f"- {line}" for line in balance_lines(balance_summary(runs, rows))]
     return "\n".join(parts)
