@@ -15,10 +15,13 @@ import os
 import re
 import socket
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from peers import BODY, BODY_PATH, Running
+from peers import BODY, BODY_PATH, Backend, Running
 from procs import (
     BenchError,
     MachineTimes,
@@ -230,6 +233,66 @@ def measure_wrk(
     if running.proc is not None:
         figures["req_per_cpu_s"] = figures["requests"] / max(figures["proxy_cpu_s"], 1e-9)
     return figures
+
+
+# -- balance ---------------------------------------------------------------
+
+
+#: nginx writes its buffered log at most this long after a line entered the buffer
+#: (``flush=1s``), plus a margin: a log that has not grown for this long is complete.
+LOG_QUIET_S = 1.3
+
+
+def measure_balance(
+    running: Running, backend: Backend, ports: Sequence[int], seconds: int
+) -> dict[str, float]:
+    """New connections per second (wrk, ``Connection: close``) and how ``ports`` shared them.
+
+    The backend logs the port of every request it served; the lines written
+    during the run give each port's share (``share_min_pct`` and
+    ``share_max_pct``: 25 and 25 is an even spread over 4), so a proxy that
+    sends everything to one backend cannot pass for balancing. ``served``
+    (all logged requests) should be at least wrk's count; ``served_elsewhere``
+    (by ports the row does not use) should be 0. Waiting for the log to be
+    written costs about 2.6 s per run, outside the measured window.
+    """
+    log = backend.served_log
+    if log is None:
+        raise BenchError("the balance figure needs a backend that logs the serving port")
+    # The check's request and the end of the previous run are in the log before the count starts.
+    offset = quiet_size(log)
+    figures = measure_wrk(running, backend.proc.pid, seconds, close=True)
+    counts = served_since(log, offset)
+    served = [counts[p] for p in ports]
+    total = sum(counts.values())
+    figures["served"] = float(total)
+    figures["served_elsewhere"] = float(total - sum(served))
+    figures["share_min_pct"] = 100.0 * min(served) / total if total else 0.0
+    figures["share_max_pct"] = 100.0 * max(served) / total if total else 0.0
+    return figures
+
+
+def served_since(log: Path, offset: int) -> Counter[int]:
+    """Requests per port logged after ``offset``, once nginx has written them all."""
+    end = quiet_size(log)
+    with log.open("rb") as f:
+        f.seek(offset)
+        return Counter(int(line) for line in f.read(end - offset).split())
+
+
+def quiet_size(log: Path, timeout: float = 10.0) -> int:
+    """The log's size once it has not grown for :data:`LOG_QUIET_S` (its buffer is written)."""
+    deadline = time.monotonic() + timeout
+    size, since = log.stat().st_size, time.monotonic()
+    while time.monotonic() - since < LOG_QUIET_S:
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{log} still growing after {timeout:g} s: is something else loading the backend?"
+            )
+        time.sleep(0.1)
+        if (now := log.stat().st_size) != size:
+            size, since = now, time.monotonic()
+    return size
 
 
 # -- idle connections --------------------------------------------------------

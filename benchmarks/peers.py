@@ -85,6 +85,10 @@ class Backend:
     proc: Proc
     port: int
     description: str
+    #: Every port it listens on, ``port`` first (several for the balance figure's backend).
+    ports: tuple[int, ...] = ()
+    #: Where it logs the port that served each request (the balance figure's backend), or None.
+    served_log: Path | None = None
 
 
 def start_iperf_server(workdir: Path) -> Backend:
@@ -108,19 +112,27 @@ pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 10000; }}
 http {{
-    access_log off;
-    keepalive_requests 1000000;
+{access_log}    keepalive_requests 1000000;
     keepalive_timeout 300s;
     client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        root {dir}/www;
+{listens}        root {dir}/www;
     }}
 }}
 """
+
+#: The balance figure's backend logs the port of each request, buffered (a
+#: write per 64 KiB, ~10,000 requests) so the log costs the worker little; the
+#: flush timer writes the rest within a second of the load's end. (In place of
+#: ``access_log off``, which would cancel it.)
+NGINX_SERVED_LOG = """\
+    log_format served '$server_port';
+    access_log {path} served buffer=64k flush=1s;
+"""
+NGINX_NO_LOG = "    access_log off;\n"
 
 
 def start_http_backend(workdir: Path) -> Backend:
@@ -130,8 +142,7 @@ def start_http_backend(workdir: Path) -> Backend:
     front of it, so the figures measure the proxy. The fallback is slower
     (its direct figure is the backend's limit, not a proxy's) and is named so.
     """
-    nginx = shutil.which("nginx")
-    if nginx is None:
+    if shutil.which("nginx") is None:
         proc = Proc(
             "http-backend",
             [sys.executable, str(HERE / "backends.py"), "http", "--body-size", str(len(BODY))],
@@ -139,21 +150,54 @@ def start_http_backend(workdir: Path) -> Backend:
         )
         port = port_from_log(proc, _LISTENING_PORT)
         return Backend(proc, port, "FALLBACK python asyncio HTTP server (nginx not installed)")
-    ndir = workdir / "nginx"
+    return start_nginx_backend(workdir, "nginx", ports=1)
+
+
+def start_balance_backend(workdir: Path, ports: int) -> Backend:
+    """One nginx worker serving the 1 KiB file on ``ports`` loopback ports, logging which port served.
+
+    The balance figure's backends: one process behind all the ports, so one
+    backend and several put the same work on the same worker (only the
+    proxy's choice differs), and ``direct`` to one port measures what all of
+    them together can serve. The log says how the proxy spread the requests.
+    """
+    return start_nginx_backend(workdir, "nginx-balance", ports=ports, served_log=True)
+
+
+def start_nginx_backend(
+    workdir: Path, tag: str, *, ports: int, served_log: bool = False
+) -> Backend:
+    """nginx, 1 worker, serving the 1 KiB file on ``ports`` kernel-chosen ports (see NGINX_CONF)."""
+    ndir = workdir / tag
     (ndir / "www").mkdir(parents=True, exist_ok=True)
     (ndir / "www" / BODY_PATH.lstrip("/")).write_bytes(BODY)
     # The worker runs as nobody: it must be able to reach the docroot.
     for p in (workdir, ndir, ndir / "www"):
         p.chmod(0o755)
     (ndir / "www" / BODY_PATH.lstrip("/")).chmod(0o644)
-    port = free_port()
+    numbers = tuple(free_port() for _ in range(ports))
+    log = ndir / "served.log" if served_log else None
     conf = ndir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=ndir, port=port))
-    proc = Proc(
-        "nginx", [nginx, "-e", "stderr", "-p", str(ndir), "-c", str(conf)], workdir / "nginx.log"
+    conf.write_text(
+        NGINX_CONF.format(
+            dir=ndir,
+            listens="".join(f"        listen 127.0.0.1:{n} backlog=4096;\n" for n in numbers),
+            access_log=NGINX_SERVED_LOG.format(path=log) if log else NGINX_NO_LOG,
+        )
     )
-    wait_listening(proc, port)
-    return Backend(proc, port, "nginx, 1 worker, access_log off, 1 KiB static file")
+    argv = ["nginx", "-e", "stderr", "-p", str(ndir), "-c", str(conf)]
+    proc = Proc(tag, argv, workdir / f"{tag}.log")
+    for n in numbers:
+        wait_listening(proc, n)
+    what = "access_log off" if log is None else "the port of each request logged"
+    where = f", on {ports} ports" if ports > 1 else ""
+    return Backend(
+        proc,
+        numbers[0],
+        f"nginx, 1 worker{where}, {what}, 1 KiB static file",
+        ports=numbers,
+        served_log=log,
+    )
 
 
 def start_echo_backend(workdir: Path) -> Backend:
@@ -185,6 +229,11 @@ class Running:
             self.proc.stop()
 
 
+#: Starts a proxy in front of several backend ports, spreading connections with
+#: a tunnelkit ``--balance`` strategy (the balance figure): (ports, balance, workdir).
+BalancedStart = Callable[[Sequence[int], str, Path], Running]
+
+
 @dataclass(frozen=True)
 class ProxySpec:
     """One system under test: a name, the executables it needs, and how to start it."""
@@ -196,6 +245,8 @@ class ProxySpec:
     #: Why it cannot run although its executables are there (a missing nginx
     #: module, say), or None; asked only when nothing in ``needs`` is missing.
     check: Callable[[], str | None] | None = None
+    #: How to start it in front of several backends, for the systems the balance figure compares.
+    start_balanced: BalancedStart | None = None
 
     def missing(self) -> list[str]:
         """Executables this proxy needs that are not installed."""
@@ -268,11 +319,15 @@ def tunnelkit_spec(
     """
     workers = workers_option(extra)
 
-    def start(backend_port: int, workdir: Path) -> Running:
+    def start_balanced(backend_ports: Sequence[int], balance: str, workdir: Path) -> Running:
+        """Every port a ``--to``; ``--balance`` only with several (one is the plain command)."""
         env = dict(SNAPSHOT)
         if malloc_tuned:
             env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
         tag = f"{name}-{next(_STARTS)}"
+        backends = [arg for port in backend_ports for arg in ("--to", f"127.0.0.1:{port}")]
+        if len(backend_ports) > 1:
+            backends += ["--balance", balance]
         argv = twistd_argv(
             workdir,
             tag,
@@ -280,8 +335,7 @@ def tunnelkit_spec(
             # ADDR:PORT form (backlog 1024, like every tunnelkit listener).
             "--listen",
             "127.0.0.1:0",
-            "--to",
-            f"127.0.0.1:{backend_port}",
+            *backends,
             "--read-size",
             str(read_size),
             "--nodelay",
@@ -301,12 +355,15 @@ def tunnelkit_spec(
             wait_workers_ready(proc, workers)
         return Running(name, port, proc, argv, workers=workers)
 
+    def start(backend_port: int, workdir: Path) -> Running:
+        return start_balanced([backend_port], "first", workdir)
+
     note = f"--read-size {read_size}" + (" --no-write-through" if no_write_through else "")
     if malloc_tuned:
         note += f" GLIBC_TUNABLES={MALLOC_TUNABLES}"
     if extra:
         note += " " + " ".join(extra)
-    return ProxySpec(name, ("twistd",), start, note)
+    return ProxySpec(name, ("twistd",), start, note, start_balanced=start_balanced)
 
 
 def workers_option(argv: Sequence[str]) -> int:
@@ -393,24 +450,50 @@ global
     bind 127.0.0.1:{port} backlog 1024{bind_extra}
     default_backend be
 backend be
-    server s1 127.0.0.1:{backend_port}
-"""
+{balance}{servers}"""
+
+#: HAProxy's ``balance`` algorithm for each tunnelkit ``--balance`` strategy the
+#: balance figure offers (those that spread one client's connections).
+HAPROXY_BALANCE = {"round-robin": "roundrobin", "least-conn": "leastconn", "random": "random(2)"}
 
 
 def haproxy_starter(
     splice: bool, *, bind_extra: str = "", global_extra: str = ""
 ) -> Callable[[int, Path], Running]:
     """A start function for haproxy in mode tcp; ``bind_extra`` ends the ``bind`` line."""
-    name = "haproxy-splice" if splice else "haproxy"
+    start_balanced = haproxy_balanced_starter(
+        splice, bind_extra=bind_extra, global_extra=global_extra
+    )
 
     def start(backend_port: int, workdir: Path) -> Running:
+        return start_balanced([backend_port], "first", workdir)
+
+    return start
+
+
+def haproxy_balanced_starter(
+    splice: bool, *, bind_extra: str = "", global_extra: str = ""
+) -> BalancedStart:
+    """haproxy_starter's config with a ``server`` line per backend port.
+
+    With several, the backend says ``balance`` (:data:`HAPROXY_BALANCE`); with
+    one, the config is the plain row's, word for word.
+    """
+    name = "haproxy-splice" if splice else "haproxy"
+
+    def start(backend_ports: Sequence[int], balance: str, workdir: Path) -> Running:
         port = free_port()
         tag = f"{name}-{next(_STARTS)}"
         conf = workdir / f"{tag}.cfg"
         conf.write_text(
             HAPROXY_CONF.format(
                 port=port,
-                backend_port=backend_port,
+                balance=f"    balance {HAPROXY_BALANCE[balance]}\n"
+                if len(backend_ports) > 1
+                else "",
+                servers="".join(
+                    f"    server s{i} 127.0.0.1:{p}\n" for i, p in enumerate(backend_ports, 1)
+                ),
                 bind_extra=bind_extra,
                 # splice needs pipes, i.e. file descriptors beyond maxconn's.
                 global_extra=global_extra + ("    maxpipes 256\n" if splice else ""),
@@ -636,7 +719,13 @@ def all_proxies(
         *tunnelkits,
         ProxySpec("portforward", ("twistd",), start_portforward, "twistd portforward"),
         ProxySpec("socat", ("socat",), _socat, "socat -b 65536, fork per connection"),
-        ProxySpec("haproxy", ("haproxy",), haproxy_starter(False), "haproxy mode tcp"),
+        ProxySpec(
+            "haproxy",
+            ("haproxy",),
+            haproxy_starter(False),
+            "haproxy mode tcp",
+            start_balanced=haproxy_balanced_starter(False),
+        ),
         ProxySpec(
             "haproxy-splice",
             ("haproxy",),
@@ -659,6 +748,38 @@ def all_proxies(
             + (" on uvloop" if uvloop_importable() else " (uvloop not installed)"),
         ),
     ]
+
+
+@dataclass(frozen=True)
+class BalanceRow:
+    """A row of the balance figure: a system in front of the first ``backends`` backend ports.
+
+    ``spec`` None is ``direct``: the client against the first port, the rate
+    the backend process (all its ports together) can serve.
+    """
+
+    name: str
+    spec: ProxySpec | None
+    backends: int
+    balance: str
+
+    @property
+    def system(self) -> str:
+        return "direct" if self.spec is None else self.spec.name
+
+    def start(self, ports: Sequence[int], workdir: Path) -> Running:
+        if self.spec is None or self.spec.start_balanced is None:
+            return Running(self.name, ports[0], None)
+        return self.spec.start_balanced(ports[: self.backends], self.balance, workdir)
+
+
+def balance_rows(specs: Sequence[ProxySpec], balance: str, count: int) -> list[BalanceRow]:
+    """``direct``, then each system that can balance with one backend and with ``count``."""
+    rows = [BalanceRow("direct", None, 1, balance)]
+    for spec in specs:
+        if spec.start_balanced is not None:
+            rows += [BalanceRow(f"{spec.name} x{n}", spec, n, balance) for n in (1, count)]
+    return rows
 
 
 def size_label(n: int) -> str:

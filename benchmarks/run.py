@@ -10,7 +10,11 @@ repetition (so slow drift of a shared machine hits them all alike):
 a) iperf3 single-stream throughput through the proxy;
 b) MB moved per proxy CPU-second during that iperf3 run (CPU from /proc);
 c) wrk requests/s to nginx serving 1 KiB, keep-alive and ``Connection: close``;
-d) RSS per idle connection with 1,000 connections held open.
+d) RSS per idle connection with 1,000 connections held open;
+e) (``--figures balance``) new connections/s (wrk ``Connection: close``) with
+   one backend and with 4 balanced by ``--balance`` (round-robin), for
+   tunnelkit and haproxy, each backend's share of the requests, and ``direct``
+   to one backend port as the backend's own limit (issue 15's benchmark).
 
 Usage (from the repository root)::
 
@@ -18,6 +22,7 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/run.py --short         # under 2 minutes
     .venv/bin/python benchmarks/run.py --plot docs/performance.png
     .venv/bin/python benchmarks/run.py --only tunnelkit,portforward --read-sizes 65536,262144,1048576
+    .venv/bin/python benchmarks/run.py --only tunnelkit,haproxy --figures balance --reps 3 --seconds 5
 
 See benchmarks/README.md and docs/performance.md.
 """
@@ -54,7 +59,11 @@ DEFAULT_READ_SIZE = 256 * 1024
 #: The repository: benchmarks/ is directly inside it.
 ROOT = Path(__file__).resolve().parent.parent
 
-GROUPS = ["iperf", "wrk", "idle"]
+GROUPS = ["iperf", "wrk", "idle", "balance"]
+#: The figure groups a run measures unless --figures says otherwise (balance is asked for).
+DEFAULT_GROUPS = ["iperf", "wrk", "idle"]
+#: How many backends the balance figure spreads over (issue 15 asks for 4).
+BALANCE_BACKENDS = 4
 #: Debian packages of the clients and peers (``--install``).
 PEERS = ["iperf3", "wrk", "socat", "haproxy", "nginx-light", "libnginx-mod-stream", "rinetd"]
 #: The Python packages of the harness (uvloop for a peer, matplotlib for --plot), for the venv.
@@ -76,8 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="list the systems and exit")
     parser.add_argument(
         "--figures",
-        default=",".join(GROUPS),
-        help="comma-separated subset of iperf,wrk,idle (default: all)",
+        default=",".join(DEFAULT_GROUPS),
+        help="comma-separated subset of iperf,wrk,idle,balance (default: iperf,wrk,idle)",
+    )
+    parser.add_argument(
+        "--balance",
+        default="round-robin",
+        choices=sorted(peers.HAPROXY_BALANCE),
+        help=f"the balance figure's strategy over {BALANCE_BACKENDS} backends: tunnelkit's "
+        "--balance, haproxy's matching 'balance' (default round-robin)",
     )
     parser.add_argument(
         "--install",
@@ -303,12 +319,13 @@ class Bench:
             return current
         if current is not None:
             current.proc.stop()
-        start = {
+        starters: dict[str, Callable[[Path], peers.Backend]] = {
             "iperf": peers.start_iperf_server,
             "http": peers.start_http_backend,
             "echo": peers.start_echo_backend,
-        }[kind]
-        self.backends[kind] = start(self.workdir)
+            "balance": functools.partial(peers.start_balance_backend, ports=BALANCE_BACKENDS),
+        }
+        self.backends[kind] = starters[kind](self.workdir)
         return self.backends[kind]
 
     def restart_backend(self, kind: str) -> None:
@@ -318,10 +335,10 @@ class Bench:
             current.proc.stop()
 
     def record(
-        self, spec: peers.ProxySpec, group: str, rep: int, attempt: int, **fields: Any
+        self, name: str, group: str, rep: int, attempt: int, **fields: Any
     ) -> dict[str, Any]:
         run: dict[str, Any] = {
-            "proxy": spec.name,
+            "proxy": name,
             "group": group,
             "rep": rep,
             "attempt": attempt,
@@ -337,7 +354,7 @@ class Bench:
 
     def measured(
         self,
-        spec: peers.ProxySpec,
+        name: str,
         group: str,
         rep: int,
         measure: Callable[[], dict[str, float]],
@@ -350,9 +367,9 @@ class Bench:
             figures = measure()
             if quiet is not None:
                 figures["busy_before_pct"] = quiet
-            run = self.record(spec, group, rep, attempt, figures=figures)
+            run = self.record(name, group, rep, attempt, figures=figures)
             foreign = figures.get("foreign_pct", 0.0)
-            progress(spec.name, group, rep, figures)
+            progress(name, group, rep, figures)
             if foreign <= self.args.max_foreign or attempt == self.args.retries:
                 return
             run["discarded"] = True
@@ -369,7 +386,7 @@ class Bench:
             if group == "iperf":
                 loads.check_iperf(running.port)
                 self.measured(
-                    spec,
+                    spec.name,
                     "iperf",
                     rep,
                     functools.partial(loads.measure_iperf, running, backend.proc.pid, seconds),
@@ -378,7 +395,7 @@ class Bench:
                 loads.check_http(running.port)
                 for sub, close in (("wrk_ka", False), ("wrk_close", True)):
                     self.measured(
-                        spec,
+                        spec.name,
                         sub,
                         rep,
                         functools.partial(
@@ -388,7 +405,7 @@ class Bench:
             else:
                 loads.check_echo(running.port)
                 self.measured(
-                    spec,
+                    spec.name,
                     "idle",
                     rep,
                     functools.partial(
@@ -396,28 +413,62 @@ class Bench:
                     ),
                 )
         except (BenchError, OSError) as e:
-            message = str(e).strip()
-            print(f"  FAILED {spec.name} {group} rep {rep}: {message[:2000]}", flush=True)
             subs = ("wrk_ka", "wrk_close") if group == "wrk" else (group,)
-            done = {(r["proxy"], r["group"], r["rep"]) for r in self.runs}
-            for sub in subs:
-                if (spec.name, sub, rep) not in done:
-                    self.record(spec, sub, rep, 0, ok=False, error=message[:2000])
+            self.failed(spec.name, group, subs, rep, e)
             if group == "iperf":
                 self.restart_backend("iperf")
         finally:
             if running is not None:
                 running.stop()
 
-    def run(self, specs: list[peers.ProxySpec]) -> None:
-        """Every repetition: for each figure group, every proxy once, in a rotated order."""
+    def failed(self, name: str, group: str, subs: tuple[str, ...], rep: int, e: Exception) -> None:
+        """Say why a measurement failed, and record a failed run for each ``subs`` not recorded."""
+        message = str(e).strip()
+        print(f"  FAILED {name} {group} rep {rep}: {message[:2000]}", flush=True)
+        done = {(r["proxy"], r["group"], r["rep"]) for r in self.runs}
+        for sub in subs:
+            if (name, sub, rep) not in done:
+                self.record(name, sub, rep, 0, ok=False, error=message[:2000])
+
+    def one_balance(self, row: peers.BalanceRow, rep: int) -> None:
+        """Start the row's system in front of its share of the balance backend's ports, measure."""
+        backend = self.backend("balance")
+        ports = backend.ports[: row.backends]
+        running: peers.Running | None = None
+        try:
+            running = peers.require_started(row.start(ports, self.workdir))
+            loads.check_http(running.port)
+            self.measured(
+                row.name,
+                "balance",
+                rep,
+                functools.partial(
+                    loads.measure_balance, running, backend, ports, self.args.seconds
+                ),
+            )
+        except (BenchError, OSError) as e:
+            self.failed(row.name, "balance", ("balance",), rep, e)
+        finally:
+            if running is not None:
+                running.stop()
+
+    def run(self, specs: list[peers.ProxySpec], balance: list[peers.BalanceRow]) -> None:
+        """Every repetition: for each figure group, every proxy (or balance row) once, in a
+        rotated order."""
         groups = [g for g in GROUPS if g in self.args.figures]
         for rep in range(self.args.reps):
             for group in groups:
-                shift = rep % len(specs)
-                for spec in specs[shift:] + specs[:shift]:
-                    if group == "idle" and spec.name == "direct":
-                        continue
+                steps: list[tuple[str, Callable[[], None]]]
+                if group == "balance":
+                    steps = [(r.name, functools.partial(self.one_balance, r, rep)) for r in balance]
+                else:
+                    steps = [
+                        (s.name, functools.partial(self.one, s, group, rep))
+                        for s in specs
+                        if not (group == "idle" and s.name == "direct")
+                    ]
+                shift = rep % len(steps)
+                for name, step in steps[shift:] + steps[:shift]:
                     if time.monotonic() > self.deadline:
                         if not self.out_of_time:
                             print(
@@ -426,8 +477,8 @@ class Bench:
                             )
                         self.out_of_time = True
                         return
-                    print(f"[rep {rep + 1}/{self.args.reps}] {group} {spec.name}", flush=True)
-                    self.one(spec, group, rep)
+                    print(f"[rep {rep + 1}/{self.args.reps}] {group} {name}", flush=True)
+                    step()
 
     def stop(self) -> None:
         for b in self.backends.values():
@@ -440,7 +491,7 @@ def progress(name: str, group: str, rep: int, f: dict[str, float]) -> None:
     if group == "iperf":
         eff = f.get("mb_per_cpu_s")
         what = f"{f['gbit_s']:.2f} Gbit/s" + (f", {eff:,.0f} MB/CPU-s" if eff else "")
-    elif group.startswith("wrk"):
+    elif group.startswith("wrk") or group == "balance":
         what = f"{f['rps']:,.0f} req/s, p99 {f.get('p99_ms', 0):.2f} ms, errors {f['socket_errors']:.0f}"
     else:
         what = (
@@ -459,7 +510,12 @@ def progress(name: str, group: str, rep: int, f: dict[str, float]) -> None:
 def usable_groups(args: argparse.Namespace, nofile: int, notes: list[str]) -> list[str]:
     """The figure groups asked for whose client tools are installed and whose limits allow."""
     groups = list(args.figures)
-    for group, tool in (("iperf", "iperf3"), ("wrk", "wrk")):
+    for group, tool in (
+        ("iperf", "iperf3"),
+        ("wrk", "wrk"),
+        ("balance", "wrk"),
+        ("balance", "nginx"),
+    ):
         if group in groups and shutil.which(tool) is None:
             notes.append(f"skipped figure {group}: {tool} not installed (try --install)")
             groups.remove(group)
@@ -496,6 +552,8 @@ def environment(
         "idle_conns": args.idle_conns,
         "read_size": args.read_size,
         "read_sizes": args.read_sizes,
+        "balance": args.balance,
+        "balance_backends": BALANCE_BACKENDS,
         "max_foreign_pct": args.max_foreign,
         "retries": args.retries,
         "quiet_wait_s": args.quiet_wait,
@@ -506,13 +564,22 @@ def environment(
 
 
 def write_outputs(
-    args: argparse.Namespace, bench: Bench, env: dict[str, Any], names: list[str]
+    args: argparse.Namespace,
+    bench: Bench,
+    env: dict[str, Any],
+    names: list[str],
+    balance: list[peers.BalanceRow],
 ) -> None:
     """The --json record and the --plot picture, from the same medians as the tables."""
     summary = report.summarize(bench.runs, names)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"environment": env, "summary": summary, "runs": bench.runs}
+        payload = {
+            "environment": env,
+            "summary": summary,
+            "balance": report.balance_summary(bench.runs, balance) if balance else None,
+            "runs": bench.runs,
+        }
         args.json.write_text(json.dumps(payload, indent=1))
         print(f"\nraw results: {args.json}")
     if args.plot:
@@ -579,10 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         source_hash = peers.snapshot_tunnelkit(ROOT / "tunnelkit", Path(tmp))
         print(f"tunnelkit sources ({revision}) copied for this run, sha256 {source_hash}")
         bench = Bench(args, Path(tmp))
+        balance = (
+            peers.balance_rows(specs, args.balance, BALANCE_BACKENDS) if "balance" in groups else []
+        )
         try:
-            bench.run(specs)
+            bench.run(specs, balance)
         finally:
-            http = bench.backends.get("http")
+            http = bench.backends.get("http") or bench.backends.get("balance")
             http_backend = http.description if http else None
             bench.stop()
             stop_all()
@@ -599,9 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         nofile=nofile,
     )
     names = [s.name for s in specs]
-    report_groups = [
-        g for g in ["iperf", "wrk_ka", "wrk_close", "idle"] if g.split("_")[0] in groups
-    ]
+    report_groups = [g for g in report.HEADLINE_GROUPS if g.split("_")[0] in groups]
     print()
     print(
         f"# tunnelkit loopback benchmark, {env['date']} ({env['machine']}), "
@@ -612,8 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     if bench.out_of_time:
         print(f"NOTE: stopped early at the {args.max_minutes:g} min limit")
     print()
-    print(report.render(bench.runs, names, report_groups))
-    write_outputs(args, bench, env, names)
+    print(report.render(bench.runs, names, report_groups, balance))
+    write_outputs(args, bench, env, names, balance)
     return 1 if any(not r["ok"] for r in bench.runs) else 0
 
 
