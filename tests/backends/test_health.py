@@ -424,6 +424,20 @@ class StopTests(SynchronousTestCase):
         run_checks(target, 1)
         self.assertEqual(target.clock.getDelayedCalls(), [])
 
+    def test_stop_from_a_log_observer(self) -> None:
+        """A log observer that stops the checker on a check's event leaves nothing scheduled or marked."""
+        target = Target()
+        target.endpoints[0].refuse = ConnectionRefusedError()
+        made = HealthChecker(
+            target,
+            HealthSettings(interval=10.0, timeout=2.0, fall=1),
+            log=Logger(observer=lambda event: made.stop()),
+        )
+        made.start()
+        run_checks(target, 1)
+        self.assertEqual(target.clock.getDelayedCalls(), [])
+        self.assertEqual(target.marks, [])
+
     def test_start_twice(self) -> None:
         """Starting a running checker is a programming error (it would check twice as often)."""
         made = checker(Target())

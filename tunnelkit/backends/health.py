@@ -188,11 +188,13 @@ class _Monitor:
         self.timer: IDelayedCall | None = None
         self.check: _Check | None = None
         self.started = 0.0
+        self.stopped = False
 
     def schedule(self, delay: float) -> None:
         self.timer = self.checker.target.clock.callLater(delay, self._run)
 
     def stop(self) -> None:
+        self.stopped = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -210,6 +212,9 @@ class _Monitor:
     def _done(self, passed: bool, why: str) -> None:
         self.check = None
         checker = self.checker
+        # The next check is due before anyone hears of this one: a log
+        # observer or the target may stop the checker meanwhile.
+        self.schedule(checker.next_delay())
         checker.log.debug(
             "health check of {backend} {outcome}: {why}",
             event="health_check",
@@ -220,9 +225,8 @@ class _Monitor:
             why=why,
             duration=checker.target.clock.seconds() - self.started,
         )
-        # Scheduled before the target hears of a change, which may stop the checker.
-        self.schedule(checker.next_delay())
-        self._count(passed, why)
+        if not self.stopped:
+            self._count(passed, why)
 
     def _count(self, passed: bool, why: str) -> None:
         if passed == self.up:
