@@ -53,6 +53,8 @@ class Served(Protocol):
         self.closed: Deferred[None] = Deferred()
         self.factory.live.add(self)
         self.factory.connections += 1
+        if not self.factory.connected.called:
+            self.factory.connected.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -79,6 +81,8 @@ class Server(Factory):
         self.close_after_answer = close_after_answer
         self.live: set[Served] = set()
         self.connections = 0
+        #: Fires on the first connection.
+        self.connected: Deferred[None] = Deferred()
         self.received: list[bytes] = []
 
     def close_all(self) -> Deferred[Any]:
@@ -112,6 +116,7 @@ class Watch:
         self.checks: list[tuple[int, bool, str]] = []
         self.log = Logger(observer=self._observe)
         self.waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
+        self.checker: HealthChecker | None = None
 
     def mark(self, index: int, up: bool, reason: str) -> None:
         self.marks.append((index, up, reason))
@@ -165,7 +170,24 @@ class HealthSocketTests(TestCase):
         checker = HealthChecker(watch, HealthSettings(**settings), log=watch.log)
         checker.start()
         self.addCleanup(checker.stop)
+        watch.checker = checker
         return watch
+
+    def tls_authority(self) -> tuple[trustme.CA, BackendTLS]:
+        """A CA, and TLS towards backends that trusts it alone."""
+        directory = Path(tempfile.mkdtemp(prefix="tunnelkit-health-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        ca = trustme.CA()
+        return ca, BackendTLS(BackendTLSSettings(ca=str(write_ca(ca, directory))))
+
+    def tls(self, port: IListeningPort, tls: BackendTLS) -> TLSClientEndpoint:
+        """The endpoint of a TLS backend named ``localhost`` on ``port``, as the service builds it."""
+        return TLSClientEndpoint(
+            self.tcp(port),
+            tls.creator("localhost"),
+            read_size=65536,
+            diagnose=lambda connection, failure: tls.diagnose("localhost", connection, failure),
+        )
 
     @inlineCallbacks
     def test_down_after_fall_and_up_after_rise(self) -> Inline:
@@ -202,28 +224,18 @@ class HealthSocketTests(TestCase):
     @inlineCallbacks
     def test_tls_handshake_and_certificate(self) -> Inline:
         """A TLS check passes with a good certificate and fails on a wrong name or an unknown CA."""
-        directory = Path(tempfile.mkdtemp(prefix="tunnelkit-health-"))
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        ca, stranger = trustme.CA(), trustme.CA()
-        tls = BackendTLS(BackendTLSSettings(ca=str(write_ca(ca, directory))))
+        ca, tls = self.tls_authority()
+        stranger = trustme.CA()
         servers = [Server(), Server(), Server()]
         issued = [
             ca.issue_cert("localhost"),
             ca.issue_cert("other.example"),
             stranger.issue_cert("localhost"),
         ]
-        endpoints = []
-        for server, leaf in zip(servers, issued, strict=True):
-            endpoints.append(
-                TLSClientEndpoint(
-                    self.tcp(self.listen(server, context=ServerContext(leaf))),
-                    tls.creator("localhost"),
-                    read_size=65536,
-                    diagnose=lambda connection, failure: tls.diagnose(
-                        "localhost", connection, failure
-                    ),
-                )
-            )
+        endpoints = [
+            self.tls(self.listen(server, context=ServerContext(leaf)), tls)
+            for server, leaf in zip(servers, issued, strict=True)
+        ]
         watch = self.checked(endpoints, send=b"PING\r\n", expect=b"+PONG", fall=1)
         yield watch.until(lambda: watch.passes(0) >= 2 and len(watch.marks) == 2)
         marks = {index: (up, reason) for index, up, reason in watch.marks}
@@ -233,3 +245,26 @@ class HealthSocketTests(TestCase):
         self.assertIn("certificate verify failed", marks[2][1])
         self.assertEqual(set(servers[0].received), {b"PING\r\n"})
         self.assertEqual(servers[1].received + servers[2].received, [])
+
+    @inlineCallbacks
+    def test_silent_tls_handshake_times_out(self) -> Inline:
+        """A backend that accepts and never answers the handshake fails the check at its timeout."""
+        silent = Server(answer=b"")
+        _, tls = self.tls_authority()
+        watch = self.checked([self.tls(self.listen(silent), tls)], timeout=0.2, fall=1)
+        yield watch.until(lambda: len(watch.marks) == 1)
+        self.assertEqual(
+            watch.marks, [(0, False, "1 health check failed: connect timeout (0.2 s)")]
+        )
+        self.assertGreaterEqual(silent.connections, 1)
+
+    @inlineCallbacks
+    def test_stop_during_tls_handshake(self) -> Inline:
+        """stop() during a handshake gives no verdict and leaves no socket (trial checks the reactor)."""
+        silent = Server(answer=b"")
+        _, tls = self.tls_authority()
+        watch = self.checked([self.tls(self.listen(silent), tls)])
+        yield silent.connected
+        assert watch.checker is not None
+        yield watch.checker.stop()
+        self.assertEqual(watch.checks, [])
