@@ -18,6 +18,7 @@ from certs import write_ca
 from OpenSSL import SSL
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLContextFactory,
@@ -268,3 +269,23 @@ class HealthSocketTests(TestCase):
         assert watch.checker is not None
         yield watch.checker.stop()
         self.assertEqual(watch.checks, [])
+
+    @inlineCallbacks
+    def test_unix_backends(self) -> Inline:
+        """A UNIX-socket backend is checked through its endpoint too: a missing socket goes down."""
+        directory = Path(tempfile.mkdtemp(prefix="tunnelkit-health-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        server = Server()
+        port = reactor.listenUNIX(str(directory / "up.sock"), server)
+        self.addCleanup(server.close_all)
+        self.addCleanup(port.stopListening)
+        endpoints = [
+            clientFromString(reactor, f"unix:path={directory / name}")
+            for name in ("up.sock", "missing.sock")
+        ]
+        watch = self.checked(endpoints, send=b"PING\r\n", expect=b"+PONG", fall=2)
+        yield watch.until(lambda: watch.passes(0) >= 2 and len(watch.marks) == 1)
+        [(index, up, reason)] = watch.marks
+        self.assertEqual((index, up), (1, False))
+        self.assertTrue(reason.startswith("2 health checks failed: "), reason)
+        self.assertIn("No such file or directory", reason)
