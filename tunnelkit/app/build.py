@@ -51,6 +51,7 @@ from twisted.plugin import getPlugins
 from tunnelkit.app.service import (
     ListenError,
     Listening,
+    Monitor,
     TunnelService,
     default_max_tunnels,
     fd_slots,
@@ -59,6 +60,7 @@ from tunnelkit.app.service import (
 from tunnelkit.backends import resolver
 from tunnelkit.backends.endpoints import host_endpoint
 from tunnelkit.backends.group import Backend, BackendGroup
+from tunnelkit.backends.health import HealthChecker
 from tunnelkit.cli import preflight
 from tunnelkit.config.addresses import LISTEN_FORMS, HostPort
 from tunnelkit.config.keys import KEYS
@@ -512,10 +514,17 @@ def build_service(prepared: Prepared) -> TunnelService:
     )
     pipes: list[splice.PipePool] = []
     listening = []
+    groups: list[BackendGroup] = []
+    monitors: list[Monitor] = []
     for listener in prepared.listeners:
-        make_factory, profile = _listener_factories(
+        make_factory, profile, group = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
         )
+        health = listener.settings.health
+        if group is not None:
+            groups.append(group)
+            if health is not None:
+                monitors.append(HealthChecker(group, health))
         listening += [
             Listening(name, endpoint, make_factory, listener.settings.socket_options, profile)
             for name, endpoint in listener.endpoints
@@ -535,6 +544,8 @@ def build_service(prepared: Prepared) -> TunnelService:
             access_log.close()
         for pool in pipes:
             pool.close()
+        for group in groups:
+            group.stop()
 
     return TunnelService(
         listening,
@@ -547,6 +558,7 @@ def build_service(prepared: Prepared) -> TunnelService:
         ),
         on_stopped=stopped,
         native=relay,
+        monitors=monitors,
     )
 
 
@@ -558,8 +570,8 @@ def _listener_factories(
     tunnel_log: TunnelLog,
     relay: driver.NativeRelay | None,
     pipes: list[splice.PipePool],
-) -> tuple[Callable[[str], IProtocolFactory], Any]:
-    """How to make the factory of each of ``listener``'s ports; its engine profile, if any."""
+) -> tuple[Callable[[str], IProtocolFactory], Any, BackendGroup | None]:
+    """How to make the factory of each of ``listener``'s ports; its engine profile, if any; its backends."""
     reactor, settings = prepared.reactor, listener.settings
     write_through = prepared.settings.write_through
     options = settings.socket_options
@@ -627,7 +639,7 @@ def _listener_factories(
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
         )
-    return make_factory, profile
+    return make_factory, profile, group
 
 
 def _mode(reactor: Any, listener: Listener, group: BackendGroup | None) -> Mode:

@@ -33,6 +33,10 @@ from twisted.python.failure import Failure
 from tunnelkit.backends.group import Backend
 
 _log = Logger(namespace="tunnelkit.health")
+#: Where each check's ``health_check`` event goes unless a logger is given:
+#: nowhere. One line per check and backend every few seconds would flood
+#: twistd's log, which does not filter by level; the group logs the changes.
+_QUIET = Logger(namespace="tunnelkit.health", observer=lambda event: None)  # type: ignore[arg-type]
 
 #: The most a check reads while looking for ``expect``: a backend that answers
 #: with more than this without the expected bytes fails the check, so a
@@ -123,7 +127,9 @@ class HealthChecker:
             raise ValueError("health checks need an interval > 0")
         self.target = target
         self.settings = settings
-        self.log = log if log is not None else _log
+        #: Each check's event (by default, nowhere), and a failing ``mark``.
+        self.log = log if log is not None else _QUIET
+        self.errors = log if log is not None else _log
         self.random = random if random is not None else Random()
         self._monitors: list[_Monitor] = []
         #: Check connections still open, the closing ones included: stop() waits for them.
@@ -246,7 +252,7 @@ class _Monitor:
             self.checker.target.mark(self.index, up, reason)
         except Exception:
             # The checks go on: a broken listener of changes must not stop them.
-            self.checker.log.failure(
+            self.checker.errors.failure(
                 "health: marking {backend} failed",
                 event="health_mark_failed",
                 backend=self.backend.name,

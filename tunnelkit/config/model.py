@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 
 from tunnelkit.backends.group import MAX_WEIGHT, Balancing
+from tunnelkit.backends.health import MAX_RESPONSE, HealthSettings
 from tunnelkit.config.addresses import (
     AddressError,
     HostPort,
@@ -162,18 +163,6 @@ class BackendSpec:
 
 
 @attrs.frozen
-class HealthChecks:
-    """Active health checks of a listener's backends (``health-*``, ``rise``, ``fall``)."""
-
-    interval: float
-    timeout: float
-    rise: int
-    fall: int
-    send: bytes | None
-    expect: bytes | None
-
-
-@attrs.frozen
 class ListenerSettings:
     """One ``[[listener]]`` table, or the whole command line."""
 
@@ -201,7 +190,7 @@ class ListenerSettings:
     backend_tls: BackendTLSSettings | None
     balancing: Balancing = attrs.field(factory=Balancing)
     #: ``None``: no active checks (failed connects still eject a backend).
-    health: HealthChecks | None = None
+    health: HealthSettings | None = None
 
 
 @attrs.frozen
@@ -400,7 +389,7 @@ def _backend_options(text: str) -> tuple[str, int, bool]:
     return text, weight, backup
 
 
-def _health(r: _Reader) -> HealthChecks | None:
+def _health(r: _Reader) -> HealthSettings | None:
     interval = r["health-interval"]
     if not interval:
         for key in ("health-timeout", "health-send", "health-expect"):
@@ -408,7 +397,10 @@ def _health(r: _Reader) -> HealthChecks | None:
                 r.problem((key,), f"{{{key}}} needs {{health-interval}}")
         return None
     send, expect = (_unescape(r, key) for key in ("health-send", "health-expect"))
-    return HealthChecks(
+    if expect is not None and len(expect) > MAX_RESPONSE:
+        r.problem(("health-expect",), f"{{health-expect}} is longer than {MAX_RESPONSE} bytes")
+        return None
+    return HealthSettings(
         interval=interval,
         timeout=r["health-timeout"] or min(interval, r["connect-timeout"]),
         rise=r["rise"],
