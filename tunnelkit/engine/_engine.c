@@ -27,7 +27,9 @@
  * its FIN, a lingering close (a side closed while it may still send gets
  * SHUT_WR and is read until it closes, so the kernel sends no RST), connect
  * timeout with failover to the next backend, idle, fin and close-grace
- * timeouts, and one record per tunnel.
+ * timeouts, and one record per tunnel. Each connection's backend is picked
+ * here too, from the listener's Pool (see "balancing"), as tunnelkit/backends
+ * picks on Twisted's plane.
  *
  * TLS termination (--tls-cert with plain TCP/UNIX listeners): Python makes
  * each client's OpenSSL connection with pyOpenSSL, from the same contexts,
@@ -1417,8 +1419,11 @@ static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_ou
 static int try_backends(Engine *e, tunnel_t *t) {
     Pool *p = t->profile->pool;
     int most = p->retries < 0 ? p->n : 1 + p->retries;
-    int i;
-    while (t->attempts < most && (i = pick(p, t, now())) >= 0) {
+    for (;;) {
+        double t_now = now();
+        int i = t->attempts < most ? pick(p, t, t_now) : -1;
+        if (i < 0)
+            break;
         backend_t *b = &p->backends[i];
         t->tried |= 1ULL << i;
         t->attempts++;
@@ -1442,7 +1447,7 @@ static int try_backends(Engine *e, tunnel_t *t) {
         }
         e->warned_fds = 0; /* a tunnel got its descriptors: the burst is over */
         set_options(t->profile, fd, b->addr.ss_family);
-        t->deadline = now() + t->profile->connect_timeout;
+        t->deadline = t_now + t->profile->connect_timeout;
         /* Registered once connect() has started: epoll calls an unconnected
          * TCP socket hung up. */
         int r = connect(fd, (struct sockaddr *)&b->addr, b->len);
