@@ -172,7 +172,7 @@ def hold(address: tuple[str, int]) -> tuple[socket.socket, str]:
 class Proxy:
     """One engine with one listener, turned by the test's thread while clients run in threads."""
 
-    def __init__(self, pool: Any, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, pool: Any, *, connect_timeout: float = 5.0, **options: Any) -> None:
         self.pool = pool
         self.engine = _engine.Engine(max_tunnels=100)
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -180,11 +180,12 @@ class Proxy:
         self.address: tuple[str, int] = self.listener.getsockname()
         self.records: list[dict[str, Any]] = []
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=8)
-        self.engine.add_listener(self.listener.fileno(), 0, self.profile(pool, connect_timeout))
+        profile = self.profile(pool, connect_timeout, **options)
+        self.engine.add_listener(self.listener.fileno(), 0, profile)
 
     @staticmethod
-    def profile(pool: Any, connect_timeout: float = 5.0) -> Any:
-        return _engine.Profile(pool, 65536, 16384, "off", 0.0, 0.0, 2.0, connect_timeout)
+    def profile(pool: Any, connect_timeout: float = 5.0, **options: Any) -> Any:
+        return _engine.Profile(pool, 65536, 16384, "off", 0.0, 0.0, 2.0, connect_timeout, **options)
 
     def turn(self, done: Callable[[], bool], timeout: float = IO_TIMEOUT) -> None:
         """Handle the engine's events until ``done()``; fails after ``timeout`` s."""
@@ -762,6 +763,50 @@ def test_a_backend_reset_after_join_ends_its_count(proxies: Any) -> None:
         assert proxy.records[0]["attempts"] == 1
         assert proxy.active() == [0]
         assert pool.states()[0][5:] == (1, 0)
+
+
+def tls_ask(address: tuple[str, int]) -> str:
+    """A TLS client: which backend answered it."""
+    from tls_clients import client_context, tls_connect
+
+    with tls_connect(f"{address[0]}:{address[1]}", client_context(None), "localhost") as tls:
+        return read_name(tls)
+
+
+def plain_to_tls(address: tuple[str, int], hello: bytes) -> str:
+    """A client that is no TLS client: sends ``hello`` (or nothing) and waits for the proxy to close."""
+    with connect_from(address) as sock:
+        sock.sendall(hello)
+        return recv_or_reset(sock)
+
+
+def test_tls_tunnels_count_from_their_handshake(backends: Any, proxies: Any, tmp_path: Any) -> None:
+    """On a TLS listener a backend counts a tunnel once its handshake is done: failed or timed-out handshakes never reach one."""
+    trustme = pytest.importorskip("trustme")
+    from certs import write_pair
+
+    from tunnelkit.engine.tls import EngineTLS, unavailable
+    from tunnelkit.tls.server import CertificatePair, ServerTLS, ServerTLSSettings
+
+    if unavailable() is not None:
+        pytest.skip(f"the engine cannot terminate TLS here: {unavailable()}")
+    pair = write_pair(trustme.CA(), tmp_path, "localhost")
+    settings = ServerTLSSettings(pairs=(CertificatePair(str(pair.cert), str(pair.key)),))
+    functions, connection, _ = EngineTLS(ServerTLS(settings)).argument()
+    servers = backends(2)
+    pool = pool_of(servers, balance="round-robin")
+    proxy = proxies(pool, tls=(functions, connection, 0.3))
+    assert [proxy.call(tls_ask, proxy.address) for _ in range(2)] == ["b0", "b1"]
+    proxy.turn(lambda: len(proxy.records) == 2)
+    assert [r["attempts"] for r in proxy.records] == [1, 1]
+    proxy.call(plain_to_tls, proxy.address, b"GET / HTTP/1.0\r\n\r\n")
+    proxy.call(plain_to_tls, proxy.address, b"")  # the handshake times out
+    proxy.turn(lambda: len(proxy.records) == 4)
+    assert [(r["attempts"], r["backend"]) for r in proxy.records[2:]] == [(0, ""), (0, "")]
+    assert proxy.records[3]["reason"] == "TLS handshake timeout (0.3 s)"
+    assert [state[0] for state in pool.states()] == [0, 0]
+    assert [state[5:] for state in pool.states()] == [(1, 0), (1, 0)]
+    assert proxy.call(tls_ask, proxy.address) == "b0"
 
 
 def test_a_sequence_is_an_ordered_pool() -> None:
