@@ -9,9 +9,10 @@ TICK: float
 SIDES: tuple[str, ...]
 CLOSE_KINDS: tuple[str, ...]
 # The names of a record's fields, in order: listener, client, backend,
-# backend_address, attempts (connect attempts made), bytes_up, bytes_down, duration, connect_time, closed_by
-# (an index into SIDES), close_kind (into CLOSE_KINDS), reason, spliced,
-# tls ((pyOpenSSL Connection, handshaken) for a TLS client, else None), profile.
+# backend_address, attempts (connect attempts made), bytes_up, bytes_down,
+# duration, connect_time, closed_by (an index into SIDES), close_kind (into
+# CLOSE_KINDS), reason, spliced, tls ((pyOpenSSL Connection, handshaken) for a
+# TLS client, else None), profile.
 RECORD_FIELDS: tuple[str, ...]
 # The fields of tunnelkit.relay.counters.ListenerCounters, in Engine.counters' order.
 COUNTERS: tuple[str, ...]
