@@ -40,6 +40,7 @@ def compile_engine(root: Path) -> Path | None:
         str(source),
         "-o",
         str(target),
+        "-lm",  # log() for source-hash
     ]
     try:
         subprocess.run(command, check=True)

@@ -598,6 +598,7 @@ class ReportTests(SynchronousTestCase):
                 "b",
                 "127.0.0.1:9",
                 1,
+                1,
                 2,
                 0.5,
                 0.1,

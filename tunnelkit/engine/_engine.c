@@ -27,7 +27,9 @@
  * its FIN, a lingering close (a side closed while it may still send gets
  * SHUT_WR and is read until it closes, so the kernel sends no RST), connect
  * timeout with failover to the next backend, idle, fin and close-grace
- * timeouts, and one record per tunnel.
+ * timeouts, and one record per tunnel. Each connection's backend is picked
+ * here too, from the listener's Pool (see "balancing"), as tunnelkit/backends
+ * picks on Twisted's plane.
  *
  * TLS termination (--tls-cert with plain TCP/UNIX listeners): Python makes
  * each client's OpenSSL connection with pyOpenSSL, from the same contexts,
@@ -45,6 +47,8 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <math.h>
 #include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -107,14 +111,54 @@ static const char *KIND_NAMES[] = {"FIN", "RST", "timeout", "error", "shutdown"}
  * (pyOpenSSL Connection, handshaken) for a TLS client else None, and the
  * tunnel's Profile. */
 static const char *RECORD_FIELDS[] = {
-    "listener", "client", "backend", "backend_address", "bytes_up", "bytes_down", "duration",
-    "connect_time", "closed_by", "close_kind", "reason", "spliced", "tls", "profile",
+    "listener",  "client",    "backend",   "backend_address", "attempts", "bytes_up",
+    "bytes_down", "duration", "connect_time", "closed_by",   "close_kind", "reason",
+    "spliced",   "tls",       "profile",
 };
 
+/* How a pool picks a backend for each attempt (exported as BALANCES, in
+ * this order; see pick()). */
+enum { B_FIRST = 0, B_ROUND_ROBIN, B_LEAST_CONN, B_RANDOM, B_SOURCE_HASH, N_BALANCES };
+static const char *BALANCE_NAMES[N_BALANCES] = {"first", "round-robin", "least-conn", "random",
+                                                "source-hash"};
+#define MAX_WEIGHT 256
+
+/* One backend of a pool: where it is, what Python sets (weight, backup,
+ * health), and what the engine keeps of it (connections now, consecutive
+ * failures, passive ejection, the round-robin's current weight, totals). */
 typedef struct {
     struct sockaddr_storage addr;
     socklen_t len;
+    uint64_t key;          /* fnv1a64 of its name: its source-hash key */
+    int weight;            /* 0..MAX_WEIGHT; 0: drained, never picked */
+    int backup;            /* picked only when no primary may be */
+    int up;                /* health, as Python's checks say */
+    long active;           /* attempts to it and tunnels joined to it, now */
+    int failures;          /* failed attempts in a row */
+    int ejections;         /* ejections since it last connected: the backoff's exponent */
+    double ejected_until;  /* now() until which passive ejection skips it (0: never ejected) */
+    long long current;     /* smooth weighted round-robin's current weight */
+    unsigned long long connections, failed; /* tunnels joined to it; failed attempts */
 } backend_t;
+
+/* A listener's backends and how each connection picks among them: shared
+ * by the profiles that name it (set_profile() keeps the state of the
+ * backends), and by their tunnels. Python pushes health and weights
+ * (Pool.set); the engine keeps active counts and passive ejection itself. */
+typedef struct pool {
+    PyObject_HEAD
+    int n;
+    backend_t *backends; /* n of them */
+    PyObject *names;     /* tuple of n str */
+    int balance;
+    int retries;         /* attempts after the first; -1: every backend once */
+    long max_conn;       /* per backend; 0: no limit */
+    int eject_after;     /* failures in a row that eject a backend; 0: no passive ejection */
+    double eject_base, eject_max;
+    PyObject *on_change; /* callable(index, up, reason), or NULL */
+    int cursor;          /* least-conn's rotating start, for ties */
+    uint64_t rng;        /* random's state (splitmix64) */
+} Pool;
 
 typedef struct {
     int fd;
@@ -143,7 +187,9 @@ typedef struct tunnel {
     int state;
     int listener_id;
     struct profile *profile; /* a reference: what the listener was set to when the tunnel began */
-    int backend_index;
+    int backend_index;    /* the backend of the attempt or of the join; -1: none */
+    int attempts;         /* connect attempts made */
+    uint64_t tried;       /* the backends attempted, by index (MAX_BACKENDS bits) */
     int splicing;
     int spliced;
     int last_timed_out;   /* the last backend attempt hit the connect timeout */
@@ -159,6 +205,7 @@ typedef struct tunnel {
     unsigned notified : 1;          /* close_notify sent (or given up) */
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
     unsigned write_pending : 1;     /* an SSL_write waits to be retried: no SSL_read meanwhile */
+    unsigned counted : 1;           /* counted in its backend's active (see count_out) */
     uint32_t owed;     /* bytes the closing sides still had to take at the last grace check */
     /* Allocated when first needed, to keep an idle tunnel small. */
     char *reason;
@@ -193,9 +240,7 @@ typedef struct profile {
     int half_close; /* 0: the first EOF closes both sides (--no-half-close) */
     int log_records;
     int nodelay, keepalive, sndbuf, rcvbuf, mss;
-    int n_backends;
-    backend_t *backends;        /* n_backends of them */
-    PyObject **backend_names;
+    Pool *pool;
     PyObject *client_check; /* callable(host, port, listener_id) -> bool, or NULL */
     tls_api_t tls;        /* set when tls_new is */
     PyObject *tls_new;    /* callable(fd) -> (SSL address, pyOpenSSL Connection), or NULL */
@@ -241,6 +286,7 @@ typedef struct {
     slot_t slots[MAX_LISTENERS]; /* by listener index */
     PyObject *records;      /* list of record tuples, taken by Python */
     PyObject *notices;      /* list of (name, ...) tuples, taken by Python */
+    PyObject *changes;      /* (pool, index, up, reason) for the pools' on_change, once the batch is over */
     char *scratch;
     size_t scratch_size;    /* enough for every profile added (see scratch_for) */
     int pipes[PIPES_KEPT][2];
@@ -265,6 +311,13 @@ static double now(void) {
 }
 
 /* -- small helpers ------------------------------------------------------ */
+
+/* What ends a tunnel is noted once (note); forget() lets a later, truer cause replace it. */
+static void forget(tunnel_t *t) {
+    t->noted = 0;
+    free(t->reason);
+    t->reason = NULL;
+}
 
 static void note(tunnel_t *t, int side, int kind, const char *fmt, ...) {
     if (t->noted)
@@ -645,7 +698,10 @@ static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
 
 /* -- ending ---------------------------------------------------------------- */
 
+static void count_out(tunnel_t *t);
+
 static void end_tunnel(Engine *e, tunnel_t *t) {
+    count_out(t);
     for (int s = 0; s < 2; s++) {
         unwatch_close(e, t, s, 0);
         free(t->dir[s].buf);
@@ -669,8 +725,8 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
         PyObject *client = describe(&t->peer, t->peer_len);
         PyObject *backend, *backend_address;
         if (t->connected > 0 && t->backend_index >= 0) {
-            backend_t *b = &t->profile->backends[t->backend_index];
-            backend = Py_NewRef(t->profile->backend_names[t->backend_index]);
+            backend_t *b = &t->profile->pool->backends[t->backend_index];
+            backend = Py_NewRef(PyTuple_GET_ITEM(t->profile->pool->names, t->backend_index));
             backend_address = describe(&b->addr, b->len);
         } else {
             backend = PyUnicode_FromString("");
@@ -685,7 +741,7 @@ static void end_tunnel(Engine *e, tunnel_t *t) {
         /* In RECORD_FIELDS' order. Allocation failures only lose the record,
          * never the engine. */
         PyObject *record = Py_BuildValue(
-            "(iNNNKKdNiisONO)", t->listener_id, client, backend, backend_address,
+            "(iNNNiKKdNiisONO)", t->listener_id, client, backend, backend_address, t->attempts,
             t->dir[CLIENT].bytes, t->dir[BACKEND].bytes, end - t->started, connect_time,
             t->closed_by, t->close_kind, t->reason ? t->reason : "unknown",
             t->spliced ? Py_True : Py_False, tls, (PyObject *)t->profile);
@@ -825,9 +881,7 @@ static int side_failed(Engine *e, tunnel_t *t, int s, int err) {
     if (!t->dir[s].eof && t->noted && t->close_kind == K_FIN) {
         /* A side that had not sent its FIN cut the tunnel short: its reset,
          * not the other side's half-close noted before, is what ended it. */
-        t->noted = 0;
-        free(t->reason);
-        t->reason = NULL;
+        forget(t);
     }
     note(t, s, K_RST, "%s reset: %s", SIDE_NAMES[s], strerror(err));
     int peer = 1 - s;
@@ -1069,6 +1123,258 @@ static int relay_read(Engine *e, tunnel_t *t, int s) {
     return deliver(e, t, s, n);
 }
 
+/* -- balancing --------------------------------------------------------------
+ *
+ * Each attempt picks among the pool's candidates with its strategy, in a
+ * walk or two over the backends and never over the tunnels, by the rules
+ * tunnelkit/backends follows on Twisted's plane: the same picks there. */
+
+/* FNV-1a, 64 bits: the source-hash keys of names and client addresses. */
+static uint64_t fnv1a64(const void *data, size_t len) {
+    const unsigned char *bytes = data;
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < len; i++) {
+        h ^= bytes[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+/* splitmix64's finalizer: spreads the bits of a key (and steps random's state). */
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+/* The client's source-hash key: its IP without the port (an IPv4-mapped
+ * IPv6 address as the IPv4 one), nothing for a UNIX client. */
+static uint64_t client_key(const struct sockaddr_storage *ss) {
+    if (ss->ss_family == AF_INET)
+        return fnv1a64(&((const struct sockaddr_in *)ss)->sin_addr, 4);
+    if (ss->ss_family == AF_INET6) {
+        const struct in6_addr *a = &((const struct sockaddr_in6 *)ss)->sin6_addr;
+        return IN6_IS_ADDR_V4MAPPED(a) ? fnv1a64(a->s6_addr + 12, 4) : fnv1a64(a->s6_addr, 16);
+    }
+    return fnv1a64(NULL, 0);
+}
+
+/* Weighted rendezvous hashing: the backend of the highest score takes the
+ * client, so removing one moves only the clients it had. */
+static double hash_score(uint64_t client, uint64_t key, int weight) {
+    double u = ((double)(mix64(client ^ key) >> 11) + 0.5) * 0x1p-53; /* in (0, 1) */
+    return -(double)weight / log(u);
+}
+
+static inline int is_set(uint64_t mask, int i) { return (int)((mask >> i) & 1); }
+
+/* The backends this attempt may go to: the available primaries not yet
+ * tried, else such backups, else (everything ejected, full or down) the
+ * panic set: up, weighted, not full and not tried, ejected or not. */
+static uint64_t candidates(const Pool *p, uint64_t tried, double t_now) {
+    uint64_t primaries = 0, backups = 0, panic = 0;
+    for (int i = 0; i < p->n; i++) {
+        const backend_t *b = &p->backends[i];
+        if (is_set(tried, i) || !b->up || b->weight == 0 || (p->max_conn > 0 && b->active >= p->max_conn))
+            continue;
+        panic |= 1ULL << i;
+        if (b->ejected_until > t_now)
+            continue;
+        if (b->backup)
+            backups |= 1ULL << i;
+        else
+            primaries |= 1ULL << i;
+    }
+    return primaries ? primaries : backups ? backups : panic;
+}
+
+/* Whether a carries less load than b for its weight (active / weight). */
+static inline int lighter(const backend_t *a, const backend_t *b) {
+    return (long long)a->active * b->weight < (long long)b->active * a->weight;
+}
+
+/* Smooth weighted round-robin (nginx's): equal weights rotate exactly. */
+static int pick_round_robin(Pool *p, uint64_t mask) {
+    long long total = 0;
+    int best = -1;
+    for (int i = 0; i < p->n; i++) {
+        if (!is_set(mask, i))
+            continue;
+        backend_t *b = &p->backends[i];
+        b->current += b->weight;
+        total += b->weight;
+        if (best < 0 || b->current > p->backends[best].current)
+            best = i;
+    }
+    p->backends[best].current -= total;
+    return best;
+}
+
+/* The least loaded for its weight; ties go to the first from a cursor that
+ * moves on at each pick, so equal loads spread. */
+static int pick_least_conn(Pool *p, uint64_t mask) {
+    int best = -1;
+    for (int j = 0; j < p->n; j++) {
+        int i = (p->cursor + j) % p->n;
+        if (is_set(mask, i) && (best < 0 || lighter(&p->backends[i], &p->backends[best])))
+            best = i;
+    }
+    p->cursor = (p->cursor + 1) % p->n;
+    return best;
+}
+
+/* One of mask's backends at random, in proportion to its weight. */
+static int draw(Pool *p, uint64_t mask) {
+    unsigned long long total = 0;
+    for (int i = 0; i < p->n; i++)
+        if (is_set(mask, i))
+            total += p->backends[i].weight;
+    p->rng += 0x9e3779b97f4a7c15ULL;
+    unsigned long long r = mix64(p->rng) % total;
+    int i = 0;
+    for (; i < p->n; i++) {
+        if (!is_set(mask, i))
+            continue;
+        if (r < (unsigned long long)p->backends[i].weight)
+            break;
+        r -= p->backends[i].weight;
+    }
+    return i;
+}
+
+/* Power of two choices: the lighter of two drawn (the first on a tie). */
+static int pick_random(Pool *p, uint64_t mask) {
+    int first = draw(p, mask);
+    uint64_t rest = mask & ~(1ULL << first);
+    if (rest == 0)
+        return first;
+    int second = draw(p, rest);
+    return lighter(&p->backends[second], &p->backends[first]) ? second : first;
+}
+
+static int pick_source_hash(const Pool *p, uint64_t mask, const struct sockaddr_storage *client) {
+    uint64_t key = client_key(client);
+    int best = -1;
+    double top = 0;
+    for (int i = 0; i < p->n; i++) {
+        if (!is_set(mask, i))
+            continue;
+        double score = hash_score(key, p->backends[i].key, p->backends[i].weight);
+        if (best < 0 || score > top) {
+            best = i;
+            top = score;
+        }
+    }
+    return best;
+}
+
+/* The backend for tunnel t's next attempt, or -1 if there is none. */
+static int pick(Pool *p, const tunnel_t *t, double t_now) {
+    uint64_t mask = candidates(p, t->tried, t_now);
+    if (mask == 0)
+        return -1;
+    switch (p->balance) {
+    case B_ROUND_ROBIN:
+        return pick_round_robin(p, mask);
+    case B_LEAST_CONN:
+        return pick_least_conn(p, mask);
+    case B_RANDOM:
+        return pick_random(p, mask);
+    case B_SOURCE_HASH:
+        return pick_source_hash(p, mask, &t->peer);
+    default:
+        return __builtin_ctzll(mask);
+    }
+}
+
+/* Tell the pool's on_change that backend i went down or came back. Queued
+ * and called once the engine is between events (announce): the callback
+ * may run any Python, close tunnels or call the engine again. */
+static void report(Engine *e, Pool *p, int i, int up, const char *fmt, ...) {
+    if (p->on_change == NULL || e->quiet)
+        return;
+    char *reason = NULL;
+    va_list ap;
+    va_start(ap, fmt);
+    if (vasprintf(&reason, fmt, ap) < 0)
+        reason = NULL;
+    va_end(ap);
+    PyObject *change = Py_BuildValue("(OiOs)", p, i, up ? Py_True : Py_False, reason ? reason : "");
+    free(reason);
+    if (change == NULL || PyList_Append(e->changes, change) < 0)
+        PyErr_Clear();
+    Py_XDECREF(change);
+}
+
+/* Call the on_change of the transitions queued since the last call. */
+static void announce(Engine *e) {
+    if (PyList_GET_SIZE(e->changes) == 0)
+        return;
+    PyObject *changes = e->changes, *fresh = PyList_New(0);
+    if (fresh == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    e->changes = fresh; /* a callback that calls the engine again queues there */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(changes); i++) {
+        PyObject *change = PyList_GET_ITEM(changes, i);
+        Pool *p = (Pool *)PyTuple_GET_ITEM(change, 0);
+        if (p->on_change == NULL)
+            continue;
+        PyObject *callback = Py_NewRef(p->on_change);
+        PyObject *r = PyObject_CallFunctionObjArgs(callback, PyTuple_GET_ITEM(change, 1),
+                                                   PyTuple_GET_ITEM(change, 2),
+                                                   PyTuple_GET_ITEM(change, 3), NULL);
+        if (r == NULL)
+            PyErr_WriteUnraisable(callback);
+        Py_XDECREF(r);
+        Py_DECREF(callback);
+    }
+    Py_DECREF(changes);
+}
+
+/* Tunnel t stops counting in its backend's active: its attempt failed or it ended. */
+static void count_out(tunnel_t *t) {
+    if (!t->counted)
+        return;
+    t->counted = 0;
+    t->profile->pool->backends[t->backend_index].active--;
+}
+
+/* An attempt to backend i failed (passive ejection): enough failures in a
+ * row eject it for a backoff that doubles with each ejection; a backend on
+ * probation (its backoff over, not connected since) is ejected again at
+ * its first failure. Only the first ejection is reported: it stays down. */
+static void backend_failed(Engine *e, Pool *p, int i, const char *why) {
+    backend_t *b = &p->backends[i];
+    double t_now = now();
+    b->failed++;
+    if (b->failures < INT_MAX)
+        b->failures++;
+    if (p->eject_after == 0 || b->failures < p->eject_after || b->ejected_until > t_now)
+        return;
+    double backoff = fmin(ldexp(p->eject_base, b->ejections < 1024 ? b->ejections : 1024), p->eject_max);
+    b->ejected_until = t_now + backoff;
+    if (b->ejections++ == 0)
+        report(e, p, i, 0, "%d connect failures in a row: %s; next try in %g s", b->failures, why,
+               backoff);
+}
+
+/* Backend i connected: its failures are forgiven, and an ejected one is back. */
+static void backend_joined(Engine *e, Pool *p, int i) {
+    backend_t *b = &p->backends[i];
+    b->connections++;
+    b->failures = 0;
+    if (b->ejections > 0) {
+        b->ejections = 0;
+        b->ejected_until = 0;
+        report(e, p, i, 1, "connected again");
+    }
+}
+
 /* -- connecting ------------------------------------------------------------ */
 
 static int try_backends(Engine *e, tunnel_t *t);
@@ -1079,6 +1385,7 @@ static void join(Engine *e, tunnel_t *t) {
     t->state = S_JOINED;
     t->connected = now();
     t->last_moved = t->connected;
+    backend_joined(e, t->profile->pool, t->backend_index);
     if (t->profile->splice_mode == 2)
         start_splicing(t);
     rewatch(e, t, BACKEND);
@@ -1086,9 +1393,12 @@ static void join(Engine *e, tunnel_t *t) {
     rewatch(e, t, CLIENT);
 }
 
-static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out) {
+/* The attempt failed: said in the record's reason, and held against the
+ * backend unless the failure was ours (`blame` 0: no descriptor here). */
+static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_out, int blame) {
+    Pool *p = t->profile->pool;
     t->last_timed_out = timed_out;
-    const char *name = PyUnicode_AsUTF8(t->profile->backend_names[t->backend_index]);
+    const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(p->names, t->backend_index));
     if (name == NULL)
         PyErr_Clear();
     char *errors;
@@ -1098,12 +1408,28 @@ static void attempt_failed(Engine *e, tunnel_t *t, const char *why, int timed_ou
         t->errors = errors;
     }
     unwatch_close(e, t, BACKEND, 0);
+    count_out(t);
+    if (blame)
+        backend_failed(e, p, t->backend_index, why);
+    t->backend_index = -1;
 }
 
-/* Start the next backend attempt; when none is left, close the client and end. */
+/* Start the next backend attempt, within the pool's retries; when none is
+ * left, close the client and end. */
 static int try_backends(Engine *e, tunnel_t *t) {
-    while (++t->backend_index < t->profile->n_backends) {
-        backend_t *b = &t->profile->backends[t->backend_index];
+    Pool *p = t->profile->pool;
+    int most = p->retries < 0 ? p->n : 1 + p->retries;
+    for (;;) {
+        double t_now = now();
+        int i = t->attempts < most ? pick(p, t, t_now) : -1;
+        if (i < 0)
+            break;
+        backend_t *b = &p->backends[i];
+        t->tried |= 1ULL << i;
+        t->attempts++;
+        t->backend_index = i;
+        t->counted = 1;
+        b->active++;
         int fd = socket(b->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0 && (errno == EMFILE || errno == ENFILE) && e->n_pipes > 0) {
             shrink_pool(e, 1); /* as at accept: pipes go first */
@@ -1111,16 +1437,17 @@ static int try_backends(Engine *e, tunnel_t *t) {
         }
         t->fd[BACKEND] = fd;
         if (fd < 0) {
+            int err = errno;
             /* Out of descriptors here rather than at accept (which of the two
              * runs out first is chance): said once per burst all the same. */
-            if (errno == EMFILE || errno == ENFILE)
+            if (err == EMFILE || err == ENFILE)
                 out_of_fds(e, EMFILE);
-            attempt_failed(e, t, strerror(errno), 0);
+            attempt_failed(e, t, strerror(err), 0, 0);
             continue;
         }
         e->warned_fds = 0; /* a tunnel got its descriptors: the burst is over */
         set_options(t->profile, fd, b->addr.ss_family);
-        t->deadline = now() + t->profile->connect_timeout;
+        t->deadline = t_now + t->profile->connect_timeout;
         /* Registered once connect() has started: epoll calls an unconnected
          * TCP socket hung up. */
         int r = connect(fd, (struct sockaddr *)&b->addr, b->len);
@@ -1135,12 +1462,14 @@ static int try_backends(Engine *e, tunnel_t *t) {
             watch(e, t, BACKEND, EPOLLOUT);
             return 0;
         }
-        attempt_failed(e, t, strerror(err), 0);
+        attempt_failed(e, t, strerror(err), 0, 1);
     }
-    t->backend_index = -1;
     e->slots[t->listener_id].counters[C_CONNECT_FAILURES]++;
-    note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
-         t->errors ? t->errors : "no attempt made");
+    if (t->attempts == 0)
+        note(t, PROXY, K_ERROR, "no backend available");
+    else
+        note(t, PROXY, t->last_timed_out ? K_TIMEOUT : K_ERROR, "no backend connected: %s",
+             t->errors ? t->errors : "no attempt made");
     turn_away(e, t);
     return 1;
 }
@@ -1159,7 +1488,7 @@ static int backend_connected(Engine *e, tunnel_t *t, uint32_t ev) {
         join(e, t);
         return 0;
     }
-    attempt_failed(e, t, strerror(err), 0);
+    attempt_failed(e, t, strerror(err), 0, 1);
     return try_backends(e, t);
 }
 
@@ -1521,6 +1850,7 @@ static int handle(Engine *e, int timeout_ms) {
     serve_queue(e);
     e->running = 0;
     bury(e);
+    announce(e);
     return reactor;
 }
 
@@ -1629,7 +1959,7 @@ static void sweep(Engine *e) {
             if (t_now >= t->deadline) {
                 char why[64];
                 snprintf(why, sizeof why, "connect timeout (%g s)", t->profile->connect_timeout);
-                attempt_failed(e, t, why, 1);
+                attempt_failed(e, t, why, 1, 1);
                 try_backends(e, t);
             }
         } else if (t->state == S_CLOSING) {
@@ -1650,6 +1980,7 @@ static void sweep(Engine *e) {
     }
     serve_queue(e);
     bury(e);
+    announce(e);
 }
 
 static PyObject *Engine_tick(Engine *e, PyObject *Py_UNUSED(unused)) {
@@ -1671,6 +2002,34 @@ static PyObject *Engine_abort_all(Engine *e, PyObject *arg) {
 }
 
 static PyTypeObject ProfileType;
+static PyTypeObject PoolType;
+
+/* close_backend(pool, index, reason): --close-on-down. Reset the tunnels
+ * joined to (or connecting to) that backend of that pool, whatever profile
+ * they began with; each is recorded with `reason`, as the proxy's shutdown. */
+static PyObject *Engine_close_backend(Engine *e, PyObject *args) {
+    PyObject *pool;
+    int index;
+    const char *reason;
+    if (!PyArg_ParseTuple(args, "O!is", &PoolType, &pool, &index, &reason))
+        return NULL;
+    if (index < 0 || index >= ((Pool *)pool)->n) {
+        PyErr_Format(PyExc_IndexError, "the pool has no backend %d", index);
+        return NULL;
+    }
+    long closed = 0;
+    for (tunnel_t *t = e->head.next, *next; t != &e->head; t = next) {
+        next = t->next;
+        if (!t->counted || (PyObject *)t->profile->pool != pool || t->backend_index != index)
+            continue;
+        forget(t); /* a half-close noted before did not end it: this did */
+        note(t, PROXY, K_SHUTDOWN, "%s", reason);
+        abort_tunnel(e, t);
+        closed++;
+    }
+    bury(e);
+    return PyLong_FromLong(closed);
+}
 
 /* The slot of listener index `index`, or NULL with ValueError; with
  * `added`, only one that add_listener() has used. */
@@ -1909,7 +2268,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObj
         e->listeners[i].fd = -1;
     e->records = PyList_New(0);
     e->notices = PyList_New(0);
-    if (e->records == NULL || e->notices == NULL) {
+    e->changes = PyList_New(0);
+    if (e->records == NULL || e->notices == NULL || e->changes == NULL) {
         Py_DECREF(e);
         return NULL;
     }
@@ -1921,6 +2281,7 @@ static void Engine_dealloc(Engine *e) {
     close_all(e);
     Py_XDECREF(e->records);
     Py_XDECREF(e->notices);
+    Py_XDECREF(e->changes);
     free(e->scratch);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
@@ -1936,6 +2297,8 @@ static PyMethodDef Engine_methods[] = {
     {"tick", (PyCFunction)Engine_tick, METH_NOARGS,
      "Fire the timers that are due; True if there are records or notices to take."},
     {"abort_all", (PyCFunction)Engine_abort_all, METH_O, "Reset every tunnel, with this reason."},
+    {"close_backend", (PyCFunction)Engine_close_backend, METH_VARARGS,
+     "close_backend(pool, index, reason): reset the tunnels of that backend; how many."},
     {"add_listener", (PyCFunction)Engine_add_listener, METH_VARARGS,
      "add_listener(fd, index, profile): accept on listening socket fd as listener index, with profile."},
     {"set_profile", (PyCFunction)Engine_set_profile, METH_VARARGS,
@@ -1971,14 +2334,13 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
-/* -- profiles ------------------------------------------------------------------- */
+/* -- pools ---------------------------------------------------------------------- */
 
-static int parse_backend(Profile *p, PyObject *item, int i) {
+static int parse_backend(Pool *p, PyObject *item, int i) {
     PyObject *name;
     const char *host;
     int port = 0;
     backend_t *b = &p->backends[i];
-    memset(b, 0, sizeof *b);
     if (!PyTuple_Check(item)) {
         PyErr_Format(PyExc_TypeError, "a backend is (name, host, port) or (name, path), not %.200s",
                      Py_TYPE(item)->tp_name);
@@ -2012,12 +2374,18 @@ static int parse_backend(Profile *p, PyObject *item, int i) {
         PyErr_Format(PyExc_ValueError, "not an IP address or UNIX socket path: %s", host);
         return -1;
     }
-    p->backend_names[i] = Py_NewRef(name);
-    p->n_backends = i + 1;
+    Py_ssize_t size;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(name, &size);
+    if (utf8 == NULL)
+        return -1;
+    b->key = fnv1a64(utf8, (size_t)size);
+    b->weight = 1;
+    b->up = 1;
+    PyTuple_SET_ITEM(p->names, i, Py_NewRef(name));
     return 0;
 }
 
-static int parse_backends(Profile *p, PyObject *backends) {
+static int parse_backends(Pool *p, PyObject *backends) {
     PyObject *seq = PySequence_Fast(backends, "backends must be a sequence");
     if (seq == NULL)
         return -1;
@@ -2029,12 +2397,14 @@ static int parse_backends(Profile *p, PyObject *backends) {
         return -1;
     }
     p->backends = calloc(count, sizeof *p->backends);
-    p->backend_names = calloc(count, sizeof *p->backend_names);
-    if (p->backends == NULL || p->backend_names == NULL) {
+    p->names = PyTuple_New(count);
+    if (p->backends == NULL || p->names == NULL) {
         Py_DECREF(seq);
-        PyErr_NoMemory();
+        if (p->backends == NULL)
+            PyErr_NoMemory();
         return -1;
     }
+    p->n = (int)count;
     for (Py_ssize_t i = 0; i < count; i++) {
         if (parse_backend(p, PySequence_Fast_GET_ITEM(seq, i), (int)i) < 0) {
             Py_DECREF(seq);
@@ -2044,6 +2414,224 @@ static int parse_backends(Profile *p, PyObject *backends) {
     Py_DECREF(seq);
     return 0;
 }
+
+/* A weight in 0..MAX_WEIGHT, or -1 with ValueError. */
+static int parse_weight(PyObject *value) {
+    long weight = PyLong_AsLong(value);
+    if (weight == -1 && PyErr_Occurred())
+        return -1;
+    if (weight < 0 || weight > MAX_WEIGHT) {
+        PyErr_Format(PyExc_ValueError, "a weight is in 0..%d, not %ld", MAX_WEIGHT, weight);
+        return -1;
+    }
+    return (int)weight;
+}
+
+/* weights= or backups=: one value per backend, in order, or None. */
+static int parse_per_backend(Pool *p, PyObject *values, const char *what, int weights) {
+    if (values == Py_None)
+        return 0;
+    PyObject *seq = PySequence_Fast(values, "weights and backups must be sequences or None");
+    if (seq == NULL)
+        return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != p->n) {
+        PyErr_Format(PyExc_ValueError, "%s must have one value per backend (%d), not %zd", what,
+                     p->n, PySequence_Fast_GET_SIZE(seq));
+        Py_DECREF(seq);
+        return -1;
+    }
+    for (int i = 0; i < p->n; i++) {
+        PyObject *value = PySequence_Fast_GET_ITEM(seq, i);
+        int v = weights ? parse_weight(value) : PyObject_IsTrue(value);
+        if (v < 0) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (weights)
+            p->backends[i].weight = v;
+        else
+            p->backends[i].backup = v;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* The settings' ranges, each with the message a caller can act on. */
+static int check_pool(Pool *p, const char *balance, PyObject *on_change) {
+    p->balance = -1;
+    for (int i = 0; i < N_BALANCES; i++)
+        if (strcmp(balance, BALANCE_NAMES[i]) == 0)
+            p->balance = i;
+    const char *why =
+        p->balance < 0 ? "balance must be one of first, round-robin, least-conn, random, source-hash"
+        : p->max_conn < 0 ? "max_conn must be 0 (no limit) or positive"
+        : p->retries < -1 ? "retries must be -1 (every backend once) or at least 0"
+        : p->eject_after < 0 ? "eject_after must be 0 (no passive ejection) or positive"
+        : !(p->eject_base > 0) || !(p->eject_max >= p->eject_base)
+            ? "eject_base must be positive, and eject_max at least eject_base"
+            : NULL;
+    if (why != NULL) {
+        PyErr_SetString(PyExc_ValueError, why);
+        return -1;
+    }
+    if (on_change != Py_None && !PyCallable_Check(on_change)) {
+        PyErr_SetString(PyExc_TypeError, "on_change must be callable or None");
+        return -1;
+    }
+    p->on_change = on_change != Py_None ? Py_NewRef(on_change) : NULL;
+    return 0;
+}
+
+static PyObject *Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"backends", "balance", "weights", "backups", "max_conn", "retries",
+                             "eject_after", "eject_base", "eject_max", "on_change", NULL};
+    PyObject *backends, *weights = Py_None, *backups = Py_None, *on_change = Py_None;
+    const char *balance = "first";
+    Pool *p = (Pool *)type->tp_alloc(type, 0);
+    if (p == NULL)
+        return NULL;
+    p->retries = -1;
+    p->eject_base = 1.0;
+    p->eject_max = 60.0;
+    /* random's seed: this pool's own sequence, in every process. */
+    p->rng = mix64((uint64_t)(uintptr_t)p ^ (uint64_t)(now() * 1e9) ^ (uint64_t)getpid());
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|$sOOliiddO", kwlist, &backends, &balance,
+                                     &weights, &backups, &p->max_conn, &p->retries, &p->eject_after,
+                                     &p->eject_base, &p->eject_max, &on_change) ||
+        check_pool(p, balance, on_change) < 0 || parse_backends(p, backends) < 0 ||
+        parse_per_backend(p, weights, "weights", 1) < 0 ||
+        parse_per_backend(p, backups, "backups", 0) < 0) {
+        Py_DECREF(p);
+        return NULL;
+    }
+    return (PyObject *)p;
+}
+
+static int Pool_traverse(Pool *p, visitproc visit, void *arg) {
+    Py_VISIT(p->on_change);
+    return 0;
+}
+
+static int Pool_clear(Pool *p) {
+    Py_CLEAR(p->on_change);
+    return 0;
+}
+
+static void Pool_dealloc(Pool *p) {
+    PyObject_GC_UnTrack(p);
+    Pool_clear(p);
+    Py_XDECREF(p->names);
+    free(p->backends);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+/* The backend at index, or NULL with IndexError. */
+static backend_t *backend_at(Pool *p, int index) {
+    if (index < 0 || index >= p->n) {
+        PyErr_Format(PyExc_IndexError, "the pool has no backend %d", index);
+        return NULL;
+    }
+    return &p->backends[index];
+}
+
+/* set(index, *, up=None, weight=None): Python's health checks and slow start. */
+static PyObject *Pool_set(Pool *p, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"index", "up", "weight", NULL};
+    int index;
+    PyObject *up = Py_None, *weight = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|$OO", kwlist, &index, &up, &weight))
+        return NULL;
+    backend_t *b = backend_at(p, index);
+    if (b == NULL)
+        return NULL;
+    int w = weight != Py_None ? parse_weight(weight) : b->weight;
+    int u = up != Py_None ? PyObject_IsTrue(up) : b->up;
+    if (w < 0 || u < 0)
+        return NULL;
+    b->weight = w;
+    b->up = u;
+    Py_RETURN_NONE;
+}
+
+/* states(): per backend (active, up, ejected seconds left, failures in a
+ * row, weight, tunnels joined to it, failed attempts). */
+static PyObject *Pool_states(Pool *p, PyObject *Py_UNUSED(unused)) {
+    double t_now = now();
+    PyObject *states = PyTuple_New(p->n);
+    for (int i = 0; states != NULL && i < p->n; i++) {
+        const backend_t *b = &p->backends[i];
+        double left = b->ejected_until > t_now ? b->ejected_until - t_now : 0.0;
+        PyObject *state = Py_BuildValue("(lOdiiKK)", b->active, b->up ? Py_True : Py_False, left,
+                                        b->failures, b->weight, b->connections, b->failed);
+        if (state == NULL)
+            Py_CLEAR(states);
+        else
+            PyTuple_SET_ITEM(states, i, state);
+    }
+    return states;
+}
+
+static PyObject *Pool_get_names(Pool *p, void *Py_UNUSED(closure)) { return Py_NewRef(p->names); }
+
+static PyMethodDef Pool_methods[] = {
+    {"set", (PyCFunction)(void (*)(void))Pool_set, METH_VARARGS | METH_KEYWORDS,
+     "set(index, *, up=None, weight=None): backend index's health or weight, from now on."},
+    {"states", (PyCFunction)Pool_states, METH_NOARGS,
+     "Per backend: (active, up, ejected seconds left, failures in a row, weight, connections, failed attempts)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Pool_getset[] = {
+    {"names", (getter)Pool_get_names, NULL, "The backends' names, in order.", NULL},
+    {NULL},
+};
+
+static PyTypeObject PoolType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelkit.engine._engine.Pool",
+    .tp_basicsize = sizeof(Pool),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A listener's backends, their state, and how each connection picks among them.",
+    .tp_new = Pool_new,
+    .tp_traverse = (traverseproc)Pool_traverse,
+    .tp_clear = (inquiry)Pool_clear,
+    .tp_dealloc = (destructor)Pool_dealloc,
+    .tp_methods = Pool_methods,
+    .tp_getset = Pool_getset,
+};
+
+/* source_hash_scores(client, names, weights): each backend's score for a
+ * client of that packed address (4 or 16 bytes, or b"" for UNIX clients):
+ * the highest takes it. For the tests that hold Python's picks to these. */
+static PyObject *source_hash_scores(PyObject *Py_UNUSED(module), PyObject *args) {
+    Py_buffer client;
+    PyObject *names, *weights;
+    if (!PyArg_ParseTuple(args, "y*OO", &client, &names, &weights))
+        return NULL;
+    uint64_t key = fnv1a64(client.buf, (size_t)client.len);
+    PyBuffer_Release(&client);
+    PyObject *n = PySequence_Fast(names, "names must be a sequence");
+    PyObject *w = n != NULL ? PySequence_Fast(weights, "weights must be a sequence") : NULL;
+    PyObject *scores = NULL;
+    if (w != NULL && PySequence_Fast_GET_SIZE(n) != PySequence_Fast_GET_SIZE(w))
+        PyErr_SetString(PyExc_ValueError, "names and weights must be as long");
+    else if (w != NULL)
+        scores = PyTuple_New(PySequence_Fast_GET_SIZE(n));
+    for (Py_ssize_t i = 0; scores != NULL && i < PyTuple_GET_SIZE(scores); i++) {
+        Py_ssize_t size;
+        const char *name = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(n, i), &size);
+        int weight = name != NULL ? parse_weight(PySequence_Fast_GET_ITEM(w, i)) : -1;
+        PyObject *score = weight >= 0 ? PyFloat_FromDouble(hash_score(key, fnv1a64(name, (size_t)size), weight)) : NULL;
+        if (score == NULL)
+            Py_CLEAR(scores);
+        else
+            PyTuple_SET_ITEM(scores, i, score);
+    }
+    Py_XDECREF(n);
+    Py_XDECREF(w);
+    return scores;
+}
+
+/* -- profiles ------------------------------------------------------------------- */
 
 /* tls=((the addresses of SSL_do_handshake, SSL_read, SSL_write, SSL_shutdown,
  * SSL_get_error, ERR_clear_error, ERR_get_error, ERR_reason_error_string),
@@ -2126,7 +2714,13 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
                                      &p->connect_timeout, &p->half_close, &p->log_records,
                                      &p->nodelay, &p->keepalive, &p->sndbuf, &p->rcvbuf, &p->mss,
                                      &check, &tls, &context) ||
-        check_profile(p, read_size, bulk_read, splice) < 0 || parse_backends(p, backends) < 0)
+        check_profile(p, read_size, bulk_read, splice) < 0)
+        goto fail;
+    /* A sequence of backends as before: an ordered pool that tries each once. */
+    p->pool = (Pool *)(PyObject_TypeCheck(backends, &PoolType)
+                           ? Py_NewRef(backends)
+                           : PyObject_CallOneArg((PyObject *)&PoolType, backends));
+    if (p->pool == NULL)
         goto fail;
     if (check != Py_None && !PyCallable_Check(check)) {
         PyErr_SetString(PyExc_TypeError, "client_check must be callable or None");
@@ -2143,12 +2737,15 @@ fail:
 }
 
 static int Profile_traverse(Profile *p, visitproc visit, void *arg) {
+    Py_VISIT(p->pool);
     Py_VISIT(p->client_check);
     Py_VISIT(p->tls_new);
     Py_VISIT(p->context);
     return 0;
 }
 
+/* The pool stays while the profile lives (its tunnels use it): clearing
+ * the pool's on_change breaks the cycles through it. */
 static int Profile_clear(Profile *p) {
     Py_CLEAR(p->client_check);
     Py_CLEAR(p->tls_new);
@@ -2159,10 +2756,7 @@ static int Profile_clear(Profile *p) {
 static void Profile_dealloc(Profile *p) {
     PyObject_GC_UnTrack(p);
     Profile_clear(p);
-    for (int i = 0; i < p->n_backends; i++)
-        Py_XDECREF(p->backend_names[i]);
-    free(p->backend_names);
-    free(p->backends);
+    Py_XDECREF(p->pool);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
@@ -2171,15 +2765,17 @@ static PyObject *Profile_get_context(Profile *p, void *Py_UNUSED(closure)) {
 }
 
 static PyObject *Profile_get_backends(Profile *p, void *Py_UNUSED(closure)) {
-    PyObject *names = PyTuple_New(p->n_backends);
-    for (int i = 0; names != NULL && i < p->n_backends; i++)
-        PyTuple_SET_ITEM(names, i, Py_NewRef(p->backend_names[i]));
-    return names;
+    return Py_NewRef(p->pool->names);
+}
+
+static PyObject *Profile_get_pool(Profile *p, void *Py_UNUSED(closure)) {
+    return Py_NewRef((PyObject *)p->pool);
 }
 
 static PyGetSetDef Profile_getset[] = {
     {"context", (getter)Profile_get_context, NULL, "The context object given at creation.", NULL},
     {"backends", (getter)Profile_get_backends, NULL, "The backends' names, in order.", NULL},
+    {"pool", (getter)Profile_get_pool, NULL, "The backends' Pool.", NULL},
     {NULL},
 };
 
@@ -2197,8 +2793,14 @@ static PyTypeObject ProfileType = {
 
 /* -- the module ------------------------------------------------------------------ */
 
+static PyMethodDef engine_functions[] = {
+    {"source_hash_scores", source_hash_scores, METH_VARARGS,
+     "source_hash_scores(client, names, weights): each backend's source-hash score for that packed client address."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef engine_module = {
-    PyModuleDef_HEAD_INIT, "tunnelkit.engine._engine", "tunnelkit's native relay engine.", -1, NULL, NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "tunnelkit.engine._engine", "tunnelkit's native relay engine.", -1, engine_functions, NULL, NULL, NULL, NULL,
 };
 
 /* A tuple of the n strings of names, as a module constant. */
@@ -2230,7 +2832,8 @@ static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
 #define COUNT(array) ((Py_ssize_t)(sizeof(array) / sizeof(array)[0]))
 
 PyMODINIT_FUNC PyInit__engine(void) {
-    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ProfileType) < 0)
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ProfileType) < 0 ||
+        PyType_Ready(&PoolType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (m == NULL)
@@ -2244,7 +2847,9 @@ PyMODINIT_FUNC PyInit__engine(void) {
         add_names(m, "CLOSE_KINDS", KIND_NAMES, COUNT(KIND_NAMES)) < 0 ||
         add_names(m, "RECORD_FIELDS", RECORD_FIELDS, COUNT(RECORD_FIELDS)) < 0 ||
         add_names(m, "COUNTERS", COUNTER_NAMES, N_COUNTERS) < 0 ||
-        add_type(m, "Engine", &EngineType) < 0 || add_type(m, "Profile", &ProfileType) < 0) {
+        add_names(m, "BALANCES", BALANCE_NAMES, N_BALANCES) < 0 ||
+        add_type(m, "Engine", &EngineType) < 0 || add_type(m, "Profile", &ProfileType) < 0 ||
+        add_type(m, "Pool", &PoolType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

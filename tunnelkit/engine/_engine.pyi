@@ -9,18 +9,53 @@ TICK: float
 SIDES: tuple[str, ...]
 CLOSE_KINDS: tuple[str, ...]
 # The names of a record's fields, in order: listener, client, backend,
-# backend_address, bytes_up, bytes_down, duration, connect_time, closed_by
-# (an index into SIDES), close_kind (into CLOSE_KINDS), reason, spliced,
-# tls ((pyOpenSSL Connection, handshaken) for a TLS client, else None), profile.
+# backend_address, attempts (connect attempts made), bytes_up, bytes_down,
+# duration, connect_time, closed_by (an index into SIDES), close_kind (into
+# CLOSE_KINDS), reason, spliced, tls ((pyOpenSSL Connection, handshaken) for a
+# TLS client, else None), profile.
 RECORD_FIELDS: tuple[str, ...]
 # The fields of tunnelkit.relay.counters.ListenerCounters, in Engine.counters' order.
 COUNTERS: tuple[str, ...]
+# Pool's strategies: "first", "round-robin", "least-conn", "random", "source-hash".
+BALANCES: tuple[str, ...]
+
+Backend = tuple[str, str, int] | tuple[str, str]
+# Per backend: (active, up, ejected seconds left (0.0: not ejected), failures in
+# a row, weight, tunnels joined to it, failed attempts).
+BackendState = tuple[int, bool, float, int, int, int, int]
+
+def source_hash_scores(
+    client: bytes, names: Sequence[str], weights: Sequence[int]
+) -> tuple[float, ...]:
+    """Each backend's source-hash score for a client of that packed address (the highest takes it)."""
+
+class Pool:
+    """A listener's backends, their state, and how each connection picks among them."""
+
+    names: tuple[str, ...]
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        *,
+        balance: str = "first",
+        weights: Sequence[int] | None = None,
+        backups: Sequence[bool] | None = None,
+        max_conn: int = 0,
+        retries: int = -1,
+        eject_after: int = 0,
+        eject_base: float = 1.0,
+        eject_max: float = 60.0,
+        on_change: Callable[[int, bool, str], object] | None = None,
+    ) -> None: ...
+    def set(self, index: int, *, up: bool | None = None, weight: int | None = None) -> None: ...
+    def states(self) -> tuple[BackendState, ...]: ...
 
 Record = tuple[
     int,
     str,
     str,
     str | None,
+    int,
     int,
     int,
     float,
@@ -38,9 +73,10 @@ class Profile:
 
     context: Any
     backends: tuple[str, ...]
+    pool: Pool
     def __init__(
         self,
-        backends: Sequence[tuple[str, str, int] | tuple[str, str]],
+        backends: Pool | Sequence[Backend],
         read_size: int,
         bulk_read: int,
         splice: str,
@@ -69,6 +105,7 @@ class Engine:
     def nest(self, fd: int) -> None: ...
     def tick(self) -> bool: ...
     def abort_all(self, reason: str) -> None: ...
+    def close_backend(self, pool: Pool, index: int, reason: str) -> int: ...
     def add_listener(self, fd: int, index: int, profile: Profile) -> None: ...
     def set_profile(self, index: int, profile: Profile) -> None: ...
     def counters(self, index: int) -> tuple[int, ...]: ...

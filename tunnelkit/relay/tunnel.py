@@ -78,6 +78,8 @@ class TunnelRecord:
     client: str
     backend: str
     backend_address: str | None
+    #: Connect attempts made (0: none, e.g. no backend was available).
+    attempts: int = attrs.field(default=0, kw_only=True)
     bytes_up: int
     bytes_down: int
     duration: float
