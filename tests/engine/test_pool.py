@@ -825,7 +825,7 @@ def test_a_sequence_is_an_ordered_pool() -> None:
     [
         ({"balance": "fastest"}, ValueError, "balance must be one of first, round-robin"),
         ({"weights": [1]}, ValueError, "weights must have one value per backend (2), not 1"),
-        ({"weights": [1, 257]}, ValueError, "a weight is in 0..256, not 257"),
+        ({"weights": [1, 4097]}, ValueError, "a weight is in 0..4096, not 4097"),
         ({"backups": [True]}, ValueError, "backups must have one value per backend (2), not 1"),
         ({"max_conn": -1}, ValueError, "max_conn must be 0 (no limit) or positive"),
         ({"retries": -2}, ValueError, "retries must be -1 (every backend once) or at least 0"),
@@ -849,7 +849,7 @@ def test_set_checks_its_arguments() -> None:
     pool = _engine.Pool([("a", "127.0.0.1", 1)])
     with pytest.raises(IndexError, match="the pool has no backend 1"):
         pool.set(1, up=False)
-    with pytest.raises(ValueError, match=r"a weight is in 0\.\.256, not -1"):
+    with pytest.raises(ValueError, match=r"a weight is in 0\.\.4096, not -1"):
         pool.set(0, weight=-1)
     pool.set(0, weight=7)
     pool.set(0, up=False)

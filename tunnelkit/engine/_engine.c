@@ -121,7 +121,10 @@ static const char *RECORD_FIELDS[] = {
 enum { B_FIRST = 0, B_ROUND_ROBIN, B_LEAST_CONN, B_RANDOM, B_SOURCE_HASH, N_BALANCES };
 static const char *BALANCE_NAMES[N_BALANCES] = {"first", "round-robin", "least-conn", "random",
                                                 "source-hash"};
-#define MAX_WEIGHT 256
+/* Weights are in the units of tunnelkit.backends.balance (WEIGHT_SCALE = 16
+ * per configured unit, so a slow start can ramp a weight-1 backend by
+ * steps): a configured 256 is 4096. */
+#define MAX_WEIGHT 4096
 
 /* One backend of a pool: where it is, what Python sets (weight, backup,
  * health), and what the engine keeps of it (connections now, consecutive
@@ -2548,6 +2551,12 @@ static PyObject *Pool_set(Pool *p, PyObject *args, PyObject *kwds) {
     int u = up != Py_None ? PyObject_IsTrue(up) : b->up;
     if (w < 0 || u < 0)
         return NULL;
+    if (u && !b->up) {
+        /* Checks that passed rise times say more than the failures that
+         * ejected it: back in at once, as on Twisted's plane. */
+        b->failures = b->ejections = 0;
+        b->ejected_until = 0;
+    }
     b->weight = w;
     b->up = u;
     Py_RETURN_NONE;

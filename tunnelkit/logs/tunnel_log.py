@@ -54,6 +54,7 @@ def tunnel_fields(record: TunnelRecord, listener: str) -> dict[str, object]:
         "client": record.client or "-",
         "backend": record.backend or "-",
         "backend_address": record.backend_address or "-",
+        "attempts": record.attempts,
         "bytes_up": record.bytes_up,
         "bytes_down": record.bytes_down,
         "duration": round(record.duration, 6),

@@ -591,6 +591,7 @@ class Tunnel:
                 close_kind=kind,
                 reason=reason,
                 details=self._details if self._details is not None else {},
+                attempts=self.attempts,
             ),
         )
         # Each leg points at the tunnel and the tunnel at each leg: a cycle
