@@ -310,3 +310,21 @@ class BalancedGroupTests(SynchronousTestCase):
         group.attach(results[0], FakeTunnel())  # type: ignore[arg-type]
         group.mark(0, False, "3 health checks failed")
         self.assertEqual(aborted, ["backend b0 went down: 3 health checks failed"])
+
+    def test_the_engines_pool_hears_health_and_weights(self) -> None:
+        """A mirrored group pushes each health change and slow-start weight to the engine's pool."""
+        clock, _, group = balanced(2, Balancing("round-robin", slow_start=2.0))
+        pushed: list[tuple[int, bool | None, int | None]] = []
+
+        class Pool:
+            def set(self, index: int, *, up: bool | None = None, weight: int | None = None) -> None:
+                pushed.append((index, up, weight))
+
+        group.mirror = Pool()
+        group.mark(1, False, "test")
+        group.mark(1, True, "test")
+        clock.advance(1.0)
+        clock.advance(1.0)
+        assert pushed[:2] == [(1, False, None), (1, None, 1)]
+        assert (1, True, None) in pushed
+        assert pushed[-1] == (1, None, WEIGHT_SCALE)

@@ -8,6 +8,7 @@ a connection on that backend (for least-conn).
 from __future__ import annotations
 
 import socket
+import threading
 from collections import Counter
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from loopback import (
     silent_listener,
     split_address,
 )
-from planes import on_each_plane
+from planes import TWISTED, on_each_plane, on_planes
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
@@ -324,3 +325,78 @@ class HealthTests(LoopbackTestCase):
         [record] = yield fwd.closed(1)
         assert record["reason"].startswith(f"backend {server.address} went down: ")
         assert record["closed_by"] == "proxy"
+
+
+@on_each_plane
+class LoadTests(LoopbackTestCase):
+    """Backends that die or flap under load: no client fails while another backend is healthy."""
+
+    @inlineCallbacks
+    def test_a_backend_killed_during_a_load_costs_no_client(self) -> Inline:
+        """200 clients; b0 dies after the 50th: its next clients are retried on b1, then it is ejected."""
+        b0, b1 = self.serve(named("b0")), self.serve(named("b1"))
+        fwd = self.forward("--to", b0.address, "--to", b1.address, *FAST_CHECKS)
+
+        def load() -> list[str]:
+            served = []
+            for i in range(200):
+                if i == 50:
+                    b0.close()  # its port refuses from now on
+                served.append(who(fwd.address))
+            return served
+
+        served = yield deferToThread(load)
+        assert len(served) == 200
+        assert set(served[:50]) == {"b0", "b1"} and served[100:] == ["b1"] * 100
+
+    @inlineCallbacks
+    def test_a_flapping_backend_costs_no_client(self) -> Inline:
+        """b0 stops and starts answering every 0.1 s while 100 clients come: every one is served."""
+        b0, b1 = self.serve(named("b0")), self.serve(named("b1"))
+        fwd = self.forward(
+            "--to", b0.address, "--to", b1.address, *FAST_CHECKS, "--connect-timeout", "0.3"
+        )  # fmt: skip
+
+        def flap(stop: threading.Event) -> None:
+            for _ in range(200):
+                if stop.wait(0.1):
+                    break
+                if b0.silent:
+                    b0.open()
+                elif not b0.silence():
+                    return
+
+        stop = threading.Event()
+        flapping = threading.Thread(target=flap, args=(stop,), daemon=True)
+        flapping.start()
+        try:
+            served = yield deferToThread(many, fwd.address, 100, 4)
+        finally:
+            stop.set()
+            yield deferToThread(flapping.join, 5)
+        assert len(served) == 100 and set(served) <= {"b0", "b1"}
+
+
+@on_planes(TWISTED)
+class ConnectModeTests(LoopbackTestCase):
+    """A CONNECT proxy in front of a fixed backend group answers 503 when none is up."""
+
+    @inlineCallbacks
+    def test_connect_answers_503_when_every_backend_is_down(self) -> Inline:
+        """--mode connect --to ...: with every backend down, the client gets 503 at once."""
+        events = Events(self)
+        with refusing_address() as one:
+            fwd = self.forward(
+                "--mode", "connect", "--to", one, "--allow-dest", "127.0.0.1", *FAST_CHECKS
+            )  # fmt: skip
+            yield events.wait("no_backend_available")
+
+            def ask() -> bytes:
+                with socket.create_connection(split_address(fwd.address), IO_TIMEOUT) as sock:
+                    sock.sendall(b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n")
+                    return recv_all(sock)
+
+            answer = yield deferToThread(ask)
+            [record] = yield fwd.closed(1)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert record["reason"] == "no backend available"

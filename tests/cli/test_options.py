@@ -150,7 +150,10 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1", "--to", "a:1", "--splice", "sometimes"], "--splice: must be one of"),
         (["--listen", "1", "--to", "a:1", "--engine", "turbo"], "--engine: must be one of"),
         # --engine native says why the options need Twisted's path.
-        (["--listen", "1", "--to", "a:1", "--engine", "native"], "is not an IP address"),
+        (
+            ["--listen", "1", "--to", "a.invalid:1", "--engine", "native"],
+            "did not resolve at start-up",
+        ),
         (["--mode", "connect", "--listen", "1", "--engine", "native"], "reads a request first"),
         (
             ["--listen", "1", "--to", "tls:127.0.0.1:1", "--engine", "native"],
@@ -331,8 +334,8 @@ def test_engine_native_says_why_the_engine_cannot_serve(
         ({"listen": ["1"] * 65}, "it takes at most 64 listeners"),
         (
             {"backends": ["example.com:80"]},
-            "--to 'example.com:80' is not an IP address or a UNIX path: the engine does not"
-            " resolve names (Twisted resolves them per connection)",
+            "--to 'example.com:80' did not resolve at start-up: Twisted resolves it per"
+            " connection (the engine dials addresses and UNIX paths)",
         ),
     ],
 )

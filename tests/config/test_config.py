@@ -209,3 +209,16 @@ def test_balancing_defaults(tmp_path: Path) -> None:
     [listener] = _load(tmp_path, '[[listener]]\nlisten = "1"\nto = "h:1"\n').listeners
     assert listener.balancing.strategy == "round-robin" and listener.balancing.retries == 2
     assert listener.balancing.eject_after == 3 and listener.health is None
+
+
+def test_the_balancing_docs_example_is_valid(tmp_path: Path) -> None:
+    """docs/balancing.md's file example parses into what it says."""
+    import re
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "balancing.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", doc, re.S)
+    assert block is not None
+    [listener] = _load(tmp_path, block[1]).listeners
+    assert [(b.weight, b.backup) for b in listener.backends] == [(2, False), (1, False), (1, True)]
+    assert listener.balancing.strategy == "least-conn"
+    assert listener.health is not None and listener.health.send == b"PING\r\n"

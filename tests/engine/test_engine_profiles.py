@@ -42,7 +42,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tunnelkit.backends.endpoints import host_endpoint
-from tunnelkit.backends.group import Backend
+from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.relay.counters import ListenerCounters
 from tunnelkit.relay.socket_options import SocketOptions
 from tunnelkit.relay.tunnel import Timeouts, TunnelRecord
@@ -126,7 +126,7 @@ class ProfilesTests(LoopbackTestCase):
         self, relay: NativeRelay, to: str, *, idle: float | None = None, tls: Any = None
     ) -> Any:
         return relay.profile(
-            [backend(to)],
+            BackendGroup([backend(to)], reactor, 5.0),
             timeouts=Timeouts(idle=idle),
             connect_timeout=5.0,
             socket_options=SocketOptions(),

@@ -8,7 +8,7 @@ from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.app.service import default_max_tunnels
-from tunnelkit.backends.group import BackendGroup
+from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.config.model import Timeouts
 from tunnelkit.modes.forward import ForwardMode
 from tunnelkit.relay.factory import TunnelFactory
@@ -41,7 +41,7 @@ class RegistryTests(SynchronousTestCase):
         registry = TunnelRegistry(clock, max_tunnels=1)
         factory = TunnelFactory(
             listener="l",
-            mode=ForwardMode(BackendGroup([object()], clock, 1.0)),  # type: ignore[list-item]
+            mode=ForwardMode(BackendGroup([Backend("b", object())], clock, 1.0)),  # type: ignore[arg-type]
             registry=registry,
             clock=clock,
             timeouts=Timeouts(),
