@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ipaddress
-import math
 import socket
 import sys
 import threading
@@ -26,6 +25,8 @@ from typing import Any, TypeVar
 
 import pytest
 from loopback import IO_TIMEOUT, fill_accept_queue, recv_all
+
+from tunnelkit.backends.balance import fnv1a64, mix64, rendezvous_score
 
 _engine = pytest.importorskip("tunnelkit.engine._engine")
 
@@ -263,24 +264,7 @@ def pool_of(servers: list[NameServer], **options: Any) -> Any:
     return _engine.Pool([s.spec for s in servers], **options)
 
 
-# -- the source-hash reference (PLAN15's definition, in Python) -----------------
-
-MASK = (1 << 64) - 1
-
-
-def fnv1a64(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for byte in data:
-        h = ((h ^ byte) * 0x100000001B3) & MASK
-    return h
-
-
-def mix64(x: int) -> int:
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & MASK
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & MASK
-    return x ^ (x >> 31)
+# -- the source-hash reference: tunnelkit.backends.balance, Twisted's plane ------------
 
 
 def packed(ip: str) -> bytes:
@@ -292,11 +276,10 @@ def packed(ip: str) -> bytes:
 
 def reference_scores(client: bytes, names: list[str], weights: list[int]) -> list[float]:
     key = fnv1a64(client)
-    scores = []
-    for name, weight in zip(names, weights, strict=True):
-        u = ((mix64(key ^ fnv1a64(name.encode())) >> 11) + 0.5) * 2.0**-53
-        scores.append(-weight / math.log(u))
-    return scores
+    return [
+        rendezvous_score(key, fnv1a64(name.encode()), weight)
+        for name, weight in zip(names, weights, strict=True)
+    ]
 
 
 def reference_pick(ip: str, names: list[str]) -> str:
