@@ -7,6 +7,8 @@ a connection on that backend (for least-conn).
 
 from __future__ import annotations
 
+import ipaddress
+import random
 import socket
 import threading
 from collections import Counter
@@ -18,9 +20,11 @@ from loopback import (
     IO_TIMEOUT,
     LoopbackTestCase,
     ThreadedServer,
+    exchange,
     recv_all,
     recv_exactly,
     refusing_address,
+    sha256,
     silent_listener,
     split_address,
 )
@@ -31,7 +35,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.backends import balance
+from tunnelkit.backends import balance, resolver
 
 Inline = Generator[Deferred[Any], Any, None]
 
@@ -325,6 +329,56 @@ class HealthTests(LoopbackTestCase):
         [record] = yield fwd.closed(1)
         assert record["reason"].startswith(f"backend {server.address} went down: ")
         assert record["closed_by"] == "proxy"
+
+
+def named_echo(name: str) -> Callable[[socket.socket], str]:
+    """A backend handler: send ``name``, then echo every byte until the client closes."""
+
+    def handler(conn: socket.socket) -> str:
+        conn.sendall(name.encode())
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        return name
+
+    return handler
+
+
+@on_each_plane
+class ResolveTests(LoopbackTestCase):
+    """--resolve-interval: a backend name's new addresses take the next clients; live tunnels go on."""
+
+    @inlineCallbacks
+    def test_new_addresses_take_new_clients_and_a_held_tunnel_goes_on(self) -> Inline:
+        """svc moves from 127.0.0.1 to 127.0.0.2: new clients go there, a tunnel held across works and is recorded once."""
+        events = Events(self)
+        old = self.serve(named_echo("b0"))
+        port = split_address(old.address)[1]
+        try:
+            new = ThreadedServer(named_echo("b1"), "127.0.0.2", port=port)
+        except OSError as e:
+            self.skipTest(f"127.0.0.2 is not usable here: {e}")
+        self.addCleanup(new.close)
+        answers = {"svc.test": ["127.0.0.1"]}
+
+        def lookup(host: str, port: int) -> list[Any]:
+            return [ipaddress.ip_address(a) for a in answers[host]]
+
+        self.patch(resolver, "lookup", lookup)
+        fwd = self.forward("--to", f"svc.test:{port}", "--resolve-interval", "0.2")
+        held, name = yield deferToThread(hold, fwd.address)
+        self.addCleanup(held.close)
+        assert name == "b0"
+        answers["svc.test"] = ["127.0.0.2"]
+        yield events.wait("backends_changed")
+        served = yield deferToThread(many, fwd.address, 4)
+        assert served == ["b1"] * 4
+        payload = random.randbytes(256 * 1024)
+        echoed = yield deferToThread(exchange, held, payload)
+        assert sha256(echoed) == sha256(payload)
+        records = yield fwd.closed(5)
+        assert [r["backend_address"].split(":")[0] for r in records].count("127.0.0.1") == 1
+        assert {r["backend"] for r in records} == {f"svc.test:{port}"}
+        assert len(fwd.records) == 5
 
 
 @on_each_plane
