@@ -380,6 +380,37 @@ class ResolveTests(LoopbackTestCase):
         assert {r["backend"] for r in records} == {f"svc.test:{port}"}
         assert len(fwd.records) == 5
 
+    @inlineCallbacks
+    def test_a_backend_down_stays_down_across_a_change_and_its_checks_go_on(self) -> Inline:
+        """svc's 127.0.0.2 is down when svc gains 127.0.0.3: no client tries it, and it rejoins after rise checks."""
+        events = Events(self)
+        first = self.serve(named("b1"))
+        port = split_address(first.address)[1]
+        answers = {"svc.test": ["127.0.0.1", "127.0.0.2"]}
+        self.patch(
+            resolver, "lookup", lambda host, port: list(map(ipaddress.ip_address, answers[host]))
+        )
+        fwd = self.forward("--to", f"svc.test:{port}", "--resolve-interval", "0.2", *FAST_CHECKS)
+        yield events.wait("backend_down")  # nothing listens on 127.0.0.2
+        try:
+            third = ThreadedServer(named("b3"), "127.0.0.3", port=port)
+        except OSError as e:
+            self.skipTest(f"127.0.0.3 is not usable here: {e}")
+        self.addCleanup(third.close)
+        answers["svc.test"] = ["127.0.0.2", "127.0.0.3"]
+        yield events.wait("backends_changed")
+        served = yield deferToThread(many, fwd.address, 4)
+        assert served == ["b3"] * 4
+        records = yield fwd.closed(4)
+        assert [r["attempts"] for r in records] == [1] * 4
+        second = ThreadedServer(named("b2"), "127.0.0.2", port=port)
+        self.addCleanup(second.close)
+        yield events.wait("backend_up")
+        [up] = events.named("backend_up")
+        assert up["backend"] == f"svc.test:{port} (127.0.0.2)"
+        served = yield deferToThread(many, fwd.address, 4)
+        assert sorted(served) == ["b2", "b2", "b3", "b3"]
+
 
 @on_each_plane
 class LoadTests(LoopbackTestCase):
