@@ -237,12 +237,17 @@ class ThreadedServer:
     """
 
     def __init__(
-        self, handler: Handler, host: str = "127.0.0.1", backlog: int = 128, silent: bool = False
+        self,
+        handler: Handler,
+        host: str = "127.0.0.1",
+        backlog: int = 128,
+        silent: bool = False,
+        port: int = 0,
     ) -> None:
         self.handler = handler
         self.backlog = backlog
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.address = join_address(host, self.sock.getsockname()[1])
         self.accepted = 0
         #: True while SYNs to :attr:`address` go unanswered.

@@ -328,3 +328,89 @@ class BalancedGroupTests(SynchronousTestCase):
         assert pushed[:2] == [(1, False, None), (1, None, 1)]
         assert (1, True, None) in pushed
         assert pushed[-1] == (1, None, WEIGHT_SCALE)
+
+
+class ReplaceTests(SynchronousTestCase):
+    """Names resolved again: the group's backends change; state, dials and tunnels stay right."""
+
+    def dial(self, group: BackendGroup) -> list[Dialed]:
+        results: list[Dialed] = []
+        group.dial(Factory()).addCallback(results.append)
+        return results
+
+    def renamed(self, group: BackendGroup, *names: str) -> dict[str, ControlledEndpoint]:
+        """Replace ``group``'s backends with ones named ``names`` (fresh endpoints)."""
+        endpoints = {name: ControlledEndpoint() for name in names}
+        group.replace([Backend(name, endpoint) for name, endpoint in endpoints.items()])
+        return endpoints
+
+    def test_persisting_names_keep_their_state(self) -> None:
+        """Health, connections and the round-robin's place follow the name; new ones start up."""
+        _, endpoints, group = balanced(3, Balancing("round-robin"))
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.dial(group)  # b0, held
+        group.mark(1, False, "test")
+        b0, b1 = group.states[0], group.states[1]
+        fresh = self.renamed(group, "b3", "b1", "b0")
+        self.assertEqual([s.backend.name for s in group.states], ["b3", "b1", "b0"])
+        self.assertIs(group.states[2], b0)
+        self.assertIs(group.states[1], b1)
+        self.assertEqual([s.up for s in group.states], [True, False, True])
+        self.assertEqual([s.load.active for s in group.states], [0, 0, 1])
+        self.assertIs(group.backends[2].endpoint, fresh["b0"])
+        changed = [e for e in events if e.get("event") == "backends_changed"]
+        self.assertEqual(
+            [(e["listener"], e["added"], e["removed"]) for e in changed], [("l", ["b3"], ["b2"])]
+        )
+        # Round-robin went on from b0's turn: b3 next (b1 is down), on the new endpoints.
+        self.dial(group)
+        self.assertEqual([len(fresh[n].attempts) for n in ("b3", "b1", "b0")], [1, 0, 0])
+        self.assertEqual([len(e.attempts) for e in endpoints], [1, 0, 0])
+
+    def test_a_dial_in_flight_across_a_replace_counts_on_its_backend(self) -> None:
+        """A dial begun before a replace retries among the new backends and releases the right one."""
+        _, endpoints, group = balanced(2, Balancing("first", retries=2))
+        results = self.dial(group)  # b0 connecting
+        b0 = group.states[0]
+        fresh = self.renamed(group, "b9", "b0")
+        refuse(endpoints[0])  # b0 (kept, now second) failed: the next is b9, not b0 again
+        self.assertEqual(b0.load.active, 0)
+        self.assertEqual(len(fresh["b9"].attempts), 1)
+        fresh["b9"].attempts[0].callback(Protocol())
+        [dialed] = results
+        self.assertEqual((dialed.backend.name, dialed.attempts), ("b9", 2))
+        self.assertEqual([s.load.active for s in group.states], [1, 0])
+        group.release(dialed, object())  # type: ignore[arg-type]
+        self.assertEqual([s.load.active for s in group.states], [0, 0])
+
+    def test_a_tunnel_of_a_removed_backend_releases_only_its_own(self) -> None:
+        """A tunnel joined before its backend was removed leaves the new backends' counts alone."""
+        _, endpoints, group = balanced(2, Balancing("least-conn"))
+        results = self.dial(group)
+        endpoints[0].attempts[0].callback(Protocol())
+        self.renamed(group, "b1", "b5")
+        self.dial(group)  # b1 or b5: one of the new set is connecting
+        before = [s.load.active for s in group.states]
+        group.release(results[0], object())  # type: ignore[arg-type]
+        self.assertEqual([s.load.active for s in group.states], before)
+        self.assertEqual(sum(before), 1)
+
+    def test_close_on_down_after_a_replace(self) -> None:
+        """A tunnel joined before a replace is closed when its (persisting) backend goes down."""
+        _, endpoints, group = balanced(2, Balancing("first", close_on_down=True))
+        results = self.dial(group)
+        endpoints[0].attempts[0].callback(Protocol())
+        aborted: list[str] = []
+
+        class FakeTunnel:
+            def abort(self, reason: str, kind: object) -> None:
+                aborted.append(reason)
+
+        group.attach(results[0], FakeTunnel())  # type: ignore[arg-type]
+        self.renamed(group, "b7", "b0")
+        group.mark(0, False, "down")  # b7: not b0's tunnel
+        self.assertEqual(aborted, [])
+        group.mark(1, False, "down")
+        self.assertEqual(aborted, ["backend b0 went down: down"])

@@ -7,6 +7,8 @@ a connection on that backend (for least-conn).
 
 from __future__ import annotations
 
+import ipaddress
+import random
 import socket
 import threading
 from collections import Counter
@@ -18,9 +20,11 @@ from loopback import (
     IO_TIMEOUT,
     LoopbackTestCase,
     ThreadedServer,
+    exchange,
     recv_all,
     recv_exactly,
     refusing_address,
+    sha256,
     silent_listener,
     split_address,
 )
@@ -31,7 +35,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, globalLogPublisher
 
-from tunnelkit.backends import balance
+from tunnelkit.backends import balance, resolver
 
 Inline = Generator[Deferred[Any], Any, None]
 
@@ -325,6 +329,87 @@ class HealthTests(LoopbackTestCase):
         [record] = yield fwd.closed(1)
         assert record["reason"].startswith(f"backend {server.address} went down: ")
         assert record["closed_by"] == "proxy"
+
+
+def named_echo(name: str) -> Callable[[socket.socket], str]:
+    """A backend handler: send ``name``, then echo every byte until the client closes."""
+
+    def handler(conn: socket.socket) -> str:
+        conn.sendall(name.encode())
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        return name
+
+    return handler
+
+
+@on_each_plane
+class ResolveTests(LoopbackTestCase):
+    """--resolve-interval: a backend name's new addresses take the next clients; live tunnels go on."""
+
+    @inlineCallbacks
+    def test_new_addresses_take_new_clients_and_a_held_tunnel_goes_on(self) -> Inline:
+        """svc moves from 127.0.0.1 to 127.0.0.2: new clients go there, a tunnel held across works and is recorded once."""
+        events = Events(self)
+        old = self.serve(named_echo("b0"))
+        port = split_address(old.address)[1]
+        try:
+            new = ThreadedServer(named_echo("b1"), "127.0.0.2", port=port)
+        except OSError as e:
+            self.skipTest(f"127.0.0.2 is not usable here: {e}")
+        self.addCleanup(new.close)
+        answers = {"svc.test": ["127.0.0.1"]}
+
+        def lookup(host: str, port: int) -> list[Any]:
+            return [ipaddress.ip_address(a) for a in answers[host]]
+
+        self.patch(resolver, "lookup", lookup)
+        fwd = self.forward("--to", f"svc.test:{port}", "--resolve-interval", "0.2")
+        held, name = yield deferToThread(hold, fwd.address)
+        self.addCleanup(held.close)
+        assert name == "b0"
+        answers["svc.test"] = ["127.0.0.2"]
+        yield events.wait("backends_changed")
+        served = yield deferToThread(many, fwd.address, 4)
+        assert served == ["b1"] * 4
+        payload = random.randbytes(256 * 1024)
+        echoed = yield deferToThread(exchange, held, payload)
+        assert sha256(echoed) == sha256(payload)
+        records = yield fwd.closed(5)
+        assert [r["backend_address"].split(":")[0] for r in records].count("127.0.0.1") == 1
+        assert {r["backend"] for r in records} == {f"svc.test:{port}"}
+        assert len(fwd.records) == 5
+
+    @inlineCallbacks
+    def test_a_backend_down_stays_down_across_a_change_and_its_checks_go_on(self) -> Inline:
+        """svc's 127.0.0.2 is down when svc gains 127.0.0.3: no client tries it, and it rejoins after rise checks."""
+        events = Events(self)
+        first = self.serve(named("b1"))
+        port = split_address(first.address)[1]
+        answers = {"svc.test": ["127.0.0.1", "127.0.0.2"]}
+        self.patch(
+            resolver, "lookup", lambda host, port: list(map(ipaddress.ip_address, answers[host]))
+        )
+        fwd = self.forward("--to", f"svc.test:{port}", "--resolve-interval", "0.2", *FAST_CHECKS)
+        yield events.wait("backend_down")  # nothing listens on 127.0.0.2
+        try:
+            third = ThreadedServer(named("b3"), "127.0.0.3", port=port)
+        except OSError as e:
+            self.skipTest(f"127.0.0.3 is not usable here: {e}")
+        self.addCleanup(third.close)
+        answers["svc.test"] = ["127.0.0.2", "127.0.0.3"]
+        yield events.wait("backends_changed")
+        served = yield deferToThread(many, fwd.address, 4)
+        assert served == ["b3"] * 4
+        records = yield fwd.closed(4)
+        assert [r["attempts"] for r in records] == [1] * 4
+        second = ThreadedServer(named("b2"), "127.0.0.2", port=port)
+        self.addCleanup(second.close)
+        yield events.wait("backend_up")
+        [up] = events.named("backend_up")
+        assert up["backend"] == f"svc.test:{port} (127.0.0.2)"
+        served = yield deferToThread(many, fwd.address, 4)
+        assert sorted(served) == ["b2", "b2", "b3", "b3"]
 
 
 @on_each_plane

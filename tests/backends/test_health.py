@@ -89,6 +89,11 @@ class Target:
         self.marks: list[tuple[int, bool, str]] = []
         self.events: list[LogEvent] = []
         self.log = Logger(observer=self.events.append)
+        #: The backends down when a checker starts.
+        self.down: set[int] = set()
+
+    def is_up(self, index: int) -> bool:
+        return index not in self.down
 
     def mark(self, index: int, up: bool, reason: str) -> None:
         self.marks.append((index, up, reason))
@@ -162,6 +167,17 @@ class RiseFallTests(SynchronousTestCase):
             run_checks(target, 1)
             endpoint.accept()
         self.assertEqual(len(target.marks), 2)
+
+    def test_a_checker_goes_on_from_the_targets_state(self) -> None:
+        """A backend down when its checker starts (names resolved again) comes back after rise passes."""
+        target = Target()
+        target.down.add(0)
+        checker(target)
+        run_checks(target, 1)
+        target.endpoints[0].accept()
+        run_checks(target, 1)
+        target.endpoints[0].accept()
+        self.assertEqual(target.marks, [(0, True, "2 health checks passed")])
 
     def test_streaks_must_be_unbroken(self) -> None:
         """A pass between failures (or a failure between passes) starts the count again."""

@@ -119,6 +119,9 @@ class Watch:
         self.waiting: list[tuple[Callable[[], bool], Deferred[None]]] = []
         self.checker: HealthChecker | None = None
 
+    def is_up(self, index: int) -> bool:
+        return True
+
     def mark(self, index: int, up: bool, reason: str) -> None:
         self.marks.append((index, up, reason))
         self._wake()

@@ -187,7 +187,8 @@ def test_balancing_keys(tmp_path: Path) -> None:
         tmp_path,
         '[[listener]]\nlisten = "1"\nto = ["a:1,weight=3", "b:1,backup"]\nbackup = ["c:1,weight=0"]\n'
         'balance = "least-conn"\nconnect-retries = 0\nmax-conn-per-backend = 9\nslow-start = 4\n'
-        'health-interval = 2\nhealth-send = "PING\\\\r\\\\n\\\\x00"\nhealth-expect = "+PONG"\nrise = 1\nfall = 5\n',
+        'health-interval = 2\nhealth-send = "PING\\\\r\\\\n\\\\x00"\nhealth-expect = "+PONG"\nrise = 1\nfall = 5\n'
+        "resolve-interval = 30\n",
     )
     [listener] = settings.listeners
     assert [(b.text, b.weight, b.backup) for b in listener.backends] == [
@@ -202,13 +203,15 @@ def test_balancing_keys(tmp_path: Path) -> None:
     assert health is not None
     assert (health.interval, health.timeout, health.rise, health.fall) == (2.0, 2.0, 1, 5)
     assert (health.send, health.expect) == (b"PING\r\n\x00", b"+PONG")
+    assert listener.resolve_interval == 30.0
 
 
 def test_balancing_defaults(tmp_path: Path) -> None:
-    """Round-robin, two retries, fall 3 for passive ejection, no active checks."""
+    """Round-robin, two retries, fall 3 for passive ejection, no active checks, names resolved at start only."""
     [listener] = _load(tmp_path, '[[listener]]\nlisten = "1"\nto = "h:1"\n').listeners
     assert listener.balancing.strategy == "round-robin" and listener.balancing.retries == 2
     assert listener.balancing.eject_after == 3 and listener.health is None
+    assert listener.resolve_interval == 0.0
 
 
 def test_the_balancing_docs_example_is_valid(tmp_path: Path) -> None:

@@ -150,6 +150,19 @@ class ProfilesTests(LoopbackTestCase):
         settings = ServerTLSSettings(pairs=(CertificatePair(str(pair.cert), str(pair.key)),))
         return EngineTLS(ServerTLS(settings))
 
+    def test_a_pool_made_again_starts_from_the_groups_health(self) -> None:
+        """Names resolved again: the new pool of a replaced group has its persisting backends' health."""
+        relay = self.relay()
+        group = BackendGroup([backend("127.0.0.1:1"), backend("127.0.0.1:2")], reactor, 5.0)
+        first = relay._pool(group)
+        group.mark(1, False, "test")
+        group.replace([backend("127.0.0.1:3"), backend("127.0.0.1:2")])
+        assert group.mirror is None
+        pool = relay._pool(group)
+        assert group.mirror is pool and pool is not first
+        assert pool.names == ("127.0.0.1:3", "127.0.0.1:2")
+        assert [state[1] for state in pool.states()] == [True, False]
+
     @inlineCallbacks
     def test_two_listeners_of_different_profiles(self) -> Inline:
         """A TLS listener and a plain one in one engine: each relays to its own backend, with its own idle timeout."""

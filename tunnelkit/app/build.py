@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -48,6 +49,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
+from tunnelkit.app import resolving
 from tunnelkit.app.service import (
     ListenError,
     Listening,
@@ -61,7 +63,6 @@ from tunnelkit.backends import resolver
 from tunnelkit.backends.endpoints import host_endpoint
 from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.backends.health import HealthChecker
-from tunnelkit.cli import preflight
 from tunnelkit.config.addresses import LISTEN_FORMS, HostPort
 from tunnelkit.config.keys import KEYS
 from tunnelkit.config.model import (
@@ -114,6 +115,8 @@ class Listener:
     #: ``(listen text, endpoint)`` for each ``listen`` value.
     endpoints: tuple[tuple[str, IStreamServerEndpoint], ...]
     backends: tuple[Backend, ...]
+    #: Each ``to`` value and the backends it became (names resolved at start).
+    resolved: tuple[tuple[BackendSpec, resolving.Addresses], ...]
     tls: ServerTLS | None
     backend_tls: BackendTLS | None
     users: Htpasswd | None
@@ -201,15 +204,13 @@ def _load_listener(
         endpoint = _server_endpoint(reactor, listener.endpoints[index], problems, index)
         if endpoint is not None:
             endpoints.append((text, _tls_listener(listener, settings, endpoint, problems, index)))
-    outbound = tuned_reactor(reactor, listener.socket_options)
-    backends = []
+    make_backend = _backend_maker(reactor, listener, backend_tls, settings.write_through)
+    resolved, backends = [], []
     for index, spec in enumerate(listener.backends):
         try:
-            for name, each in _addresses(spec):
-                dial = _client_endpoint(
-                    listener, outbound, each, backend_tls, settings.write_through
-                )
-                backends.append(Backend(name, dial, spec.weight, spec.backup))
+            addresses = resolving.at_start(spec)
+            backends += [make_backend(name, each) for name, each in addresses]
+            resolved.append((spec, addresses))
         except Exception as e:
             problems.add(("to", index), str(e))
     if problems.found:
@@ -218,38 +219,25 @@ def _load_listener(
     if listener.engine == "native" and why is not None:
         problems.add(("engine",), f"{{engine}} native: {why}")
         return None
-    return Listener(listener, tuple(endpoints), tuple(backends), tls, backend_tls, users, why)
+    return Listener(
+        listener, tuple(endpoints), tuple(backends), tuple(resolved), tls, backend_tls, users, why
+    )
 
 
-def _addresses(spec: BackendSpec) -> list[tuple[str, BackendSpec]]:
-    """A backend name's addresses, each a backend of its own: resolved now, not per connection.
+def _backend_maker(
+    reactor: Any,
+    listener: ListenerSettings,
+    backend_tls: BackendTLS | None,
+    write_through: bool,
+) -> Callable[[str, BackendSpec], Backend]:
+    """How a listener's backends are made from one address each (at start, and when names change)."""
+    outbound = tuned_reactor(reactor, listener.socket_options)
 
-    So balancing and health see every address, and a listener whose names
-    resolve relays on the engine (nginx's and HAProxy's servers are resolved
-    at start too). A TLS backend keeps its name (its certificate is checked
-    against it, and Twisted resolves it per connection), and so does a name
-    that does not resolve now: it is warned about, and Twisted tries it per
-    connection, in case DNS comes later.
-    """
-    address = spec.address
-    if spec.tls or not isinstance(address, HostPort) or preflight.is_ip(address.host):
-        return [(spec.text, spec)]
-    try:
-        found = resolver.lookup(address.host, address.port)
-    except resolver.ResolveError as e:
-        log.warn(
-            "--to {backend}: {error}; clients are dropped until it resolves",
-            event="backend_unresolved",
-            backend=spec.text,
-            error=str(e),
-        )
-        return [(spec.text, spec)]
-    if len(found) == 1:
-        return [(spec.text, attrs.evolve(spec, address=HostPort(str(found[0]), address.port)))]
-    return [
-        (f"{spec.text} ({ip})", attrs.evolve(spec, address=HostPort(str(ip), address.port)))
-        for ip in found
-    ]
+    def make(name: str, spec: BackendSpec) -> Backend:
+        dial = _client_endpoint(listener, outbound, spec, backend_tls, write_through)
+        return Backend(name, dial, spec.weight, spec.backup)
+
+    return make
 
 
 def _within_engine(listener: Listener, taken: int, problems: _Problems) -> Listener:
@@ -517,14 +505,20 @@ def build_service(prepared: Prepared) -> TunnelService:
     groups: list[BackendGroup] = []
     monitors: list[Monitor] = []
     for listener in prepared.listeners:
-        make_factory, profile, group = _listener_factories(
+        make_factory, make_profile, group = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
         )
-        health = listener.settings.health
+        profile = make_profile() if make_profile is not None else None
         if group is not None:
             groups.append(group)
-            if health is not None:
-                monitors.append(HealthChecker(group, health))
+            swap = (
+                _engine_swap(
+                    prepared, listener, group, (relay, profile, make_profile), lambda: service
+                )
+                if relay is not None and make_profile is not None
+                else None
+            )
+            monitors += _monitors(prepared, listener, group, swap)
         listening += [
             Listening(name, endpoint, make_factory, listener.settings.socket_options, profile)
             for name, endpoint in listener.endpoints
@@ -547,7 +541,8 @@ def build_service(prepared: Prepared) -> TunnelService:
         for group in groups:
             group.stop()
 
-    return TunnelService(
+    # Named: an engine listener's swap looks its ports up in the service once started.
+    service = TunnelService(
         listening,
         registry,
         settings.drain_timeout,
@@ -560,6 +555,65 @@ def build_service(prepared: Prepared) -> TunnelService:
         native=relay,
         monitors=monitors,
     )
+    return service
+
+
+def _monitors(
+    prepared: Prepared,
+    listener: Listener,
+    group: BackendGroup,
+    swap: Callable[[list[Backend]], object] | None,
+) -> list[Monitor]:
+    """What runs beside ``listener``'s group: its names resolved again, its health checks."""
+    settings = listener.settings
+    health = settings.health
+    names = any(resolving.resolvable(spec) for spec, _ in listener.resolved)
+    if names and settings.resolve_interval > 0:
+        reactor = prepared.reactor
+        make_backend = _backend_maker(
+            reactor, settings, listener.backend_tls, prepared.settings.write_through
+        )
+        # The refresher owns the checks: it restarts them on each new set of backends.
+        return [
+            resolving.Refresher(
+                group,
+                listener.resolved,
+                settings.resolve_interval,
+                resolve=resolver.system_resolver(reactor),
+                make_backend=make_backend,
+                swap=swap,
+                health=health,
+            )
+        ]
+    return [HealthChecker(group, health)] if health is not None else []
+
+
+def _engine_swap(
+    prepared: Prepared,
+    listener: Listener,
+    group: BackendGroup,
+    engine: tuple[driver.NativeRelay, Any, Callable[[], Any]],
+    service: Callable[[], TunnelService],
+) -> Callable[[list[Backend]], None]:
+    """How an engine listener takes new backends: its group's, then a new profile for new clients.
+
+    ``engine`` is the relay, the profile the listener started with (which
+    names its ports in the engine) and how to make another. Live tunnels
+    keep the profile (and pool) they began with. A set the engine cannot
+    serve (more backends than it takes) is refused whole.
+    """
+    relay, started, make_profile = engine
+
+    def swap(backends: list[Backend]) -> None:
+        why = _why_twisted(listener.settings, backends, prepared.settings.write_through)
+        if why is not None:
+            raise resolving.Unservable(why)
+        group.replace(backends)
+        profile = make_profile()
+        for index in service().engine_indexes(started):
+            relay.set_profile(index, profile)
+
+    return swap
 
 
 def _listener_factories(
@@ -570,8 +624,12 @@ def _listener_factories(
     tunnel_log: TunnelLog,
     relay: driver.NativeRelay | None,
     pipes: list[splice.PipePool],
-) -> tuple[Callable[[str], IProtocolFactory], Any, BackendGroup | None]:
-    """How to make the factory of each of ``listener``'s ports; its engine profile, if any; its backends."""
+) -> tuple[Callable[[str], IProtocolFactory], Callable[[], Any] | None, BackendGroup | None]:
+    """How to make the factory of each of ``listener``'s ports; its engine profiles, if any; its backends.
+
+    An engine profile is made of the group's backends as they are when it is
+    made (again when names resolve to new addresses).
+    """
     reactor, settings = prepared.reactor, listener.settings
     write_through = prepared.settings.write_through
     options = settings.socket_options
@@ -625,10 +683,11 @@ def _listener_factories(
             tls, False, factory, read_size=options.read_size, write_through=write_through
         )
 
-    profile = None
+    make_profile = None
     if relay is not None and listener.why_twisted is None:
         assert group is not None  # the engine forwards to backends
-        profile = relay.profile(
+        make_profile = partial(
+            relay.profile,
             group,
             timeouts=settings.timeouts,
             connect_timeout=settings.connect_timeout,
@@ -639,7 +698,7 @@ def _listener_factories(
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
         )
-    return make_factory, profile, group
+    return make_factory, make_profile, group
 
 
 def _mode(reactor: Any, listener: Listener, group: BackendGroup | None) -> Mode:

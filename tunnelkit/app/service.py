@@ -145,6 +145,8 @@ class TunnelService(Service):
         self.reactor = reactor
         self.on_reload = on_reload
         self.on_stopped = on_stopped
+        #: ``(profile it started with, index in the engine)`` of each port the engine took.
+        self._engine_indexes: list[tuple[Any, int]] = []
         self._previous_sighup: Any = None
         self._handling_sighup = False
 
@@ -203,10 +205,23 @@ class TunnelService(Service):
             # Here, not at listen(): the supervisor of --workers listens but
             # never starts this service, and must not accept.
             served = zip(self.factories, self.ports, self.profiles, strict=True)
-            self.native.start([entry for entry in served if entry[2] is not None])
+            engine = [entry for entry in served if entry[2] is not None]
+            indexes = self.native.start(engine)
+            self._engine_indexes = [
+                (profile, index)
+                for (_, _, profile), index in zip(engine, indexes, strict=True)
+                if index is not None
+            ]
         for monitor in self.monitors:
             monitor.start()
         self._handle_sighup()
+
+    def engine_indexes(self, profile: Any) -> list[int]:
+        """The engine's indexes of the ports that started with ``profile`` (one listener's).
+
+        For :meth:`NativeRelay.set_profile`, when the listener's backends change.
+        """
+        return [index for started, index in self._engine_indexes if started is profile]
 
     def _handle_sighup(self) -> None:
         """From the first listener on: SIGHUP's default action would end the process."""

@@ -18,7 +18,7 @@ learns (health checks, slow start) to the engine's pool through
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import attrs
@@ -89,8 +89,9 @@ class Dialed:
     backend: Backend
     protocol: IProtocol
     attempts: int = 1
-    #: Which of its group's backends, for the group's :meth:`~BackendGroup.release`.
-    index: int = 0
+    #: The backend's state in its group, for the group's :meth:`~BackendGroup.release`:
+    #: the object itself, not an index, so a :meth:`~BackendGroup.replace` cannot misdirect it.
+    state: BackendState | None = None
     group: BackendGroup | None = None
 
 
@@ -128,8 +129,9 @@ class Mirror(Protocol):
 
 @attrs.define(eq=False)
 class BackendState:
-    """What a group knows of one backend now."""
+    """What a group knows of one backend now (kept across a :meth:`~BackendGroup.replace` by name)."""
 
+    backend: Backend
     load: Load
     #: As the health checks last said.
     up: bool = True
@@ -161,7 +163,6 @@ class BackendGroup:
     ) -> None:
         if not backends:
             raise ValueError("at least one backend is needed")
-        self.backends = tuple(backends)
         self.clock = clock
         self.connect_timeout = connect_timeout
         self.balancing = balancing
@@ -169,18 +170,49 @@ class BackendGroup:
         self.strategy = strategy or balance.strategy(balancing.strategy)
         #: Whether the strategy needs the client's address (only the source hash reads it).
         self.by_client = isinstance(self.strategy, balance.SourceHash)
-        retries = balancing.retries
-        self.attempts = len(self.backends) if retries is None else 1 + retries
-        self.states = [
-            BackendState(Load(b.weight * WEIGHT_SCALE, balance.fnv1a64(b.name.encode())))
-            for b in self.backends
-        ]
-        self.loads = [state.load for state in self.states]
+        self._take([_fresh_state(backend) for backend in backends], backends)
         #: The engine's pool of the same backends, when the listener runs there.
         self.mirror: Mirror | None = None
         #: Called with ``(index, reason)`` to abort a backend's engine tunnels (``close_on_down``).
         self.close_mirrored: Callable[[int, str], object] | None = None
         self._ramp: IDelayedCall | None = None
+
+    def _take(self, states: list[BackendState], backends: Sequence[Backend]) -> None:
+        self.backends = tuple(backends)
+        self.states = states
+        self.loads = [state.load for state in states]
+        retries = self.balancing.retries
+        self.attempts = len(backends) if retries is None else 1 + retries
+
+    def replace(self, backends: Sequence[Backend]) -> None:
+        """Serve with ``backends`` from now on (names resolved again); log what changed.
+
+        A backend whose name persists keeps its state (health, connections,
+        ejection, the round-robin's place), new ones start up at full weight,
+        and removed ones are dropped. Dials in flight and live tunnels hold
+        their backend's state itself, so they end on the right one, also on
+        a removed one.
+        """
+        if not backends:
+            raise ValueError("at least one backend is needed")
+        previous = {state.backend.name: state for state in self.states}
+        added = [backend.name for backend in backends if backend.name not in previous]
+        states = [
+            previous.pop(backend.name) if backend.name in previous else _fresh_state(backend)
+            for backend in backends
+        ]
+        for state, backend in zip(states, backends, strict=True):
+            state.backend = backend
+        self._take(states, backends)
+        # The engine's pool was of the old backends: the engine's plane makes a new one.
+        self.mirror = self.close_mirrored = None
+        log.info(
+            "backends of {listener} changed: added {added}, removed {removed}",
+            event="backends_changed",
+            listener=self.listener,
+            added=added,
+            removed=list(previous),
+        )
 
     # -- picking -----------------------------------------------------------
 
@@ -194,21 +226,21 @@ class BackendGroup:
             and (max_conn == 0 or state.load.active < max_conn)
         )
 
-    def candidates(self, tried: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    def candidates(self, tried: Collection[BackendState] = ()) -> list[int]:
         """Who may take the next attempt: available primaries, else backups, else ejected ones.
 
         The last tier ("panic") tries backends that are up but passively
         ejected rather than refuse a client while one might answer.
         """
         now = self.clock.seconds()
-        fresh = [i for i in range(len(self.backends)) if i not in tried]
+        fresh = [i for i, state in enumerate(self.states) if state not in tried]
         for tier in (False, True):
             found = [i for i in fresh if self.backends[i].backup is tier and self._usable(i, now)]
             if found:
                 return found
         return [i for i in fresh if self._usable(i, now, ejected_too=True)]
 
-    def pick(self, client: int, tried: set[int] | frozenset[int] = frozenset()) -> int | None:
+    def pick(self, client: int, tried: Collection[BackendState] = ()) -> int | None:
         """The backend for the next attempt, or ``None`` if none may be tried."""
         candidates = self.candidates(tried)
         if not candidates:
@@ -224,18 +256,16 @@ class BackendGroup:
 
     # -- what attempts and tunnels report --------------------------------------
 
-    def connected(self, index: int) -> None:
+    def connected(self, state: BackendState) -> None:
         """An attempt connected: the backend's failures are forgiven, and an ejection ends."""
-        state = self.states[index]
         state.failures = 0
         if state.ejections:
             state.ejections = 0
             state.ejected_until = 0.0
-            self.log_change(index, True, "connected again")
+            self.log_change(state, True, "connected again")
 
-    def failed(self, index: int, why: str) -> None:
+    def failed(self, state: BackendState, why: str) -> None:
         """An attempt failed: count it, and eject the backend after ``eject_after`` in a row."""
-        state = self.states[index]
         state.load.active -= 1
         state.failures += 1
         state.last_error = why
@@ -249,23 +279,29 @@ class BackendGroup:
         state.ejections += 1
         if state.ejections == 1:
             self.log_change(
-                index,
+                state,
                 False,
                 f"{state.failures} connect failures in a row: {why}; next try in {backoff:g} s",
             )
 
     def attach(self, dialed: Dialed, tunnel: Tunnel) -> None:
         """``tunnel`` relays to ``dialed``'s backend (kept to close it on a health failure)."""
+        assert dialed.state is not None
         if self.balancing.close_on_down:
-            self.states[dialed.index].tunnels.add(tunnel)
+            dialed.state.tunnels.add(tunnel)
 
     def release(self, dialed: Dialed, tunnel: Tunnel) -> None:
         """``tunnel``, which ``dialed`` connected, has ended."""
-        state = self.states[dialed.index]
+        state = dialed.state
+        assert state is not None
         state.load.active -= 1
         state.tunnels.discard(tunnel)
 
     # -- health ----------------------------------------------------------------
+
+    def is_up(self, index: int) -> bool:
+        """Whether the health checks last said backend ``index`` is up."""
+        return self.states[index].up
 
     def mark(self, index: int, up: bool, reason: str) -> None:
         """The health checks changed their mind about a backend: log it once and act on it."""
@@ -273,7 +309,7 @@ class BackendGroup:
         if state.up == up:
             return
         state.up = up
-        self.log_change(index, up, reason)
+        self.log_change(state, up, reason)
         if up:
             state.failures = state.ejections = 0
             state.ejected_until = 0.0
@@ -286,9 +322,9 @@ class BackendGroup:
         if not up and self.balancing.close_on_down:
             self._close(index, f"backend {self.backends[index].name} went down: {reason}")
 
-    def log_change(self, index: int, up: bool, reason: str) -> None:
+    def log_change(self, state: BackendState, up: bool, reason: str) -> None:
         """Log a backend's change of state, once (from the group, its checks or the engine's pool)."""
-        backend = self.backends[index].name
+        backend = state.backend.name
         if up:
             log.info(
                 "backend {backend} is up: {reason}",
@@ -353,6 +389,13 @@ class BackendGroup:
         self._ramp = None
 
 
+def _fresh_state(backend: Backend) -> BackendState:
+    """A backend's state when it joins a group: up, at its full weight."""
+    return BackendState(
+        backend, Load(backend.weight * WEIGHT_SCALE, balance.fnv1a64(backend.name.encode()))
+    )
+
+
 class _Dialing:
     """One :meth:`BackendGroup.dial`: attempts on the strategy's picks, until one connects.
 
@@ -366,7 +409,8 @@ class _Dialing:
         self.group = group
         self.factory: IProtocolFactory | None = factory
         self.client = client
-        self.tried: set[int] = set()
+        #: The states of the backends tried: stable across a replace of the group's backends.
+        self.tried: set[BackendState] = set()
         self.errors: list[tuple[Backend, str]] = []
         self.current: Deferred[IProtocol] | None = None
         self.timer: IDelayedCall | None = None
@@ -381,13 +425,14 @@ class _Dialing:
             self._finish().errback(BackendsUnavailable(self.errors))
             return
         assert self.factory is not None
-        self.tried.add(index)
-        group.states[index].load.active += 1
+        state = group.states[index]
+        self.tried.add(state)
+        state.load.active += 1
         self.timed_out = False
-        connecting = self.current = group.backends[index].endpoint.connect(self.factory)
+        connecting = self.current = state.backend.endpoint.connect(self.factory)
         self.timer = group.clock.callLater(group.connect_timeout, self._deadline)
         connecting.addCallbacks(
-            self._connected, self._failed, callbackArgs=(index,), errbackArgs=(index,)
+            self._connected, self._failed, callbackArgs=(state,), errbackArgs=(state,)
         )
 
     def _deadline(self) -> None:
@@ -401,21 +446,21 @@ class _Dialing:
             self.timer.cancel()
             self.timer = None
 
-    def _connected(self, protocol: IProtocol, index: int) -> None:
+    def _connected(self, protocol: IProtocol, state: BackendState) -> None:
         self._stop_timer()
-        self.group.connected(index)
-        backend = self.group.backends[index]
-        self._finish().callback(Dialed(backend, protocol, len(self.tried), index, self.group))
+        self.group.connected(state)
+        dialed = Dialed(state.backend, protocol, len(self.tried), state, self.group)
+        self._finish().callback(dialed)
 
-    def _failed(self, failure: Failure, index: int) -> None:
+    def _failed(self, failure: Failure, state: BackendState) -> None:
         self._stop_timer()
         group = self.group
         if self.cancelled:
-            group.states[index].load.active -= 1
+            state.load.active -= 1
             return
         why = _why(failure, group.connect_timeout, self.timed_out)
-        group.failed(index, why)
-        self.errors.append((group.backends[index], why))
+        group.failed(state, why)
+        self.errors.append((state.backend, why))
         self.attempt_next()
 
     def _cancel(self, _: Deferred[Dialed]) -> None:

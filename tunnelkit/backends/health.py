@@ -99,6 +99,11 @@ class HealthTarget(Protocol):
         """Times the checks."""
         ...
 
+    def is_up(self, index: int) -> bool:
+        """Whether ``backends[index]`` is up now, read at start: a checker started on backends
+        that were checked before (their names resolved again) goes on from their state."""
+        ...
+
     def mark(self, index: int, up: bool, reason: str) -> None:
         """``backends[index]`` went down or came back, for ``reason``; called on changes only."""
         ...
@@ -188,7 +193,7 @@ class _Monitor:
         self.checker = checker
         self.index = index
         self.backend = backend
-        self.up = True
+        self.up = checker.target.is_up(index)
         #: Checks in a row that disagree with ``up`` (failures while up, passes while down).
         self.streak = 0
         self.timer: IDelayedCall | None = None

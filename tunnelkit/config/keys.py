@@ -167,6 +167,7 @@ def _keys() -> Sequence[Key]:
         Key("rise", L, COUNT, 2, "Health checks in a row that bring a backend back up"),
         Key("fall", L, COUNT, 3, "Failed health checks, or connects, in a row that take a backend down"),
         Key("slow-start", L, SECONDS, 0.0, "Seconds over which a backend that comes back up ramps to its full weight (0: at once)"),
+        Key("resolve-interval", L, SECONDS, 0.0, "Seconds between resolutions of backend names while running; a changed set of addresses is swapped in (0: resolved at start only)"),
         _switch("close-on-down", L, "Abort a backend's live tunnels when its health checks take it down (default: they go on)"),
         # -- who may connect, and where to
         _many("allow-client", L, "Only clients from this address or CIDR may connect (repeatable)"),

@@ -191,6 +191,8 @@ class ListenerSettings:
     balancing: Balancing = attrs.field(factory=Balancing)
     #: ``None``: no active checks (failed connects still eject a backend).
     health: HealthSettings | None = None
+    #: Seconds between resolutions of backend names while running (0: at start only).
+    resolve_interval: float = 0.0
 
 
 @attrs.frozen
@@ -347,6 +349,7 @@ def build_listener(
             close_on_down=r["close-on-down"],
         ),
         health=health,
+        resolve_interval=r["resolve-interval"],
     )
 
 

@@ -271,11 +271,16 @@ class NativeRelay:
 
         The group's health checks and slow start set the pool's backends up,
         down and their weights (:attr:`BackendGroup.mirror`); the pool's own
-        passive ejections are logged by the group, as its own would be.
+        passive ejections are logged by the group, as its own would be. A
+        pool made again for new backends (:meth:`BackendGroup.replace`)
+        starts from the group's health and weights; its connection counts and
+        passive ejections start afresh (the old pool keeps its tunnels').
         """
         specs = [spec for spec in map(native_backend, group.backends) if spec is not None]
         assert len(specs) == len(group.backends), "why_not_native() was not asked"
         balancing = group.balancing
+        # This pool's indexes name these states, whatever the group's later backends.
+        states = tuple(group.states)
         pool = _engine.Pool(
             specs,
             balance=balancing.strategy,
@@ -286,8 +291,11 @@ class NativeRelay:
             eject_after=balancing.eject_after,
             eject_base=balancing.eject_base,
             eject_max=balancing.eject_max,
-            on_change=group.log_change,
+            on_change=lambda index, up, reason: group.log_change(states[index], up, reason),
         )
+        for index, state in enumerate(states):
+            if not state.up:
+                pool.set(index, up=False)
         group.mirror = pool
         group.close_mirrored = partial(self.engine.close_backend, pool)
         return pool
