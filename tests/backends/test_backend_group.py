@@ -174,6 +174,16 @@ def refuse(endpoint: ControlledEndpoint) -> None:
     endpoint.attempts[-1].errback(ConnectionRefusedError())
 
 
+class AbortedTunnel:
+    """Stands for a live tunnel: remembers why it was aborted."""
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+
+    def abort(self, reason: str, kind: object) -> None:
+        self.aborted.append(reason)
+
+
 class BalancedGroupTests(SynchronousTestCase):
     """Retries, passive ejection, backups, limits, health marks and slow start, in memory."""
 
@@ -301,15 +311,10 @@ class BalancedGroupTests(SynchronousTestCase):
         _, endpoints, group = balanced(2, Balancing("first", close_on_down=True))
         results, _ = self.dial(group)
         endpoints[0].attempts[0].callback(Protocol())
-        aborted: list[str] = []
-
-        class FakeTunnel:
-            def abort(self, reason: str, kind: object) -> None:
-                aborted.append(reason)
-
-        group.attach(results[0], FakeTunnel())  # type: ignore[arg-type]
+        tunnel = AbortedTunnel()
+        group.attach(results[0], tunnel)  # type: ignore[arg-type]
         group.mark(0, False, "3 health checks failed")
-        self.assertEqual(aborted, ["backend b0 went down: 3 health checks failed"])
+        self.assertEqual(tunnel.aborted, ["backend b0 went down: 3 health checks failed"])
 
     def test_the_engines_pool_hears_health_and_weights(self) -> None:
         """A mirrored group pushes each health change and slow-start weight to the engine's pool."""
@@ -402,15 +407,10 @@ class ReplaceTests(SynchronousTestCase):
         _, endpoints, group = balanced(2, Balancing("first", close_on_down=True))
         results = self.dial(group)
         endpoints[0].attempts[0].callback(Protocol())
-        aborted: list[str] = []
-
-        class FakeTunnel:
-            def abort(self, reason: str, kind: object) -> None:
-                aborted.append(reason)
-
-        group.attach(results[0], FakeTunnel())  # type: ignore[arg-type]
+        tunnel = AbortedTunnel()
+        group.attach(results[0], tunnel)  # type: ignore[arg-type]
         self.renamed(group, "b7", "b0")
         group.mark(0, False, "down")  # b7: not b0's tunnel
-        self.assertEqual(aborted, [])
+        self.assertEqual(tunnel.aborted, [])
         group.mark(1, False, "down")
-        self.assertEqual(aborted, ["backend b0 went down: down"])
+        self.assertEqual(tunnel.aborted, ["backend b0 went down: down"])

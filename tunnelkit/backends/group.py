@@ -324,24 +324,17 @@ class BackendGroup:
 
     def log_change(self, state: BackendState, up: bool, reason: str) -> None:
         """Log a backend's change of state, once (from the group, its checks or the engine's pool)."""
-        backend = state.backend.name
-        if up:
-            log.info(
-                "backend {backend} is up: {reason}",
-                event="backend_up",
-                listener=self.listener,
-                backend=backend,
-                reason=reason,
-            )
-            return
-        log.warn(
-            "backend {backend} is down: {reason}",
-            event="backend_down",
+        (log.info if up else log.warn)(
+            "backend {backend} is {state}: {reason}",
+            event="backend_up" if up else "backend_down",
             listener=self.listener,
-            backend=backend,
+            backend=state.backend.name,
+            state="up" if up else "down",
             reason=reason,
         )
-        if not any(self._usable(i, self.clock.seconds()) for i in range(len(self.backends))):
+        if not up and not any(
+            self._usable(i, self.clock.seconds()) for i in range(len(self.backends))
+        ):
             log.error(
                 "no backend of {listener} is available: clients are turned away",
                 event="no_backend_available",
