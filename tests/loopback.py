@@ -233,7 +233,9 @@ class ThreadedServer:
 
     What each handler returns (or raises) is queued, in order of completion,
     for :meth:`outcome`. It can be made to ignore connection attempts for a
-    while (:meth:`silence`), as a backend that is down or overloaded would.
+    while (:meth:`silence`), as a backend that is down or overloaded would, or
+    made ``refusing``: bound but not listening, so connections are refused
+    until :meth:`open`.
     """
 
     def __init__(
@@ -243,6 +245,8 @@ class ThreadedServer:
         backlog: int = 128,
         silent: bool = False,
         port: int = 0,
+        *,
+        refusing: bool = False,
     ) -> None:
         self.handler = handler
         self.backlog = backlog
@@ -261,7 +265,7 @@ class ThreadedServer:
         self._fillers: list[socket.socket] = []
         if silent:
             self.silence()
-        else:
+        elif not refusing:
             self.open()
 
     def open(self) -> None:

@@ -255,6 +255,34 @@ class BalancedGroupTests(SynchronousTestCase):
         endpoints[0].attempts[-1].callback(Protocol())
         self.assertEqual(len(results), 1)
 
+    def test_health_up_ends_an_ejection(self) -> None:
+        """Checks that bring a backend back up outweigh the failures that ejected it."""
+        _, endpoints, group = balanced(
+            2, Balancing("first", retries=0, eject_after=1, eject_base=60)
+        )
+        self.dial(group)
+        refuse(endpoints[0])
+        group.mark(0, False, "test")
+        group.mark(0, True, "test")
+        self.dial(group)
+        self.assertEqual([len(e.attempts) for e in endpoints], [2, 0])
+
+    def test_ejection_alone_never_says_clients_are_turned_away(self) -> None:
+        """Every backend ejected: they are still tried (panic), so no_backend_available is not logged."""
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        _, endpoints, group = balanced(2, Balancing("first", retries=1, eject_after=1))
+        self.dial(group)
+        refuse(endpoints[0])
+        refuse(endpoints[1])
+        names = [e.get("event") for e in events]
+        self.assertEqual(names.count("backend_down"), 2)
+        self.assertNotIn("no_backend_available", names)
+        group.mark(0, False, "test")
+        group.mark(1, False, "test")
+        self.assertIn("no_backend_available", [e.get("event") for e in events])
+
     def test_backups_only_while_every_primary_is_down(self) -> None:
         """A backup takes clients when the health checks have taken every primary down."""
         _, endpoints, group = balanced(3, Balancing("round-robin"), backups=1)

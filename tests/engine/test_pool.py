@@ -18,13 +18,12 @@ import contextlib
 import ipaddress
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from loopback import IO_TIMEOUT, fill_accept_queue, recv_all
+from loopback import IO_TIMEOUT, ThreadedServer, fill_accept_queue, recv_all
 
 from tunnelkit.backends.balance import fnv1a64, mix64, rendezvous_score
 
@@ -40,7 +39,7 @@ SHUTDOWN = _engine.CLOSE_KINDS.index("shutdown")
 # -- backends ---------------------------------------------------------------
 
 
-class NameServer:
+class NameServer(ThreadedServer):
     """A loopback backend answering each client with its name and a newline, then waiting for its EOF.
 
     Made ``listening=False`` it refuses connections (bound, not listening)
@@ -49,56 +48,19 @@ class NameServer:
 
     def __init__(self, name: str, *, listening: bool = True) -> None:
         self.name = name
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        super().__init__(self._answer, refusing=not listening)
         self.port: int = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        if listening:
-            self.listen()
 
     @property
     def spec(self) -> tuple[str, str, int]:
         return (self.name, "127.0.0.1", self.port)
 
     def listen(self) -> None:
-        self.sock.listen(128)
-        self.sock.settimeout(0.05)
-        self._start(self._accept)
+        self.open()
 
-    def _start(self, target: Callable[..., None], *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            self._conns.append(conn)
-            self._start(self._serve, conn)
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            conn.settimeout(IO_TIMEOUT)
-            conn.sendall(self.name.encode() + b"\n")
-            recv_all(conn)
-
-    def close(self) -> None:
-        self._stop.set()
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(5)
-        self.sock.close()
+    def _answer(self, conn: socket.socket) -> None:
+        conn.sendall(self.name.encode() + b"\n")
+        recv_all(conn)
 
 
 @contextlib.contextmanager
@@ -568,6 +530,22 @@ def test_probation_then_back_up(backends: Any, proxies: Any) -> None:
     # Back to normal: the next failures start from the base again (not asserted: no timing).
     assert proxy.ask() == "b0"
     assert len(changes.seen) == 2
+
+
+def test_health_up_ends_an_ejection(backends: Any, proxies: Any) -> None:
+    """Checks that bring a backend back up outweigh the failures that ejected it, as on Twisted's plane."""
+    refusing = backends(1, listening=False)[0]
+    healthy = backends(1, first=1)[0]
+    pool = pool_of([refusing, healthy], retries=1, eject_after=1, eject_base=60.0, eject_max=60.0)
+    proxy = proxies(pool)
+    assert proxy.ask() == "b1"
+    assert pool.states()[0][2] > 0  # ejected for a minute
+    pool.set(0, up=False)
+    assert pool.states()[0][2] > 0  # down: the ejection stays
+    pool.set(0, up=True)
+    assert pool.states()[0][2:4] == (0.0, 0)
+    refusing.listen()
+    assert proxy.ask() == "b0"
 
 
 def test_panic_fallback_when_everything_is_ejected(backends: Any, proxies: Any) -> None:

@@ -140,8 +140,6 @@ class BackendState:
     ejections: int = 0
     #: The clock's time until which a passive ejection lasts (0: none).
     ejected_until: float = 0.0
-    #: The last failure that counted towards an ejection.
-    last_error: str = ""
     #: When it came back up (a slow start ramps its weight from then).
     up_since: float = 0.0
     #: Its live tunnels, kept only with ``close_on_down``.
@@ -159,7 +157,6 @@ class BackendGroup:
         balancing: Balancing = Balancing(),
         *,
         listener: str = "",
-        strategy: balance.Strategy | None = None,
     ) -> None:
         if not backends:
             raise ValueError("at least one backend is needed")
@@ -167,7 +164,7 @@ class BackendGroup:
         self.connect_timeout = connect_timeout
         self.balancing = balancing
         self.listener = listener
-        self.strategy = strategy or balance.strategy(balancing.strategy)
+        self.strategy = balance.strategy(balancing.strategy)
         #: Whether the strategy needs the client's address (only the source hash reads it).
         self.by_client = isinstance(self.strategy, balance.SourceHash)
         self._take([_fresh_state(backend) for backend in backends], backends)
@@ -268,7 +265,6 @@ class BackendGroup:
         """An attempt failed: count it, and eject the backend after ``eject_after`` in a row."""
         state.load.active -= 1
         state.failures += 1
-        state.last_error = why
         settings = self.balancing
         if not settings.eject_after or state.failures < settings.eject_after:
             return
@@ -315,7 +311,8 @@ class BackendGroup:
             state.ejected_until = 0.0
             state.up_since = self.clock.seconds()
             if self.balancing.slow_start > 0:
-                self._set_weight(index, max(1, self.backends[index].weight))
+                full = self.backends[index].weight * WEIGHT_SCALE
+                self._set_weight(index, max(1, full // 10))
                 self._schedule_ramp()
         if self.mirror is not None:
             self.mirror.set(index, up=up)
@@ -332,9 +329,9 @@ class BackendGroup:
             state="up" if up else "down",
             reason=reason,
         )
-        if not up and not any(
-            self._usable(i, self.clock.seconds()) for i in range(len(self.backends))
-        ):
+        # Passive ejection and full backends still leave the panic tier: only
+        # health and weights (which both planes share) turn every client away.
+        if not up and not any(s.up and s.load.weight > 0 for s in self.states):
             log.error(
                 "no backend of {listener} is available: clients are turned away",
                 event="no_backend_available",

@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from tunnelkit.backends import balance
 from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
 
@@ -157,7 +158,7 @@ def _keys() -> Sequence[Key]:
         _many("backup", L, "A backup backend: takes clients only while every --to is down (repeatable)"),
         Key("mode", L, _choice("forward", "connect"), "forward", "forward (relay to --to) or connect (HTTP CONNECT proxy)"),
         # -- balancing, retries and health (docs/balancing.md)
-        Key("balance", L, _choice("round-robin", "least-conn", "random", "source-hash", "first"), "round-robin", "How clients are spread over the backends: round-robin (by weight), least-conn (fewest connections per weight), random (power of two choices), source-hash (a client address stays on its backend), first (ordered failover)"),
+        Key("balance", L, _choice(*balance.NAMES), "round-robin", "How clients are spread over the backends: round-robin (by weight), least-conn (fewest connections per weight), random (power of two choices), source-hash (a client address stays on its backend), first (ordered failover)"),
         Key("connect-retries", L, _number(int, 0, "a whole number (0 or more)"), 2, "Further backends tried when a connect is refused or times out (each within --connect-timeout)"),
         Key("max-conn-per-backend", L, COUNT, None, "Connections one backend takes at most; the next takes the rest (default: no limit)"),
         Key("health-interval", L, SECONDS, 0.0, "Seconds between active health checks of each backend (0: off; failed connects still eject a backend for a while)"),
