@@ -24,7 +24,7 @@ from tunnelkit.logs.tunnel_log import log_tunnel_closed
 from tunnelkit.policy.targets import ClientPolicy
 from tunnelkit.relay.counters import ListenerCounters
 from tunnelkit.relay.idle_watch import IdleWatch
-from tunnelkit.relay.phases import Connection, Mode
+from tunnelkit.relay.phases import Connection, Mode, Preamble
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.splice import PipePool
 from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
@@ -52,8 +52,11 @@ class TunnelFactory(Factory):
         idle_watch: IdleWatch | None = None,
         tunnel_log: Callable[[TunnelRecord, str], None] = log_tunnel_closed,
         pipes: PipePool | None = None,
+        preamble: Preamble | None = None,
     ) -> None:
         self.mode = mode
+        #: What is read before the mode's identify phase (a PROXY header), if anything.
+        self.preamble = preamble
         self.listener = listener
         self.registry = registry
         self.clock = clock
@@ -118,7 +121,7 @@ class TunnelFactory(Factory):
 
     def start(self, tunnel: Tunnel) -> None:
         """The client is connected: identify, route, connect, relay."""
-        Connection(tunnel, self.mode).start()
+        Connection(tunnel, self.mode, self.preamble).start()
 
     def _ended(self, tunnel: Tunnel, record: TunnelRecord) -> None:
         # Logged before the registry hears of it: the last discard of a drain

@@ -34,6 +34,7 @@ policy, the record comes back to the same access log).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import attrs
@@ -75,6 +76,18 @@ class Refused(Exception):
 
 
 @attrs.frozen
+class Handoff:
+    """What an identify phase that only dispatches finds: the mode to go on with, and its request.
+
+    ``--mode auto`` peeks at the first bytes and hands the connection to the
+    mode they name; from then on that mode routes, answers and refuses.
+    """
+
+    mode: Mode
+    request: Any
+
+
+@attrs.frozen
 class Route:
     """Where a connection goes: the backend group its connect phase dials."""
 
@@ -111,6 +124,12 @@ class Mode:
         return None
 
 
+#: Reads what comes before a listener's mode speaks (a PROXY protocol header):
+#: ``None`` when nothing is to be read, else a Deferred that fires once read
+#: (or fails with :class:`Refused`).
+Preamble = Callable[[Tunnel], "Deferred[None] | None"]
+
+
 class Connection:
     """One client's way through identify, route and connect, to the relay.
 
@@ -119,17 +138,28 @@ class Connection:
     Deferred that held it.
     """
 
-    __slots__ = ("mode", "phase", "tunnel")
+    __slots__ = ("mode", "phase", "preamble", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, mode: Mode) -> None:
+    def __init__(self, tunnel: Tunnel, mode: Mode, preamble: Preamble | None = None) -> None:
         self.tunnel = tunnel
         self.mode = mode
+        self.preamble = preamble
         self.phase = "identify"
 
     def start(self) -> None:
-        """The client is connected (and its TLS handshake done): identify it."""
-        if self.mode.name is not None:
-            self.tunnel.details["mode"] = self.mode.name
+        """The client is connected (and its TLS handshake done): identify it.
+
+        A listener's preamble (a PROXY protocol header it must read first)
+        runs before the mode's own identify.
+        """
+        reading = self.preamble(self.tunnel) if self.preamble is not None else None
+        if reading is None:
+            self._identify(None)
+        else:
+            reading.addCallbacks(self._identify, self._failed)
+
+    def _identify(self, _: object) -> None:
+        self._identified_by(self.mode)
         identifying = self.mode.identify(self.tunnel)
         if identifying is None:
             self._route(None)
@@ -137,6 +167,10 @@ class Connection:
             identifying.addCallbacks(self._route, self._failed)
 
     def _route(self, request: Any) -> None:
+        if isinstance(request, Handoff):
+            self.mode = request.mode
+            self._identified_by(request.mode)
+            request = request.request
         self.phase = "route"
         try:
             route = self.mode.route(self.tunnel, request)
@@ -147,6 +181,10 @@ class Connection:
             route.addCallbacks(self._connect, self._failed)
         else:
             self._connect(route)
+
+    def _identified_by(self, mode: Mode) -> None:
+        if mode.name is not None:
+            self.tunnel.details["mode"] = mode.name
 
     def _connect(self, route: Route) -> None:
         self.phase = "connect"

@@ -180,6 +180,15 @@ class Leg(Protocol):
         """
         self._forward = handler or self.hold
 
+    def replay(self, data: bytes) -> None:
+        """Give ``data``, read earlier, to whoever reads now (a handler, or the hold).
+
+        ``--mode auto`` peeks at a client's first bytes, hands the connection
+        to the mode they name, and replays them to that mode's reader.
+        """
+        if data:
+            self._forward(data)
+
     def hold(self, data: bytes) -> None:
         """Keep ``data`` for the backend (sent first, once joined); pause when a read size is held."""
         if data:
