@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tunnelkit.backends.endpoints import host_endpoint
 from tunnelkit.backends.group import Backend, BackendGroup
-from tunnelkit.relay.phases import Mode, Refused, Route
+from tunnelkit.relay.phases import Handoff, Mode, Refused, Route, time_left
 from tunnelkit.relay.tunnel import CloseKind, Tunnel, TunnelRecord
 
 
@@ -146,6 +146,57 @@ class PhaseTests(SynchronousTestCase):
         self.assertEqual(event["phase"], "route")
         self.assertEqual(self.record().reason, "internal error")
         self.flushLoggedErrors(ZeroDivisionError)
+
+    def test_an_identify_may_hand_the_connection_to_another_mode(self) -> None:
+        """A Handoff: the other mode routes, answers, and is the one recorded."""
+        other = ScriptedMode(self.reactor)
+        other.name = "other"
+        other.routing = Refused("not there", status=403)
+        self.mode.identified = Deferred()
+        self.start_client()
+        self.mode.identified.callback(Handoff(other, "inner"))
+        self.assertEqual(self.mode.calls, ["identify"])
+        self.assertEqual(other.calls, ["route 'inner'", "refuse 403"])
+        self.assertEqual(self.record().details["mode"], "other")
+
+    def test_a_preamble_is_read_before_the_mode_identifies(self) -> None:
+        """The listener's preamble first; the mode identifies once it has fired."""
+        reading: Deferred[None] = Deferred()
+        self.factory.preamble = lambda tunnel: reading
+        self.start_client()
+        self.assertEqual(self.mode.calls, [])
+        reading.callback(None)
+        self.assertEqual(self.mode.calls, ["identify", "route None"])
+
+    def test_a_preamble_refusal_is_answered_by_the_mode(self) -> None:
+        """A preamble that refuses: no identify, the mode's refuse, the reason recorded."""
+        reading: Deferred[None] = Deferred()
+        self.factory.preamble = lambda tunnel: reading
+        self.start_client()
+        reading.errback(Refused("bad PROXY header", status=400))
+        self.assertEqual(self.mode.calls, ["refuse 400"])
+        self.assertEqual(self.record().reason, "bad PROXY header")
+
+    def test_time_left_counts_from_the_accept(self) -> None:
+        """One deadline for everything read first: what is left of it, never 0."""
+        leg = self.start_client()
+        self.reactor.advance(4)
+        self.assertEqual(time_left(leg.tunnel, 10.0), 6.0)
+        self.reactor.advance(7)
+        self.assertEqual(time_left(leg.tunnel, 10.0), 0.001)
+
+    def test_replay_gives_peeked_bytes_to_the_reader_of_now(self) -> None:
+        """Bytes read by one reader and replayed reach the next one, once, in order."""
+        self.mode.identified = Deferred()
+        leg = self.start_client()
+        peeked: list[bytes] = []
+        read: list[bytes] = []
+        leg.intercept(peeked.append)
+        leg.dataReceived(b"first")
+        leg.intercept(read.append)
+        leg.replay(b"".join(peeked))
+        leg.dataReceived(b"second")
+        self.assertEqual(read, [b"first", b"second"])
 
 
 def _refused() -> Any:

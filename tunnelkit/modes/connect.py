@@ -40,7 +40,7 @@ from tunnelkit.modes.connect_request import (
     proxy_credentials,
 )
 from tunnelkit.policy.targets import Decision, Refusal, TargetPolicy
-from tunnelkit.relay.phases import Mode, Refused, Route
+from tunnelkit.relay.phases import Mode, Refused, Route, time_left
 from tunnelkit.relay.tunnel import CloseKind, Tunnel
 
 #: ``authenticate(user, password)`` fires with whether they match.
@@ -109,7 +109,9 @@ class _HeadReader:
         self.result: Deferred[ConnectRequest] = Deferred()
 
     def begin(self) -> Deferred[ConnectRequest]:
-        self.tunnel.arm("header", self.settings.header_timeout, self._too_slow)
+        self.tunnel.arm(
+            "header", time_left(self.tunnel, self.settings.header_timeout), self._too_slow
+        )
         self.tunnel.client.intercept(self._feed)
         return self.result
 

@@ -124,6 +124,17 @@ class Mode:
         return None
 
 
+def time_left(tunnel: Tunnel, seconds: float) -> float:
+    """What remains of a deadline of ``seconds`` from the client's accept.
+
+    Everything read before the tunnel is joined (a PROXY header, then a
+    CONNECT head, a SOCKS negotiation or a ClientHello) shares the one
+    ``--header-timeout``: a client cannot buy time by sending each part
+    just in time. Never 0, so that the timer still fires after the reads.
+    """
+    return max(seconds - (tunnel.now() - tunnel.started), 0.001)
+
+
 #: Reads what comes before a listener's mode speaks (a PROXY protocol header):
 #: ``None`` when nothing is to be read, else a Deferred that fires once read
 #: (or fails with :class:`Refused`).
