@@ -154,10 +154,29 @@ class PhaseTests(SynchronousTestCase):
         other.routing = Refused("not there", status=403)
         self.mode.identified = Deferred()
         self.start_client()
-        self.mode.identified.callback(Handoff(other, "inner"))
+        inner: Deferred[str] = Deferred()
+        self.mode.identified.callback(Handoff(other, inner))
+        inner.callback("inner")
         self.assertEqual(self.mode.calls, ["identify"])
         self.assertEqual(other.calls, ["route 'inner'", "refuse 403"])
         self.assertEqual(self.record().details["mode"], "other")
+
+    def test_the_mode_handed_to_answers_its_own_identify_refusal(self) -> None:
+        """A refusal while the other mode identifies is answered in that mode's words."""
+        other = ScriptedMode(self.reactor)
+        self.mode.identified = Deferred()
+        self.start_client()
+        inner: Deferred[str] = Deferred()
+        self.mode.identified.callback(Handoff(other, inner))
+        inner.errback(Refused("bad request", status=400))
+        self.assertEqual((self.mode.calls, other.calls), (["identify"], ["refuse 400"]))
+
+    def test_a_handoff_to_a_mode_that_reads_nothing_routes_at_once(self) -> None:
+        other = ScriptedMode(self.reactor)
+        self.mode.identified = Deferred()
+        self.start_client()
+        self.mode.identified.callback(Handoff(other, None))
+        self.assertEqual(other.calls, ["route None"])
 
     def test_a_preamble_is_read_before_the_mode_identifies(self) -> None:
         """The listener's preamble first; the mode identifies once it has fired."""

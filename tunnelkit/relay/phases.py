@@ -77,14 +77,15 @@ class Refused(Exception):
 
 @attrs.frozen
 class Handoff:
-    """What an identify phase that only dispatches finds: the mode to go on with, and its request.
+    """What an identify phase that only dispatches finds: the mode to go on with.
 
     ``--mode auto`` peeks at the first bytes and hands the connection to the
-    mode they name; from then on that mode routes, answers and refuses.
+    mode they name; from then on that mode identifies (``identifying``, what
+    its :meth:`Mode.identify` returned), routes, answers and refuses.
     """
 
     mode: Mode
-    request: Any
+    identifying: Deferred[Any] | None
 
 
 @attrs.frozen
@@ -181,7 +182,10 @@ class Connection:
         if isinstance(request, Handoff):
             self.mode = request.mode
             self._identified_by(request.mode)
-            request = request.request
+            if request.identifying is not None:
+                request.identifying.addCallbacks(self._route, self._failed)
+                return
+            request = None
         self.phase = "route"
         try:
             route = self.mode.route(self.tunnel, request)
