@@ -6,8 +6,10 @@ the same way: the first bytes a client sends say what it speaks.
 * ``05``: a SOCKS5 greeting, to the SOCKS5 mode;
 * ``CONNECT `` (the method, then a space): an HTTP CONNECT request, to the
   CONNECT mode;
-* ``16``: a TLS handshake record, to the SNI router when the listener has
-  ``--route`` rules (the TLS passes through untouched);
+* ``16``: a TLS handshake record: terminated when the listener has
+  certificates (``--tls-cert``), and the decrypted stream is peeked at
+  again (CONNECT over TLS is an HTTPS proxy); else to the SNI router when
+  the listener has ``--route`` rules (the TLS passes through untouched);
 * anything else, to ``--to`` if given (which then gets every byte), else
   the client is closed: ``unknown protocol``.
 
@@ -22,10 +24,12 @@ mode shares (:func:`~tunnelkit.relay.phases.time_left`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 from twisted.internet.defer import Deferred
 
-from tunnelkit.relay.phases import Handoff, Mode, Refused, time_left
+from tunnelkit.relay.phases import Connection, Handoff, Mode, Refused, time_left
 from tunnelkit.relay.tunnel import CloseKind, Tunnel
 
 _CONNECT = b"CONNECT "
@@ -33,6 +37,10 @@ _CONNECT = b"CONNECT "
 PEEK = len(_CONNECT)
 _SOCKS5 = 0x05
 _TLS_HANDSHAKE = 0x16
+
+
+#: ``upgrade(tunnel, first bytes, then)``: see :attr:`AutoModes.upgrade`.
+Upgrade = Callable[[Tunnel, bytes, Callable[[Tunnel], None]], None]
 
 
 @attrs.frozen
@@ -45,6 +53,9 @@ class AutoModes:
     tls: Mode | None = None
     #: Everything else, and clients that send nothing first: ``--to``.
     other: Mode | None = None
+    #: Terminates TLS on a client from its first bytes, then runs the given
+    #: start once the handshake is done (:class:`tunnelkit.tls.upgrade.TLSUpgrade`).
+    upgrade: Upgrade | None = None
 
 
 def detect(first: bytes, modes: AutoModes) -> Mode | bool | None:
@@ -89,10 +100,20 @@ class _Peek:
                 "header", time_left(self.tunnel, self.auto.header_timeout), self._too_slow
             )
         self.seen += data
+        upgrade = self.auto.modes.upgrade
+        if upgrade is not None and self.seen[0] == _TLS_HANDSHAKE:
+            self._stop()
+            self.result.cancel()  # this Connection ends here; another begins after the handshake
+            upgrade(self.tunnel, self.seen, self.auto.start_decrypted)
+            return
         chosen = detect(self.seen, self.auto.modes)
         if chosen is True:
             return
         self._hand_to(chosen if isinstance(chosen, Mode) else None, "unknown protocol")
+
+    def _stop(self) -> None:
+        self.tunnel.disarm("detect")
+        self.tunnel.disarm("header")
 
     def _silent(self) -> None:
         self._hand_to(self.auto.modes.other, "sent nothing", CloseKind.TIMEOUT)
@@ -102,8 +123,7 @@ class _Peek:
 
     def _hand_to(self, mode: Mode | None, why: str, kind: CloseKind = CloseKind.ERROR) -> None:
         tunnel = self.tunnel
-        tunnel.disarm("detect")
-        tunnel.disarm("header")
+        self._stop()
         if mode is None:
             tunnel.client.intercept(_discard)
             self.result.errback(Refused(f"{why}: no mode of this listener serves it", kind))
@@ -127,6 +147,16 @@ class AutoMode(Mode):
         self.modes = modes
         self.detect_timeout = detect_timeout
         self.header_timeout = header_timeout
+        #: What a TLS client's decrypted stream is peeked at with: the same, but no TLS in TLS.
+        self.decrypted = (
+            AutoMode(attrs.evolve(modes, tls=None, upgrade=None), detect_timeout, header_timeout)
+            if modes.upgrade is not None
+            else self
+        )
+
+    def start_decrypted(self, tunnel: Tunnel) -> None:
+        """A TLS client's handshake is done: the phases again, over what it sends inside."""
+        Connection(tunnel, self.decrypted).start()
 
     def identify(self, tunnel: Tunnel) -> Deferred[Handoff]:
         return _Peek(tunnel, self).begin()
