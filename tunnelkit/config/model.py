@@ -180,7 +180,7 @@ class ListenerSettings:
     auth_file: str | None
     timeouts: Timeouts
     connect_timeout: float
-    #: connect mode: from accept to the end of the request head.
+    #: From accept to the end of what the listener reads first (a CONNECT head, ...).
     header_timeout: float
     socket_options: SocketOptions
     engine: str
@@ -193,6 +193,8 @@ class ListenerSettings:
     health: HealthSettings | None = None
     #: Seconds between resolutions of backend names while running (0: at start only).
     resolve_interval: float = 0.0
+    #: auto mode: how long a silent client waits before it goes to ``to`` (or is closed).
+    detect_timeout: float = 2.0
 
 
 @attrs.frozen
@@ -297,6 +299,8 @@ def build_listener(
         except AddressError as e:
             r.problem(("listen", index), str(e))
     mode = r["mode"]
+    if mode != "auto" and r.given("detect-timeout"):
+        r.problem(("detect-timeout",), "{detect-timeout} applies to {mode} auto only")
     if mode == "forward":
         if not r["to"]:
             r.problem(("to",), "{to} is required in forward mode (e.g. 127.0.0.1:80)")
@@ -327,6 +331,7 @@ def build_listener(
         ),
         connect_timeout=r["connect-timeout"],
         header_timeout=r["header-timeout"],
+        detect_timeout=r["detect-timeout"],
         socket_options=SocketOptions(
             nodelay=not r["no-nodelay"],
             keepalive=r["keepalive"],
