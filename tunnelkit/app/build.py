@@ -78,6 +78,7 @@ from tunnelkit.logs.tunnel_log import TunnelLog
 from tunnelkit.modes.connect import ConnectMode
 from tunnelkit.modes.forward import ForwardMode
 from tunnelkit.modes.proxy_route import ProxySettings
+from tunnelkit.modes.socks5 import Socks5Mode
 from tunnelkit.relay import splice
 from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
@@ -704,6 +705,8 @@ def _mode(reactor: Any, listener: Listener, group: BackendGroup | None) -> Mode:
     """The listener's mode: what its identify and route phases do."""
     if listener.settings.mode == "connect":
         return ConnectMode(_proxy_settings(reactor, listener, group), reactor)
+    if listener.settings.mode == "socks5":
+        return Socks5Mode(_proxy_settings(reactor, listener, group), reactor)
     assert group is not None
     return ForwardMode(group)
 
