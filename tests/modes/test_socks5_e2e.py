@@ -52,10 +52,10 @@ NO_AUTH = b"\x05\x01\x00"
 
 @pytest.fixture(scope="module")
 def open_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    """Loopback and ``*.invalid`` targets allowed, 1 s connect timeout."""
+    """Loopback (IPv4 and IPv6) and ``*.invalid`` targets allowed, 1 s connect timeout."""
     cwd = tmp_path_factory.mktemp("socks-open")
-    args = ("--allow-dest", "127.0.0.0/8", "--allow-dest", "*.invalid", "--connect-timeout", "1")
-    with running_proxy(cwd, "--mode", "socks5", *args) as proxy:
+    args = ("--allow-dest", "127.0.0.0/8", "--allow-dest", "[::1]", "--allow-dest", "*.invalid")
+    with running_proxy(cwd, "--mode", "socks5", *args, "--connect-timeout", "1") as proxy:
         yield proxy
 
 
@@ -83,6 +83,13 @@ def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
 def target(serve: Serve) -> ThreadedServer:
     """A loopback echo target that hashes what it receives."""
     return serve(hashing_echo)
+
+
+def echo_noting_peer(conn: socket.socket) -> tuple[str, str]:
+    """A hashing echo that also returns the address it saw the proxy connect from."""
+    host, port = conn.getpeername()[:2]
+    peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return peer, hashing_echo(conn)
 
 
 # -- raw frames ----------------------------------------------------------------------
@@ -121,12 +128,6 @@ def refused_reply(proxy: Proxy, data: bytes) -> tuple[int, str]:
 
 def test_pipelined_negotiation_bytes_reach_target_once(open_proxy: Proxy, serve: Serve) -> None:
     """Greeting, request and 4 MiB in one write: the reply (BND = the target's view of us), then the echo, once, in order."""
-    peers: list[str] = []
-
-    def echo_noting_peer(conn: socket.socket) -> str:
-        peers.append("{}:{}".format(*conn.getpeername()[:2]))
-        return hashing_echo(conn)
-
     server = serve(echo_noting_peer)
     payload = os.urandom(4 * MiB)
     with connect(open_proxy.address) as sock:
@@ -135,12 +136,31 @@ def test_pipelined_negotiation_bytes_reach_target_once(open_proxy: Proxy, serve:
         code, bound = read_reply(sock)
         received = exchange(sock, payload[65536:])
         client = "{}:{}".format(*sock.getsockname()[:2])
-    assert (code, bound) == (0, peers[0])
-    assert sha256(received) == sha256(payload)
-    assert server.outcome() == sha256(payload)
+    peer, digest = server.outcome()
+    assert (code, bound) == (0, peer)
+    assert sha256(received) == digest == sha256(payload)
     event = open_proxy.closed("the pipelined tunnel", client=client)
     assert (event["mode"], event["reply"], event["target"]) == ("socks5", 0, server.address)
     assert (event["bytes_up"], event["bytes_down"]) == (4 * MiB, 4 * MiB)
+
+
+def test_ipv6_target_and_bound_address(open_proxy: Proxy, serve: Serve) -> None:
+    """A request by IPv6 address (type 0x04) reaches [::1]; BND is the IPv6 address the target sees."""
+    try:
+        server = serve(echo_noting_peer, host="::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port = int(server.address.rpartition(":")[2])
+    payload = os.urandom(256 * 1024)
+    request = b"\x05\x01\x00\x04" + ipaddress.IPv6Address("::1").packed + struct.pack("!H", port)
+    with connect(open_proxy.address) as sock:
+        sock.sendall(NO_AUTH + request)
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        code, bound = read_reply(sock)
+        received = exchange(sock, payload)
+    peer, digest = server.outcome()
+    assert (code, bound) == (0, peer)
+    assert sha256(received) == digest == sha256(payload)
 
 
 def test_curl_socks5_and_socks5_hostname(open_proxy: Proxy, tmp_path: Path) -> None:
