@@ -54,6 +54,43 @@ NUMERIC_IPV4_LOOPBACK = ["127.0.0.1", "127.1", "2130706433", "0x7f.1", "0177.0.0
 #: IPv6 unspecified, loopback and IPv4-mapped loopback.
 IPV6_LOOPBACK = ["::", "::1", "::ffff:127.0.0.1"]
 
+#: Hosts the default target policy refuses, as addresses (no lookup): loopback,
+#: private, metadata, CGNAT, ULA, multicast and their translated forms. Every
+#: proxy mode must refuse each of them (policy parity, tests/modes/test_socks5_mode.py).
+NON_GLOBAL_HOSTS = [
+    *NUMERIC_IPV4_LOOPBACK,
+    "0.0.0.0",
+    *IPV6_LOOPBACK,
+    "::127.0.0.1",
+    "::8.8.8.8",
+    "10.1.2.3",
+    "172.16.0.1",
+    "192.168.1.1",
+    "169.254.169.254",
+    "100.64.0.1",
+    "192.0.0.8",
+    "192.0.2.1",
+    "198.18.0.1",
+    "224.0.0.1",
+    "240.0.0.1",
+    "255.255.255.255",
+    "fc00::1",
+    "fd12:3456::1",
+    "fe80::1",
+    "fec0::1",
+    "ff02::1",
+    "ff0e::1",
+    "2001:db8::1",
+    "3fff::1",
+    "5f00::1",
+    "64:ff9b::7f00:1",
+    "64:ff9b::a00:1",
+    "64:ff9b:1::808:808",
+    "2002:7f00:1::1",
+    "2002:a00:1::1",
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+]
+
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

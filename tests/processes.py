@@ -7,18 +7,22 @@ started when its ``with`` block ends, whatever happened inside.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import pytest
 
 if TYPE_CHECKING:
     from planes import Plane
@@ -316,6 +320,59 @@ def assert_clean_stop(process: Process, returncode: int) -> None:
     assert returncode == CLEAN_SIGTERM_EXIT, process.output
     assert "Traceback" not in process.output, process.output
     assert "Main loop terminated." in process.output, process.output
+
+
+def need(program: str) -> str:
+    """The path of ``program``; the test is skipped when it is not installed."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.skip(f"{program} is not installed")
+    return path
+
+
+# -- a proxy (CONNECT, SOCKS5) as a process ------------------------------------
+
+
+class Proxy:
+    """A running ``twistd -n tunnelkit`` proxy and the address it listens on."""
+
+    def __init__(self, process: Process, address: str) -> None:
+        self.process = process
+        self.address = address
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+
+    def closed(self, what: str, **fields: Any) -> dict[str, Any]:
+        """The first ``tunnel_closed`` event with these field values (waits for it)."""
+
+        def found(text: str) -> dict[str, Any] | None:
+            for event in tunnel_closed_events(text):
+                if all(event.get(name) == value for name, value in fields.items()):
+                    return event
+            return None
+
+        return self.process.wait_for(found, f"tunnel_closed of {what}", 10)
+
+
+def start_proxy(cwd: Path, *args: str) -> Proxy:
+    """``twistd -n`` (JSON log lines on stdout) ``tunnelkit --listen 127.0.0.1:0 ARGS`` in ``cwd``."""
+    json_log = ("--logger", "tunnelkit.json_log.observer")
+    process = twistd("--listen", "127.0.0.1:0", *args, cwd=cwd, twistd_options=json_log)
+    try:
+        [address] = process.wait_listening()
+    except BaseException:
+        process.kill()
+        raise
+    return Proxy(process, address)
+
+
+@contextlib.contextmanager
+def running_proxy(cwd: Path, *args: str) -> Iterator[Proxy]:
+    """A proxy (``ARGS`` give its mode) for the ``with`` block; then SIGTERM, and it must exit cleanly."""
+    proxy = start_proxy(cwd, "--drain-timeout", "2", *args)
+    with proxy.process:
+        yield proxy
+        assert_clean_stop(proxy.process, proxy.process.stop())
 
 
 # -- /proc of a running process ---------------------------------------------

@@ -20,6 +20,8 @@ from tunnelkit.backends.endpoints import AddressEndpoint
 from tunnelkit.cli.plugin import Options
 from tunnelkit.config.model import ConfigError
 from tunnelkit.modes.connect import ConnectMode
+from tunnelkit.modes.socks5 import Socks5Mode
+from tunnelkit.policy.htpasswd import make_entry
 from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
 
@@ -156,6 +158,10 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         ),
         (["--mode", "connect", "--listen", "1", "--engine", "native"], "reads a request first"),
         (
+            ["--mode", "socks5", "--listen", "1", "--engine", "native"],
+            "socks5 reads a request first",
+        ),
+        (
             ["--listen", "1", "--to", "tls:127.0.0.1:1", "--engine", "native"],
             "TLS to backends is relayed",
         ),
@@ -172,6 +178,8 @@ def test_repeatable_listen_and_to_keep_order() -> None:
         (["--listen", "1", "--to", "a:1", "--allow-dest", "10.0.0.0/8"], "--allow-dest applies"),
         (["--mode", "connect", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
         (["--mode", "connect", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),
+        (["--mode", "socks5", "--listen", "1", "--allow-dest", "10.0.0.1/8"], "host bits"),
+        (["--mode", "socks5", "--listen", "1", "--auth-file", "/nonexistent"], "--auth-file"),
         # --access-log: an unwritable path says which and why; contradictions and orphans.
         (
             ["--listen", "1", "--to", "a:1", "--access-log", "/nonexistent/a.log"],
@@ -262,6 +270,38 @@ def test_connect_mode_with_to_builds_a_fixed_tunnel() -> None:
     assert isinstance(mode, ConnectMode)
     assert mode.settings.fixed is not None
     assert [b.name for b in mode.settings.fixed.backends] == ["127.0.0.1:6379"]
+
+
+def _socks5_mode(prepared: Prepared) -> Socks5Mode:
+    mode = build_service(prepared).listeners[0].factory().mode  # type: ignore[attr-defined]
+    assert isinstance(mode, Socks5Mode)
+    return mode
+
+
+def test_socks5_mode_from_flags_and_from_a_file(tmp_path: Path) -> None:
+    """--mode socks5 with the proxy keys, as flags or in a [[listener]] table: the same SOCKS5 listener."""
+    users = tmp_path / "users"
+    users.write_text(make_entry("alice", "pw", rounds=4) + "\n")
+    flags = ("--mode", "socks5", "--listen", "1080", "--allow-dest", "10.0.0.0/8")
+    flags += ("--deny-dest", "10.0.0.9", "--allow-port", "443", "--auth-file", str(users))
+    flags += ("--header-timeout", "3", "--to", "127.0.0.1:6379")
+    config = tmp_path / "tk.toml"
+    config.write_text(
+        '[[listener]]\nlisten = "1080"\nmode = "socks5"\nallow-dest = ["10.0.0.0/8"]\n'
+        'deny-dest = ["10.0.0.9"]\nallow-port = ["443"]\n'
+        f'auth-file = "{users}"\nheader-timeout = 3\nto = ["127.0.0.1:6379"]\n'
+    )
+    for prepared in (start(*flags), start("--config", str(config))):
+        [loaded] = prepared.listeners
+        assert loaded.settings.mode == "socks5" and loaded.why_twisted is not None
+        settings = _socks5_mode(prepared).settings
+        assert settings.header_timeout == 3.0
+        assert settings.authenticate is not None
+        assert settings.policy.decide("10.1.2.3", 443).allowed
+        assert not settings.policy.decide("10.0.0.9", 443).allowed
+        assert not settings.policy.decide("10.1.2.3", 22).allowed
+        assert settings.fixed is not None
+        assert [b.name for b in settings.fixed.backends] == ["127.0.0.1:6379"]
 
 
 @pytest.mark.parametrize(

@@ -107,7 +107,7 @@ def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
         ('workers = 0\n[[listener]]\nlisten = "1"\nto = "h:1"\n', "workers: must be a whole number from 1 to 256, not 0"),
         ('[[listener]]\nto = "h:1"\n', 'listener[0].listen: is required (e.g. 8888)'),
         ('[[listener]]\nlisten = "1"\n', 'listener[0].to: is required in forward mode (e.g. 127.0.0.1:80)'),
-        ('[[listener]]\nlisten = "1"\nto = "h:1"\nallow-dest = "10.0.0.0/8"\n', "listener[0].allow-dest: applies to mode connect only"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1"\nallow-dest = "10.0.0.0/8"\n', "listener[0].allow-dest: applies to mode connect, socks5 and auto only"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\ntls-key = "k.pem"\n', "listener[0].tls-key: needs tls-cert"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nbackend-ca = "ca.pem"\n', "listener[0].backend-ca: needs a tls:HOST:PORT backend or backend-tls"),
         ('[[listener]]\nlisten = ":80"\nto = "h:1"\n', "listener[0].listen[0]: no address before the port"),
@@ -170,7 +170,7 @@ def test_flags_give_one_listener_named_after_its_first_listen() -> None:
     [
         ({"listen": ["1"], "to": ["h:1", "nope"]}, "--to 'nope': 'nope' is neither"),
         ({"listen": ["1"], "to": ["h:1"], "tls-key": ["k"]}, "--tls-key needs --tls-cert"),
-        ({"listen": ["1"], "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest applies to --mode connect only"),
+        ({"listen": ["1"], "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest applies to --mode connect, socks5 and auto only"),
         ({"to": ["h:1"]}, "--listen is required (e.g. 8888)"),
     ],
 )  # fmt: skip

@@ -189,7 +189,7 @@ def test_check_accepts_the_documented_example(tmp_path: Path, serve: Serve) -> N
         ('[[listener]]\nlisten = "1"\n', "listener[0].to: is required in forward mode"),
         (
             '[[listener]]\nlisten = "1"\nto = "127.0.0.1:1"\nallow-dest = "10.0.0.0/8"\n',
-            "listener[0].allow-dest: applies to mode connect only",
+            "listener[0].allow-dest: applies to mode connect, socks5 and auto only",
         ),
         # What only loading finds: a certificate that is not there, an endpoint type.
         (

@@ -16,7 +16,6 @@ import http.client
 import http.server
 import os
 import secrets
-import shutil
 import signal
 import socket
 import ssl
@@ -44,7 +43,15 @@ from loopback import (
     sha256,
     silent_listener,
 )
-from processes import Process, assert_clean_stop, free_port, run, tunnel_closed_events, twistd
+from processes import (
+    Proxy,
+    assert_clean_stop,
+    free_port,
+    need,
+    run,
+    running_proxy,
+    start_proxy,
+)
 from python_socks.sync import Proxy as SocksProxy
 
 from tunnelkit.policy.htpasswd import make_entry
@@ -66,47 +73,9 @@ LOOPBACK_FORMS = [*NUMERIC_IPV4_LOOPBACK, *(f"[{host}]" for host in IPV6_LOOPBAC
 # -- the proxies ------------------------------------------------------------
 
 
-class Proxy:
-    """A running ``twistd -n tunnelkit --mode connect`` and the address it listens on."""
-
-    def __init__(self, process: Process, address: str) -> None:
-        self.process = process
-        self.address = address
-        self.host, _, port = address.rpartition(":")
-        self.port = int(port)
-
-    def closed(self, what: str, **fields: Any) -> dict[str, Any]:
-        """The first ``tunnel_closed`` event with these field values (waits for it)."""
-
-        def found(text: str) -> dict[str, Any] | None:
-            for event in tunnel_closed_events(text):
-                if all(event.get(name) == value for name, value in fields.items()):
-                    return event
-            return None
-
-        return self.process.wait_for(found, f"tunnel_closed of {what}", 10)
-
-
-def start_proxy(cwd: Path, *args: str) -> Proxy:
-    """``twistd -n`` (JSON log lines on stdout) ``tunnelkit --mode connect --listen 127.0.0.1:0 ARGS`` in ``cwd``."""
-    json_log = ("--logger", "tunnelkit.json_log.observer")
-    argv = ("--mode", "connect", "--listen", "127.0.0.1:0", *args)
-    process = twistd(*argv, cwd=cwd, twistd_options=json_log)
-    try:
-        [address] = process.wait_listening()
-    except BaseException:
-        process.kill()
-        raise
-    return Proxy(process, address)
-
-
-@contextlib.contextmanager
-def connect_proxy(cwd: Path, *args: str) -> Iterator[Proxy]:
+def connect_proxy(cwd: Path, *args: str) -> contextlib.AbstractContextManager[Proxy]:
     """A CONNECT proxy for the ``with`` block; then SIGTERM, and it must exit cleanly."""
-    proxy = start_proxy(cwd, "--drain-timeout", "2", *args)
-    with proxy.process:
-        yield proxy
-        assert_clean_stop(proxy.process, proxy.process.stop())
+    return running_proxy(cwd, "--mode", "connect", *args)
 
 
 @pytest.fixture(scope="module")
@@ -305,14 +274,6 @@ def assert_tunnel_echoes(sock: socket.socket, target: ThreadedServer, size: int)
     assert len(received) == size
     assert sha256(received) == sha256(payload)
     assert target.outcome() == sha256(payload)
-
-
-def need(program: str) -> str:
-    """The path of ``program``; the test is skipped when it is not installed."""
-    path = shutil.which(program)
-    if path is None:
-        pytest.skip(f"{program} is not installed")
-    return path
 
 
 # -- real clients -------------------------------------------------------------
@@ -677,7 +638,8 @@ def test_max_connections_503(tmp_path: Path, target: ThreadedServer) -> None:
 
 def test_sigterm_drains_open_tunnel(tmp_path: Path, target: ThreadedServer) -> None:
     """SIGTERM with a CONNECT tunnel open: the tunnel keeps working until the client ends it, then twistd exits 0."""
-    proxy = start_proxy(tmp_path, "--allow-dest", "127.0.0.0/8", "--drain-timeout", "20")
+    args = ("--allow-dest", "127.0.0.0/8", "--drain-timeout", "20")
+    proxy = start_proxy(tmp_path, "--mode", "connect", *args)
     with proxy.process as process:
         with open_tunnel(proxy, connect_request(target.address)) as sock:
             sock.sendall(b"ping")

@@ -19,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tunnelkit.backends.endpoints import host_endpoint
 from tunnelkit.backends.group import Backend, BackendGroup
 from tunnelkit.relay.phases import Handoff, Mode, Refused, Route, time_left
-from tunnelkit.relay.tunnel import CloseKind, Tunnel, TunnelRecord
+from tunnelkit.relay.tunnel import CloseKind, Leg, Tunnel, TunnelRecord
 
 
 class ScriptedMode(Mode):
@@ -47,7 +47,7 @@ class ScriptedMode(Mode):
             tunnel.pending = self.routing  # as a mode that waits does: leaving cancels it
         return self.routing if self.routing is not None else Route(self.group)
 
-    def established(self, tunnel: Tunnel) -> None:
+    def established(self, tunnel: Tunnel, backend: Leg) -> None:
         self.calls.append("established")
 
     def refuse(self, tunnel: Tunnel, refused: Refused) -> None:

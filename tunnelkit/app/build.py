@@ -75,8 +75,10 @@ from tunnelkit.config.model import (
 )
 from tunnelkit.engine import driver
 from tunnelkit.logs.tunnel_log import TunnelLog
-from tunnelkit.modes.connect import ConnectMode, ConnectSettings
+from tunnelkit.modes.connect import ConnectMode
 from tunnelkit.modes.forward import ForwardMode
+from tunnelkit.modes.proxy_route import ProxySettings
+from tunnelkit.modes.socks5 import Socks5Mode
 from tunnelkit.relay import splice
 from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
@@ -389,9 +391,7 @@ def _client_endpoint(
     return client
 
 
-def _connect_settings(
-    reactor: Any, listener: Listener, group: BackendGroup | None
-) -> ConnectSettings:
+def _proxy_settings(reactor: Any, listener: Listener, group: BackendGroup | None) -> ProxySettings:
     users = listener.users
     authenticate = None
     if users is not None:
@@ -404,7 +404,7 @@ def _connect_settings(
             return checked
 
     settings = listener.settings
-    return ConnectSettings(
+    return ProxySettings(
         policy=settings.targets,
         resolve=resolver.system_resolver(reactor),
         outbound=tuned_reactor(reactor, settings.socket_options),
@@ -704,7 +704,9 @@ def _listener_factories(
 def _mode(reactor: Any, listener: Listener, group: BackendGroup | None) -> Mode:
     """The listener's mode: what its identify and route phases do."""
     if listener.settings.mode == "connect":
-        return ConnectMode(_connect_settings(reactor, listener, group), reactor)
+        return ConnectMode(_proxy_settings(reactor, listener, group), reactor)
+    if listener.settings.mode == "socks5":
+        return Socks5Mode(_proxy_settings(reactor, listener, group), reactor)
     assert group is not None
     return ForwardMode(group)
 

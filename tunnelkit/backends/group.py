@@ -99,10 +99,15 @@ class BackendsUnavailable(Exception):
     """No backend accepted the connection; ``errors`` says why, per backend.
 
     No errors at all means no backend was available to try (all down).
+    ``cause`` is the last attempt's error (``None`` if it timed out or none
+    was tried): a SOCKS5 client is told whether it was refused or unreachable.
     """
 
-    def __init__(self, errors: Sequence[tuple[Backend, str]]) -> None:
+    def __init__(
+        self, errors: Sequence[tuple[Backend, str]], cause: BaseException | None = None
+    ) -> None:
         self.errors = list(errors)
+        self.cause = cause
         message = "; ".join(f"{backend.name}: {why}" for backend, why in self.errors)
         super().__init__(message or "no backend available")
 
@@ -402,6 +407,7 @@ class _Dialing:
         #: The states of the backends tried: stable across a replace of the group's backends.
         self.tried: set[BackendState] = set()
         self.errors: list[tuple[Backend, str]] = []
+        self.cause: BaseException | None = None
         self.current: Deferred[IProtocol] | None = None
         self.timer: IDelayedCall | None = None
         self.timed_out = False
@@ -412,7 +418,7 @@ class _Dialing:
         group = self.group
         index = group.pick(self.client, self.tried) if len(self.tried) < group.attempts else None
         if index is None:
-            self._finish().errback(BackendsUnavailable(self.errors))
+            self._finish().errback(BackendsUnavailable(self.errors, self.cause))
             return
         assert self.factory is not None
         state = group.states[index]
@@ -451,6 +457,7 @@ class _Dialing:
         why = _why(failure, group.connect_timeout, self.timed_out)
         group.failed(state, why)
         self.errors.append((state.backend, why))
+        self.cause = None if self.timed_out else failure.value
         self.attempt_next()
 
     def _cancel(self, _: Deferred[Dialed]) -> None:

@@ -180,7 +180,7 @@ class ListenerSettings:
     auth_file: str | None
     timeouts: Timeouts
     connect_timeout: float
-    #: From accept to the end of what the listener reads first (a CONNECT head, ...).
+    #: From accept to the end of what the listener reads first (a CONNECT head, a SOCKS5 negotiation, ...).
     header_timeout: float
     socket_options: SocketOptions
     engine: str
@@ -214,6 +214,8 @@ class Settings:
 
 #: Keys that only a proxy mode (which chooses its targets) uses.
 PROXY_ONLY = ("allow-dest", "deny-dest", "allow-port", "auth-file")
+#: The modes whose clients choose their targets: they use the PROXY_ONLY keys.
+PROXY_MODES = ("connect", "socks5", "auto")
 #: Keys that mean nothing without ``tls-cert``.
 SERVER_TLS_ONLY = ("tls-key", "tls-strict-sni", "tls-ciphers", "alpn", "tls-client-ca", "tls-client-optional")  # fmt: skip
 #: Keys that mean nothing without a TLS backend.
@@ -301,12 +303,12 @@ def build_listener(
     mode = r["mode"]
     if mode != "auto" and r.given("detect-timeout"):
         r.problem(("detect-timeout",), "{detect-timeout} applies to {mode} auto only")
-    if mode == "forward":
-        if not r["to"]:
-            r.problem(("to",), "{to} is required in forward mode (e.g. 127.0.0.1:80)")
+    if mode == "forward" and not r["to"]:
+        r.problem(("to",), "{to} is required in forward mode (e.g. 127.0.0.1:80)")
+    if mode not in PROXY_MODES:
         for key in PROXY_ONLY:
             if r.given(key):
-                r.problem((key,), f"{{{key}}} applies to {{mode}} connect only")
+                r.problem((key,), f"{{{key}}} applies to {{mode}} connect, socks5 and auto only")
     backends = _backends(r, endpoint_types)
     clients, targets = _policies(r)
     tls = _server_tls(r)

@@ -57,7 +57,9 @@ class Refused(Exception):
     """A phase ends the connection: ``reason`` and ``kind`` for the record, ``status`` for the client.
 
     ``status`` is an HTTP status code: CONNECT answers with it, and other
-    modes map it to their own replies (a SOCKS reply code, say).
+    modes map it to their own replies (a SOCKS reply code, say). ``cause``
+    is the error behind a failed lookup or connect, for modes whose replies
+    tell a refused connection from an unreachable network (SOCKS5).
     """
 
     def __init__(
@@ -67,12 +69,14 @@ class Refused(Exception):
         *,
         status: int = 502,
         headers: Headers = (),
+        cause: BaseException | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
         self.status = status
         self.headers = headers
+        self.cause = cause
 
 
 @attrs.frozen
@@ -113,8 +117,8 @@ class Mode:
         """Where ``request`` (what :meth:`identify` gave) goes; raise or fail with :class:`Refused`."""
         raise NotImplementedError
 
-    def established(self, tunnel: Tunnel) -> None:
-        """The backend is connected and the relay begins: tell the client, if the mode does."""
+    def established(self, tunnel: Tunnel, backend: Leg) -> None:
+        """``backend`` is connected and the relay begins: tell the client, if the mode does."""
 
     def refuse(self, tunnel: Tunnel, refused: Refused) -> None:
         """Answer a refusal in the mode's words and end the tunnel."""
@@ -207,7 +211,8 @@ class Connection:
 
     def _relay(self, dialed: Dialed) -> None:
         self.phase = "relay"
-        self.mode.established(self.tunnel)
+        backend: Any = dialed.protocol  # the leg _BackendLegFactory built
+        self.mode.established(self.tunnel, backend)
         join_dialed(self.tunnel, dialed)
 
     def _not_connected(self, failure: Failure) -> None:
@@ -220,7 +225,7 @@ class Connection:
             self.tunnel.attempts = len(failure.value.errors)
             if not failure.value.errors:
                 status = 503  # every backend is down: nothing was tried
-        self.mode.refuse(self.tunnel, Refused(reason, kind, status=status))
+        self.mode.refuse(self.tunnel, Refused(reason, kind, status=status, cause=failure.value))
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(CancelledError):
