@@ -103,7 +103,7 @@ def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nconnect-timeout = -1\n', "listener[0].connect-timeout: must be a positive number of seconds, not -1"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nconnect-timeout = "5"\n', "listener[0].connect-timeout: must be a positive number of seconds, not '5'"),
         ('[[listener]]\nlisten = "1"\nto = "h:1"\nno-half-close = "yes"\n', "listener[0].no-half-close: must be true or false, not 'yes'"),
-        ('[[listener]]\nlisten = "1"\nto = "h:1"\nmode = "socks"\n', "listener[0].mode: must be one of forward, connect, not 'socks'"),
+        ('[[listener]]\nlisten = "1"\nto = "h:1"\nmode = "socks"\n', "listener[0].mode: must be one of forward, connect, sni, not 'socks'"),
         ('workers = 0\n[[listener]]\nlisten = "1"\nto = "h:1"\n', "workers: must be a whole number from 1 to 256, not 0"),
         ('[[listener]]\nto = "h:1"\n', 'listener[0].listen: is required (e.g. 8888)'),
         ('[[listener]]\nlisten = "1"\n', 'listener[0].to: is required in forward mode (e.g. 127.0.0.1:80)'),

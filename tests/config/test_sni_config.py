@@ -1,0 +1,93 @@
+"""``--mode sni`` and ``route`` as flags and in the TOML file; what an SNI listener cannot be given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunnelkit.config.addresses import HostPort
+from tunnelkit.config.model import BackendSpec, ConfigError, RouteSpec, from_flags
+from tunnelkit.config.toml_file import load
+from tunnelkit.policy.sni_routes import RouteMatch
+
+TYPES = frozenset({"tcp", "tls", "unix", "ssl"})
+
+FILE = """
+[[listener]]
+listen = ["127.0.0.1:8443"]
+mode = "sni"
+route = ["API.example.com=10.0.0.5:443,weight=3", "*.example.com,alpn=h2=10.0.0.6:443"]
+to = ["10.0.0.9:443"]
+header-timeout = 2.5
+"""
+
+EXPECTED = (
+    RouteSpec(
+        RouteMatch("api.example.com"),
+        BackendSpec("10.0.0.5:443", HostPort("10.0.0.5", 443), False, weight=3),
+    ),
+    RouteSpec(
+        RouteMatch("*.example.com", b"h2"),
+        BackendSpec("10.0.0.6:443", HostPort("10.0.0.6", 443), False),
+    ),
+)
+
+
+def test_routes_in_a_file(tmp_path: Path) -> None:
+    """A [[listener]] of mode sni reads its routes, each with its backend's weight."""
+    path = tmp_path / "tk.toml"
+    path.write_text(FILE)
+    [listener] = load(str(path), TYPES).listeners
+    assert (listener.mode, listener.routes, listener.header_timeout) == ("sni", EXPECTED, 2.5)
+    assert [b.text for b in listener.backends] == ["10.0.0.9:443"]
+
+
+def test_routes_as_flags() -> None:
+    """The same routes as repeated --route flags; a route alone, without --to, is enough."""
+    settings = from_flags(
+        {
+            "listen": ["127.0.0.1:8443"],
+            "mode": "sni",
+            "route": [
+                "API.example.com=10.0.0.5:443,weight=3",
+                "*.example.com,alpn=h2=10.0.0.6:443",
+            ],
+        },
+        TYPES,
+    )
+    [listener] = settings.listeners
+    assert (listener.routes, listener.backends) == (EXPECTED, ())
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"mode": "sni"}, "--route or a default --to is required in sni mode"),
+        ({"to": ["h:1"], "route": ["a.test=h:2"]}, "--route applies to --mode sni only"),
+        ({"mode": "connect", "route": ["a.test=h:2"]}, "--route applies to --mode sni only"),
+        ({"mode": "sni", "route": ["a.*.test=h:2"]}, "--route 'a.*.test=h:2': 'a.*.test' is not a host name"),
+        ({"mode": "sni", "route": ["a.test=nope"]}, "--route 'a.test=nope': 'nope' is neither"),
+        ({"mode": "sni", "route": ["a.test=tls:h:443"]}, "--route 'a.test=tls:h:443': 'tls:h:443': the client's TLS goes to the backend as it is"),
+        ({"mode": "sni", "to": ["tls:h:443"]}, "--to 'tls:h:443': 'tls:h:443': the client's TLS goes"),
+        ({"mode": "sni", "route": ["a.test=h:1,backup"]}, "--route: route a.test: every backend is a backup"),
+        ({"mode": "sni", "to": ["h:1"], "tls-cert": ["c.pem"]}, "--tls-cert does not apply to --mode sni"),
+        ({"mode": "sni", "to": ["h:1"], "backend-tls": True}, "--backend-tls does not apply to --mode sni"),
+        ({"mode": "sni", "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest applies to --mode connect only"),
+    ],
+)  # fmt: skip
+def test_problems(values: dict[str, object], expected: str) -> None:
+    """What an SNI listener needs and cannot be given is an error naming the flag."""
+    with pytest.raises(ConfigError) as caught:
+        from_flags({"listen": ["1"], **values}, TYPES)
+    assert str(caught.value).startswith(expected), str(caught.value)
+
+
+def test_problems_in_a_file_name_the_route(tmp_path: Path) -> None:
+    """In a file, a bad route is named by its key path."""
+    path = tmp_path / "tk.toml"
+    path.write_text('[[listener]]\nlisten = "1"\nmode = "sni"\nroute = ["a.test=h:1", "b=c=d"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load(str(path), TYPES)
+    [problem] = caught.value.problems
+    assert problem.in_file().startswith("listener[0].route[1]: 'c=d'"), problem.in_file()
