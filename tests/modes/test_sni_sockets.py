@@ -22,7 +22,15 @@ import pytest
 import trustme
 from certs import write_ca, write_pair
 from hellos import real_hello
-from loopback import Forwarder, LoopbackTestCase, MiB, connect, recv_outcome, sha256
+from loopback import (
+    Forwarder,
+    LoopbackTestCase,
+    MiB,
+    connect,
+    recv_outcome,
+    refusing_address,
+    sha256,
+)
 from planes import TWISTED, TWISTED_SPLICE, on_planes
 from tls_clients import (
     TLSBackend,
@@ -33,8 +41,10 @@ from tls_clients import (
     tls_echo,
     tls_exchange,
 )
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 
 Inline = Generator[Deferred[Any], Any, None]
 
@@ -51,7 +61,9 @@ class SniTestCase(LoopbackTestCase):
 
     def backend(self, *names: str) -> TLSBackend:
         """A TLS echo backend whose certificate names ``names``."""
-        pair = write_pair(self.ca, self.dir, *names, name=f"{names[0].replace('*', 'star')}-{os.urandom(3).hex()}")
+        pair = write_pair(
+            self.ca, self.dir, *names, name=f"{names[0].replace('*', 'star')}-{os.urandom(3).hex()}"
+        )
         backend = TLSBackend(self.serve, pair, tls_echo)
         backend.leaf = der_sha256(leaf_der(pair))  # type: ignore[attr-defined]
         return backend
@@ -164,6 +176,34 @@ class RefusalTests(SniTestCase):
             "no complete ClientHello in 0.3 s",
         )
         assert default.server.accepted == 0
+
+
+@on_planes(TWISTED)
+class HealthTests(SniTestCase):
+    """A route's backends are checked like --to's."""
+
+    @inlineCallbacks
+    def test_route_backends_are_health_checked(self) -> Inline:
+        """--health-interval takes a route's dead backend out of its group before any client meets it."""
+        up = self.backend("a.test")
+        down = self.enterContext(refusing_address())
+        went_down: Deferred[dict[str, Any]] = Deferred()
+
+        def observe(event: dict[str, Any]) -> None:
+            if event.get("event") == "backend_down" and not went_down.called:
+                went_down.callback(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        fwd = self.sni(
+            *("--route", f"a.test={down}", "--route", f"a.test={up.address}"),
+            *("--health-interval", "0.1", "--fall", "1", "--connect-retries", "0"),
+        )
+        event = yield went_down.addTimeout(10, reactor)
+        assert event["backend"] == down
+        for _ in range(3):
+            yield deferToThread(tls_exchange, fwd.address, self.client, "a.test", b"x")
+        assert up.handshakes == 3
 
 
 def _handshake_failure(address: str, ctx: ssl.SSLContext, name: str) -> str:
