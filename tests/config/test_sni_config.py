@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,19 @@ def test_problems_in_a_file_name_the_route(tmp_path: Path) -> None:
         load(str(path), TYPES)
     [problem] = caught.value.problems
     assert problem.in_file().startswith("listener[0].route[1]: 'c=d'"), problem.in_file()
+
+
+def test_the_documented_example_is_valid(tmp_path: Path) -> None:
+    """docs/sni.md's TOML example loads: four routes, the same name twice, an ALPN route."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "sni.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert block is not None, "docs/sni.md has no ```toml example"
+    path = tmp_path / "tk.toml"
+    path.write_text(block[1])
+    [listener] = load(str(path), TYPES).listeners
+    assert [str(route.match) for route in listener.routes] == [
+        "api.example.com",
+        "api.example.com",
+        "*.example.com",
+        "*,alpn=acme-tls/1",
+    ]
