@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from cli.test_preflight import fake_getaddrinfo, parse
 
 from tunnelkit.config.addresses import HostPort
 from tunnelkit.config.model import BackendSpec, ConfigError, RouteSpec, from_flags
@@ -107,4 +108,19 @@ def test_the_documented_example_is_valid(tmp_path: Path) -> None:
         "api.example.com",
         "*.example.com",
         "*,alpn=acme-tls/1",
+    ]
+
+
+def test_check_resolves_route_names(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--check resolves the routes' backend names too, and names the route's backend that does not."""
+    fake_getaddrinfo(monkeypatch, {"api.internal"})
+    argv = ["--listen", "1", "--mode", "sni", "--route", "a.test=api.internal:443"]
+    with pytest.raises(SystemExit) as caught:
+        parse(*argv, "--route", "b.test=gone.example:443", "--check")
+    assert caught.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "tunnelkit: error: --route gone.example:443: cannot resolve 'gone.example':"
+        " [Errno -2] Name or service not known",
     ]
