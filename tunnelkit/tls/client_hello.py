@@ -22,6 +22,7 @@ reactor.
 from __future__ import annotations
 
 import re
+import struct
 
 import attrs
 
@@ -39,6 +40,7 @@ _SERVER_NAME = 0
 _ALPN = 16
 _HOST_NAME = 0
 _RECORD_HEADER = 5
+_EXTENSION_HEADER = struct.Struct("!HH")  # type, length
 _MESSAGE_HEADER = 4
 
 #: Alert descriptions (RFC 8446 6.2) a refusal may send before closing.
@@ -228,19 +230,30 @@ def _hello_body(body: memoryview) -> tuple[str | None, tuple[bytes, ...]]:
 
 
 def _extensions(extensions: _Reader) -> tuple[str | None, tuple[bytes, ...]]:
+    """The server name and ALPN offer among the extensions.
+
+    Walked by offset: a browser's hello has some twenty extensions and two
+    matter here (a reader per extension made parsing three times slower).
+    """
+    data, at, end = extensions.data, 0, len(extensions.data)
     seen: set[int] = set()
     name: str | None = None
     alpn: tuple[bytes, ...] = ()
-    while extensions.left:
-        kind = extensions.number(2)
+    while at < end:
+        if end - at < _EXTENSION_HEADER.size:
+            raise _Malformed("the extensions cut short")
+        kind, length = _EXTENSION_HEADER.unpack_from(data, at)
         if kind in seen:
             raise _Malformed(f"extension {kind} twice")
         seen.add(kind)
-        data = extensions.vector(2, f"extension {kind}")
+        at += _EXTENSION_HEADER.size
+        if length > end - at:
+            raise _Malformed("the extensions cut short")
         if kind == _SERVER_NAME:
-            name = _server_name(data)
+            name = _server_name(_Reader(data[at : at + length], f"extension {kind}"))
         elif kind == _ALPN:
-            alpn = _alpn(data)
+            alpn = _alpn(_Reader(data[at : at + length], f"extension {kind}"))
+        at += length
     return name, alpn
 
 
