@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 from hellos import (
@@ -15,7 +16,7 @@ from hellos import (
     sni_extension,
     vector,
 )
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnelkit.tls.client_hello import (
@@ -202,30 +203,42 @@ def test_outcome_is_kept() -> None:
 
 # -- properties ------------------------------------------------------------------------------
 
+#: Examples per property: the default run's, or a soak's (TUNNELKIT_SOAK=1).
+EXAMPLES = 10_000 if os.environ.get("TUNNELKIT_SOAK") == "1" else 200
+soak = settings(max_examples=EXAMPLES)
+
 
 def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
     return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
+@pytest.mark.soak
+@soak
 @given(st.lists(st.integers(min_value=0), max_size=20))
 def test_any_chunking(cuts: list[int]) -> None:
     """However the hello is cut into segments, the outcome is the same."""
     assert parse_chunks(_chunks(REAL, cuts)) == EXPECTED
 
 
+@pytest.mark.soak
+@soak
 @given(st.integers(min_value=0, max_value=len(REAL) - 1))
 def test_truncated_waits(length: int) -> None:
     """A hello cut short is neither a hello nor an error: the deadline decides."""
     assert parse(REAL[:length]) is None
 
 
+@pytest.mark.soak
+@soak
 @given(st.binary(max_size=600), st.lists(st.integers(min_value=0), max_size=8))
 def test_random_input(data: bytes, cuts: list[int]) -> None:
     """Random bytes, in any chunking, never raise, and the outcome does not depend on the chunking."""
     assert parse_chunks(_chunks(data, cuts)) == parse(data)
 
 
+@pytest.mark.soak
+@soak
 @given(
     st.lists(st.tuples(st.integers(min_value=0, max_value=len(REAL) - 1), st.integers(0, 255))),
     st.lists(st.integers(min_value=0), max_size=8),
@@ -243,6 +256,8 @@ def test_mutated_hello(changes: list[tuple[int, int]], cuts: list[int]) -> None:
     assert outcome == parse(bytes(data), limit=600)
 
 
+@pytest.mark.soak
+@soak
 @given(
     st.binary(max_size=64).map(sni_extension),
     st.lists(st.binary(max_size=8), max_size=4).map(lambda p: alpn_extension(*p)),
