@@ -30,6 +30,7 @@ def test_parse() -> None:
         "unix:path=/run/acme.sock,weight=2",
     )
     assert parse_route("*=127.0.0.1:8443") == (RouteMatch("*"), "127.0.0.1:8443")
+    assert parse_route("a.test=[::1]:443") == (RouteMatch("a.test"), "[::1]:443")
     assert parse_route("bücher.example=127.0.0.1:1")[0] == RouteMatch("xn--bcher-kva.example")
 
 
