@@ -105,6 +105,18 @@ class RoutingTests(SniTestCase):
             assert der_sha256(der) == backend.leaf  # type: ignore[attr-defined]
 
     @inlineCallbacks
+    def test_hello_read_in_small_pieces(self) -> Inline:
+        """With --read-size 64 the proxy reads the hello in a dozen pieces; it still routes, held whole."""
+        a, default = self.backend("a.test"), self.backend("other.test")
+        fwd = self.sni(
+            "--route", f"a.test={a.address}", "--to", default.address, "--read-size", "64"
+        )
+        payload = os.urandom(256 * 1024)
+        pump = yield deferToThread(tls_exchange, fwd.address, self.client, "a.test", payload)
+        assert pump.digest.hexdigest() == sha256(payload)
+        assert a.sni == ["a.test"]
+
+    @inlineCallbacks
     def test_unknown_name_and_no_sni_go_to_the_default(self) -> Inline:
         """A name no route takes, and a client without SNI, reach the --to backend."""
         a, default = self.backend("a.test"), self.backend("other.test")
@@ -161,6 +173,18 @@ class RefusalTests(SniTestCase):
         assert (answer, how) == (b"", "EOF")
         [record] = yield fwd.closed(1)
         assert record["reason"] == "bad ClientHello: not a TLS handshake (first byte 0x47)"
+        assert default.server.accepted == 0
+
+    @inlineCallbacks
+    def test_too_big(self) -> Inline:
+        """A hello that says it is 32 KiB long is closed from its first record, without an answer."""
+        default = self.backend("a.test")
+        fwd = self.sni("--to", default.address)
+        claim = b"\x16\x03\x01\x00\x04\x01\x00\x80\x00"
+        answer, how = yield deferToThread(_send_and_read, fwd.address, claim)
+        assert (answer, how) == (b"", "EOF")
+        [record] = yield fwd.closed(1)
+        assert record["reason"] == "bad ClientHello: the ClientHello takes more than 16384 bytes"
         assert default.server.accepted == 0
 
     @inlineCallbacks
