@@ -78,7 +78,9 @@ from tunnelkit.logs.tunnel_log import TunnelLog
 from tunnelkit.modes.connect import ConnectMode
 from tunnelkit.modes.forward import ForwardMode
 from tunnelkit.modes.proxy_route import ProxySettings
+from tunnelkit.modes.sni import SniMode, SniSettings
 from tunnelkit.modes.socks5 import Socks5Mode
+from tunnelkit.policy.sni_routes import RouteMatch, SniRoutes
 from tunnelkit.relay import splice
 from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
@@ -109,6 +111,19 @@ def server_endpoint_types() -> frozenset[str]:
     return frozenset({"tcp", "ssl", "unix"} | {p.prefix.lower() for p in plugins})
 
 
+#: Backend values and the addresses each became (names resolved at start).
+Resolved = tuple[tuple[BackendSpec, resolving.Addresses], ...]
+
+
+@attrs.frozen
+class LoadedRoute:
+    """The backends of one SNI route: every ``route`` value with the same match, balanced."""
+
+    match: RouteMatch
+    backends: tuple[Backend, ...]
+    resolved: Resolved
+
+
 @attrs.frozen
 class Listener:
     """One listener's settings and what was loaded for them."""
@@ -124,6 +139,8 @@ class Listener:
     users: Htpasswd | None
     #: Why Twisted relays this listener's tunnels; ``None``: the native engine does.
     why_twisted: str | None
+    #: sni mode: the routes' backends.
+    routes: tuple[LoadedRoute, ...] = ()
 
 
 @attrs.frozen
@@ -207,14 +224,12 @@ def _load_listener(
         if endpoint is not None:
             endpoints.append((text, _tls_listener(listener, settings, endpoint, problems, index)))
     make_backend = _backend_maker(reactor, listener, backend_tls, settings.write_through)
-    resolved, backends = [], []
-    for index, spec in enumerate(listener.backends):
-        try:
-            addresses = resolving.at_start(spec)
-            backends += [make_backend(name, each) for name, each in addresses]
-            resolved.append((spec, addresses))
-        except Exception as e:
-            problems.add(("to", index), str(e))
+    backends, resolved = _at_start(
+        [(("to", index), spec) for index, spec in enumerate(listener.backends)],
+        make_backend,
+        problems,
+    )
+    routes = _load_routes(listener, make_backend, problems)
     if problems.found:
         return None
     why = _why_twisted(listener, backends, settings.write_through)
@@ -222,7 +237,39 @@ def _load_listener(
         problems.add(("engine",), f"{{engine}} native: {why}")
         return None
     return Listener(
-        listener, tuple(endpoints), tuple(backends), tuple(resolved), tls, backend_tls, users, why
+        listener, tuple(endpoints), backends, resolved, tls, backend_tls, users, why, routes
+    )
+
+
+def _at_start(
+    specs: Sequence[tuple[Path, BackendSpec]],
+    make_backend: Callable[[str, BackendSpec], Backend],
+    problems: _Problems,
+) -> tuple[tuple[Backend, ...], Resolved]:
+    """The backends of ``specs`` (each with its key path), their names resolved now."""
+    resolved, backends = [], []
+    for path, spec in specs:
+        try:
+            addresses = resolving.at_start(spec)
+            backends += [make_backend(name, each) for name, each in addresses]
+            resolved.append((spec, addresses))
+        except Exception as e:
+            problems.add(path, str(e))
+    return tuple(backends), tuple(resolved)
+
+
+def _load_routes(
+    listener: ListenerSettings,
+    make_backend: Callable[[str, BackendSpec], Backend],
+    problems: _Problems,
+) -> tuple[LoadedRoute, ...]:
+    """The backends of each SNI route: the ``route`` values of one match make one group."""
+    grouped: dict[RouteMatch, list[tuple[Path, BackendSpec]]] = {}
+    for index, route in enumerate(listener.routes):
+        grouped.setdefault(route.match, []).append((("route", index), route.backend))
+    return tuple(
+        LoadedRoute(match, *_at_start(specs, make_backend, problems))
+        for match, specs in grouped.items()
     )
 
 
@@ -505,9 +552,12 @@ def build_service(prepared: Prepared) -> TunnelService:
     groups: list[BackendGroup] = []
     monitors: list[Monitor] = []
     for listener in prepared.listeners:
-        make_factory, make_profile, group = _listener_factories(
+        make_factory, make_profile, group, routed = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
         )
+        for route, route_group in routed:
+            groups.append(route_group)
+            monitors += _monitors(prepared, listener, route_group, None, route.resolved)
         profile = make_profile() if make_profile is not None else None
         if group is not None:
             groups.append(group)
@@ -563,11 +613,16 @@ def _monitors(
     listener: Listener,
     group: BackendGroup,
     swap: Callable[[list[Backend]], object] | None,
+    resolved: Resolved | None = None,
 ) -> list[Monitor]:
-    """What runs beside ``listener``'s group: its names resolved again, its health checks."""
+    """What runs beside one of ``listener``'s groups: its names resolved again, its health checks.
+
+    ``resolved``: the group's backend values (default: the listener's ``to``).
+    """
     settings = listener.settings
     health = settings.health
-    names = any(resolving.resolvable(spec) for spec, _ in listener.resolved)
+    resolved = listener.resolved if resolved is None else resolved
+    names = any(resolving.resolvable(spec) for spec, _ in resolved)
     if names and settings.resolve_interval > 0:
         reactor = prepared.reactor
         make_backend = _backend_maker(
@@ -577,7 +632,7 @@ def _monitors(
         return [
             resolving.Refresher(
                 group,
-                listener.resolved,
+                resolved,
                 settings.resolve_interval,
                 resolve=resolver.system_resolver(reactor),
                 make_backend=make_backend,
@@ -624,8 +679,13 @@ def _listener_factories(
     tunnel_log: TunnelLog,
     relay: driver.NativeRelay | None,
     pipes: list[splice.PipePool],
-) -> tuple[Callable[[str], IProtocolFactory], Callable[[], Any] | None, BackendGroup | None]:
-    """How to make the factory of each of ``listener``'s ports; its engine profiles, if any; its backends.
+) -> tuple[
+    Callable[[str], IProtocolFactory],
+    Callable[[], Any] | None,
+    BackendGroup | None,
+    list[tuple[LoadedRoute, BackendGroup]],
+]:
+    """How to make the factory of each of ``listener``'s ports; its engine profiles, if any; its backends; its routes'.
 
     An engine profile is made of the group's backends as they are when it is
     made (again when names resolve to new addresses).
@@ -644,7 +704,20 @@ def _listener_factories(
         if listener.backends
         else None
     )
-    mode = _mode(reactor, listener, group)
+    routed = [
+        (
+            route,
+            BackendGroup(
+                route.backends,
+                reactor,
+                settings.connect_timeout,
+                settings.balancing,
+                listener=settings.name,
+            ),
+        )
+        for route in listener.routes
+    ]
+    mode = _mode(reactor, listener, group, routed)
     idle_watch = IdleWatch(reactor, settings.timeouts.idle) if settings.timeouts.idle else None
     pool = (
         splice.PipePool(
@@ -698,15 +771,23 @@ def _listener_factories(
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
         )
-    return make_factory, make_profile, group
+    return make_factory, make_profile, group, routed
 
 
-def _mode(reactor: Any, listener: Listener, group: BackendGroup | None) -> Mode:
+def _mode(
+    reactor: Any,
+    listener: Listener,
+    group: BackendGroup | None,
+    routed: list[tuple[LoadedRoute, BackendGroup]],
+) -> Mode:
     """The listener's mode: what its identify and route phases do."""
     if listener.settings.mode == "connect":
         return ConnectMode(_proxy_settings(reactor, listener, group), reactor)
     if listener.settings.mode == "socks5":
         return Socks5Mode(_proxy_settings(reactor, listener, group), reactor)
+    if listener.settings.mode == "sni":
+        routes = SniRoutes((route.match, each) for route, each in routed)
+        return SniMode(SniSettings(routes, group, listener.settings.header_timeout))
     assert group is not None
     return ForwardMode(group)
 

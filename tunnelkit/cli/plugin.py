@@ -215,8 +215,11 @@ class Options(usage.Options):
             print(self.error_lines(e), file=sys.stderr)
             raise SystemExit(1) from None
         prepared.close()
+        types = client_endpoint_types()
         texts = [b.text for listener in settings.listeners for b in listener.backends]
-        errors = preflight.unresolved(preflight.named_backends(texts, client_endpoint_types()))
+        routed = [r.backend.text for listener in settings.listeners for r in listener.routes]
+        errors = preflight.unresolved(preflight.named_backends(texts, types))
+        errors += preflight.unresolved(preflight.named_backends(routed, types), "--route")
         for error in errors:
             print(f"tunnelkit: error: {error}", file=sys.stderr)
         if errors:

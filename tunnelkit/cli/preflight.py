@@ -89,12 +89,12 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def unresolved(backends: Sequence[HostPort]) -> list[str]:
-    """``--check``: one message per backend name that does not resolve now (blocking)."""
+def unresolved(backends: Sequence[HostPort], option: str = "--to") -> list[str]:
+    """``--check``: one message per backend name (of ``option``) that does not resolve now (blocking)."""
     errors = []
     for backend in backends:
         try:
             lookup(backend.host, backend.port)
         except ResolveError as e:
-            errors.append(f"--to {backend}: {e}")
+            errors.append(f"{option} {backend}: {e}")
     return errors

@@ -156,7 +156,8 @@ def _keys() -> Sequence[Key]:
         _many("listen", L, "Where to accept clients (repeatable); a bare PORT listens on all IPv4 interfaces"),
         _many("to", L, "A backend, HOST:PORT or an endpoint, optionally ,weight=N (1-256) or ,backup (repeatable; see --balance)"),
         _many("backup", L, "A backup backend: takes clients only while every --to is down (repeatable)"),
-        Key("mode", L, _choice("forward", "connect", "socks5", "auto"), "forward", "forward (relay to --to), connect (HTTP CONNECT proxy), socks5 (SOCKS5 proxy) or auto (one port for all: see docs/auto.md)"),
+        Key("mode", L, _choice("forward", "connect", "socks5", "sni", "auto"), "forward", "forward (relay to --to), connect (HTTP CONNECT proxy), socks5 (SOCKS5 proxy), sni (route TLS by its server name, untouched: --route) or auto (one port for all: see docs/auto.md)"),
+        _many("route", L, "sni and auto modes: NAME[,alpn=PROTOCOL]=BACKEND sends TLS clients naming NAME (a host, *.DOMAIN or *) to BACKEND, most specific first; --to takes the rest (repeatable; the same NAME twice balances; see docs/sni.md)"),
         # -- balancing, retries and health (docs/balancing.md)
         Key("balance", L, _choice(*balance.NAMES), "round-robin", "How clients are spread over the backends: round-robin (by weight), least-conn (fewest connections per weight), random (power of two choices), source-hash (a client address stays on its backend), first (ordered failover)"),
         Key("connect-retries", L, _number(int, 0, "a whole number (0 or more)"), 2, "Further backends tried when a connect is refused or times out (each within --connect-timeout)"),
@@ -178,7 +179,7 @@ def _keys() -> Sequence[Key]:
         _many("allow-port", L, "connect, socks5 and auto modes: only these target ports, PORT or PORT-PORT (repeatable; default: all)"),
         Key("auth-file", L, TEXT, None, "connect, socks5 and auto modes: htpasswd file of bcrypt entries (htpasswd -B, tunnelkit passwd); SOCKS5 then requires username/password"),
         Key("detect-timeout", L, POSITIVE_SECONDS, 2.0, "auto mode: seconds a client may stay silent before it goes to --to (protocols where the server speaks first) or is closed"),
-        Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds from accept to the end of what the listener reads first (CONNECT head, SOCKS5 negotiation; in auto mode, the first bytes too)"),
+        Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds from accept to the end of what the listener reads first (CONNECT head, SOCKS5 negotiation, ClientHello; in auto mode, the first bytes too)"),
         # -- timeouts
         Key("connect-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds to connect to a backend"),
         Key("idle-timeout", L, SECONDS, 3600.0, "Close a tunnel that moved no byte this long (0: never)"),

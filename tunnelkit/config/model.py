@@ -32,6 +32,7 @@ from tunnelkit.config.addresses import (
     tls_host_port,
 )
 from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
+from tunnelkit.policy.sni_routes import RouteMatch, parse_route
 from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
 from tunnelkit.relay.socket_options import SocketOptions
 
@@ -163,6 +164,14 @@ class BackendSpec:
 
 
 @attrs.frozen
+class RouteSpec:
+    """A ``route`` value: what the ClientHello must match, and the backend it then goes to."""
+
+    match: RouteMatch
+    backend: BackendSpec
+
+
+@attrs.frozen
 class ListenerSettings:
     """One ``[[listener]]`` table, or the whole command line."""
 
@@ -195,6 +204,8 @@ class ListenerSettings:
     resolve_interval: float = 0.0
     #: auto mode: how long a silent client waits before it goes to ``to`` (or is closed).
     detect_timeout: float = 2.0
+    #: sni mode: the ``route`` values, in the order given.
+    routes: tuple[RouteSpec, ...] = ()
 
 
 @attrs.frozen
@@ -216,6 +227,8 @@ class Settings:
 PROXY_ONLY = ("allow-dest", "deny-dest", "allow-port", "auth-file")
 #: The modes whose clients choose their targets: they use the PROXY_ONLY keys.
 PROXY_MODES = ("connect", "socks5", "auto")
+#: Modes that route by ``route``.
+ROUTE_MODES = ("sni", "auto")
 #: Keys that mean nothing without ``tls-cert``.
 SERVER_TLS_ONLY = ("tls-key", "tls-strict-sni", "tls-ciphers", "alpn", "tls-client-ca", "tls-client-optional")  # fmt: skip
 #: Keys that mean nothing without a TLS backend.
@@ -310,6 +323,9 @@ def build_listener(
             if r.given(key):
                 r.problem((key,), f"{{{key}}} applies to {{mode}} connect, socks5 and auto only")
     backends = _backends(r, endpoint_types)
+    if mode == "sni":
+        _sni_checks(r, backends)
+    routes = _routes(r, endpoint_types)
     clients, targets = _policies(r)
     tls = _server_tls(r)
     backend_tls = _backend_tls(r, backends)
@@ -357,6 +373,7 @@ def build_listener(
         ),
         health=health,
         resolve_interval=r["resolve-interval"],
+        routes=routes,
     )
 
 
@@ -366,18 +383,70 @@ def _backends(r: _Reader, endpoint_types: frozenset[str]) -> tuple[BackendSpec, 
     given += [("backup", index, text) for index, text in enumerate(r["backup"])]
     for key, index, written in given:
         try:
-            text, weight, backup = _backend_options(written)
-            address = backend_address(text, endpoint_types)
+            spec = _backend_spec(written, endpoint_types, r["backend-tls"])
         except (AddressError, ValueError) as e:
             r.problem((key, index), str(e))
             continue
-        # tls:HOST:PORT is ours to verify; other tls: strings are Twisted's own endpoints.
-        ours = tls_host_port(text)
-        tls = ours is not None or (r["backend-tls"] and isinstance(address, HostPort))
-        specs.append(BackendSpec(text, ours or address, tls, weight, backup or key == "backup"))
+        specs.append(attrs.evolve(spec, backup=True) if key == "backup" else spec)
     if specs and all(spec.backup for spec in specs):
         r.problem(("backup",), "{backup} needs a {to} backend that is not a backup")
     return tuple(specs)
+
+
+def _backend_spec(written: str, endpoint_types: frozenset[str], every_tls: bool) -> BackendSpec:
+    """A backend as written (``HOST:PORT`` or an endpoint, ``,weight=N``, ``,backup``); raises ValueError."""
+    text, weight, backup = _backend_options(written)
+    address = backend_address(text, endpoint_types)
+    # tls:HOST:PORT is ours to verify; other tls: strings are Twisted's own endpoints.
+    ours = tls_host_port(text)
+    tls = ours is not None or (every_tls and isinstance(address, HostPort))
+    return BackendSpec(text, ours or address, tls, weight, backup)
+
+
+def _sni_checks(r: _Reader, backends: Sequence[BackendSpec]) -> None:
+    """What an SNI listener cannot do: it relays the client's TLS as it came."""
+    if not (r["to"] or r["route"]):
+        r.problem(
+            ("route",),
+            "{route} or a default {to} is required in sni mode (e.g. example.com=10.0.0.5:443)",
+        )
+    for key in ("tls-cert", "backend-tls"):
+        if r.given(key):
+            r.problem(
+                (key,),
+                f"{{{key}}} does not apply to {{mode}} sni: it relays the client's TLS untouched",
+            )
+    for index, backend in enumerate(backends):
+        if backend.tls and not r["backend-tls"]:
+            r.problem(("to", index), _NOT_TLS_AGAIN.format(backend.text))
+
+
+_NOT_TLS_AGAIN = (
+    "{!r}: the client's TLS goes to the backend as it is, not in TLS again; give HOST:PORT"
+)
+
+
+def _routes(r: _Reader, endpoint_types: frozenset[str]) -> tuple[RouteSpec, ...]:
+    """The ``route`` values: each a match and a backend (never a TLS one: the bytes are TLS already)."""
+    if r["route"] and r["mode"] not in ROUTE_MODES:
+        r.problem(("route",), "{route} applies to {mode} sni and auto only")
+        return ()
+    routes = []
+    for index, text in enumerate(r["route"]):
+        try:
+            match, written = parse_route(text)
+            backend = _backend_spec(written, endpoint_types, False)
+        except ValueError as e:
+            r.problem(("route", index), str(e))
+            continue
+        if backend.tls:
+            r.problem(("route", index), _NOT_TLS_AGAIN.format(backend.text))
+            continue
+        routes.append(RouteSpec(match, backend))
+    for match in dict.fromkeys(route.match for route in routes):
+        if all(route.backend.backup for route in routes if route.match == match):
+            r.problem(("route",), f"route {match}: every backend is a backup")
+    return tuple(routes)
 
 
 _OPTION = re.compile(r",(weight=[^,]*|backup)$")
