@@ -83,6 +83,16 @@ def test_three_listeners_of_different_modes(tmp_path: Path) -> None:
     ]
 
 
+def test_an_auto_listener_needs_nothing_but_where_to_listen() -> None:
+    """``--mode auto`` alone serves SOCKS5 and CONNECT; --to and --detect-timeout are optional."""
+    [listener] = from_flags({"listen": ["1"], "mode": "auto"}, TYPES).listeners
+    assert (listener.mode, listener.backends, listener.detect_timeout) == ("auto", (), 2.0)
+    [listener] = from_flags(
+        {"listen": ["1"], "mode": "auto", "detect-timeout": 0.5}, TYPES
+    ).listeners
+    assert listener.detect_timeout == 0.5
+
+
 def test_defaults_are_the_flags_defaults(tmp_path: Path) -> None:
     """A listener that sets only listen and to gets every other key's default."""
     [listener] = _load(tmp_path, '[[listener]]\nlisten = "8888"\nto = "h:80"\n').listeners
@@ -172,6 +182,8 @@ def test_flags_give_one_listener_named_after_its_first_listen() -> None:
         ({"listen": ["1"], "to": ["h:1"], "tls-key": ["k"]}, "--tls-key needs --tls-cert"),
         ({"listen": ["1"], "to": ["h:1"], "allow-dest": ["10.0.0.0/8"]}, "--allow-dest applies to --mode connect, socks5 and auto only"),
         ({"to": ["h:1"]}, "--listen is required (e.g. 8888)"),
+        ({"listen": ["1"], "to": ["h:1"], "detect-timeout": 1.0}, "--detect-timeout applies to --mode auto only"),
+        ({"listen": ["1"], "mode": "auto", "route": ["a.test=h:2"], "tls-cert": ["c.pem"]}, "--route and --tls-cert in --mode auto: TLS clients are either terminated"),
     ],
 )  # fmt: skip
 def test_flag_problems_name_flags(values: dict[str, object], expected: str) -> None:

@@ -75,6 +75,7 @@ from tunnelkit.config.model import (
 )
 from tunnelkit.engine import driver
 from tunnelkit.logs.tunnel_log import TunnelLog
+from tunnelkit.modes.auto import AutoMode, AutoModes
 from tunnelkit.modes.connect import ConnectMode
 from tunnelkit.modes.forward import ForwardMode
 from tunnelkit.modes.proxy_route import ProxySettings
@@ -717,7 +718,7 @@ def _listener_factories(
         )
         for route in listener.routes
     ]
-    mode = _mode(reactor, listener, group, routed)
+    mode = _mode(reactor, listener, group, routed, write_through)
     idle_watch = IdleWatch(reactor, settings.timeouts.idle) if settings.timeouts.idle else None
     pool = (
         splice.PipePool(
@@ -730,7 +731,8 @@ def _listener_factories(
         if settings.splice != "off" and splice.AVAILABLE
         else None
     )
-    tls = listener.tls
+    # An auto listener terminates TLS only for the clients that begin with a ClientHello.
+    tls = listener.tls if settings.mode != "auto" else None
     client_leg = _handshake_leg(tls) if tls is not None else None
 
     def make_factory(name: str) -> IProtocolFactory:
@@ -779,17 +781,57 @@ def _mode(
     listener: Listener,
     group: BackendGroup | None,
     routed: list[tuple[LoadedRoute, BackendGroup]],
+    write_through: bool,
 ) -> Mode:
     """The listener's mode: what its identify and route phases do."""
+    if listener.settings.mode == "auto":
+        return _auto_mode(reactor, listener, group, routed, write_through)
     if listener.settings.mode == "connect":
         return ConnectMode(_proxy_settings(reactor, listener, group), reactor)
     if listener.settings.mode == "socks5":
         return Socks5Mode(_proxy_settings(reactor, listener, group), reactor)
     if listener.settings.mode == "sni":
-        routes = SniRoutes((route.match, each) for route, each in routed)
-        return SniMode(SniSettings(routes, group, listener.settings.header_timeout))
+        return _sni_mode(listener, group, routed)
     assert group is not None
     return ForwardMode(group)
+
+
+def _sni_mode(
+    listener: Listener, group: BackendGroup | None, routed: list[tuple[LoadedRoute, BackendGroup]]
+) -> SniMode:
+    routes = SniRoutes((route.match, each) for route, each in routed)
+    return SniMode(SniSettings(routes, group, listener.settings.header_timeout))
+
+
+def _auto_mode(
+    reactor: Any,
+    listener: Listener,
+    group: BackendGroup | None,
+    routed: list[tuple[LoadedRoute, BackendGroup]],
+    write_through: bool,
+) -> AutoMode:
+    """One port for all: both proxies, TLS (terminated, or routed by SNI), and ``to`` for the rest.
+
+    The proxies choose their own targets here: ``to`` is where the clients
+    no mode claims go, never a fixed target for CONNECT or SOCKS5.
+    """
+    settings = listener.settings
+    proxy = _proxy_settings(reactor, listener, None)
+    upgrade = None
+    if listener.tls is not None:
+        from tunnelkit.tls.upgrade import TLSUpgrade
+
+        upgrade = TLSUpgrade(
+            listener.tls, read_size=settings.socket_options.read_size, write_through=write_through
+        )
+    modes = AutoModes(
+        socks5=Socks5Mode(proxy, reactor),
+        connect=ConnectMode(proxy, reactor),
+        tls=_sni_mode(listener, group, routed) if routed else None,
+        other=ForwardMode(group) if group is not None else None,
+        upgrade=upgrade,
+    )
+    return AutoMode(modes, settings.detect_timeout, settings.header_timeout)
 
 
 def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> IService:

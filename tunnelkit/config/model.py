@@ -325,6 +325,12 @@ def build_listener(
     backends = _backends(r, endpoint_types)
     if mode == "sni":
         _sni_checks(r, backends)
+    if mode == "auto" and r.given("route") and r.given("tls-cert"):
+        r.problem(
+            ("route",),
+            "{route} and {tls-cert} in {mode} auto: TLS clients are either terminated"
+            " ({tls-cert}) or routed by their server name ({route}), not both",
+        )
     routes = _routes(r, endpoint_types)
     clients, targets = _policies(r)
     tls = _server_tls(r)
