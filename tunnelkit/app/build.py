@@ -77,6 +77,8 @@ from tunnelkit.engine import driver
 from tunnelkit.logs.tunnel_log import TunnelLog
 from tunnelkit.modes.connect import ConnectMode, ConnectSettings
 from tunnelkit.modes.forward import ForwardMode
+from tunnelkit.proxy_protocol.accept import AcceptProxyHeader
+from tunnelkit.proxy_protocol.send import HeaderSender
 from tunnelkit.relay import splice
 from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
@@ -270,6 +272,7 @@ def _why_twisted(
         terminates_tls=listener.tls is not None,
         backend_tls=listener.backend_tls is not None,
         write_through=write_through,
+        accepts_proxy_protocol=listener.trusted_proxies is not None,
     )
 
 
@@ -674,7 +677,11 @@ def _listener_factories(
             write_through=write_through,
             pipes=pool,
             client_leg=client_leg,
+            proxies=settings.trusted_proxies,
+            proxy_header=HeaderSender(settings.proxy_protocol) if settings.proxy_protocol else None,
         )
+        if settings.trusted_proxies is not None:
+            factory.preamble = AcceptProxyHeader(settings.header_timeout, factory.client_allowed)
         if tls is None:
             return factory
         from tunnelkit.tls.transport import RelayTLSFactory
@@ -697,6 +704,7 @@ def _listener_factories(
             log_records=settings.access_log,
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
+            proxy_protocol=settings.proxy_protocol,
         )
     return make_factory, make_profile, group
 

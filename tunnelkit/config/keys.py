@@ -177,7 +177,11 @@ def _keys() -> Sequence[Key]:
         _many("deny-dest", L, "connect mode: refuse targets matching this rule (repeatable; beats --allow-dest)"),
         _many("allow-port", L, "connect mode: only these target ports, PORT or PORT-PORT (repeatable; default: all)"),
         Key("auth-file", L, TEXT, None, "connect mode: htpasswd file of bcrypt entries (htpasswd -B, tunnelkit passwd)"),
-        Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "connect mode: seconds from accept to the end of the request head"),
+        Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds from accept to the end of what the listener reads first (a PROXY header, the CONNECT request head)"),
+        # -- the PROXY protocol (docs/proxy-protocol.md)
+        Key("proxy-protocol", L, _choice("v1", "v2"), None, "Send a PROXY protocol header to each backend before any payload: v1 (text) or v2 (binary, with TLVs for ALPN, SNI and the client certificate when TLS is terminated)"),
+        _switch("accept-proxy-protocol", L, "Read a PROXY protocol header (v1 or v2) from each client first: its address then stands for the client's (needs --trusted-proxies)"),
+        _many("trusted-proxies", L, "With --accept-proxy-protocol: the only addresses or CIDRs that may connect, each sending a PROXY header (repeatable)"),
         # -- timeouts
         Key("connect-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds to connect to a backend"),
         Key("idle-timeout", L, SECONDS, 3600.0, "Close a tunnel that moved no byte this long (0: never)"),

@@ -193,6 +193,10 @@ class ListenerSettings:
     health: HealthSettings | None = None
     #: Seconds between resolutions of backend names while running (0: at start only).
     resolve_interval: float = 0.0
+    #: ``proxy-protocol``: the PROXY header version sent to backends (0: none).
+    proxy_protocol: int = 0
+    #: ``accept-proxy-protocol`` with its ``trusted-proxies``; ``None``: no header is read.
+    trusted_proxies: ClientPolicy | None = None
 
 
 @attrs.frozen
@@ -308,6 +312,7 @@ def build_listener(
     tls = _server_tls(r)
     backend_tls = _backend_tls(r, backends)
     health = _health(r)
+    proxy_protocol, trusted_proxies = _proxy_protocol(r, backends)
     if len(problems) > before:
         return None
     return ListenerSettings(
@@ -350,6 +355,8 @@ def build_listener(
         ),
         health=health,
         resolve_interval=r["resolve-interval"],
+        proxy_protocol=proxy_protocol,
+        trusted_proxies=trusted_proxies,
     )
 
 
@@ -390,6 +397,34 @@ def _backend_options(text: str) -> tuple[str, int, bool]:
             raise ValueError(f"weight={value}: a weight is a whole number from 0 to {MAX_WEIGHT}")
         weight = int(value)
     return text, weight, backup
+
+
+def _proxy_protocol(r: _Reader, backends: Sequence[BackendSpec]) -> tuple[int, ClientPolicy | None]:
+    """The PROXY header version sent (0: none), and the trusted proxies whose headers are read."""
+    version = {"v1": 1, "v2": 2, None: 0}[r["proxy-protocol"]]
+    if version and any(spec.tls for spec in backends):
+        r.problem(
+            ("proxy-protocol",),
+            "{proxy-protocol} with a TLS backend: not supported (the header would have to go"
+            " before the TLS handshake)",
+        )
+    trusted = r["trusted-proxies"]
+    if not r["accept-proxy-protocol"]:
+        if trusted:
+            r.problem(("trusted-proxies",), "{trusted-proxies} needs {accept-proxy-protocol}")
+        return version, None
+    if not trusted:
+        r.problem(
+            ("accept-proxy-protocol",),
+            "{accept-proxy-protocol} needs {trusted-proxies}: the addresses whose PROXY headers"
+            " may be believed (e.g. 10.0.0.0/8)",
+        )
+        return version, None
+    try:
+        return version, ClientPolicy.from_options(trusted)
+    except ValueError as e:
+        r.problem(("trusted-proxies",), str(e))
+        return version, None
 
 
 def _health(r: _Reader) -> HealthSettings | None:

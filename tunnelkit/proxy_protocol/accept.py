@@ -1,0 +1,102 @@
+"""``--accept-proxy-protocol``: read a trusted proxy's PROXY header before the mode speaks.
+
+Only ``--trusted-proxies`` may connect to such a listener (the factory
+refuses anyone else at admission: a header from them is never read, let
+alone believed; UNIX peers pass, as file modes guard them). From a trusted
+proxy the header is required, first, whole within the listener's header
+deadline (shared with what the mode reads next: :func:`time_left`), and
+strictly valid (:mod:`.parse`). The client address it carries then stands
+for the socket's: the client policy is applied to it here, and balancing,
+the record and an onward PROXY header use it (``Tunnel.peer_override``, and
+the destination it carries ``Tunnel.host_override``, as HAProxy passes both on);
+the record keeps the proxy's own address as ``proxied_by``. A ``LOCAL``
+header (the proxy's health check) or one without an IP address leaves the
+socket's address in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.logger import Logger
+
+from tunnelkit.proxy_protocol.build import Address
+from tunnelkit.proxy_protocol.parse import HeaderError, HeaderReader, ProxyHeader
+from tunnelkit.relay.phases import Refused, time_left
+from tunnelkit.relay.tunnel import CloseKind, Tunnel
+
+log = Logger(namespace="tunnelkit.proxy_protocol")
+
+
+class AcceptProxyHeader:
+    """A listener's preamble (:data:`~tunnelkit.relay.phases.Preamble`): one header per client.
+
+    ``client_allowed`` is the listener's client policy (the factory's, which
+    logs a refusal), asked of the address the header carries.
+    """
+
+    def __init__(self, header_timeout: float, client_allowed: Callable[[IAddress], bool]) -> None:
+        self.header_timeout = header_timeout
+        self.client_allowed = client_allowed
+
+    def __call__(self, tunnel: Tunnel) -> Deferred[None]:
+        return _Reading(self, tunnel).done
+
+
+class _Reading:
+    """One client's header being read; lets go of everything once it fires."""
+
+    def __init__(self, accept: AcceptProxyHeader, tunnel: Tunnel) -> None:
+        self.accept = accept
+        self.tunnel = tunnel
+        self.reader = HeaderReader()
+        self.done: Deferred[None] = Deferred()
+        tunnel.client.intercept(self.received)
+        tunnel.arm("header", time_left(tunnel, accept.header_timeout), self.timed_out)
+
+    def received(self, data: bytes) -> None:
+        try:
+            header = self.reader.feed(data)
+        except HeaderError as e:
+            self.finish(Refused(f"bad PROXY header: {e}", CloseKind.ERROR, status=400))
+            return
+        if header is not None:
+            self.finish(self.believe(header))
+
+    def believe(self, header: ProxyHeader) -> Refused | None:
+        """Stand the header's client address for the socket's, if the client policy lets it in."""
+        if header.source is None:
+            return None
+        carried, host = (_address(pair) for pair in (header.source, header.destination))
+        tunnel = self.tunnel
+        tunnel.details["proxied_by"] = tunnel.client.address
+        tunnel.peer_override, tunnel.host_override = carried, host
+        if not self.accept.client_allowed(carried):
+            return Refused("client refused by the client policy", CloseKind.ERROR, status=403)
+        return None
+
+    def timed_out(self) -> None:
+        timeout = self.accept.header_timeout
+        self.finish(Refused(f"PROXY header timeout ({timeout:g} s)", CloseKind.TIMEOUT, status=408))
+
+    def finish(self, refused: Refused | None) -> None:
+        tunnel, done = self.tunnel, self.done
+        tunnel.disarm("header")
+        tunnel.client.intercept(None)
+        if refused is not None:
+            done.errback(refused)
+            return
+        done.callback(None)
+        # The mode's identify has begun to read (or holds for the backend): what followed is its.
+        tunnel.client.replay(self.reader.rest)
+
+
+def _address(pair: Address | None) -> Any:
+    """A header's ``(host, port)`` as Twisted's address of a TCP peer."""
+    assert pair is not None  # a header with a source has a destination
+    host, port = pair
+    return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
