@@ -25,7 +25,7 @@ from loopback import (
     split_address,
 )
 from planes import TWISTED, on_planes
-from test_send_sockets import read_header
+from test_proxy_send_sockets import read_header
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
