@@ -74,3 +74,20 @@ def test_sending_stays_on_the_engine_accepting_does_not() -> None:
         _why_twisted(
             "--accept-proxy-protocol", "--trusted-proxies", "127.0.0.1", "--engine", "native"
         )
+
+
+@pytest.mark.parametrize(
+    ("version", "send", "expected"),
+    [
+        ("v1", None, b"PROXY UNKNOWN\r\n"),
+        ("v1", "PING\\r\\n", b"PROXY UNKNOWN\r\nPING\r\n"),
+        ("v2", None, b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"),
+    ],
+)
+def test_health_checks_begin_with_a_header(version: str, send: str | None, expected: bytes) -> None:
+    """A backend that wants the header gets one from checks too: v1 UNKNOWN or v2 LOCAL first."""
+    values: dict[str, object] = {"health-interval": 2.0, "proxy-protocol": version}
+    if send is not None:
+        values["health-send"] = send
+    [listener] = from_flags({"listen": ["1"], "to": ["h:1"], **values}, TYPES).listeners
+    assert listener.health is not None and listener.health.send == expected

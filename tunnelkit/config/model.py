@@ -33,6 +33,7 @@ from tunnelkit.config.addresses import (
 )
 from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
 from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
+from tunnelkit.proxy_protocol.build import header as proxy_header
 from tunnelkit.relay.socket_options import SocketOptions
 
 #: A key path: ``("listener", 2, "to", 0)`` is ``listener[2].to[0]``.
@@ -313,6 +314,12 @@ def build_listener(
     backend_tls = _backend_tls(r, backends)
     health = _health(r)
     proxy_protocol, trusted_proxies = _proxy_protocol(r, backends)
+    if health is not None and proxy_protocol:
+        # A backend that wants the header wants it from checks too: one that
+        # says "use the connection's addresses" (v1 UNKNOWN, v2 LOCAL), as
+        # HAProxy's checks send with send-proxy.
+        check = proxy_header(proxy_protocol, None, None)
+        health = attrs.evolve(health, send=check + (health.send or b""))
     if len(problems) > before:
         return None
     return ListenerSettings(
