@@ -10,10 +10,17 @@ without a backend ever being dialled.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import ssl
+import tempfile
 from collections.abc import Generator
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import trustme
+from certs import write_ca, write_pair
 from loopback import (
     LoopbackTestCase,
     connect,
@@ -26,10 +33,11 @@ from loopback import (
 )
 from planes import TWISTED, on_planes
 from test_proxy_send_sockets import read_header
+from tls_clients import client_context
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
-from tunnelkit.proxy_protocol.build import v1, v2
+from tunnelkit.proxy_protocol.build import PP2_TYPE_AUTHORITY, v1, v2
 
 Inline = Generator[Deferred[Any], Any, None]
 
@@ -186,3 +194,63 @@ class AcceptTests(LoopbackTestCase):
         (record,) = yield forwarder.closed(1)
         self.assertEqual(got, b"HTTP/1.1 200 Connection established\r\n\r\nping")
         self.assertEqual(record["client"], "203.0.113.7:4242")
+
+
+@on_planes(TWISTED)
+class AcceptBeforeTLSTests(LoopbackTestCase):
+    """A trusted proxy's PROXY header in clear before the TLS that tunnelkit terminates"""
+
+    def setUp(self) -> None:
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, True)
+        ca = trustme.CA()
+        self.pair = write_pair(ca, directory, "proxied.example")
+        self.context = client_context(write_ca(ca, directory))
+
+    def tls_forward(self, backend: str, *extra: str) -> Any:
+        return self.forward(
+            "--to", backend, *ACCEPT, "--proxy-protocol", "v2",
+            "--tls-cert", str(self.pair.cert), "--tls-key", str(self.pair.key), *extra,
+        )  # fmt: skip
+
+    @inlineCallbacks
+    def test_the_header_comes_before_the_handshake(self) -> Inline:
+        """Header first, then TLS on the same connection: the carried client is sent on with the SNI."""
+        backend = self.serve(partial(read_header, size=5))
+        forwarder = self.tls_forward(backend.address)
+
+        def talk() -> bytes:
+            sock = connect(forwarder.address)
+            sock.sendall(v1(FOREIGN, FRONT))
+            with self.context.wrap_socket(sock, server_hostname="proxied.example") as tls:
+                tls.sendall(b"hello")
+                return tls.recv(16)
+
+        reply = yield deferToThread(talk)
+        _raw, header, digest = yield deferToThread(backend.outcome)
+        self.assertEqual((reply, digest), (b"ok", sha256(b"hello")))
+        self.assertEqual((header.source, header.destination), (FOREIGN, FRONT))
+        self.assertEqual(dict(header.tlvs)[PP2_TYPE_AUTHORITY], b"proxied.example")
+
+    @inlineCallbacks
+    def test_a_refused_client_gets_no_handshake(self) -> Inline:
+        """A carried address the client policy denies: closed before any TLS, the reason recorded."""
+        backend = self.serve(echo)
+        forwarder = self.tls_forward(backend.address, "--deny-client", "203.0.113.0/24")
+
+        def talk() -> str:
+            sock = connect(forwarder.address)
+            sock.sendall(v1(FOREIGN, FRONT))
+            try:
+                self.context.wrap_socket(sock, server_hostname="proxied.example").close()
+            except (ssl.SSLError, OSError) as e:
+                sock.close()
+                return type(e).__name__
+            return "handshaken"
+
+        outcome = yield deferToThread(talk)
+        (record,) = yield forwarder.closed(1)
+        self.assertNotEqual(outcome, "handshaken")
+        self.assertEqual(record["reason"], "client refused by the client policy")
+        self.assertEqual(record["client"], "203.0.113.7:4242")
+        self.assertEqual(backend.accepted, 0)

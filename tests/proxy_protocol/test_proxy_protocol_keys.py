@@ -91,3 +91,22 @@ def test_health_checks_begin_with_a_header(version: str, send: str | None, expec
         values["health-send"] = send
     [listener] = from_flags({"listen": ["1"], "to": ["h:1"], **values}, TYPES).listeners
     assert listener.health is not None and listener.health.send == expected
+
+
+def test_an_ssl_listener_cannot_accept(tmp_path: Path) -> None:
+    """An ssl: listener reads nothing before its own TLS: accepting there is refused with the way out."""
+    import trustme
+    from certs import write_pair
+
+    pair = write_pair(trustme.CA(), tmp_path, "localhost")
+    options = Options(reactor=MemoryReactorClock())
+    options.parseOptions(
+        [
+            "--listen", f"ssl:0:privateKey={pair.key}:certKey={pair.cert}",
+            "--to", "127.0.0.1:1",
+            "--accept-proxy-protocol", "--trusted-proxies", "127.0.0.1",
+        ]
+    )  # fmt: skip
+    assert options.settings is not None
+    with pytest.raises(ConfigError, match="reads no PROXY header before its TLS"):
+        prepare(options.settings, options.reactor)

@@ -165,3 +165,26 @@ class CurlSends(PeerTestCase):
         (record,) = yield forwarder.closed(1)
         self.assertEqual(record["client"], f"127.0.0.1:{local_port}")
         self.assertIn("proxied_by", record)
+
+    @inlineCallbacks
+    def test_curls_header_before_tls_is_read(self) -> Inline:
+        """https with --haproxy-protocol: the header in clear, then TLS tunnelkit terminates."""
+        ca = trustme.CA()
+        pair = write_pair(ca, self.directory, "proxied.example")
+        ca_file = write_ca(ca, self.directory)
+        forwarder = self.forward(
+            "--to", self.haproxy.address, "--proxy-protocol", "v2",
+            "--accept-proxy-protocol", "--trusted-proxies", "127.0.0.1",
+            "--tls-cert", str(pair.cert), "--tls-key", str(pair.key),
+        )  # fmt: skip
+        host, port = split_address(forwarder.address)
+        out = yield deferToThread(
+            curl,
+            "--haproxy-protocol",
+            "--cacert", str(ca_file),
+            "--resolve", f"proxied.example:{port}:{host}",
+            "-w", " %{local_port}",
+            f"https://proxied.example:{port}/",
+        )  # fmt: skip
+        src, src_port, _dst, _dst_port, authority, local_port = out.split()
+        self.assertEqual((src, src_port, authority), (host, local_port, "proxied.example"))

@@ -357,6 +357,12 @@ def _tls_listener(
             "has its own certificate, and {tls-cert} would wrap it in TLS twice; with"
             " {tls-cert}, listen on a port or a tcp: endpoint",
         )
+    if listener.trusted_proxies is not None:
+        problems.add(
+            ("listen", index),
+            "reads no PROXY header before its TLS; with {accept-proxy-protocol}, use"
+            " {tls-cert}/{tls-key} on a port or a tcp: endpoint",
+        )
     from tunnelkit.tls.listener import SSLListener
 
     return SSLListener(
@@ -680,14 +686,23 @@ def _listener_factories(
             proxies=settings.trusted_proxies,
             proxy_header=HeaderSender(settings.proxy_protocol) if settings.proxy_protocol else None,
         )
-        if settings.trusted_proxies is not None:
-            factory.preamble = AcceptProxyHeader(settings.header_timeout, factory.client_allowed)
+        accept = (
+            AcceptProxyHeader(settings.header_timeout, factory.client_allowed)
+            if settings.trusted_proxies is not None
+            else None
+        )
         if tls is None:
+            factory.preamble = accept
             return factory
         from tunnelkit.tls.transport import RelayTLSFactory
 
         return RelayTLSFactory(
-            tls, False, factory, read_size=options.read_size, write_through=write_through
+            tls,
+            False,
+            factory,
+            read_size=options.read_size,
+            write_through=write_through,
+            before_tls=accept.before_tls if accept is not None else None,
         )
 
     make_profile = None
