@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Generator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
 from certs import write_ca, write_pair
 from loopback import (
@@ -26,14 +28,16 @@ from loopback import (
     connect,
     recv_all,
     recv_exactly,
+    recv_outcome,
     sha256,
     split_address,
 )
-from planes import on_each_plane
+from planes import ENGINE, on_each_plane, on_planes
 from tls_clients import client_context
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from tunnelkit.engine import driver
 from tunnelkit.proxy_protocol.build import (
     PP2_SUBTYPE_SSL_CN,
     PP2_SUBTYPE_SSL_VERSION,
@@ -188,3 +192,58 @@ class SendTLSTests(LoopbackTestCase):
         subs = sub_tlvs(ssl_tlv)
         self.assertEqual(subs[PP2_SUBTYPE_SSL_CN], b"alice")
         self.assertEqual(subs[PP2_SUBTYPE_SSL_VERSION].decode(), version)
+
+
+def test_the_engine_checks_its_proxy_settings() -> None:
+    """A version other than 0, 1 or 2, or TLVs that are not callable, are refused when the profile is made."""
+    from tunnelkit.engine import _engine
+
+    args = ([("b", "127.0.0.1", 1)], 4096, 4096, "off", 0.0, 0.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="proxy_protocol must be 0"):
+        _engine.Profile(*args, proxy_protocol=3)
+    with pytest.raises(TypeError, match="proxy_tlvs must be callable"):
+        _engine.Profile(*args, proxy_protocol=2, proxy_tlvs=5)  # type: ignore[arg-type]
+
+
+@on_planes(ENGINE)
+class EngineTLVFailureTests(LoopbackTestCase):
+    """The engine when Python cannot make a TLS client's TLVs"""
+
+    @inlineCallbacks
+    def test_a_failed_header_ends_the_tunnel_with_its_reason(self) -> Inline:
+        """No header, no relay: the backend gets nothing, the record says why."""
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, True)
+        ca = trustme.CA()
+        server = write_pair(ca, directory, "proxied.example")
+        context = client_context(write_ca(ca, directory))
+
+        def broken(connection: Any) -> bytes:
+            raise RuntimeError("no TLVs today")
+
+        self.patch(driver, "_proxy_tlvs", lambda: broken)
+        reported: list[Any] = []
+        self.patch(sys, "unraisablehook", reported.append)
+        backend = self.serve(recv_outcome)
+        forwarder = self.forward(
+            "--to", backend.address, "--proxy-protocol", "v2",
+            "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        )  # fmt: skip
+
+        def talk() -> bytes:
+            sock = connect(forwarder.address)
+            try:
+                with context.wrap_socket(sock, server_hostname="proxied.example") as tls:
+                    tls.sendall(b"hello")
+                    return tls.recv(16)
+            except OSError:  # reset (ssl's errors are OSErrors too)
+                return b""
+            finally:
+                sock.close()
+
+        reply = yield deferToThread(talk)
+        (record,) = yield forwarder.closed(1)
+        received = yield deferToThread(backend.outcome)
+        self.assertEqual((reply, received[0]), (b"", b""))
+        self.assertEqual(record["reason"], "the PROXY header could not be made")
+        self.assertEqual([str(each.exc_value) for each in reported], ["no TLVs today"])
