@@ -23,14 +23,11 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
-from twisted.logger import Logger
 
 from tunnelkit.proxy_protocol.build import Address
 from tunnelkit.proxy_protocol.parse import HeaderError, HeaderReader, ProxyHeader
 from tunnelkit.relay.phases import Refused, time_left
 from tunnelkit.relay.tunnel import CloseKind, Leg, Side, Tunnel
-
-log = Logger(namespace="tunnelkit.proxy_protocol")
 
 
 class AcceptProxyHeader:
