@@ -32,7 +32,7 @@ from loopback import (
     sha256,
     split_address,
 )
-from planes import ENGINE, on_each_plane, on_planes
+from planes import ENGINE, SPLICE_VARIANTS, on_each_plane, on_planes
 from tls_clients import client_context
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -91,9 +91,9 @@ def sub_tlvs(ssl_tlv: bytes) -> dict[int, bytes]:
     return found
 
 
-@on_each_plane
+@on_planes(*SPLICE_VARIANTS)
 class SendTests(LoopbackTestCase):
-    """The header each backend gets first"""
+    """The header each backend gets first (before spliced bytes too)"""
 
     @inlineCallbacks
     def _sent(self, version: str, *extra: str) -> Inline:
@@ -108,6 +108,8 @@ class SendTests(LoopbackTestCase):
         self.assertEqual(reply, b"ok")
         self.assertEqual(digest, sha256(payload))
         self.assertEqual(record["bytes_up"], len(payload))  # the header is not the client's
+        if self.plane is not None and "on" in self.plane.args:
+            self.assertTrue(record.get("spliced"), record)  # the header went first all the same
         return raw, header, client, split_address(forwarder.address)
 
     @inlineCallbacks
