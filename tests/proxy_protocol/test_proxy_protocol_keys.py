@@ -48,6 +48,11 @@ def test_flags_and_file_say_the_same(tmp_path: Path) -> None:
         ({"trusted-proxies": ["10.0.0.1"]}, "--trusted-proxies needs --accept-proxy-protocol"),
         ({"accept-proxy-protocol": True, "trusted-proxies": ["nope"]}, "--trusted-proxies"),
         ({"proxy-protocol": "v1", "to": ["tls:h:443"]}, "--proxy-protocol with a TLS backend"),
+        ({"proxy-protocol": "v2", "to": ["ssl:h:443"]}, "--proxy-protocol with a TLS backend"),
+        (
+            {"proxy-protocol": "v2", "to": ["h:443"], "backend-tls": True},
+            "--proxy-protocol with a TLS backend",
+        ),
     ],
 )
 def test_misuse_is_named(values: dict[str, object], expected: str) -> None:

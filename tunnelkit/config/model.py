@@ -409,7 +409,7 @@ def _backend_options(text: str) -> tuple[str, int, bool]:
 def _proxy_protocol(r: _Reader, backends: Sequence[BackendSpec]) -> tuple[int, ClientPolicy | None]:
     """The PROXY header version sent (0: none), and the trusted proxies whose headers are read."""
     version = {"v1": 1, "v2": 2, None: 0}[r["proxy-protocol"]]
-    if version and any(spec.tls for spec in backends):
+    if version and any(spec.tls or _tls_endpoint(spec.address) for spec in backends):
         r.problem(
             ("proxy-protocol",),
             "{proxy-protocol} with a TLS backend: not supported (the header would have to go"
@@ -432,6 +432,11 @@ def _proxy_protocol(r: _Reader, backends: Sequence[BackendSpec]) -> tuple[int, C
     except ValueError as e:
         r.problem(("trusted-proxies",), str(e))
         return version, None
+
+
+def _tls_endpoint(address: HostPort | str) -> bool:
+    """A Twisted client endpoint string that speaks TLS (``ssl:``, Twisted's own ``tls:``)."""
+    return isinstance(address, str) and address.lower().startswith(("ssl:", "tls:"))
 
 
 def _health(r: _Reader) -> HealthSettings | None:
