@@ -82,6 +82,8 @@ from tunnelkit.modes.proxy_route import ProxySettings
 from tunnelkit.modes.sni import SniMode, SniSettings
 from tunnelkit.modes.socks5 import Socks5Mode
 from tunnelkit.policy.sni_routes import RouteMatch, SniRoutes
+from tunnelkit.proxy_protocol.accept import AcceptProxyHeader
+from tunnelkit.proxy_protocol.send import HeaderSender
 from tunnelkit.relay import splice
 from tunnelkit.relay.factory import TunnelFactory
 from tunnelkit.relay.idle_watch import IdleWatch
@@ -320,6 +322,7 @@ def _why_twisted(
         terminates_tls=listener.tls is not None,
         backend_tls=listener.backend_tls is not None,
         write_through=write_through,
+        accepts_proxy_protocol=listener.trusted_proxies is not None,
     )
 
 
@@ -403,6 +406,12 @@ def _tls_listener(
             ("listen", index),
             "has its own certificate, and {tls-cert} would wrap it in TLS twice; with"
             " {tls-cert}, listen on a port or a tcp: endpoint",
+        )
+    if listener.trusted_proxies is not None:
+        problems.add(
+            ("listen", index),
+            "reads no PROXY header before its TLS; with {accept-proxy-protocol}, use"
+            " {tls-cert}/{tls-key} on a port or a tcp: endpoint",
         )
     from tunnelkit.tls.listener import SSLListener
 
@@ -749,13 +758,26 @@ def _listener_factories(
             write_through=write_through,
             pipes=pool,
             client_leg=client_leg,
+            proxies=settings.trusted_proxies,
+            proxy_header=HeaderSender(settings.proxy_protocol) if settings.proxy_protocol else None,
+        )
+        accept = (
+            AcceptProxyHeader(settings.header_timeout, factory.client_allowed)
+            if settings.trusted_proxies is not None
+            else None
         )
         if tls is None:
+            factory.preamble = accept
             return factory
         from tunnelkit.tls.transport import RelayTLSFactory
 
         return RelayTLSFactory(
-            tls, False, factory, read_size=options.read_size, write_through=write_through
+            tls,
+            False,
+            factory,
+            read_size=options.read_size,
+            write_through=write_through,
+            before_tls=accept.before_tls if accept is not None else None,
         )
 
     make_profile = None
@@ -772,6 +794,7 @@ def _listener_factories(
             log_records=settings.access_log,
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
+            proxy_protocol=settings.proxy_protocol,
         )
     return make_factory, make_profile, group, routed
 

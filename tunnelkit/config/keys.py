@@ -179,7 +179,11 @@ def _keys() -> Sequence[Key]:
         _many("allow-port", L, "connect, socks5 and auto modes: only these target ports, PORT or PORT-PORT (repeatable; default: all)"),
         Key("auth-file", L, TEXT, None, "connect, socks5 and auto modes: htpasswd file of bcrypt entries (htpasswd -B, tunnelkit passwd); SOCKS5 then requires username/password"),
         Key("detect-timeout", L, POSITIVE_SECONDS, 2.0, "auto mode: seconds a client may stay silent before it goes to --to (protocols where the server speaks first) or is closed"),
-        Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds from accept to the end of what the listener reads first (CONNECT head, SOCKS5 negotiation, ClientHello; in auto mode, the first bytes too)"),
+        Key("header-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds from accept to the end of what the listener reads first (a PROXY header, a CONNECT head, a SOCKS5 negotiation, a ClientHello; in auto mode, the first bytes too)"),
+        # -- the PROXY protocol (docs/proxy-protocol.md)
+        Key("proxy-protocol", L, _choice("v1", "v2"), None, "Send a PROXY protocol header to each backend before any payload: v1 (text) or v2 (binary, with TLVs for ALPN, SNI and the client certificate when TLS is terminated)"),
+        _switch("accept-proxy-protocol", L, "Read a PROXY protocol header (v1 or v2) from each client first: its address then stands for the client's (needs --trusted-proxies)"),
+        _many("trusted-proxies", L, "With --accept-proxy-protocol: the only addresses or CIDRs that may connect, each sending a PROXY header (repeatable)"),
         # -- timeouts
         Key("connect-timeout", L, POSITIVE_SECONDS, 10.0, "Seconds to connect to a backend"),
         Key("idle-timeout", L, SECONDS, 3600.0, "Close a tunnel that moved no byte this long (0: never)"),

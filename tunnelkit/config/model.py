@@ -34,6 +34,7 @@ from tunnelkit.config.addresses import (
 from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
 from tunnelkit.policy.sni_routes import RouteMatch, parse_route
 from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
+from tunnelkit.proxy_protocol.build import header as proxy_header
 from tunnelkit.relay.socket_options import SocketOptions
 
 #: A key path: ``("listener", 2, "to", 0)`` is ``listener[2].to[0]``.
@@ -206,6 +207,10 @@ class ListenerSettings:
     detect_timeout: float = 2.0
     #: sni mode: the ``route`` values, in the order given.
     routes: tuple[RouteSpec, ...] = ()
+    #: ``proxy-protocol``: the PROXY header version sent to backends (0: none).
+    proxy_protocol: int = 0
+    #: ``accept-proxy-protocol`` with its ``trusted-proxies``; ``None``: no header is read.
+    trusted_proxies: ClientPolicy | None = None
 
 
 @attrs.frozen
@@ -336,6 +341,13 @@ def build_listener(
     tls = _server_tls(r)
     backend_tls = _backend_tls(r, backends)
     health = _health(r)
+    proxy_protocol, trusted_proxies = _proxy_protocol(r, backends)
+    if health is not None and proxy_protocol:
+        # A backend that wants the header wants it from checks too: one that
+        # says "use the connection's addresses" (v1 UNKNOWN, v2 LOCAL), as
+        # HAProxy's checks send with send-proxy.
+        check = proxy_header(proxy_protocol, None, None)
+        health = attrs.evolve(health, send=check + (health.send or b""))
     if len(problems) > before:
         return None
     return ListenerSettings(
@@ -380,6 +392,8 @@ def build_listener(
         health=health,
         resolve_interval=r["resolve-interval"],
         routes=routes,
+        proxy_protocol=proxy_protocol,
+        trusted_proxies=trusted_proxies,
     )
 
 
@@ -472,6 +486,39 @@ def _backend_options(text: str) -> tuple[str, int, bool]:
             raise ValueError(f"weight={value}: a weight is a whole number from 0 to {MAX_WEIGHT}")
         weight = int(value)
     return text, weight, backup
+
+
+def _proxy_protocol(r: _Reader, backends: Sequence[BackendSpec]) -> tuple[int, ClientPolicy | None]:
+    """The PROXY header version sent (0: none), and the trusted proxies whose headers are read."""
+    version = {"v1": 1, "v2": 2, None: 0}[r["proxy-protocol"]]
+    if version and any(spec.tls or _tls_endpoint(spec.address) for spec in backends):
+        r.problem(
+            ("proxy-protocol",),
+            "{proxy-protocol} with a TLS backend: not supported (the header would have to go"
+            " before the TLS handshake)",
+        )
+    trusted = r["trusted-proxies"]
+    if not r["accept-proxy-protocol"]:
+        if trusted:
+            r.problem(("trusted-proxies",), "{trusted-proxies} needs {accept-proxy-protocol}")
+        return version, None
+    if not trusted:
+        r.problem(
+            ("accept-proxy-protocol",),
+            "{accept-proxy-protocol} needs {trusted-proxies}: the addresses whose PROXY headers"
+            " may be believed (e.g. 10.0.0.0/8)",
+        )
+        return version, None
+    try:
+        return version, ClientPolicy.from_options(trusted)
+    except ValueError as e:
+        r.problem(("trusted-proxies",), str(e))
+        return version, None
+
+
+def _tls_endpoint(address: HostPort | str) -> bool:
+    """A Twisted client endpoint string that speaks TLS (``ssl:``, Twisted's own ``tls:``)."""
+    return isinstance(address, str) and address.lower().startswith(("ssl:", "tls:"))
 
 
 def _health(r: _Reader) -> HealthSettings | None:

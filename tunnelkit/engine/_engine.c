@@ -249,6 +249,8 @@ typedef struct profile {
     PyObject *tls_new;    /* callable(fd) -> (SSL address, pyOpenSSL Connection), or NULL */
     double tls_timeout;   /* --tls-handshake-timeout */
     PyObject *context;    /* Python's own object for this profile (Profile.context) */
+    int proxy_protocol;   /* the PROXY header version sent to backends (0: none) */
+    PyObject *proxy_tlvs; /* callable(pyOpenSSL Connection) -> bytes: a TLS client's v2 TLVs, or NULL */
 } Profile;
 
 /* What each listener index counts, in COUNTER_NAMES' order (the fields of
@@ -1378,22 +1380,153 @@ static void backend_joined(Engine *e, Pool *p, int i) {
     }
 }
 
+/* -- the PROXY protocol ---------------------------------------------------------
+ *
+ * --proxy-protocol v1|v2: the backend gets a header with the client's address
+ * and the one it connected to before any byte of the client's, as HAProxy's
+ * send-proxy(-v2) writes it; tunnelkit/proxy_protocol/build.py makes the same
+ * bytes on Twisted's plane (tests hold the two planes to the same header).
+ * The header is put where the client's held bytes go (dir[CLIENT].buf), so
+ * flush() sends it first and the client is not read until it is sent. */
+
+static const char V2_SIGNATURE[12] = {'\r', '\n', '\r', '\n', 0, '\r', '\n', 'Q', 'U', 'I', 'T', '\n'};
+#define V2_HEADER 16     /* the signature, command, family and length */
+#define V2_ADDRESSES 36  /* two IPv6 addresses and two ports, the most version 2 carries here */
+
+/* The client's address and the one it connected to, each as (IP bytes, port)
+ * in network order. 4 or 16: their size; 0: they cannot be said (a UNIX
+ * socket), and the header says UNKNOWN (v1) or LOCAL (v2). */
+static int proxy_addresses(const tunnel_t *t, unsigned char ips[2][16], uint16_t ports[2]) {
+    struct sockaddr_storage local;
+    socklen_t len = sizeof local;
+    const struct sockaddr_storage *ends[2] = {&t->peer, &local};
+    if (getsockname(t->fd[CLIENT], (struct sockaddr *)&local, &len) < 0 ||
+        local.ss_family != t->peer.ss_family)
+        return 0;
+    for (int i = 0; i < 2; i++) {
+        if (ends[i]->ss_family == AF_INET) {
+            const struct sockaddr_in *a = (const struct sockaddr_in *)ends[i];
+            memcpy(ips[i], &a->sin_addr, 4);
+            ports[i] = a->sin_port;
+        } else if (ends[i]->ss_family == AF_INET6) {
+            const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ends[i];
+            memcpy(ips[i], &a->sin6_addr, 16);
+            ports[i] = a->sin6_port;
+        } else {
+            return 0;
+        }
+    }
+    return local.ss_family == AF_INET ? 4 : 16;
+}
+
+/* The longest version 1 line (proxy-protocol.txt 2.1), CRLF and a NUL. */
+#define V1_ROOM 108
+
+/* The version 1 line into out (V1_ROOM bytes): its length. */
+static size_t proxy_v1(char *out, int size, unsigned char ips[2][16], const uint16_t ports[2]) {
+    if (size == 0)
+        return (size_t)snprintf(out, V1_ROOM, "PROXY UNKNOWN\r\n");
+    char text[2][INET6_ADDRSTRLEN];
+    int family = size == 4 ? AF_INET : AF_INET6;
+    for (int i = 0; i < 2; i++)
+        inet_ntop(family, ips[i], text[i], sizeof text[i]);
+    return (size_t)snprintf(out, V1_ROOM, "PROXY TCP%c %s %s %u %u\r\n", size == 4 ? '4' : '6', text[0], text[1],
+                           ntohs(ports[0]), ntohs(ports[1]));
+}
+
+/* A TLS client's version 2 TLVs, asked of Python (NULL with a Python error). */
+static PyObject *proxy_tlvs(const tunnel_t *t) {
+    PyObject *tlvs = PyObject_CallOneArg(t->profile->proxy_tlvs, t->tls);
+    if (tlvs != NULL && !PyBytes_Check(tlvs)) {
+        Py_DECREF(tlvs);
+        PyErr_SetString(PyExc_TypeError, "proxy_tlvs must return bytes");
+        return NULL;
+    }
+    if (tlvs != NULL && PyBytes_GET_SIZE(tlvs) > 0xFFFF - V2_ADDRESSES) {
+        Py_DECREF(tlvs);
+        PyErr_SetString(PyExc_ValueError, "the PROXY header's TLVs are too long");
+        return NULL;
+    }
+    return tlvs;
+}
+
+/* The version 2 header into a new buffer: its length, or 0 (Python error, out of memory). */
+static size_t proxy_v2(const tunnel_t *t, char **out, int size, unsigned char ips[2][16],
+                       const uint16_t ports[2]) {
+    PyObject *tlvs = NULL;
+    if (size > 0 && t->tls != NULL && t->profile->proxy_tlvs != NULL &&
+        (tlvs = proxy_tlvs(t)) == NULL)
+        return 0;
+    size_t extra = tlvs != NULL ? (size_t)PyBytes_GET_SIZE(tlvs) : 0;
+    size_t body = size > 0 ? 2 * (size_t)size + 4 + extra : 0;
+    unsigned char *h = malloc(V2_HEADER + body);
+    if (h != NULL) {
+        memcpy(h, V2_SIGNATURE, 12);
+        h[12] = size > 0 ? 0x21 : 0x20; /* version 2, PROXY or LOCAL */
+        h[13] = size == 4 ? 0x11 : size == 16 ? 0x21 : 0x00; /* TCP4, TCP6 or UNSPEC */
+        h[14] = (unsigned char)(body >> 8);
+        h[15] = (unsigned char)body;
+        if (size > 0) {
+            memcpy(h + V2_HEADER, ips[0], size);
+            memcpy(h + V2_HEADER + size, ips[1], size);
+            memcpy(h + V2_HEADER + 2 * size, &ports[0], 2);
+            memcpy(h + V2_HEADER + 2 * size + 2, &ports[1], 2);
+            if (extra > 0)
+                memcpy(h + V2_HEADER + 2 * size + 4, PyBytes_AS_STRING(tlvs), extra);
+        }
+    }
+    Py_XDECREF(tlvs);
+    *out = (char *)h;
+    return h != NULL ? V2_HEADER + body : 0;
+}
+
+/* Put the tunnel's PROXY header first in what goes to its backend. -1: it
+ * could not be made (said in the record's reason). */
+static int proxy_header(tunnel_t *t) {
+    unsigned char ips[2][16];
+    uint16_t ports[2];
+    int size = proxy_addresses(t, ips, ports);
+    dir_t *d = &t->dir[CLIENT];
+    size_t len;
+    if (t->profile->proxy_protocol == 1) {
+        d->buf = malloc(V1_ROOM);
+        len = d->buf != NULL ? proxy_v1(d->buf, size, ips, ports) : 0;
+    } else {
+        len = proxy_v2(t, &d->buf, size, ips, ports);
+    }
+    if (len == 0) {
+        if (PyErr_Occurred())
+            PyErr_WriteUnraisable(t->profile->proxy_tlvs);
+        note(t, PROXY, K_ERROR, "the PROXY header could not be made");
+        return -1;
+    }
+    d->off = 0;
+    d->len = len;
+    return 0;
+}
+
 /* -- connecting ------------------------------------------------------------ */
 
 static int try_backends(Engine *e, tunnel_t *t);
 static void turn_away(Engine *e, tunnel_t *t);
 static void out_of_fds(Engine *e, int err);
 
-static void join(Engine *e, tunnel_t *t) {
+/* The backend is connected: relay. 1 if the tunnel ended instead. */
+static int join(Engine *e, tunnel_t *t) {
     t->state = S_JOINED;
     t->connected = now();
     t->last_moved = t->connected;
     backend_joined(e, t->profile->pool, t->backend_index);
+    if (t->profile->proxy_protocol && proxy_header(t) < 0) {
+        abort_tunnel(e, t);
+        return 1;
+    }
     if (t->profile->splice_mode == 2)
         start_splicing(t);
     rewatch(e, t, BACKEND);
     /* What the client sent meanwhile (even a FIN) waits in the kernel, in order. */
     rewatch(e, t, CLIENT);
+    return 0;
 }
 
 /* The attempt failed: said in the record's reason, and held against the
@@ -1457,10 +1590,8 @@ static int try_backends(Engine *e, tunnel_t *t) {
         int err = r == 0 || errno == EINPROGRESS || errno == EINTR ? 0 : errno;
         if (err == 0 && enroll(e, t, BACKEND) < 0)
             err = errno;
-        if (err == 0 && r == 0) {
-            join(e, t);
-            return 0;
-        }
+        if (err == 0 && r == 0)
+            return join(e, t);
         if (err == 0) {
             watch(e, t, BACKEND, EPOLLOUT);
             return 0;
@@ -1487,10 +1618,8 @@ static int backend_connected(Engine *e, tunnel_t *t, uint32_t ev) {
         err = errno;
     if ((ev & (EPOLLERR | EPOLLHUP)) && err == 0)
         err = ECONNRESET; /* hung up without saying why */
-    if (err == 0) {
-        join(e, t);
-        return 0;
-    }
+    if (err == 0)
+        return join(e, t);
     attempt_failed(e, t, strerror(err), 0, 1);
     return try_backends(e, t);
 }
@@ -2709,8 +2838,8 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
                              "grace", "connect_timeout", "half_close", "log_records", "nodelay",
                              "keepalive", "sndbuf", "rcvbuf", "mss", "client_check", "tls",
-                             "context", NULL};
-    PyObject *backends, *check = Py_None, *tls = Py_None, *context = Py_None;
+                             "context", "proxy_protocol", "proxy_tlvs", NULL};
+    PyObject *backends, *check = Py_None, *tls = Py_None, *context = Py_None, *tlvs = Py_None;
     Py_ssize_t read_size, bulk_read;
     const char *splice;
     Profile *p = (Profile *)type->tp_alloc(type, 0);
@@ -2718,11 +2847,11 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     p->keepalive = p->sndbuf = p->rcvbuf = p->mss = -1;
     p->nodelay = p->half_close = p->log_records = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnsdddd|$pppiiiiOOO", kwlist, &backends,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnsdddd|$pppiiiiOOOiO", kwlist, &backends,
                                      &read_size, &bulk_read, &splice, &p->idle, &p->fin, &p->grace,
                                      &p->connect_timeout, &p->half_close, &p->log_records,
                                      &p->nodelay, &p->keepalive, &p->sndbuf, &p->rcvbuf, &p->mss,
-                                     &check, &tls, &context) ||
+                                     &check, &tls, &context, &p->proxy_protocol, &tlvs) ||
         check_profile(p, read_size, bulk_read, splice) < 0)
         goto fail;
     /* A sequence of backends as before: an ordered pool that tries each once. */
@@ -2737,6 +2866,15 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     if (tls != Py_None && parse_tls(p, tls) < 0)
         goto fail;
+    if (p->proxy_protocol < 0 || p->proxy_protocol > 2) {
+        PyErr_SetString(PyExc_ValueError, "proxy_protocol must be 0 (none), 1 or 2");
+        goto fail;
+    }
+    if (tlvs != Py_None && !PyCallable_Check(tlvs)) {
+        PyErr_SetString(PyExc_TypeError, "proxy_tlvs must be callable or None");
+        goto fail;
+    }
+    p->proxy_tlvs = tlvs != Py_None ? Py_NewRef(tlvs) : NULL;
     p->client_check = check != Py_None ? Py_NewRef(check) : NULL;
     p->context = Py_NewRef(context);
     return (PyObject *)p;
@@ -2750,6 +2888,7 @@ static int Profile_traverse(Profile *p, visitproc visit, void *arg) {
     Py_VISIT(p->client_check);
     Py_VISIT(p->tls_new);
     Py_VISIT(p->context);
+    Py_VISIT(p->proxy_tlvs);
     return 0;
 }
 
@@ -2759,6 +2898,7 @@ static int Profile_clear(Profile *p) {
     Py_CLEAR(p->client_check);
     Py_CLEAR(p->tls_new);
     Py_CLEAR(p->context);
+    Py_CLEAR(p->proxy_tlvs);
     return 0;
 }
 

@@ -95,6 +95,8 @@ class Profile:
         client_check: Callable[[str, int, int], bool] | None = None,
         tls: tuple[tuple[int, ...], Callable[[int], tuple[int, Any]], float] | None = None,
         context: Any = None,
+        proxy_protocol: int = 0,
+        proxy_tlvs: Callable[[Any], bytes] | None = None,
     ) -> None: ...
 
 class Engine:

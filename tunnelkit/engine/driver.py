@@ -112,6 +112,7 @@ def why_not_native(
     terminates_tls: bool,
     backend_tls: bool,
     write_through: bool,
+    accepts_proxy_protocol: bool = False,
 ) -> str | None:
     """Why one listener needs the Twisted path, or ``None`` if the engine can serve it.
 
@@ -131,6 +132,7 @@ def why_not_native(
         (backend_tls, "TLS to backends is relayed by Python"),
         (tls_why is not None, f"TLS is terminated by Python: {tls_why}"),
         (not write_through, "--no-write-through is a diagnostic of the Python path"),
+        (accepts_proxy_protocol, "--accept-proxy-protocol reads a PROXY header first"),
         (
             len(listen) > _engine.MAX_LISTENERS,
             f"it takes at most {_engine.MAX_LISTENERS} listeners",
@@ -150,6 +152,12 @@ def why_not_native(
         for b in backends
     ]
     return next((why for applies, why in reasons if applies), None)
+
+
+def _proxy_tlvs() -> Any:
+    from tunnelkit.proxy_protocol.tls import tls_tlvs  # a TLS listener has loaded the TLS stack
+
+    return tls_tlvs
 
 
 def _tls_unavailable() -> str | None:
@@ -235,13 +243,17 @@ class NativeRelay:
         log_records: bool,
         restricts_clients: bool,
         tls: EngineTLS | None = None,
+        proxy_protocol: int = 0,
     ) -> Profile:
         """How one listener's tunnels are served, for :meth:`start` or :meth:`set_profile`.
 
         ``splice`` is ``off``, ``auto`` or ``on``; ``restricts_clients``
         makes the engine ask the listener's factory about each IP client;
         with ``tls`` the listener terminates TLS with that listener's
-        certificates (its factory is then the TLS wrapper of its mode's).
+        certificates (its factory is then the TLS wrapper of its mode's);
+        ``proxy_protocol`` (1 or 2) writes a PROXY header to each backend
+        before any payload, built in C, with the TLVs of a terminated TLS
+        connection asked of Python for version 2 (:mod:`tunnelkit.proxy_protocol.tls`).
         """
         options = socket_options
         profile: Profile = _engine.Profile(
@@ -263,6 +275,8 @@ class NativeRelay:
             client_check=self._client_allowed if restricts_clients else None,
             tls=tls.argument() if tls is not None else None,
             context=tls,
+            proxy_protocol=proxy_protocol,
+            proxy_tlvs=_proxy_tlvs() if tls is not None and proxy_protocol == 2 else None,
         )
         return profile
 

@@ -53,10 +53,17 @@ class TunnelFactory(Factory):
         tunnel_log: Callable[[TunnelRecord, str], None] = log_tunnel_closed,
         pipes: PipePool | None = None,
         preamble: Preamble | None = None,
+        proxies: ClientPolicy | None = None,
+        proxy_header: Callable[[Tunnel], bytes] | None = None,
     ) -> None:
         self.mode = mode
         #: What is read before the mode's identify phase (a PROXY header), if anything.
         self.preamble = preamble
+        #: ``--trusted-proxies``: the only IP peers admitted; the client policy
+        #: then applies to the address their PROXY header carries (see the preamble).
+        self.proxies = proxies
+        #: ``--proxy-protocol``: makes the header each backend gets first.
+        self.proxy_header = proxy_header
         self.listener = listener
         self.registry = registry
         self.clock = clock
@@ -78,7 +85,7 @@ class TunnelFactory(Factory):
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         """A new client leg, or ``None`` (the port closes the socket) if refused."""
         counters = self.counters
-        if not self.client_allowed(addr):
+        if not (self.client_allowed(addr) if self.proxies is None else self.proxy_trusted(addr)):
             counters.refused_client_policy += 1
             return None
         tunnel = Tunnel(
@@ -99,19 +106,34 @@ class TunnelFactory(Factory):
         if self.pipes is not None:
             self.pipes.make_room()
         tunnel.on_client_connected = self._on_connected
+        if self.proxy_header is not None:
+            tunnel.proxy_header = self.proxy_header
         return tunnel.client
 
     def client_allowed(self, addr: IAddress | None) -> bool:
         """``--allow-client``/``--deny-client`` for IP peers; UNIX peers pass (file modes guard them)."""
-        if not self.clients.restricts or not isinstance(addr, IPv4Address | IPv6Address):
+        return self._passes(self.clients, addr, "refused by the client policy")
+
+    def proxy_trusted(self, addr: IAddress | None) -> bool:
+        """Whether an IP peer is one of ``--trusted-proxies`` (UNIX peers pass, as above)."""
+        assert self.proxies is not None
+        return self._passes(
+            self.proxies,
+            addr,
+            "refused: not one of --trusted-proxies, whose PROXY headers are read",
+        )
+
+    def _passes(self, policy: ClientPolicy, addr: IAddress | None, refusal: str) -> bool:
+        if not policy.restricts or not isinstance(addr, IPv4Address | IPv6Address):
             return True
-        if self.clients.allows(ipaddress.ip_address(addr.host.split("%", 1)[0])):
+        if policy.allows(ipaddress.ip_address(addr.host.split("%", 1)[0])):
             return True
         log.info(
-            "client {client} refused by the client policy",
+            "client {client} {refusal}",
             event="client_refused",
             listener=self.listener,
             client=f"{addr.host}:{addr.port}",
+            refusal=refusal,
         )
         return False
 

@@ -274,7 +274,7 @@ _T = TypeVar("_T")
 def dial_backend(tunnel: Tunnel, group: BackendGroup) -> Deferred[Dialed]:
     """Dial a backend leg for ``tunnel``; the client leaving cancels the attempt."""
     legs = _BackendLegFactory(tunnel)
-    client = tunnel.client.transport.getPeer() if group.by_client else None
+    client = tunnel.client_peer() if group.by_client else None
     dialing = group.dial(legs, client)
     dialing.addBoth(legs.dial_over)
     tunnel.pending = dialing

@@ -247,6 +247,15 @@ class Tunnel:
     attempts = 0
     #: The balanced backend it relays to, until the record phase releases it.
     dialed: Dialed | None = None
+    #: The client's address as a trusted proxy's PROXY header said it (set on
+    #: the instance then): it stands for the socket's peer in the client
+    #: policy, balancing, the record and the PROXY header sent on.
+    peer_override: Any = None
+    #: The address the client connected to, as that header said it (set with ``peer_override``).
+    host_override: Any = None
+    #: Makes the PROXY header written to the backend before any byte of the
+    #: client's (``--proxy-protocol``; set on the instance then).
+    proxy_header: Callable[[Tunnel], bytes] | None = None
 
     def __init__(
         self,
@@ -298,6 +307,11 @@ class Tunnel:
             self._details = {}
         return self._details
 
+    def client_peer(self) -> Any:
+        """The client's address: a trusted proxy's word for it, else the socket's peer."""
+        override = self.peer_override
+        return override if override is not None else self.client.transport.getPeer()
+
     # -- set-up ------------------------------------------------------------
 
     def leg_connected(self, leg: Leg) -> None:
@@ -326,7 +340,10 @@ class Tunnel:
             # What the client sent is all it will send: with its FIN, in one segment.
             send_with_fin(backend_transport)
         backend.start_forwarding(writer_for(client_transport, self.write_through))
-        self.client.start_forwarding(writer_for(backend_transport, self.write_through))
+        to_backend = writer_for(backend_transport, self.write_through)
+        if self.proxy_header is not None:
+            to_backend(self.proxy_header(self))  # before any byte of the client's
+        self.client.start_forwarding(to_backend)
         if self.pipes is not None and self.pipes.eager:
             self.splice()
         self.last_moved = self.clock.seconds()
@@ -587,7 +604,9 @@ class Tunnel:
         self._on_end(
             self,
             TunnelRecord(
-                client=self.client.address,
+                client=self.client.address
+                if self.peer_override is None
+                else describe(self.peer_override),
                 backend=self.backend_name,
                 backend_address=backend.address if backend is not None else None,
                 # What reached a backend: bytes held for one that never

@@ -32,6 +32,7 @@ against real OpenSSL.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
@@ -80,6 +81,11 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
     #: Bytes asked of the outgoing memory BIO per read: grows with the writes.
     _bio_read_size = 1 << 16
 
+    #: Reads what a client sends in clear before its TLS (a PROXY header, set
+    #: on the instance from :attr:`RelayTLSFactory.before_tls`): ``None``
+    #: while it reads, then the bytes after it, which are TLS's.
+    _before_tls: Callable[[bytes], bytes | None] | None = None
+
     #: Move bulk data with :mod:`tunnelkit.tls.direct` when pyOpenSSL allows it
     #: (tests turn it off to run the same suite on the portable path).
     direct_openssl = tls_direct.AVAILABLE
@@ -97,6 +103,20 @@ class RelayTLSProtocol(TLSMemoryBIOProtocol):
         self.handshake: Deferred[IProtocol] | None = (
             Deferred(self._cancel_handshake) if factory.connect_after_handshake else None
         )
+        if factory.before_tls is not None:
+            self._before_tls = factory.before_tls(wrappedProtocol)
+
+    def dataReceived(self, data: bytes) -> None:
+        before = self._before_tls
+        if before is not None:
+            rest = before(data)
+            if rest is None:
+                return
+            del self._before_tls
+            if not rest:
+                return
+            data = rest
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     # -- set-up ------------------------------------------------------------
 
@@ -335,7 +355,9 @@ class RelayTLSFactory(TLSMemoryBIOFactory):
     ``read_size`` and ``write_through`` apply to the TCP connection under
     TLS, as the relay applies them to plain legs. With
     ``connect_after_handshake`` each protocol's :attr:`RelayTLSProtocol.handshake`
-    tells when (and whether) its wrapped protocol got connected.
+    tells when (and whether) its wrapped protocol got connected. With
+    ``before_tls``, each client's first bytes are read by what it makes for
+    the wrapped protocol (``--accept-proxy-protocol``'s header) before TLS.
     """
 
     protocol = RelayTLSProtocol
@@ -349,8 +371,11 @@ class RelayTLSFactory(TLSMemoryBIOFactory):
         read_size: int,
         write_through: bool = True,
         connect_after_handshake: bool = False,
+        before_tls: Callable[[Any], Callable[[bytes], bytes | None]] | None = None,
     ) -> None:
         super().__init__(creator, is_client, wrapped)
+        #: Given a connection's wrapped protocol, what reads the bytes before its TLS, if any.
+        self.before_tls = before_tls
         self.creator = creator
         self.read_size = read_size
         self.write_through = write_through

@@ -45,4 +45,4 @@ class TLSUpgrade:
         # The socket's reads, EOF and loss go to the TLS layer from now on.
         socket.protocol = protocol
         protocol.makeConnection(socket)
-        protocol.dataReceived(first)  # type: ignore[no-untyped-call]
+        protocol.dataReceived(first)
