@@ -208,7 +208,8 @@ def _load_listener(
     resolved, backends = [], []
     for index, spec in enumerate(listener.backends):
         try:
-            addresses = resolving.at_start(spec)
+            # Through --via the proxy resolves the names.
+            addresses = resolving.at_start(spec) if listener.via is None else ((spec.text, spec),)
             backends += [make_backend(name, each) for name, each in addresses]
             resolved.append((spec, addresses))
         except Exception as e:
@@ -270,6 +271,7 @@ def _why_twisted(
         terminates_tls=listener.tls is not None,
         backend_tls=listener.backend_tls is not None,
         write_through=write_through,
+        via=listener.via is not None,
     )
 
 
@@ -370,23 +372,58 @@ def _client_endpoint(
     backend_tls: BackendTLS | None,
     write_through: bool,
 ) -> IStreamClientEndpoint:
-    address, timeout = spec.address, listener.connect_timeout
+    address = spec.address
     if spec.tls:
-        from tunnelkit.tls.backend import TLSClientEndpoint
-
         assert backend_tls is not None and isinstance(address, HostPort)
-        host = address.host
-        return TLSClientEndpoint(
-            host_endpoint(outbound, host, address.port, timeout),
-            backend_tls.creator(host),
-            read_size=listener.socket_options.read_size,
-            write_through=write_through,
-            diagnose=lambda connection, failure: backend_tls.diagnose(host, connection, failure),
-        )
+        inner = _tcp_endpoint(listener, outbound, address, backend_tls, write_through)
+        return _tls_endpoint(listener, inner, address.host, backend_tls, write_through)
     if isinstance(address, HostPort):
-        return host_endpoint(outbound, address.host, address.port, timeout)
+        return _tcp_endpoint(listener, outbound, address, backend_tls, write_through)
     client: IStreamClientEndpoint = clientFromString(outbound, address)
     return client
+
+
+def _tcp_endpoint(
+    listener: ListenerSettings,
+    outbound: Any,
+    address: HostPort,
+    backend_tls: BackendTLS | None,
+    write_through: bool,
+) -> IStreamClientEndpoint:
+    """TCP to ``address``: direct, or through the listener's ``--via`` proxy (docs/via.md)."""
+    timeout, via = listener.connect_timeout, listener.via
+    if via is None:
+        return host_endpoint(outbound, address.host, address.port, timeout)
+    from tunnelkit.backends.via import ViaEndpoint
+
+    proxy = host_endpoint(outbound, via.host, via.port, timeout)
+    if via.tls:
+        assert backend_tls is not None
+        proxy = _tls_endpoint(listener, proxy, via.host, backend_tls, write_through, exact=True)
+    return ViaEndpoint(proxy, via, address.host, address.port)
+
+
+def _tls_endpoint(
+    listener: ListenerSettings,
+    inner: IStreamClientEndpoint,
+    host: str,
+    backend_tls: BackendTLS,
+    write_through: bool,
+    *,
+    exact: bool = False,
+) -> IStreamClientEndpoint:
+    """TLS over ``inner``, verified for ``host`` (``exact``: never ``--backend-sni``, as for a proxy)."""
+    from tunnelkit.tls.backend import TLSClientEndpoint
+
+    return TLSClientEndpoint(
+        inner,
+        backend_tls.creator(host, exact=exact),
+        read_size=listener.socket_options.read_size,
+        write_through=write_through,
+        diagnose=lambda connection, failure: backend_tls.diagnose(
+            host, connection, failure, exact=exact
+        ),
+    )
 
 
 def _connect_settings(

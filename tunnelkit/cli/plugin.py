@@ -215,8 +215,13 @@ class Options(usage.Options):
             print(self.error_lines(e), file=sys.stderr)
             raise SystemExit(1) from None
         prepared.close()
-        texts = [b.text for listener in settings.listeners for b in listener.backends]
+        # Behind --via the proxy resolves the backends' names: its own must resolve here.
+        direct = [listener for listener in settings.listeners if listener.via is None]
+        texts = [b.text for listener in direct for b in listener.backends]
         errors = preflight.unresolved(preflight.named_backends(texts, client_endpoint_types()))
+        errors += preflight.unresolved_proxies(
+            [listener.via for listener in settings.listeners if listener.via is not None]
+        )
         for error in errors:
             print(f"tunnelkit: error: {error}", file=sys.stderr)
         if errors:

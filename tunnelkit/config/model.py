@@ -24,6 +24,7 @@ import attrs
 
 from tunnelkit.backends.group import MAX_WEIGHT, Balancing
 from tunnelkit.backends.health import MAX_RESPONSE, HealthSettings
+from tunnelkit.backends.via_url import Via, ViaURLError, parse_via
 from tunnelkit.config.addresses import (
     AddressError,
     HostPort,
@@ -193,6 +194,8 @@ class ListenerSettings:
     health: HealthSettings | None = None
     #: Seconds between resolutions of backend names while running (0: at start only).
     resolve_interval: float = 0.0
+    #: The upstream proxy every backend is reached through (docs/via.md).
+    via: Via | None = None
 
 
 @attrs.frozen
@@ -304,9 +307,10 @@ def build_listener(
             if r.given(key):
                 r.problem((key,), f"{{{key}}} applies to {{mode}} connect only")
     backends = _backends(r, endpoint_types)
+    via = _via(r, mode, backends)
     clients, targets = _policies(r)
     tls = _server_tls(r)
-    backend_tls = _backend_tls(r, backends)
+    backend_tls = _backend_tls(r, backends, via)
     health = _health(r)
     if len(problems) > before:
         return None
@@ -350,6 +354,7 @@ def build_listener(
         ),
         health=health,
         resolve_interval=r["resolve-interval"],
+        via=via,
     )
 
 
@@ -479,8 +484,32 @@ def _server_tls(r: _Reader) -> ServerTLSSettings | None:
     )
 
 
-def _backend_tls(r: _Reader, backends: Sequence[BackendSpec]) -> BackendTLSSettings | None:
-    if not (r["backend-tls"] or any(b.tls for b in backends)):
+def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
+    """The ``via`` proxy; its backends must be HOST:PORT, which the proxy resolves."""
+    if not r.given("via"):
+        return None
+    try:
+        via = parse_via(r["via"])
+    except ViaURLError as e:
+        r.problem(("via",), str(e))
+        return None
+    if not backends:
+        r.problem(
+            ("via",), f"{{via}} reaches {{to}} backends: {{mode}} {mode} needs {{to}} with it"
+        )
+    for spec in backends:
+        if not isinstance(spec.address, HostPort):
+            r.problem(("via",), f"the proxy is asked for HOST:PORT backends, not {spec.text!r}")
+    if r.given("resolve-interval"):
+        r.problem(("resolve-interval",), "with {via} the proxy resolves backend names")
+    return via
+
+
+def _backend_tls(
+    r: _Reader, backends: Sequence[BackendSpec], via: Via | None = None
+) -> BackendTLSSettings | None:
+    # An https:// proxy's certificate is verified as a backend's is.
+    if not (r["backend-tls"] or any(b.tls for b in backends) or (via is not None and via.tls)):
         for key in BACKEND_TLS_ONLY:
             if r.given(key):
                 r.problem((key,), f"{{{key}}} needs a tls:HOST:PORT backend or {{backend-tls}}")
