@@ -41,8 +41,11 @@ from loopback import (
 from planes import TWISTED_NO_SPLICE, TWISTED_SPLICE, on_planes
 from processes import free_port, wait_until
 from tls_clients import TLSBackend, tls_echo
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
 Inline = Generator[Deferred[Any], Any, None]
@@ -153,6 +156,15 @@ def socks_refusing(code: int) -> Callable[[socket.socket], None]:
     return scripted(reply)
 
 
+def silent_proxy(conn: socket.socket) -> bytes:
+    """A proxy that reads and never answers; what it read once its connection ended (reset or closed)."""
+    read = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := conn.recv(4096):
+            read += chunk
+    return read
+
+
 def banner_proxy(conn: socket.socket) -> None:
     """An HTTP proxy that is its own backend: its 200 and the backend's banner in one segment, then an echo."""
     head = b""
@@ -181,7 +193,9 @@ class ViaTests(LoopbackTestCase):
 
     def connect_proxy(self, *args: str) -> Forwarder:
         """tunnelkit's own CONNECT mode, loopback targets allowed (as an upstream proxy)."""
-        proxy = Forwarder("--mode", "connect", "--allow-dest", "127.0.0.0/8", *args)
+        proxy = Forwarder(
+            "--mode", "connect", "--allow-dest", "127.0.0.0/8", "--allow-dest", "::1", *args
+        )
         self.addCleanup(lambda: proxy.stop() if proxy.service.running else None)
         return proxy
 
@@ -195,14 +209,16 @@ class ViaTests(LoopbackTestCase):
         """Through tunnelkit's CONNECT mode, a payload and its echo pass intact around a half-close."""
         backend = self.serve(hashing_echo)
         proxy = self.connect_proxy()
-        fwd = self.forward("--to", backend.address, "--via", f"http://{proxy.address}")
+        # A name that resolves here too is still the proxy's to resolve: it is sent as written.
+        name = f"localhost:{split_address(backend.address)[1]}"
+        fwd = self.forward("--to", name, "--via", f"http://{proxy.address}")
         self.assertFalse(fwd.native)
         yield from self.assert_relays(fwd)
         [record], [proxied] = by_proxy((yield fwd.closed(2)))
-        self.assertEqual(record["backend"], backend.address)
+        self.assertEqual(record["backend"], name)
         self.assertEqual(record["backend_address"], proxy.address)
         self.assertEqual((record["bytes_up"], record["bytes_down"]), (PAYLOAD, PAYLOAD))
-        self.assertEqual(proxied["target"], backend.address)
+        self.assertEqual(proxied["target"], name)
 
     @inlineCallbacks
     def test_refusal_is_a_failed_attempt(self) -> Inline:
@@ -239,7 +255,7 @@ class ViaTests(LoopbackTestCase):
         ca = trustme.CA()
         directory = self.directory()
         backend = TLSBackend(self.serve, write_pair(ca, directory, "localhost"), tls_echo)
-        proxy = self.connect_proxy("--allow-dest", "::1")
+        proxy = self.connect_proxy()
         fwd = self.forward(
             "--to", f"tls:localhost:{backend.port}", "--backend-ca", str(write_ca(ca, directory)),
             "--via", f"http://{proxy.address}",
@@ -265,6 +281,22 @@ class ViaTests(LoopbackTestCase):
         yield from self.assert_relays(fwd)
         _, [proxied] = by_proxy((yield fwd.closed(2)))
         self.assertEqual(proxied["target"], backend.address)
+
+    @inlineCallbacks
+    def test_tls_in_tls(self) -> Inline:
+        """``--via https://`` and a TLS backend: each certificate checked for its own name (--backend-sni is the backend's)."""
+        ca = trustme.CA()
+        directory = self.directory()
+        pair = write_pair(ca, directory, "localhost")
+        backend = TLSBackend(self.serve, write_pair(ca, directory, "backend.test"), tls_echo)
+        proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+        port = split_address(proxy.address)[1]
+        fwd = self.forward(
+            "--to", f"tls:127.0.0.1:{backend.port}", "--backend-sni", "backend.test",
+            "--backend-ca", str(write_ca(ca, directory)), "--via", f"https://localhost:{port}",
+        )  # fmt: skip
+        yield from self.assert_relays(fwd)
+        self.assertEqual(backend.sni, ["backend.test"])
 
     @inlineCallbacks
     def test_proxy_certificate_verified(self) -> Inline:
@@ -366,6 +398,78 @@ class ViaTests(LoopbackTestCase):
         reason = record["reason"]
         self.assertIn(f"via socks5://{USER}:***@{proxy}: ", reason)
         self.assertNotIn("nope", reason)
+
+
+class ViaAttemptTests(LoopbackTestCase):
+    """The negotiation is part of the connect attempt: bounded, cancelled, failed, health-checked."""
+
+    @inlineCallbacks
+    def test_proxy_by_name(self) -> Inline:
+        """A proxy given by name (resolved here, per connection) relays intact around a half-close."""
+        backend = self.serve(hashing_echo)
+        proxy = Forwarder("--mode", "connect", "--allow-dest", "127.0.0.0/8")
+        self.addCleanup(proxy.stop)
+        port = split_address(proxy.address)[1]
+        fwd = self.forward("--to", backend.address, "--via", f"http://localhost:{port}")
+        sent, echoed, size = yield deferToThread(echoes_half_closed, fwd.address)
+        self.assertEqual((echoed, size), (sent, str(PAYLOAD)))
+
+    @inlineCallbacks
+    def test_silent_proxy_times_out(self) -> Inline:
+        """A proxy that never answers is cut at --connect-timeout: its connection closed, the record a timeout."""
+        proxy = self.serve(silent_proxy)
+        fwd = self.forward(
+            "--to",
+            "db.internal:5432",
+            "--via",
+            f"http://{proxy.address}",
+            "--connect-timeout",
+            "0.5",
+        )
+        yield deferToThread(read_until_closed, fwd.address)
+        [record] = yield fwd.closed()
+        self.assertEqual(record["close_kind"], "timeout")
+        self.assertIn("db.internal:5432: connect timeout (0.5 s)", record["reason"])
+        # The proxy saw its connection end: the attempt left nothing open.
+        got = yield deferToThread(proxy.outcome)
+        self.assertTrue(got.startswith(b"CONNECT db.internal:5432 HTTP/1.1\r\n"), got)
+
+    @inlineCallbacks
+    def test_proxy_closes(self) -> Inline:
+        """A proxy that closes without answering fails the attempt, and the record says so."""
+        proxy = self.serve(lambda conn: conn.recv(1))
+        fwd = self.forward("--to", "db.internal:5432", "--via", f"socks5://{proxy.address}")
+        yield deferToThread(read_until_closed, fwd.address)
+        [record] = yield fwd.closed()
+        self.assertIn(
+            "the proxy closed the connection without answering the SOCKS5 greeting",
+            record["reason"],
+        )
+
+    @inlineCallbacks
+    def test_health_checks_go_through_the_proxy(self) -> Inline:
+        """Health checks dial through --via: a backend the proxy refuses goes down, with the 403 said."""
+        backend = self.serve(hashing_echo)
+        proxy = Forwarder("--mode", "connect", "--allow-dest", "127.0.0.0/8", "--allow-port", "1")
+        self.addCleanup(proxy.stop)
+        downs: list[LogEvent] = []
+
+        def observe(event: LogEvent) -> None:
+            if event.get("event") == "backend_down":
+                downs.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        self.forward(
+            "--to", backend.address, "--via", f"http://{proxy.address}",
+            "--health-interval", "0.1", "--fall", "1",
+        )  # fmt: skip
+        for _ in range(int(IO_TIMEOUT / 0.02)):
+            if downs:
+                break
+            yield deferLater(reactor, 0.02, lambda: None)
+        [down] = downs
+        self.assertIn("HTTP 403 Forbidden", down["reason"])
 
 
 @on_planes(TWISTED_SPLICE, TWISTED_NO_SPLICE)

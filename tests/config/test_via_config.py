@@ -74,6 +74,7 @@ def test_flag_and_file(tmp_path: Path) -> None:
         ({"via": "http://p:1", "to": ["unix:/run/app.sock"]}, "--via: the proxy is asked for HOST:PORT backends, not 'unix:/run/app.sock'"),
         ({"via": "http://p:1", "mode": "connect", "to": []}, "--via reaches --to backends: --mode connect needs --to with it"),
         ({"via": "http://p:1", "resolve-interval": 5.0}, "--resolve-interval: with --via the proxy resolves backend names"),
+        ({"via": "socks5://p:1", "to": [f"{'a' * 256}:1"]}, "--via: a SOCKS5 proxy takes names of at most 255 bytes"),
         ({"backend-ca": "ca.pem"}, "--backend-ca needs a tls:HOST:PORT backend"),
     ],
 )  # fmt: skip

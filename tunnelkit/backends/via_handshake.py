@@ -216,7 +216,7 @@ class Socks5Connect(Negotiation):
         try:
             address = ipaddress.ip_address(self.host)
         except ValueError:
-            name = self.host.encode("idna")
+            name = self.host.encode()  # a HOST:PORT name, at most 255 bytes (config.model)
             target = bytes([_DOMAIN, len(name)]) + name
         else:
             target = bytes([_IPV4 if address.version == 4 else _IPV6]) + address.packed

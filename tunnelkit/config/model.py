@@ -24,7 +24,7 @@ import attrs
 
 from tunnelkit.backends.group import MAX_WEIGHT, Balancing
 from tunnelkit.backends.health import MAX_RESPONSE, HealthSettings
-from tunnelkit.backends.via_url import Via, ViaURLError, parse_via
+from tunnelkit.backends.via_url import SOCKS5_FIELD, Via, ViaURLError, parse_via
 from tunnelkit.config.addresses import (
     AddressError,
     HostPort,
@@ -500,6 +500,8 @@ def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
     for spec in backends:
         if not isinstance(spec.address, HostPort):
             r.problem(("via",), f"the proxy is asked for HOST:PORT backends, not {spec.text!r}")
+        elif via.kind == "socks5" and len(spec.address.host.encode()) > SOCKS5_FIELD:
+            r.problem(("via",), f"a SOCKS5 proxy takes names of at most {SOCKS5_FIELD} bytes")
     if r.given("resolve-interval"):
         r.problem(("resolve-interval",), "with {via} the proxy resolves backend names")
     return via
