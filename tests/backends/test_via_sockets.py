@@ -48,6 +48,9 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest
 
+from tunnelkit.config.keys import KEYS
+from tunnelkit.policy.htpasswd import make_entry
+
 Inline = Generator[Deferred[Any], Any, None]
 
 PAYLOAD = 2 * MiB
@@ -398,6 +401,44 @@ class ViaTests(LoopbackTestCase):
         reason = record["reason"]
         self.assertIn(f"via socks5://{USER}:***@{proxy}: ", reason)
         self.assertNotIn("nope", reason)
+
+
+class ViaSocks5ModeTests(LoopbackTestCase):
+    """Through tunnelkit's own SOCKS5 mode (issue 16's other part: skipped until it is merged)."""
+
+    def setUp(self) -> None:
+        if "socks5" not in KEYS["mode"].kind.what:
+            raise SkipTest("--mode socks5 is not part of this build yet")
+
+    def socks5_proxy(self, *args: str) -> Forwarder:
+        proxy = Forwarder("--mode", "socks5", *args)
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    @inlineCallbacks
+    def test_with_credentials(self) -> Inline:
+        """Through --mode socks5 with --auth-file (RFC 1929), intact both ways around a half-close."""
+        directory = self.directory()
+        users = directory / "users"
+        users.write_text(make_entry(USER, PASSWORD) + "\n")
+        backend = self.serve(hashing_echo)
+        proxy = self.socks5_proxy("--allow-dest", "127.0.0.0/8", "--auth-file", str(users))
+        fwd = self.forward(
+            "--to", backend.address, "--via", f"socks5://{USER}:{PASSWORD}@{proxy.address}"
+        )
+        sent, echoed, size = yield deferToThread(echoes_half_closed, fwd.address)
+        self.assertEqual((echoed, size), (sent, str(PAYLOAD)))
+
+    @inlineCallbacks
+    def test_policy_refusal(self) -> Inline:
+        """A target the SOCKS5 mode's policy refuses is reply 0x02 in the forwarder's record."""
+        backend = self.serve(hashing_echo)
+        proxy = self.socks5_proxy()
+        fwd = self.forward("--to", backend.address, "--via", f"socks5://{proxy.address}")
+        yield deferToThread(read_until_closed, fwd.address)
+        records = yield fwd.closed(2)
+        [reason] = [r["reason"] for r in records if r["reason"].startswith("no backend connected")]
+        self.assertIn("reply 0x02 (connection not allowed by ruleset)", reason)
 
 
 class ViaAttemptTests(LoopbackTestCase):
