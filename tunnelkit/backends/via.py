@@ -145,9 +145,7 @@ class _Negotiator(Protocol):
 
     def connectionMade(self) -> None:
         attempt = self.attempt
-        if attempt is None:
-            self.transport.abortConnection()
-            return
+        assert attempt is not None, "connected once, by the attempt that made it"
         attempt.negotiator = self
         self.transport.write(attempt.negotiation.start())
 

@@ -493,10 +493,9 @@ def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
     except ViaURLError as e:
         r.problem(("via",), str(e))
         return None
-    if not backends:
-        r.problem(
-            ("via",), f"{{via}} reaches {{to}} backends: {{mode}} {mode} needs {{to}} with it"
-        )
+    if mode == "connect" and not backends:
+        # Without --to, a CONNECT listener dials each target itself.
+        r.problem(("via",), "{via} reaches {to} backends: {mode} connect needs {to} with it")
     for spec in backends:
         if not isinstance(spec.address, HostPort):
             r.problem(("via",), f"the proxy is asked for HOST:PORT backends, not {spec.text!r}")
@@ -508,7 +507,7 @@ def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
 
 
 def _backend_tls(
-    r: _Reader, backends: Sequence[BackendSpec], via: Via | None = None
+    r: _Reader, backends: Sequence[BackendSpec], via: Via | None
 ) -> BackendTLSSettings | None:
     # An https:// proxy's certificate is verified as a backend's is.
     if not (r["backend-tls"] or any(b.tls for b in backends) or (via is not None and via.tls)):
