@@ -12,6 +12,7 @@ every wait is bounded. ``--via`` relays on Twisted's plane only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -27,6 +28,7 @@ import trustme
 from certs import write_ca, write_pair
 from loopback import (
     IO_TIMEOUT,
+    BulkSender,
     Forwarder,
     LoopbackTestCase,
     MiB,
@@ -517,13 +519,45 @@ class ViaAttemptTests(LoopbackTestCase):
 class ViaRelayTests(LoopbackTestCase):
     """A tunnel through a proxy is relayed like any other: with and without splice(2)."""
 
+    def via_connect(self, backend: str, *args: str) -> Forwarder:
+        """A forwarder to ``backend`` through tunnelkit's CONNECT mode."""
+        proxy = Forwarder("--mode", "connect", "--allow-dest", "127.0.0.0/8")
+        self.addCleanup(proxy.stop)
+        return self.forward("--to", backend, "--via", f"http://{proxy.address}", *args)
+
     @inlineCallbacks
     def test_half_close_through_connect(self) -> Inline:
         """Through tunnelkit's CONNECT mode, a payload and its echo pass intact around a half-close."""
         backend = self.serve(hashing_echo)
-        proxy = Forwarder("--mode", "connect", "--allow-dest", "127.0.0.0/8")
-        self.addCleanup(proxy.stop)
-        fwd = self.forward("--to", backend.address, "--via", f"http://{proxy.address}")
+        fwd = self.via_connect(backend.address)
         sent, echoed, size = yield deferToThread(echoes_half_closed, fwd.address)
         self.assertEqual((echoed, size), (sent, str(PAYLOAD)))
         self.assertEqual((yield deferToThread(backend.outcome)), sent)
+        records = yield fwd.closed(2)
+        [ours] = [r for r in records if r.get("mode") != "connect"]
+        # The proxy's connection is the backend leg's own socket: splice(2) takes it.
+        self.assertEqual(ours.get("spliced", False), self.plane is TWISTED_SPLICE)
+
+    @inlineCallbacks
+    def test_backpressure(self) -> Inline:
+        """A client that reads nothing stops the backend behind the proxy; then every byte arrives intact."""
+        bulk = BulkSender()
+        backend = self.serve(bulk)
+        fwd = self.via_connect(backend.address)
+        size = 128 * MiB  # far beyond what the kernels and both proxies buffer (18-36 MiB here)
+
+        def stall_then_read() -> tuple[int, int, str]:
+            with connect(fwd.address) as sock:
+                sock.sendall(b"%d\n" % size)
+                stalled_at = bulk.wait_stalled(size)
+                received, digest = 0, hashlib.sha256()
+                while chunk := sock.recv(MiB):
+                    received += len(chunk)
+                    digest.update(chunk)
+            return stalled_at, received, digest.hexdigest()
+
+        stalled_at, received, digest = yield deferToThread(stall_then_read)
+        self.assertLess(
+            stalled_at, size, "the backend sent everything to a reader that read nothing"
+        )
+        self.assertEqual((received, digest), (size, (yield deferToThread(backend.outcome))))
