@@ -181,6 +181,13 @@ def banner_proxy(conn: socket.socket) -> None:
     hashing_echo(conn)
 
 
+def temporary_directory(case: LoopbackTestCase) -> Path:
+    """A directory of the test ``case``'s own, removed after it."""
+    made = tempfile.TemporaryDirectory(prefix="tunnelkit-via-")
+    case.addCleanup(made.cleanup)
+    return Path(made.name)
+
+
 def by_proxy(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The records of the forwarder, and those of the CONNECT proxy running in the same process."""
     ours = [r for r in records if r.get("mode") != "connect"]
@@ -189,12 +196,6 @@ def by_proxy(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
 
 class ViaTests(LoopbackTestCase):
     """Tunnels through upstream proxies: their data, their half-close, their refusals."""
-
-    def directory(self) -> Path:
-        """A directory of this test's own, removed after it."""
-        made = tempfile.TemporaryDirectory(prefix="tunnelkit-via-")
-        self.addCleanup(made.cleanup)
-        return Path(made.name)
 
     def connect_proxy(self, *args: str) -> Forwarder:
         """tunnelkit's own CONNECT mode, loopback targets allowed (as an upstream proxy)."""
@@ -258,7 +259,7 @@ class ViaTests(LoopbackTestCase):
     def test_tls_end_to_end(self) -> Inline:
         """``--to tls:NAME:PORT --via``: TLS from tunnelkit to the backend, its certificate verified."""
         ca = trustme.CA()
-        directory = self.directory()
+        directory = temporary_directory(self)
         backend = TLSBackend(self.serve, write_pair(ca, directory, "localhost"), tls_echo)
         proxy = self.connect_proxy()
         fwd = self.forward(
@@ -274,7 +275,7 @@ class ViaTests(LoopbackTestCase):
     def test_tls_to_the_proxy(self) -> Inline:
         """``--via https://``: TLS to the proxy (verified with --backend-ca), plain TCP inside to the backend."""
         ca = trustme.CA()
-        directory = self.directory()
+        directory = temporary_directory(self)
         pair = write_pair(ca, directory, "localhost")
         backend = self.serve(hashing_echo)
         proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
@@ -291,7 +292,7 @@ class ViaTests(LoopbackTestCase):
     def test_tls_in_tls(self) -> Inline:
         """``--via https://`` and a TLS backend: each certificate checked for its own name (--backend-sni is the backend's)."""
         ca = trustme.CA()
-        directory = self.directory()
+        directory = temporary_directory(self)
         pair = write_pair(ca, directory, "localhost")
         backend = TLSBackend(self.serve, write_pair(ca, directory, "backend.test"), tls_echo)
         proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
@@ -307,7 +308,7 @@ class ViaTests(LoopbackTestCase):
     def test_proxy_certificate_verified(self) -> Inline:
         """An ``https://`` proxy whose certificate does not verify is a failed attempt that says so."""
         ca = trustme.CA()
-        directory = self.directory()
+        directory = temporary_directory(self)
         pair = write_pair(ca, directory, "localhost")
         backend = self.serve(hashing_echo)
         proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
@@ -359,7 +360,7 @@ class ViaTests(LoopbackTestCase):
         """Through tinyproxy (HTTP CONNECT), intact both ways; a port it refuses is a logged 403."""
         backend = self.serve(hashing_echo)
         port = split_address(backend.address)[1]
-        directory = self.directory()
+        directory = temporary_directory(self)
         listen = free_port()
         config = tinyproxy_config(directory, listen, connect_ports=(port,))
         with running(["/usr/bin/tinyproxy", "-d", "-c", str(config)], listen) as proxy:
@@ -420,7 +421,7 @@ class ViaSocks5ModeTests(LoopbackTestCase):
     @inlineCallbacks
     def test_with_credentials(self) -> Inline:
         """Through --mode socks5 with --auth-file (RFC 1929), intact both ways around a half-close."""
-        directory = self.directory()
+        directory = temporary_directory(self)
         users = directory / "users"
         users.write_text(make_entry(USER, PASSWORD) + "\n")
         backend = self.serve(hashing_echo)
