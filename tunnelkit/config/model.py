@@ -493,9 +493,11 @@ def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
     except ViaURLError as e:
         r.problem(("via",), str(e))
         return None
-    if mode == "connect" and not backends:
-        # Without --to, a CONNECT listener dials each target itself.
-        r.problem(("via",), "{via} reaches {to} backends: {mode} connect needs {to} with it")
+    if mode in ("connect", "socks5") and not backends:
+        # Without --to, a proxy mode dials each client's target itself.
+        r.problem(
+            ("via",), f"{{via}} reaches {{to}} backends: {{mode}} {mode} needs {{to}} with it"
+        )
     for spec in backends:
         if not isinstance(spec.address, HostPort):
             r.problem(("via",), f"the proxy is asked for HOST:PORT backends, not {spec.text!r}")
