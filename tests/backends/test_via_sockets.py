@@ -406,6 +406,81 @@ class ViaTests(LoopbackTestCase):
         self.assertNotIn("nope", reason)
 
 
+class ViaChainTests(LoopbackTestCase):
+    """Several ``--via``: a chain, each proxy reached through the one before (gost's chains)."""
+
+    def connect_proxy(self, *args: str) -> Forwarder:
+        proxy = Forwarder("--mode", "connect", "--allow-dest", "127.0.0.0/8", *args)
+        self.addCleanup(proxy.stop)
+        return proxy
+
+    @inlineCallbacks
+    def test_http_then_socks5(self) -> Inline:
+        """Through tunnelkit's CONNECT mode, then microsocks with credentials: intact both ways."""
+        backend = self.serve(hashing_echo)
+        first = self.connect_proxy()
+        listen = free_port()
+        argv = [
+            "/usr/bin/microsocks",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(listen),
+            "-u",
+            USER,
+            "-P",
+            PASSWORD,
+        ]
+        with running(argv, listen) as second:
+            fwd = self.forward(
+                "--to", backend.address,
+                "--via", f"http://{first.address}", "--via", f"socks5://{USER}:{PASSWORD}@{second}",
+            )  # fmt: skip
+            sent, echoed = yield deferToThread(echoes_whole, fwd.address)
+            self.assertEqual(echoed, sent)
+            records = yield fwd.closed(2)
+        [proxied] = [r for r in records if r.get("mode") == "connect"]
+        self.assertEqual(proxied["target"], second)
+
+    @inlineCallbacks
+    def test_tls_to_the_second_proxy(self) -> Inline:
+        """An https:// proxy behind an http:// one: TLS to it inside the first tunnel, a half-close passed on."""
+        ca = trustme.CA()
+        directory = temporary_directory(self)
+        pair = write_pair(ca, directory, "localhost")
+        backend = self.serve(hashing_echo)
+        first = self.connect_proxy("--allow-dest", "::1")
+        second = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+        port = split_address(second.address)[1]
+        fwd = self.forward(
+            "--to", backend.address, "--backend-ca", str(write_ca(ca, directory)),
+            "--via", f"http://{first.address}", "--via", f"https://localhost:{port}",
+        )  # fmt: skip
+        sent, echoed, size = yield deferToThread(echoes_half_closed, fwd.address)
+        self.assertEqual((echoed, size), (sent, str(PAYLOAD)))
+        targets = sorted(r["target"] for r in (yield fwd.closed(3)) if r.get("mode") == "connect")
+        self.assertEqual(targets, sorted([backend.address, f"localhost:{port}"]))
+
+    @inlineCallbacks
+    def test_refusal_says_which_proxy(self) -> Inline:
+        """The first proxy refusing the second is its refusal, said once, with its status."""
+        backend = self.serve(hashing_echo)
+        first = self.connect_proxy("--allow-port", str(split_address(backend.address)[1]))
+        second = self.connect_proxy()
+        fwd = self.forward(
+            "--to", backend.address,
+            "--via", f"http://{first.address}", "--via", f"http://{second.address}",
+        )  # fmt: skip
+        yield deferToThread(read_until_closed, fwd.address)
+        records = yield fwd.closed(2)
+        [reason] = [r["reason"] for r in records if r["reason"].startswith("no backend connected")]
+        self.assertEqual(
+            reason,
+            f"no backend connected: {backend.address}: via http://{first.address}: proxy refused"
+            f" CONNECT {second.address}: HTTP 403 Forbidden",
+        )
+
+
 class ViaSocks5ModeTests(LoopbackTestCase):
     """Through tunnelkit's own SOCKS5 mode (issue 16's other part: skipped until it is merged)."""
 

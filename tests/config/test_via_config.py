@@ -60,21 +60,35 @@ def test_shown_and_repr_mask_the_password() -> None:
 def test_flag_and_file(tmp_path: Path) -> None:
     """``--via`` and ``via =`` in a [[listener]] give the same settings."""
     url = f"http://alice:{SECRET}@proxy:3128"
-    flags = from_flags({"listen": ["1"], "to": ["db:5432"], "via": url}, TYPES)
+    flags = from_flags({"listen": ["1"], "to": ["db:5432"], "via": [url]}, TYPES)
     path = tmp_path / "tk.toml"
     path.write_text(f'[[listener]]\nlisten = "1"\nto = "db:5432"\nvia = "{url}"\n')
     [by_flag], [in_file] = flags.listeners, load(str(path), TYPES).listeners
-    assert by_flag.via == in_file.via == Via("http", False, "proxy", 3128, "alice", "s3cr@t")
+    assert by_flag.via == in_file.via == (Via("http", False, "proxy", 3128, "alice", "s3cr@t"),)
+
+
+def test_chain_flag_and_file(tmp_path: Path) -> None:
+    """Several ``--via`` (a list in the file) are a chain, in the order given."""
+    urls = ["http://p1:3128", "socks5://p2:1080"]
+    flags = from_flags({"listen": ["1"], "to": ["db:5432"], "via": urls}, TYPES)
+    path = tmp_path / "tk.toml"
+    path.write_text(
+        f'[[listener]]\nlisten = "1"\nto = "db:5432"\nvia = {urls!r}\n'.replace("'", '"')
+    )
+    [by_flag], [in_file] = flags.listeners, load(str(path), TYPES).listeners
+    chain = (Via("http", False, "p1", 3128), Via("socks5", False, "p2", 1080))
+    assert by_flag.via == in_file.via == chain
 
 
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        ({"via": f"http://u:{SECRET}@p"}, "--via: http://u:***@p: give the proxy's port"),
-        ({"via": "http://p:1", "to": ["unix:/run/app.sock"]}, "--via: the proxy is asked for HOST:PORT backends, not 'unix:/run/app.sock'"),
-        ({"via": "http://p:1", "mode": "connect", "to": []}, "--via reaches --to backends: --mode connect needs --to with it"),
-        ({"via": "http://p:1", "resolve-interval": 5.0}, "--resolve-interval: with --via the proxy resolves backend names"),
-        ({"via": "socks5://p:1", "to": [f"{'a' * 256}:1"]}, "--via: a SOCKS5 proxy takes names of at most 255 bytes"),
+        ({"via": [f"http://u:{SECRET}@p"]}, "--via: http://u:***@p: give the proxy's port"),
+        ({"via": ["http://p:1", f"socks5://u:{SECRET}@q"]}, "--via: socks5://u:***@q: give the proxy's port"),
+        ({"via": ["http://p:1"], "to": ["unix:/run/app.sock"]}, "--via: the proxy is asked for HOST:PORT backends, not 'unix:/run/app.sock'"),
+        ({"via": ["http://p:1"], "mode": "connect", "to": []}, "--via reaches --to backends: --mode connect needs --to with it"),
+        ({"via": ["http://p:1"], "resolve-interval": 5.0}, "--resolve-interval: with --via the proxy resolves backend names"),
+        ({"via": ["socks5://p:1"], "to": [f"{'a' * 256}:1"]}, "--via: a SOCKS5 proxy takes names of at most 255 bytes"),
         ({"backend-ca": "ca.pem"}, "--backend-ca needs a tls:HOST:PORT backend"),
     ],
 )  # fmt: skip
@@ -87,9 +101,15 @@ def test_problems(values: dict[str, object], expected: str) -> None:
 
 
 def test_https_proxy_takes_backend_ca() -> None:
-    """An https:// proxy is verified like a TLS backend: --backend-ca applies to it."""
+    """An https:// proxy, also later in a chain, is verified like a TLS backend: --backend-ca applies."""
     settings = from_flags(
-        {"listen": ["1"], "to": ["h:1"], "via": "https://p:443", "backend-ca": "ca.pem"}, TYPES
+        {
+            "listen": ["1"],
+            "to": ["h:1"],
+            "via": ["http://p:1", "https://q:443"],
+            "backend-ca": "ca.pem",
+        },
+        TYPES,
     )
     [listener] = settings.listeners
     assert listener.backend_tls is not None and listener.backend_tls.ca == "ca.pem"

@@ -209,7 +209,7 @@ def _load_listener(
     for index, spec in enumerate(listener.backends):
         try:
             # Through --via the proxy resolves the names.
-            addresses = resolving.at_start(spec) if listener.via is None else ((spec.text, spec),)
+            addresses = resolving.at_start(spec) if not listener.via else ((spec.text, spec),)
             backends += [make_backend(name, each) for name, each in addresses]
             resolved.append((spec, addresses))
         except Exception as e:
@@ -271,7 +271,7 @@ def _why_twisted(
         terminates_tls=listener.tls is not None,
         backend_tls=listener.backend_tls is not None,
         write_through=write_through,
-        via=listener.via is not None,
+        via=bool(listener.via),
     )
 
 
@@ -390,17 +390,27 @@ def _tcp_endpoint(
     backend_tls: BackendTLS | None,
     write_through: bool,
 ) -> IStreamClientEndpoint:
-    """TCP to ``address``: direct, or through the listener's ``--via`` proxy (docs/via.md)."""
-    timeout, via = listener.connect_timeout, listener.via
-    if via is None:
+    """TCP to ``address``: direct, or through the listener's ``--via`` proxies (docs/via.md).
+
+    The first proxy is dialled directly; each one asks for the next (its
+    TLS, for an ``https://`` one, inside the tunnel before it), and the last
+    one for ``address``.
+    """
+    timeout, chain = listener.connect_timeout, listener.via
+    if not chain:
         return host_endpoint(outbound, address.host, address.port, timeout)
     from tunnelkit.backends.via import ViaEndpoint
 
-    proxy = host_endpoint(outbound, via.host, via.port, timeout)
-    if via.tls:
-        assert backend_tls is not None
-        proxy = _tls_endpoint(listener, proxy, via.host, backend_tls, write_through, exact=True)
-    return ViaEndpoint(proxy, via, address.host, address.port)
+    endpoint = host_endpoint(outbound, chain[0].host, chain[0].port, timeout)
+    targets = [*((via.host, via.port) for via in chain[1:]), (address.host, address.port)]
+    for via, (host, port) in zip(chain, targets, strict=True):
+        if via.tls:
+            assert backend_tls is not None
+            endpoint = _tls_endpoint(
+                listener, endpoint, via.host, backend_tls, write_through, exact=True
+            )
+        endpoint = ViaEndpoint(endpoint, via, host, port)
+    return endpoint
 
 
 def _tls_endpoint(

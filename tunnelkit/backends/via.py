@@ -77,8 +77,12 @@ class _Attempt:
         self.result: Deferred[IProtocol] = Deferred(self._cancel)
 
     def not_connected(self, failure: Failure) -> None:
-        """The proxy could not be reached (refused, TLS failed, timed out)."""
-        if not failure.check(CancelledError, TimeoutError, error.TimeoutError):
+        """The proxy could not be reached (refused, TLS failed, timed out).
+
+        A proxy reached through another one that refused it is that one's
+        refusal, as it said it.
+        """
+        if not failure.check(CancelledError, TimeoutError, error.TimeoutError, ProxyRefused):
             failure = Failure(ProxyRefused(f"via {self.shown}: {failure.getErrorMessage()}"))
         self._finish(failure)
 

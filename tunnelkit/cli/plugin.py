@@ -216,11 +216,11 @@ class Options(usage.Options):
             raise SystemExit(1) from None
         prepared.close()
         # Behind --via the proxy resolves the backends' names: its own must resolve here.
-        direct = [listener for listener in settings.listeners if listener.via is None]
+        direct = [listener for listener in settings.listeners if not listener.via]
         texts = [b.text for listener in direct for b in listener.backends]
         errors = preflight.unresolved(preflight.named_backends(texts, client_endpoint_types()))
         errors += preflight.unresolved_proxies(
-            [listener.via for listener in settings.listeners if listener.via is not None]
+            [listener.via[0] for listener in settings.listeners if listener.via]
         )
         for error in errors:
             print(f"tunnelkit: error: {error}", file=sys.stderr)

@@ -194,8 +194,9 @@ class ListenerSettings:
     health: HealthSettings | None = None
     #: Seconds between resolutions of backend names while running (0: at start only).
     resolve_interval: float = 0.0
-    #: The upstream proxy every backend is reached through (docs/via.md).
-    via: Via | None = None
+    #: The upstream proxies every backend is reached through, the first connected to
+    #: directly and each next one through the one before (docs/via.md).
+    via: tuple[Via, ...] = ()
 
 
 @attrs.frozen
@@ -484,15 +485,21 @@ def _server_tls(r: _Reader) -> ServerTLSSettings | None:
     )
 
 
-def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
-    """The ``via`` proxy; its backends must be HOST:PORT, which the proxy resolves."""
-    if not r.given("via"):
-        return None
-    try:
-        via = parse_via(r["via"])
-    except ViaURLError as e:
-        r.problem(("via",), str(e))
-        return None
+def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> tuple[Via, ...]:
+    """The ``via`` chain; its backends must be HOST:PORT, which the last proxy resolves.
+
+    A problem is reported at ``via``, never at ``via[N]``: the command line
+    would quote the value at fault, password and all.
+    """
+    chain = []
+    for text in r["via"]:
+        try:
+            chain.append(parse_via(text))
+        except ViaURLError as e:
+            r.problem(("via",), str(e))
+    if not chain:
+        return ()
+    last = chain[-1]
     if mode in ("connect", "socks5") and not backends:
         # Without --to, a proxy mode dials each client's target itself.
         r.problem(
@@ -501,18 +508,18 @@ def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> Via | None:
     for spec in backends:
         if not isinstance(spec.address, HostPort):
             r.problem(("via",), f"the proxy is asked for HOST:PORT backends, not {spec.text!r}")
-        elif via.kind == "socks5" and len(spec.address.host.encode()) > SOCKS5_FIELD:
+        elif last.kind == "socks5" and len(spec.address.host.encode()) > SOCKS5_FIELD:
             r.problem(("via",), f"a SOCKS5 proxy takes names of at most {SOCKS5_FIELD} bytes")
     if r.given("resolve-interval"):
         r.problem(("resolve-interval",), "with {via} the proxy resolves backend names")
-    return via
+    return tuple(chain)
 
 
 def _backend_tls(
-    r: _Reader, backends: Sequence[BackendSpec], via: Via | None
+    r: _Reader, backends: Sequence[BackendSpec], via: Sequence[Via]
 ) -> BackendTLSSettings | None:
     # An https:// proxy's certificate is verified as a backend's is.
-    if not (r["backend-tls"] or any(b.tls for b in backends) or (via is not None and via.tls)):
+    if not (r["backend-tls"] or any(b.tls for b in backends) or any(v.tls for v in via)):
         for key in BACKEND_TLS_ONLY:
             if r.given(key):
                 r.problem((key,), f"{{{key}}} needs a tls:HOST:PORT backend or {{backend-tls}}")
