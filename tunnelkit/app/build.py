@@ -231,6 +231,7 @@ def _load_listener(
         [(("to", index), spec) for index, spec in enumerate(listener.backends)],
         make_backend,
         problems,
+        by_proxy=bool(listener.via),
     )
     routes = _load_routes(listener, make_backend, problems)
     if problems.found:
@@ -248,12 +249,17 @@ def _at_start(
     specs: Sequence[tuple[Path, BackendSpec]],
     make_backend: Callable[[str, BackendSpec], Backend],
     problems: _Problems,
+    *,
+    by_proxy: bool = False,
 ) -> tuple[tuple[Backend, ...], Resolved]:
-    """The backends of ``specs`` (each with its key path), their names resolved now."""
+    """The backends of ``specs`` (each with its key path), their names resolved now.
+
+    ``by_proxy``: reached through ``--via``, whose proxy resolves the names.
+    """
     resolved, backends = [], []
     for path, spec in specs:
         try:
-            addresses = resolving.at_start(spec)
+            addresses = resolving.at_start(spec) if not by_proxy else ((spec.text, spec),)
             backends += [make_backend(name, each) for name, each in addresses]
             resolved.append((spec, addresses))
         except Exception as e:
@@ -271,7 +277,7 @@ def _load_routes(
     for index, route in enumerate(listener.routes):
         grouped.setdefault(route.match, []).append((("route", index), route.backend))
     return tuple(
-        LoadedRoute(match, *_at_start(specs, make_backend, problems))
+        LoadedRoute(match, *_at_start(specs, make_backend, problems, by_proxy=bool(listener.via)))
         for match, specs in grouped.items()
     )
 
@@ -323,6 +329,7 @@ def _why_twisted(
         backend_tls=listener.backend_tls is not None,
         write_through=write_through,
         accepts_proxy_protocol=listener.trusted_proxies is not None,
+        via=bool(listener.via),
     )
 
 
@@ -429,23 +436,68 @@ def _client_endpoint(
     backend_tls: BackendTLS | None,
     write_through: bool,
 ) -> IStreamClientEndpoint:
-    address, timeout = spec.address, listener.connect_timeout
+    address = spec.address
     if spec.tls:
-        from tunnelkit.tls.backend import TLSClientEndpoint
-
         assert backend_tls is not None and isinstance(address, HostPort)
-        host = address.host
-        return TLSClientEndpoint(
-            host_endpoint(outbound, host, address.port, timeout),
-            backend_tls.creator(host),
-            read_size=listener.socket_options.read_size,
-            write_through=write_through,
-            diagnose=lambda connection, failure: backend_tls.diagnose(host, connection, failure),
-        )
+        inner = _tcp_endpoint(listener, outbound, address, backend_tls, write_through)
+        return _tls_endpoint(listener, inner, address.host, backend_tls, write_through)
     if isinstance(address, HostPort):
-        return host_endpoint(outbound, address.host, address.port, timeout)
+        return _tcp_endpoint(listener, outbound, address, backend_tls, write_through)
     client: IStreamClientEndpoint = clientFromString(outbound, address)
     return client
+
+
+def _tcp_endpoint(
+    listener: ListenerSettings,
+    outbound: Any,
+    address: HostPort,
+    backend_tls: BackendTLS | None,
+    write_through: bool,
+) -> IStreamClientEndpoint:
+    """TCP to ``address``: direct, or through the listener's ``--via`` proxies (docs/via.md).
+
+    The first proxy is dialled directly; each one asks for the next (its
+    TLS, for an ``https://`` one, inside the tunnel before it), and the last
+    one for ``address``.
+    """
+    timeout, chain = listener.connect_timeout, listener.via
+    if not chain:
+        return host_endpoint(outbound, address.host, address.port, timeout)
+    from tunnelkit.backends.via import ViaEndpoint
+
+    endpoint = host_endpoint(outbound, chain[0].host, chain[0].port, timeout)
+    targets = [*((via.host, via.port) for via in chain[1:]), (address.host, address.port)]
+    for via, (host, port) in zip(chain, targets, strict=True):
+        if via.tls:
+            assert backend_tls is not None
+            endpoint = _tls_endpoint(
+                listener, endpoint, via.host, backend_tls, write_through, exact=True
+            )
+        endpoint = ViaEndpoint(endpoint, via, host, port)
+    return endpoint
+
+
+def _tls_endpoint(
+    listener: ListenerSettings,
+    inner: IStreamClientEndpoint,
+    host: str,
+    backend_tls: BackendTLS,
+    write_through: bool,
+    *,
+    exact: bool = False,
+) -> IStreamClientEndpoint:
+    """TLS over ``inner``, verified for ``host`` (``exact``: never ``--backend-sni``, as for a proxy)."""
+    from tunnelkit.tls.backend import TLSClientEndpoint
+
+    return TLSClientEndpoint(
+        inner,
+        backend_tls.creator(host, exact=exact),
+        read_size=listener.socket_options.read_size,
+        write_through=write_through,
+        diagnose=lambda connection, failure: backend_tls.diagnose(
+            host, connection, failure, exact=exact
+        ),
+    )
 
 
 def _proxy_settings(reactor: Any, listener: Listener, group: BackendGroup | None) -> ProxySettings:

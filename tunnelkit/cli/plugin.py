@@ -215,11 +215,16 @@ class Options(usage.Options):
             print(self.error_lines(e), file=sys.stderr)
             raise SystemExit(1) from None
         prepared.close()
+        # Behind --via the proxy resolves the backends' names: its own must resolve here.
+        direct = [listener for listener in settings.listeners if not listener.via]
         types = client_endpoint_types()
-        texts = [b.text for listener in settings.listeners for b in listener.backends]
-        routed = [r.backend.text for listener in settings.listeners for r in listener.routes]
+        texts = [b.text for listener in direct for b in listener.backends]
+        routed = [r.backend.text for listener in direct for r in listener.routes]
         errors = preflight.unresolved(preflight.named_backends(texts, types))
         errors += preflight.unresolved(preflight.named_backends(routed, types), "--route")
+        errors += preflight.unresolved_proxies(
+            [listener.via[0] for listener in settings.listeners if listener.via]
+        )
         for error in errors:
             print(f"tunnelkit: error: {error}", file=sys.stderr)
         if errors:

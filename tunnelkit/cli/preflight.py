@@ -11,6 +11,8 @@ A backend given by name is resolved at start-up (each address a backend,
 see :mod:`tunnelkit.app.build`); a name that does not resolve then is not an
 error (DNS may come later: Twisted resolves it per connection meanwhile, with
 a warning), but ``--check`` reports it as an error (:func:`unresolved`).
+Behind ``--via`` the proxy resolves the backends' names, and ``--check``
+resolves the proxy's instead (:func:`unresolved_proxies`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from tunnelkit.backends.resolver import ResolveError, lookup
+from tunnelkit.backends.via_url import Via
 from tunnelkit.config.addresses import AddressError, HostPort, backend_address, tls_host_port
 
 
@@ -97,4 +100,17 @@ def unresolved(backends: Sequence[HostPort], option: str = "--to") -> list[str]:
             lookup(backend.host, backend.port)
         except ResolveError as e:
             errors.append(f"{option} {backend}: {e}")
+    return errors
+
+
+def unresolved_proxies(proxies: Sequence[Via]) -> list[str]:
+    """``--check``: one message per ``--via`` proxy name that does not resolve now (blocking)."""
+    errors = []
+    for via in proxies:
+        if is_ip(via.host):
+            continue
+        try:
+            lookup(via.host, via.port)
+        except ResolveError as e:
+            errors.append(f"--via {via.shown}: {e}")
     return errors

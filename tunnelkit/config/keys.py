@@ -216,6 +216,8 @@ def _keys() -> Sequence[Key]:
         Key("backend-cert", L, TEXT, None, "Client certificate presented to TLS backends"),
         Key("backend-key", L, TEXT, None, "Key of --backend-cert (default: read from that file)"),
         _switch("backend-insecure", L, "Do not verify backend certificates (warns: traffic can be read and changed)"),
+        # -- upstream proxies (docs/via.md)
+        _many("via", L, "Reach every backend through this proxy: http://[USER:PASS@]HOST:PORT (CONNECT), https://... (TLS to the proxy) or socks5://[USER:PASS@]HOST:PORT; backend names are resolved by the proxy (repeatable: a chain, each proxy reached through the one before)"),
         # -- the process
         Key("workers", P, _number(int, 1, f"a whole number from 1 to {MAX_WORKERS}", MAX_WORKERS), 1, "Processes accepting on the listeners (one core each), supervised by this one"),
         Key("max-connections", P, COUNT, None, "Most tunnels at once (default: what the file-descriptor limit allows)"),

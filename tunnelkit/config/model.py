@@ -24,6 +24,7 @@ import attrs
 
 from tunnelkit.backends.group import MAX_WEIGHT, Balancing
 from tunnelkit.backends.health import MAX_RESPONSE, HealthSettings
+from tunnelkit.backends.via_url import SOCKS5_FIELD, Via, ViaURLError, parse_via
 from tunnelkit.config.addresses import (
     AddressError,
     HostPort,
@@ -211,6 +212,9 @@ class ListenerSettings:
     proxy_protocol: int = 0
     #: ``accept-proxy-protocol`` with its ``trusted-proxies``; ``None``: no header is read.
     trusted_proxies: ClientPolicy | None = None
+    #: The upstream proxies every backend is reached through, the first connected to
+    #: directly and each next one through the one before (docs/via.md).
+    via: tuple[Via, ...] = ()
 
 
 @attrs.frozen
@@ -337,9 +341,10 @@ def build_listener(
             " ({tls-cert}) or routed by their server name ({route}), not both",
         )
     routes = _routes(r, endpoint_types)
+    via = _via(r, mode, backends)
     clients, targets = _policies(r)
     tls = _server_tls(r)
-    backend_tls = _backend_tls(r, backends)
+    backend_tls = _backend_tls(r, backends, via)
     health = _health(r)
     proxy_protocol, trusted_proxies = _proxy_protocol(r, backends)
     if health is not None and proxy_protocol:
@@ -394,6 +399,7 @@ def build_listener(
         routes=routes,
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted_proxies,
+        via=via,
     )
 
 
@@ -608,8 +614,41 @@ def _server_tls(r: _Reader) -> ServerTLSSettings | None:
     )
 
 
-def _backend_tls(r: _Reader, backends: Sequence[BackendSpec]) -> BackendTLSSettings | None:
-    if not (r["backend-tls"] or any(b.tls for b in backends)):
+def _via(r: _Reader, mode: str, backends: Sequence[BackendSpec]) -> tuple[Via, ...]:
+    """The ``via`` chain; its backends must be HOST:PORT, which the last proxy resolves.
+
+    A problem is reported at ``via``, never at ``via[N]``: the command line
+    would quote the value at fault, password and all.
+    """
+    chain = []
+    for text in r["via"]:
+        try:
+            chain.append(parse_via(text))
+        except ViaURLError as e:
+            r.problem(("via",), str(e))
+    if not chain:
+        return ()
+    last = chain[-1]
+    if mode in ("connect", "socks5") and not backends:
+        # Without --to, a proxy mode dials each client's target itself.
+        r.problem(
+            ("via",), f"{{via}} reaches {{to}} backends: {{mode}} {mode} needs {{to}} with it"
+        )
+    for spec in backends:
+        if not isinstance(spec.address, HostPort):
+            r.problem(("via",), f"the proxy is asked for HOST:PORT backends, not {spec.text!r}")
+        elif last.kind == "socks5" and len(spec.address.host.encode()) > SOCKS5_FIELD:
+            r.problem(("via",), f"a SOCKS5 proxy takes names of at most {SOCKS5_FIELD} bytes")
+    if r.given("resolve-interval"):
+        r.problem(("resolve-interval",), "with {via} the proxy resolves backend names")
+    return tuple(chain)
+
+
+def _backend_tls(
+    r: _Reader, backends: Sequence[BackendSpec], via: Sequence[Via]
+) -> BackendTLSSettings | None:
+    # An https:// proxy's certificate is verified as a backend's is.
+    if not (r["backend-tls"] or any(b.tls for b in backends) or any(v.tls for v in via)):
         for key in BACKEND_TLS_ONLY:
             if r.given(key):
                 r.problem((key,), f"{{{key}}} needs a tls:HOST:PORT backend or {{backend-tls}}")

@@ -113,13 +113,15 @@ def why_not_native(
     backend_tls: bool,
     write_through: bool,
     accepts_proxy_protocol: bool = False,
+    via: bool = False,
 ) -> str | None:
     """Why one listener needs the Twisted path, or ``None`` if the engine can serve it.
 
     Asked per listener, with its settings: its ``mode``, its ``listen``
     strings, its ``backends``, whether it terminates TLS (the engine does
     when pyOpenSSL lends it OpenSSL) or speaks TLS to its backends, and
-    whether its writes go through (``--no-write-through`` is Python's).
+    whether its writes go through (``--no-write-through`` is Python's), and
+    whether it reaches its backends through an upstream proxy (``--via``).
     """
     if _engine is None:
         return (
@@ -129,6 +131,7 @@ def why_not_native(
     tls_why = _tls_unavailable() if terminates_tls else None
     reasons = [
         (mode != "forward", f"--mode {mode} reads a request first"),
+        (via, "--via: Python negotiates with the upstream proxy"),
         (backend_tls, "TLS to backends is relayed by Python"),
         (tls_why is not None, f"TLS is terminated by Python: {tls_why}"),
         (not write_through, "--no-write-through is a diagnostic of the Python path"),

@@ -106,9 +106,12 @@ class BackendTLS:
         if settings.cert is not None:
             self.client_certificate = _client_certificate(settings.cert, settings.key)
 
-    def creator(self, host: str) -> IOpenSSLClientConnectionCreator:
-        """How to open TLS to backend ``host``: verified against ``--backend-sni`` or ``host``."""
-        name = self.settings.sni or host
+    def creator(self, host: str, *, exact: bool = False) -> IOpenSSLClientConnectionCreator:
+        """How to open TLS to backend ``host``: verified against ``--backend-sni`` or ``host``.
+
+        ``exact``: against ``host`` itself (an ``https://`` ``--via`` proxy).
+        """
+        name = self._checked(host, exact)
         if self.settings.insecure:
             options = ssl.CertificateOptions(
                 verify=False,
@@ -122,7 +125,13 @@ class BackendTLS:
         )
         return creator
 
-    def diagnose(self, host: str, connection: Any, failure: Failure) -> str | None:
+    def _checked(self, host: str, exact: bool) -> str:
+        """The name a certificate must match: ``--backend-sni``, unless ``exact``, else ``host``."""
+        return host if exact else self.settings.sni or host
+
+    def diagnose(
+        self, host: str, connection: Any, failure: Failure, *, exact: bool = False
+    ) -> str | None:
         """Why the handshake with backend ``host`` failed, in words; None if it was not TLS's doing.
 
         OpenSSL says only "certificate verify failed" and service_identity
@@ -141,7 +150,7 @@ class BackendTLS:
         else:
             return None
         trust = f"--backend-ca {self.settings.ca}" if self.settings.ca else "the system's CAs"
-        name = self.settings.sni or host
+        name = self._checked(host, exact)
         return f"certificate verify failed: {why} (name checked: {name!r}; CAs: {trust})"
 
     def _client_key_options(self) -> dict[str, Any]:
