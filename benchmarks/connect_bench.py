@@ -485,9 +485,14 @@ def _wait_listening(proc: Proc, port: int) -> None:
     proc.wait_for(lambda: listening(port), f"listener on 127.0.0.1:{port}", START_TIMEOUT)
 
 
-def start_tunnelkit(workdir: Path, serial: int) -> Running:
-    """twistd tunnelkit --mode connect on port 0; the port is read from its log."""
-    tag = f"tunnelkit-{serial}"
+def tunnelkit_starter(mode: str) -> Callable[[Path, int], Running]:
+    """How to start tunnelkit in ``mode`` (connect, or auto: the same clients after a peek)."""
+    return lambda workdir, serial: start_tunnelkit(workdir, serial, mode)
+
+
+def start_tunnelkit(workdir: Path, serial: int, mode: str) -> Running:
+    """twistd tunnelkit --mode MODE on port 0; the port is read from its log."""
+    tag = f"tunnelkit-{mode}-{serial}"
     twistd = VENV_BIN / "twistd"
     if not twistd.exists():
         raise BenchError(f"{twistd} not found: run this script with the venv's python")
@@ -496,7 +501,7 @@ def start_tunnelkit(workdir: Path, serial: int) -> Running:
         tag,
         "tunnelkit",
         "--mode",
-        "connect",
+        mode,
         "--listen",
         "127.0.0.1:0",
         "--allow-dest",
@@ -513,7 +518,7 @@ def start_tunnelkit(workdir: Path, serial: int) -> Running:
 
     port = proc.wait_for(found, "listening port in its log", START_TIMEOUT)
     assert isinstance(port, int)
-    return Running("tunnelkit", port, proc)
+    return Running("tunnelkit" if mode == "connect" else f"tunnelkit-{mode}", port, proc)
 
 
 def tinyproxy_config(port: int, workdir: Path, log_level: str = "Connect") -> str:
@@ -609,8 +614,16 @@ PROXIES = [
     ProxySpec(
         "tunnelkit",
         "twistd",
-        start_tunnelkit,
+        tunnelkit_starter("connect"),
         "--mode connect --allow-dest 127.0.0.0/8 (defaults: --read-size 256k, nodelay)",
+    ),
+    # What one port for all costs a CONNECT client: the peek, then the same mode.
+    ProxySpec(
+        "tunnelkit-auto",
+        "twistd",
+        tunnelkit_starter("auto"),
+        "--mode auto --allow-dest 127.0.0.0/8 (CONNECT clients after the peek); tunnels figure only",
+        ("tunnels",),
     ),
     ProxySpec(
         "tinyproxy",
@@ -988,7 +1001,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--bulk-mib", type=int, help="MiB per bulk run (default 1024, --short 512)")
     p.add_argument(
-        "--only", help="comma-separated proxies (tunnelkit,tinyproxy,tinyproxy-quiet,squid)"
+        "--only",
+        help="comma-separated proxies (tunnelkit,tunnelkit-auto,tinyproxy,tinyproxy-quiet,squid)",
     )
     p.add_argument("--figures", default="tunnels,upload,download", help="tunnels,upload,download")
     p.add_argument(
