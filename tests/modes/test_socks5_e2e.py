@@ -163,51 +163,62 @@ def test_ipv6_target_and_bound_address(open_proxy: Proxy, serve: Serve) -> None:
     assert sha256(received) == digest == sha256(payload)
 
 
-def test_curl_socks5_and_socks5_hostname(open_proxy: Proxy, tmp_path: Path) -> None:
-    """curl --socks5 (the client resolves) and --socks5-hostname (the proxy resolves) fetch 1 MiB intact."""
+def curl_socks(
+    tmp_path: Path, proxy: Proxy, option: str, url: str, *more: str
+) -> tuple[int, str, bytes]:
+    """``curl OPTION PROXY URL MORE``: its exit status, output and the body it fetched."""
     curl = need("curl")
-    site = tmp_path / "site"
-    site.mkdir()
+    out = tmp_path / "fetched"
+    out.unlink(missing_ok=True)
+    argv = [curl, "-q", "-sS", "-f", "--max-time", "10", "--noproxy", "", "-o", str(out)]
+    fetched = run([*argv, option, proxy.address, url, *more], cwd=tmp_path)
+    return fetched.returncode, fetched.stdout, out.read_bytes() if out.exists() else b""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """An HTTP server on 127.0.0.1 serving 1 MiB of random bytes at /blob: its address and the bytes."""
+    root = tmp_path / "site"
+    root.mkdir()
     body = os.urandom(MiB)
-    (site / "blob").write_bytes(body)
-    with http_backend(site) as address:
-        port = address.rpartition(":")[2]
-        for option, url in (
-            ("--socks5", f"http://{address}/blob"),
-            ("--socks5-hostname", f"http://{secrets.token_hex(4)}.localhost.invalid:{port}/"),
-        ):
-            out = tmp_path / "fetched"
-            argv = [curl, "-q", "-sS", "-f", "--max-time", "10", "--noproxy", "", "-o", str(out)]
-            fetched = run([*argv, option, open_proxy.address, url], cwd=tmp_path)
-            if option == "--socks5":
-                assert fetched.returncode == 0, fetched.stdout
-                assert sha256(out.read_bytes()) == sha256(body)
-            else:
-                # The proxy resolved the name (curl did not): it does not exist, host unreachable.
-                assert fetched.returncode == 97, fetched.stdout
-                assert "(4)" in fetched.stdout, fetched.stdout
+    (root / "blob").write_bytes(body)
+    with http_backend(root) as address:
+        yield address, body
+
+
+def test_curl_socks5(open_proxy: Proxy, site: tuple[str, bytes], tmp_path: Path) -> None:
+    """curl --socks5 (curl resolves, sends an IPv4 address) fetches 1 MiB intact."""
+    address, body = site
+    code, output, fetched = curl_socks(tmp_path, open_proxy, "--socks5", f"http://{address}/blob")
+    assert code == 0, output
+    assert sha256(fetched) == sha256(body)
     assert open_proxy.closed("curl --socks5", target=address)["reply"] == 0
 
 
-def test_curl_socks5_hostname_with_proxy_user(auth_proxy: Proxy, tmp_path: Path) -> None:
+def test_curl_socks5_hostname_is_resolved_by_the_proxy(open_proxy: Proxy, tmp_path: Path) -> None:
+    """curl --socks5-hostname sends the name: the proxy resolves it, and a name that does not exist gets 0x04."""
+    name = f"{secrets.token_hex(4)}.invalid"
+    code, output, _ = curl_socks(tmp_path, open_proxy, "--socks5-hostname", f"http://{name}/")
+    assert code == 97, output  # curl: the proxy's reply was not a success
+    assert "(4)" in output, output
+    assert open_proxy.closed("curl --socks5-hostname", target=f"{name}:80")["reply"] == 4
+
+
+def test_curl_socks5_hostname_with_proxy_user(
+    auth_proxy: Proxy, site: tuple[str, bytes], tmp_path: Path
+) -> None:
     """curl --socks5-hostname --proxy-user: RFC 1929 auth, the proxy resolves localhost, 1 MiB intact; a wrong password fails."""
-    curl = need("curl")
-    site = tmp_path / "site"
-    site.mkdir()
-    body = os.urandom(MiB)
-    (site / "blob").write_bytes(body)
-    with http_backend(site) as address:
-        port = int(address.rpartition(":")[2])
-        out = tmp_path / "fetched"
-        argv = [curl, "-q", "-sS", "-f", "--max-time", "10", "--noproxy", "", "-o", str(out)]
-        argv += ["--socks5-hostname", auth_proxy.address, f"http://localhost:{port}/blob"]
-        fetched = run([*argv, "--proxy-user", f"{USER}:{PASSWORD}"], cwd=tmp_path)
-        assert fetched.returncode == 0, fetched.stdout
-        assert sha256(out.read_bytes()) == sha256(body)
-        wrong = "wrong-" + secrets.token_urlsafe(12)
-        refused = run([*argv, "--proxy-user", f"{USER}:{wrong}"], cwd=tmp_path)
-        assert refused.returncode == 97, refused.stdout
-    event = auth_proxy.closed("curl with its user", target=f"localhost:{port}")
+    address, body = site
+    url = f"http://localhost:{address.rpartition(':')[2]}/blob"
+    good = ("--proxy-user", f"{USER}:{PASSWORD}")
+    code, output, fetched = curl_socks(tmp_path, auth_proxy, "--socks5-hostname", url, *good)
+    assert code == 0, output
+    assert sha256(fetched) == sha256(body)
+    wrong = "wrong-" + secrets.token_urlsafe(12)
+    bad = ("--proxy-user", f"{USER}:{wrong}")
+    code, output, _ = curl_socks(tmp_path, auth_proxy, "--socks5-hostname", url, *bad)
+    assert code == 97, output
+    event = auth_proxy.closed("curl with its user", target=url.split("/")[2])
     assert (event["user"], event["reply"]) == (USER, 0)
     failed = auth_proxy.closed("curl with a wrong password", reason="authentication failed")
     assert failed["user"] == USER
