@@ -84,10 +84,16 @@ def test_the_in_process_suite_runs_on_it() -> None:
     os.environ.get("TUNNELKIT_TEST_REACTOR") == "twisted", reason="already the nested run"
 )
 def test_the_relay_suite_passes_on_twisteds_own_reactor(tmp_path: Path) -> None:
-    """The relay socket suite, run again in a child pytest on Twisted's EPollReactor (the fast path off)."""
+    """The relay socket suite, run again in a child pytest on Twisted's EPollReactor (the fast path off).
+
+    The splice variants move bytes in the kernel, which the reactor does not
+    change: they run again here only in the soak run (``TUNNELKIT_SOAK=1``),
+    so the default suite keeps within its time.
+    """
     suite = Path(__file__).parents[1] / "relay" / "test_relay_sockets.py"
+    bounded = [] if os.environ.get("TUNNELKIT_SOAK") else ["-k", "not Splice and not splice"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", str(suite)],
+        [sys.executable, "-m", "pytest", "-q", "-x", str(suite), *bounded],
         cwd=tmp_path,
         env={**os.environ, "TUNNELKIT_TEST_REACTOR": "twisted"},
         capture_output=True,
