@@ -332,6 +332,19 @@ def need(program: str) -> str:
 
 # -- a proxy (CONNECT, SOCKS5) as a process ------------------------------------
 
+#: Targets a proxy under test may reach: loopback, IPv4 and IPv6 (``localhost``
+#: may resolve to both, and every address of a name must be allowed).
+LOOPBACK_TARGETS = ("--allow-dest", "127.0.0.0/8", "--allow-dest", "[::1]")
+
+
+def auth_file(cwd: Path, user: str, password: str) -> str:
+    """An htpasswd file in ``cwd`` of one bcrypt entry (cheap rounds: tests only), for ``--auth-file``."""
+    from tunnelkit.policy.htpasswd import make_entry
+
+    users = cwd / "users.htpasswd"
+    users.write_text(make_entry(user, password, rounds=4) + "\n")
+    return str(users)
+
 
 class Proxy:
     """A running ``twistd -n tunnelkit`` proxy and the address it listens on."""

@@ -193,6 +193,11 @@ def by_proxy(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
     return ours, [r for r in records if r.get("mode") == "connect"]
 
 
+def microsocks(port: int) -> list[str]:
+    """microsocks on 127.0.0.1:``port``, requiring USER and PASSWORD (RFC 1929)."""
+    return ["/usr/bin/microsocks", "-i", "127.0.0.1", "-p", str(port), "-u", USER, "-P", PASSWORD]
+
+
 class ViaTests(LoopbackTestCase):
     """Tunnels through upstream proxies: their data, their half-close, their refusals."""
 
@@ -203,6 +208,14 @@ class ViaTests(LoopbackTestCase):
         )
         self.addCleanup(lambda: proxy.stop() if proxy.service.running else None)
         return proxy
+
+    def https_proxy(self) -> tuple[trustme.CA, Path, int]:
+        """tunnelkit's CONNECT mode as an ``https://`` proxy for ``localhost``: its CA, a directory, its port."""
+        ca = trustme.CA()
+        directory = temporary_directory(self)
+        pair = write_pair(ca, directory, "localhost")
+        proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+        return ca, directory, split_address(proxy.address)[1]
 
     @inlineCallbacks
     def assert_relays(self, fwd: Forwarder) -> Inline:
@@ -273,12 +286,8 @@ class ViaTests(LoopbackTestCase):
     @inlineCallbacks
     def test_tls_to_the_proxy(self) -> Inline:
         """``--via https://``: TLS to the proxy (verified with --backend-ca), plain TCP inside to the backend."""
-        ca = trustme.CA()
-        directory = temporary_directory(self)
-        pair = write_pair(ca, directory, "localhost")
+        ca, directory, port = self.https_proxy()
         backend = self.serve(hashing_echo)
-        proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
-        port = split_address(proxy.address)[1]
         fwd = self.forward(
             "--to", backend.address, "--backend-ca", str(write_ca(ca, directory)),
             "--via", f"https://localhost:{port}",
@@ -290,12 +299,8 @@ class ViaTests(LoopbackTestCase):
     @inlineCallbacks
     def test_tls_in_tls(self) -> Inline:
         """``--via https://`` and a TLS backend: each certificate checked for its own name (--backend-sni is the backend's)."""
-        ca = trustme.CA()
-        directory = temporary_directory(self)
-        pair = write_pair(ca, directory, "localhost")
+        ca, directory, port = self.https_proxy()
         backend = TLSBackend(self.serve, write_pair(ca, directory, "backend.test"), tls_echo)
-        proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
-        port = split_address(proxy.address)[1]
         fwd = self.forward(
             "--to", f"tls:127.0.0.1:{backend.port}", "--backend-sni", "backend.test",
             "--backend-ca", str(write_ca(ca, directory)), "--via", f"https://localhost:{port}",
@@ -306,12 +311,8 @@ class ViaTests(LoopbackTestCase):
     @inlineCallbacks
     def test_proxy_certificate_verified(self) -> Inline:
         """An ``https://`` proxy whose certificate does not verify is a failed attempt that says so."""
-        ca = trustme.CA()
-        directory = temporary_directory(self)
-        pair = write_pair(ca, directory, "localhost")
+        _, directory, port = self.https_proxy()
         backend = self.serve(hashing_echo)
-        proxy = self.connect_proxy("--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
-        port = split_address(proxy.address)[1]
         other = write_ca(trustme.CA(), directory, "other")
         fwd = self.forward(
             "--to",
@@ -379,17 +380,7 @@ class ViaTests(LoopbackTestCase):
         """Through microsocks with -u/-P (RFC 1929), intact both ways; a wrong password is a logged refusal."""
         backend = self.serve(hashing_echo)
         listen = free_port()
-        argv = [
-            "/usr/bin/microsocks",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(listen),
-            "-u",
-            USER,
-            "-P",
-            PASSWORD,
-        ]
+        argv = microsocks(listen)
         with running(argv, listen) as proxy:
             fwd = self.forward(
                 "--to", backend.address, "--via", f"socks5://{USER}:{PASSWORD}@{proxy}"
@@ -419,17 +410,7 @@ class ViaChainTests(LoopbackTestCase):
         backend = self.serve(hashing_echo)
         first = self.connect_proxy()
         listen = free_port()
-        argv = [
-            "/usr/bin/microsocks",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(listen),
-            "-u",
-            USER,
-            "-P",
-            PASSWORD,
-        ]
+        argv = microsocks(listen)
         with running(argv, listen) as second:
             fwd = self.forward(
                 "--to", backend.address,

@@ -44,8 +44,10 @@ from loopback import (
     silent_listener,
 )
 from processes import (
+    LOOPBACK_TARGETS,
     Proxy,
     assert_clean_stop,
+    auth_file,
     free_port,
     need,
     run,
@@ -53,8 +55,6 @@ from processes import (
     start_proxy,
 )
 from python_socks.sync import Proxy as SocksProxy
-
-from tunnelkit.policy.htpasswd import make_entry
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 REALM = 'Basic realm="tunnelkit"'
@@ -99,10 +99,7 @@ def default_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
 def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """Loopback targets allowed to USER with PASSWORD only (an htpasswd file of one entry)."""
     cwd = tmp_path_factory.mktemp("auth")
-    users = cwd / "users.htpasswd"
-    users.write_text(make_entry(USER, PASSWORD, rounds=4) + "\n")
-    # [::1] too: where localhost also resolves to ::1, every address must be allowed.
-    args = ("--auth-file", str(users), "--allow-dest", "127.0.0.0/8", "--allow-dest", "[::1]")
+    args = ("--auth-file", auth_file(cwd, USER, PASSWORD), *LOOPBACK_TARGETS)
     with connect_proxy(cwd, *args) as proxy:
         yield proxy
 

@@ -34,11 +34,9 @@ from loopback import (
     sha256,
     silent_listener,
 )
-from processes import Proxy, free_port, need, run, running_proxy
+from processes import LOOPBACK_TARGETS, Proxy, auth_file, free_port, need, run, running_proxy
 from python_socks import ProxyError
 from python_socks.sync import Proxy as SocksProxy
-
-from tunnelkit.policy.htpasswd import make_entry
 
 #: The one user of the auth proxy; the password is new on every run.
 USER = "alice"
@@ -71,10 +69,7 @@ def default_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
 def auth_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     """Loopback targets allowed to USER with PASSWORD only (an htpasswd file of one entry)."""
     cwd = tmp_path_factory.mktemp("socks-auth")
-    users = cwd / "users.htpasswd"
-    users.write_text(make_entry(USER, PASSWORD, rounds=4) + "\n")
-    # [::1] too: localhost may resolve to ::1 as well, and every address must be allowed.
-    args = ("--auth-file", str(users), "--allow-dest", "127.0.0.0/8", "--allow-dest", "[::1]")
+    args = ("--auth-file", auth_file(cwd, USER, PASSWORD), *LOOPBACK_TARGETS)
     with running_proxy(cwd, "--mode", "socks5", *args) as proxy:
         yield proxy
 
