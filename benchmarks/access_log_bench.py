@@ -7,8 +7,10 @@ tunnelkit.json_log.observer`` run: the event goes through twisted.logger's
 global publisher to ``textFileLogObserver`` on a ``LogFile`` (classic text
 rendering, ``formatTime``, one write(2) per line) or to
 ``jsonFileLogObserver`` (every field, one write(2) per line).
-The new path is :class:`tunnelkit.logs.access_file.AccessLogFile` as the sink of
-the same :class:`TunnelLog` batching. Records are queued and flushed in
+The new paths are :class:`tunnelkit.logs.twistd_text.TwistdText` (what a
+process logging to twistd's text log does now: the same lines, a batch per
+write) and :class:`tunnelkit.logs.access_file.AccessLogFile` (``--access-log``),
+each the sink of the same :class:`TunnelLog` batching. Records are queued and flushed in
 batches of ``--batch`` (about what 20 ms collect at 5,000 connections/s);
 the figure is the best of ``--reps`` runs, in µs per record, files in a
 temporary directory.
@@ -32,7 +34,8 @@ from twisted.logger import (
 from twisted.python.logfile import LogFile
 
 from tunnelkit.logs.access_file import FORMATS, AccessLogFile
-from tunnelkit.logs.tunnel_log import Batch, TunnelLog
+from tunnelkit.logs.tunnel_log import Batch, TunnelLog, emit_events
+from tunnelkit.logs.twistd_text import TwistdText
 from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
 
 
@@ -55,11 +58,9 @@ def records(count: int) -> list[TunnelRecord]:
     ]
 
 
-def per_record(
-    sink: Callable[[Batch], None] | None, items: list[TunnelRecord], batch: int
-) -> float:
+def per_record(sink: Callable[[Batch], None], items: list[TunnelRecord], batch: int) -> float:
     """µs per record to queue ``items`` and flush them every ``batch`` through ``sink``."""
-    log = TunnelLog(Clock()) if sink is None else TunnelLog(Clock(), sink=sink)
+    log = TunnelLog(Clock(), sink=sink)
     started = time.perf_counter()
     for i, record in enumerate(items, 1):
         log(record, "8888")
@@ -91,7 +92,12 @@ def main() -> None:
         print(f"{args.records} records, batches of {args.batch}, best of {args.reps}:")
         for name, observer in observers.items():
             globalLogPublisher.addObserver(observer)
-            report(name, [per_record(None, items, args.batch) for _ in range(args.reps)])
+            report(name, [per_record(emit_events, items, args.batch) for _ in range(args.reps)])
+            if name.startswith("twistd --logfile"):
+                # The default since issue 18: twistd's lines, a batch per write.
+                direct = TwistdText()
+                figures = [per_record(direct, items, args.batch) for _ in range(args.reps)]
+                report("twistd --logfile, written a batch at a time (the default)", figures)
             globalLogPublisher.removeObserver(observer)
         for fmt in FORMATS:
             sink = AccessLogFile(str(directory / f"access.{fmt}"), fmt)

@@ -75,6 +75,7 @@ from tunnelkit.config.model import (
 )
 from tunnelkit.engine import driver
 from tunnelkit.logs.tunnel_log import TunnelLog
+from tunnelkit.logs.twistd_text import TwistdText
 from tunnelkit.modes.auto import AutoMode, AutoModes
 from tunnelkit.modes.connect import ConnectMode
 from tunnelkit.modes.forward import ForwardMode
@@ -603,7 +604,8 @@ def build_service(prepared: Prepared) -> TunnelService:
         else TunnelRegistry(reactor, max_tunnels)
     )
     access_log = prepared.access_log
-    tunnel_log = TunnelLog(reactor) if access_log is None else TunnelLog(reactor, sink=access_log)
+    # The default log: twistd's own lines, a batch per write (docs/logging.md).
+    tunnel_log = TunnelLog(reactor, sink=access_log if access_log is not None else TwistdText())
     relay = (
         driver.NativeRelay(reactor, registry=registry, fd_slots=fd_slots())  # type: ignore[arg-type]
         if engine_listeners
