@@ -316,7 +316,7 @@ def tunnelkit(*args: str, cwd: Path) -> Process:
 
 
 def run(
-    argv: Sequence[str], cwd: Path, timeout: float = EXIT_TIMEOUT
+    argv: Sequence[str], cwd: Path, timeout: float = EXIT_TIMEOUT, pass_fds: Sequence[int] = ()
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to completion; stdout and stderr interleaved in ``.stdout``."""
     return subprocess.run(
@@ -329,6 +329,7 @@ def run(
         text=True,
         timeout=timeout,
         check=False,
+        pass_fds=pass_fds,
     )
 
 

@@ -209,6 +209,31 @@ def test_a_systemd_listener_without_its_socket_is_one_clear_error(tmp_path: Path
     assert "index out of range" not in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("family", "kind", "listen", "message"),
+    [
+        (socket.AF_INET6, socket.SOCK_STREAM, True, "is AF_INET6: give domain=INET6"),
+        (socket.AF_INET, socket.SOCK_DGRAM, False, "is not a listening stream socket"),
+        (socket.AF_INET, socket.SOCK_STREAM, False, "is not a listening stream socket"),
+    ],
+)
+def test_a_passed_socket_unlike_its_listener_is_refused_at_start(
+    tmp_path: Path, family: int, kind: int, listen: bool, message: str
+) -> None:
+    """A passed socket of another family than ``domain=``, or not listening for streams: one error at start."""
+    with socket.socket(family, kind) as sock:
+        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        if listen:
+            sock.listen(1)
+        argv = twistd_argv("--listen", "systemd:domain=INET:index=0", "--to", "127.0.0.1:9")
+        sockets = [("proxy", sock)]
+        done = run(
+            activated_argv([*argv, "--check"], sockets), tmp_path, pass_fds=activated_fds(sockets)
+        )
+    assert done.returncode == 1, done.stdout
+    assert f"'systemd:domain=INET:index=0': the socket passed {message}" in done.stdout, done.stdout
+
+
 # -- twistd -n tunnelkit, notifying ------------------------------------------
 
 

@@ -33,6 +33,7 @@ import attrs
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
     UNIXServerEndpoint,
     clientFromString,
@@ -393,6 +394,11 @@ def _server_endpoint(
     except Exception as e:
         problems.add(("listen", index), systemd.endpoint_problem(description, e))
         return None
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        wrong = systemd.passed_socket_problem(endpoint.fileno, endpoint.addressFamily)
+        if wrong is not None:
+            problems.add(("listen", index), wrong)
+            return None
     if isinstance(endpoint, UNIXServerEndpoint):
         # Twisted's own error would name the lock file instead.
         directory = os.path.dirname(os.path.abspath(endpoint._address))

@@ -158,9 +158,33 @@ def endpoint_problem(description: str, error: Exception) -> str:
     ):
         return str(error)
     return (
-        f"{description}: systemd passed no such socket (LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES"
+        "systemd passed no such socket (LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES"
         " name the sockets of the .socket unit that starts this service; see docs/deploy.md)"
     )
+
+
+def passed_socket_problem(fd: int, family: int) -> str | None:
+    """What is wrong with the socket passed as ``fd`` for a ``systemd:`` listener of ``family``, if any.
+
+    Twisted adopts whatever it is given: a ``domain=INET`` listener on the
+    IPv6 socket that ``ListenStream=443`` makes would report a garbled
+    address, and a datagram socket would fail at the first accept.
+    """
+    try:
+        probe = socket.socket(fileno=fd)  # its real family and type
+    except OSError as e:
+        return f"descriptor {fd}: {e.strerror or e}"
+    try:
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        real_family, kind = probe.family, probe.type
+    finally:
+        probe.detach()
+    if real_family != family:
+        domain = real_family.name.removeprefix("AF_")
+        return f"the socket passed is {real_family.name}: give domain={domain}"
+    if kind != socket.SOCK_STREAM or not listening:
+        return "the socket passed is not a listening stream socket (ListenStream=)"
+    return None
 
 
 @implementer(IStreamServerEndpoint)
