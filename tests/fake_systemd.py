@@ -98,6 +98,22 @@ class NotifySocket:
         return list(self.received)
 
 
+class Recorder:
+    """A :class:`tunnelkit.app.systemd.Notifier` stand-in that records the calls made to it, in memory."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def ready(self, status: str) -> None:
+        self.calls.append("ready")
+
+    def reloading(self, status: str) -> None:
+        self.calls.append("reloading")
+
+    def stopping(self, status: str, within: float) -> None:
+        self.calls.append(f"stopping {within:g}")
+
+
 def activated_argv(argv: Sequence[str], sockets: Sequence[tuple[str, socket.socket]]) -> list[str]:
     """``argv`` run through this module's shim, with ``sockets`` (name, socket) passed as systemd does.
 

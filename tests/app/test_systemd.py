@@ -15,11 +15,10 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from fake_systemd import NotifySocket, activated_argv, activated_fds
+from fake_systemd import NotifySocket, Recorder, activated_argv, activated_fds
 from loopback import Serve, echo, echo_through, sha256
 from planes import Plane, on_each_plane
 from processes import Process, json_events, run, start, twistd_argv
@@ -28,7 +27,6 @@ from twisted.internet.task import Clock
 
 from tunnelkit.app import systemd
 from tunnelkit.app.service import TunnelService
-from tunnelkit.app.supervisor import Workers
 from tunnelkit.relay.registry import TunnelRegistry
 
 JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
@@ -120,22 +118,6 @@ def test_workers_inherit_none_of_the_managers_variables() -> None:
     assert systemd.manager_free(environ) == {"PATH": "/bin"}
 
 
-class Recorder:
-    """A notifier that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def ready(self, status: str) -> None:
-        self.calls.append("ready")
-
-    def reloading(self, status: str) -> None:
-        self.calls.append("reloading")
-
-    def stopping(self, status: str, within: float) -> None:
-        self.calls.append(f"stopping {within:g}")
-
-
 def test_a_reload_is_ready_when_its_work_is_done() -> None:
     """RELOADING=1 first; READY=1 only once on_reload's Deferred fires (a reload may take a while)."""
     pending: Deferred[None] = Deferred()
@@ -145,58 +127,6 @@ def test_a_reload_is_ready_when_its_work_is_done() -> None:
     assert recorder.calls == ["reloading"]
     pending.callback(None)
     assert recorder.calls == ["reloading", "ready"]
-
-
-class Spawner(Clock):
-    """A clock whose spawnProcess records each worker's environment and gives a fake process."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.environments: list[dict[str, str]] = []
-
-    def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kw: Any) -> Any:
-        self.environments.append(kw["env"])
-        protocol.transport = SimpleNamespace(pid=1000, signalProcess=lambda signum: None)
-        return protocol.transport
-
-
-class FakePort:
-    def stopReading(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        return 7
-
-
-def ready_line(event: str) -> bytes:
-    return f'{{"event": "{event}", "log_format": "{event}"}}\n'.encode()
-
-
-def test_the_supervisor_is_ready_with_all_its_workers_and_reloaded_with_all(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """READY=1 once both workers are up; after SIGHUP, READY=1 once both logged ``reloaded``."""
-    monkeypatch.setenv("NOTIFY_SOCKET", "@tunnelkit-test")
-    reactor, recorder = Spawner(), Recorder()
-    workers = Workers(2, ["--listen", "1"], [FakePort()], 1.0, reactor, notifier=recorder)  # type: ignore[arg-type, list-item]
-    workers.start_worker(0)
-    workers.start_worker(1)
-    assert not any("NOTIFY_SOCKET" in env for env in reactor.environments)
-    first, second = workers._protocols[0], workers._protocols[1]
-    first.outReceived(ready_line("worker_ready"))
-    assert recorder.calls == []
-    second.outReceived(ready_line("worker_ready"))
-    assert recorder.calls == ["ready"]
-    workers.reload()
-    first.outReceived(ready_line("reloaded"))
-    assert recorder.calls == ["ready", "reloading"]
-    second.outReceived(ready_line("reloaded"))
-    assert recorder.calls == ["ready", "reloading", "ready"]
-    # A worker that dies during a reload is not waited for.
-    workers.reload()
-    first.outReceived(ready_line("reloaded"))
-    workers.worker_ended(second, SimpleNamespace(check=lambda *_: True))  # type: ignore[arg-type]
-    assert recorder.calls == ["ready", "reloading", "ready", "reloading", "ready"]
 
 
 def test_a_systemd_listener_without_its_socket_is_one_clear_error(tmp_path: Path) -> None:
