@@ -315,9 +315,10 @@ def ids_of(pid: int) -> tuple[set[int], set[int]]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="binding a privileged port and setuid need root")
+@on_each_plane
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_binds_a_privileged_port_then_runs_as_nobody(
-    tmp_path: Path, serve: Serve, workers: str
+    tmp_path: Path, serve: Serve, workers: str, plane: Plane
 ) -> None:
     """``twistd --uid nobody --gid nogroup``: the port below 1024 is bound as root, then every process runs as nobody."""
     if workers != "1" and not others_may_run(sys.executable):
@@ -328,9 +329,9 @@ def test_binds_a_privileged_port_then_runs_as_nobody(
     options = ("--uid", "nobody", "--gid", "nogroup", "--pidfile", "", *JSON_LOG)
     argv = twistd_argv(
         "--listen", f"127.0.0.1:{port}", "--to", backend.address, "--workers", workers,
-        twistd_options=options,
+        twistd_options=options, plane=plane,
     )  # fmt: skip
-    with start(argv, tmp_path) as tk:
+    with start(argv, tmp_path, plane) as tk:
         [address] = tk.wait_listening()
         assert address == f"127.0.0.1:{port}"
         pids = [tk.pid]
