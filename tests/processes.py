@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -143,7 +143,15 @@ class Process:
     A ``twistd`` started on a ``plane`` is checked to relay on it once it listens.
     """
 
-    def __init__(self, argv: Sequence[str], cwd: Path, plane: Plane | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        plane: Plane | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.argv = list(argv)
         self.plane = plane
         self._changed = threading.Condition()
@@ -152,10 +160,11 @@ class Process:
         self.proc = subprocess.Popen(
             self.argv,
             cwd=cwd,
-            env=child_env(),
+            env={**child_env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
         )
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._readers = [
@@ -261,12 +270,20 @@ class Process:
                     pipe.close()
 
 
-def start(argv: Sequence[str], cwd: Path, plane: Plane | None = None) -> Process:
+def start(
+    argv: Sequence[str],
+    cwd: Path,
+    plane: Plane | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
+) -> Process:
     """Start ``argv`` in ``cwd`` (which also holds ``twistd.pid`` for ``twistd -n``).
 
-    ``plane``: the one ``argv`` selects (see :func:`twistd_argv`), checked once it listens.
+    ``plane``: the one ``argv`` selects (see :func:`twistd_argv`), checked once it listens;
+    ``env``: variables added to :func:`child_env`'s; ``pass_fds``: descriptors it inherits.
     """
-    return Process(argv, cwd, plane)
+    return Process(argv, cwd, plane, env=env, pass_fds=pass_fds)
 
 
 def twistd_argv(
@@ -299,7 +316,7 @@ def tunnelkit(*args: str, cwd: Path) -> Process:
 
 
 def run(
-    argv: Sequence[str], cwd: Path, timeout: float = EXIT_TIMEOUT
+    argv: Sequence[str], cwd: Path, timeout: float = EXIT_TIMEOUT, pass_fds: Sequence[int] = ()
 ) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` to completion; stdout and stderr interleaved in ``.stdout``."""
     return subprocess.run(
@@ -312,6 +329,7 @@ def run(
         text=True,
         timeout=timeout,
         check=False,
+        pass_fds=pass_fds,
     )
 
 

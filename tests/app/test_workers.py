@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import trustme
 from certs import write_ca, write_pair
+from fake_systemd import Recorder
 from loopback import Serve, connect, echo, echo_through, exchange, sha256
 from processes import (
     Process,
@@ -36,8 +37,10 @@ from processes import (
     wait_until,
 )
 from tls_clients import client_context, tls_exchange
+from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from tunnelkit.app.supervisor import Workers
 
@@ -293,12 +296,14 @@ class FlakySpawner(Clock):
         super().__init__()
         self.failures = failures
         self.spawned: list[list[str]] = []
+        self.environments: list[dict[str, str]] = []
 
     def spawnProcess(self, protocol: Any, executable: str, args: list[str], **kw: Any) -> Any:
         if self.failures:
             self.failures -= 1
             raise BlockingIOError(11, "Resource temporarily unavailable")
         self.spawned.append(args)
+        self.environments.append(kw["env"])
         return SimpleNamespace(pid=4242 + len(self.spawned))
 
 
@@ -367,3 +372,33 @@ def test_workers_share_a_unix_listener_and_leave_nothing_behind(
         assert "Traceback" not in tk.output and "Unhandled error" not in tk.output, tk.output
     assert not path.exists()
     assert not Path(f"{path}.lock").exists()
+
+
+def worker_logs(protocol: Any, event: str) -> None:
+    protocol.outReceived(f'{{"event": "{event}", "log_format": "{event}"}}\n'.encode())
+
+
+def test_the_supervisor_tells_systemd_when_all_workers_are_ready_and_reloaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """READY=1 once both workers are up; after SIGHUP, READY=1 once both logged ``reloaded`` (or ended); workers never see NOTIFY_SOCKET."""
+    monkeypatch.setenv("NOTIFY_SOCKET", "@tunnelkit-test")
+    reactor, recorder = FlakySpawner(failures=0), Recorder()
+    workers = Workers(2, ["--listen", "1"], [FakePort()], 1.0, reactor, notifier=recorder)  # type: ignore[arg-type, list-item]
+    workers.start_worker(0)
+    workers.start_worker(1)
+    assert not any("NOTIFY_SOCKET" in env for env in reactor.environments)
+    first, second = workers._protocols[0], workers._protocols[1]
+    worker_logs(first, "worker_ready")
+    assert recorder.calls == []
+    worker_logs(second, "worker_ready")
+    assert recorder.calls == ["ready"]
+    workers.reload()
+    worker_logs(first, "reloaded")
+    assert recorder.calls == ["ready", "reloading"]
+    worker_logs(second, "reloaded")
+    assert recorder.calls == ["ready", "reloading", "ready"]
+    workers.reload()
+    worker_logs(first, "reloaded")
+    workers.worker_ended(second, Failure(ProcessDone(0)))
+    assert recorder.calls == ["ready", "reloading", "ready", "reloading", "ready"]

@@ -33,6 +33,7 @@ import attrs
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
     SSL4ServerEndpoint,
     UNIXServerEndpoint,
     clientFromString,
@@ -49,7 +50,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
-from tunnelkit.app import resolving
+from tunnelkit.app import resolving, systemd
 from tunnelkit.app.service import (
     ListenError,
     Listening,
@@ -182,14 +183,18 @@ def _as_keys(message: str) -> str:
     return _FLAG.sub(lambda m: "{" + m[1] + "}" if m[1] in KEYS else m[0], message)
 
 
-def prepare(settings: Settings, reactor: Any) -> Prepared:
-    """Load what ``settings`` name; :class:`ConfigError` names every problem found."""
+def prepare(settings: Settings, reactor: Any, *, adopting: bool = False) -> Prepared:
+    """Load what ``settings`` name; :class:`ConfigError` names every problem found.
+
+    ``adopting``: a worker of ``--workers``, which adopts its supervisor's
+    listening sockets (and has none from systemd).
+    """
     problems: list[Problem] = []
     listeners = []
     engine_sockets = 0
     for listener in settings.listeners:
         found = _Problems(listener.path)
-        loaded = _load_listener(listener, settings, reactor, found)
+        loaded = _load_listener(listener, settings, reactor, found, adopting)
         if loaded is not None and loaded.why_twisted is None:
             loaded = _within_engine(loaded, engine_sockets, found)
             engine_sockets += len(loaded.endpoints) if loaded.why_twisted is None else 0
@@ -214,7 +219,11 @@ def prepare(settings: Settings, reactor: Any) -> Prepared:
 
 
 def _load_listener(
-    listener: ListenerSettings, settings: Settings, reactor: Any, problems: _Problems
+    listener: ListenerSettings,
+    settings: Settings,
+    reactor: Any,
+    problems: _Problems,
+    adopting: bool = False,
 ) -> Listener | None:
     if listener.splice == "on" and not splice.AVAILABLE:
         problems.add(("splice",), "{splice} on: this system has no splice(2) (Linux only)")
@@ -224,7 +233,7 @@ def _load_listener(
         return None
     endpoints = []
     for index, text in enumerate(listener.listen):
-        endpoint = _server_endpoint(reactor, listener.endpoints[index], problems, index)
+        endpoint = _server_endpoint(reactor, listener.endpoints[index], problems, index, adopting)
         if endpoint is not None:
             endpoints.append((text, _tls_listener(listener, settings, endpoint, problems, index)))
     make_backend = _backend_maker(reactor, listener, backend_tls, settings.write_through)
@@ -368,9 +377,11 @@ def _load_users(listener: ListenerSettings, problems: _Problems) -> Htpasswd | N
 
 
 def _server_endpoint(
-    reactor: Any, description: str, problems: _Problems, index: int
+    reactor: Any, description: str, problems: _Problems, index: int, adopting: bool = False
 ) -> IStreamServerEndpoint | None:
     kind = description.partition(":")[0].lower()
+    if adopting and kind == "systemd":
+        return systemd.AdoptedBySupervisor(description)
     types = server_endpoint_types()
     if kind not in types:
         problems.add(
@@ -382,8 +393,13 @@ def _server_endpoint(
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
-        problems.add(("listen", index), str(e))
+        problems.add(("listen", index), systemd.endpoint_problem(description, e))
         return None
+    if isinstance(endpoint, AdoptedStreamServerEndpoint):
+        wrong = systemd.passed_socket_problem(endpoint.fileno, endpoint.addressFamily)
+        if wrong is not None:
+            problems.add(("listen", index), wrong)
+            return None
     if isinstance(endpoint, UNIXServerEndpoint):
         # Twisted's own error would name the lock file instead.
         directory = os.path.dirname(os.path.abspath(endpoint._address))
@@ -922,15 +938,25 @@ def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> 
     except ListenError as e:
         raise ConfigError([Problem((), str(e))]) from None
     top = MultiService()
+    # The process systemd watches (this one, never a worker) tells it how it is doing.
+    notifier = systemd.Notifier.from_environment()
     if settings.workers > 1:
         from tunnelkit.app.supervisor import Workers
 
         # Opened only to check the path: each worker opens and writes its own.
         prepared.close()
         workers = Workers(
-            settings.workers, arguments, tunnels.ports, settings.drain_timeout, reactor
+            settings.workers,
+            arguments,
+            tunnels.ports,
+            settings.drain_timeout,
+            reactor,
+            notifier=notifier,
         )
         workers.setServiceParent(top)  # type: ignore[no-untyped-call]
     else:
+        tunnels.notifier = notifier
         tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
+    if notifier is not None:
+        reactor.callWhenRunning(notifier.start_watchdog, reactor)
     return top

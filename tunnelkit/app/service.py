@@ -6,9 +6,12 @@ started it rather than a traceback in a log file. On stop (SIGTERM, SIGINT)
 the service stops accepting at once and drains live tunnels (see
 :meth:`TunnelRegistry.drain`); ``twistd`` waits for that before it exits.
 SIGHUP calls ``on_reload`` (TLS certificates are read again, ``--access-log``
-reopened) and never stops the process, even with nothing to reload;
-``on_stopped`` runs once the drain is over (the last access-log events are
-emitted).
+reopened) and never stops the process, even with nothing to reload; the
+``reloaded`` line says when it is done (the supervisor of ``--workers`` waits
+for each worker's). ``on_stopped`` runs once the drain is over (the last
+access-log events are emitted). With a :class:`~tunnelkit.app.systemd.Notifier`
+(``NOTIFY_SOCKET``) the service tells systemd when it serves, reloads and
+stops.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,6 +35,7 @@ from tunnelkit.relay.socket_options import SocketOptions
 from tunnelkit.relay.tunnel import describe
 
 if TYPE_CHECKING:
+    from tunnelkit.app.systemd import Notifier
     from tunnelkit.engine.driver import NativeRelay
 
 log = Logger(namespace="tunnelkit.service")
@@ -39,6 +43,9 @@ log = Logger(namespace="tunnelkit.service")
 #: File descriptors kept back from the tunnel budget for listeners, logs and
 #: Twisted's own use (its EMFILE accept guard reserves one).
 FD_RESERVE = 64
+
+#: Seconds allowed beyond --drain-timeout for the drain to end and the process to exit.
+STOP_MARGIN = 5.0
 
 
 class ListenError(Exception):
@@ -149,6 +156,8 @@ class TunnelService(Service):
         self._engine_indexes: list[tuple[Any, int]] = []
         self._previous_sighup: Any = None
         self._handling_sighup = False
+        #: systemd's notification socket: set on the process systemd watches.
+        self.notifier: Notifier | None = None
 
     def listen(self) -> None:
         """Start every listener now; raise :class:`ListenError` on the first failure."""
@@ -215,6 +224,9 @@ class TunnelService(Service):
         for monitor in self.monitors:
             monitor.start()
         self._handle_sighup()
+        if self.notifier is not None:
+            serving = ", ".join(describe(port.getHost()) for port in self.ports)
+            self.reactor.callWhenRunning(self.notifier.ready, f"serving {serving}")
 
     def engine_indexes(self, profile: Any) -> list[int]:
         """The engine's indexes of the ports that started with ``profile`` (one listener's).
@@ -231,8 +243,20 @@ class TunnelService(Service):
 
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler runs between bytecodes: hand the work to the reactor.
-        if self.on_reload is not None:
-            self.reactor.callFromThread(self.on_reload)
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> Deferred[None]:
+        """SIGHUP's work: ``on_reload``, between systemd's RELOADING=1 and READY=1, then ``reloaded``."""
+        if self.notifier is not None:
+            self.notifier.reloading("reloading (SIGHUP)")
+        done = maybeDeferred(self.on_reload) if self.on_reload is not None else succeed(None)
+        done.addErrback(lambda f: log.failure("SIGHUP: reload failed", f, event="reload_failed"))
+        return done.addCallback(self._reloaded)
+
+    def _reloaded(self, _: object) -> None:
+        log.info("SIGHUP: reload done", event="reloaded")
+        if self.notifier is not None:
+            self.notifier.ready("serving (reloaded)")
 
     def stopService(self) -> Deferred[None]:
         """Stop accepting, drain (see :meth:`TunnelRegistry.drain`), exit 0.
@@ -243,6 +267,10 @@ class TunnelService(Service):
         remembered signal is cleared and the process exits with status 0.
         """
         super().stopService()  # type: ignore[no-untyped-call]
+        if self.notifier is not None:
+            self.notifier.stopping(
+                f"draining for up to {self.drain_timeout:g} s", self.drain_timeout + STOP_MARGIN
+            )
         for monitor in self.monitors:
             monitor.stop()
         if self.native is not None:

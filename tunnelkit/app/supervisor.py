@@ -19,7 +19,11 @@ The supervisor (:class:`Workers`):
   dying young (``worker_exited``, ``worker_started``);
 * forwards SIGHUP (TLS reload, ``--access-log`` reopen) to every worker; on
   SIGTERM/SIGINT it stops them with SIGTERM, waits while they drain
-  (``--drain-timeout`` plus a margin, then SIGKILL) and exits.
+  (``--drain-timeout`` plus a margin, then SIGKILL) and exits;
+* is the process systemd watches: it says READY=1 once every worker is up,
+  RELOADING=1 then READY=1 once every worker has logged ``reloaded``, and
+  STOPPING=1 (:mod:`tunnelkit.app.systemd`); workers get none of systemd's
+  variables.
 
 A worker exits on its own if the supervisor disappears (see
 :mod:`tunnelkit.app.worker`), so no orphan keeps serving a port.
@@ -42,7 +46,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from tunnelkit.app.service import claim_unix_lock
+from tunnelkit.app.service import STOP_MARGIN, claim_unix_lock
+from tunnelkit.app.systemd import Notifier, manager_free
 
 log = Logger(namespace="tunnelkit.workers")
 
@@ -50,8 +55,6 @@ log = Logger(namespace="tunnelkit.workers")
 HEALTHY_AFTER = 10.0
 #: The longest pause before restarting a worker that keeps dying young.
 MAX_RESTART_DELAY = 30.0
-#: Seconds allowed beyond --drain-timeout for workers to exit before SIGKILL.
-STOP_MARGIN = 5.0
 #: A worker's log line longer than this is cut (a worker is ours, but bounded anyway).
 MAX_LINE = 1 << 20
 
@@ -114,11 +117,14 @@ class _WorkerProtocol(ProcessProtocol):
             )
             return
         tag_worker(event, self.number)
+        globalLogPublisher(event)
         if event.get("event") == "worker_ready":
             self.ready = True
             if self.reload_pending:
                 _signal(self, signal.SIGHUP)
-        globalLogPublisher(event)
+            self.supervisor.worker_ready()
+        elif event.get("event") == "reloaded":
+            self.supervisor.worker_reloaded(self.number)
 
     def processEnded(self, reason: Failure) -> None:
         if self._partial:
@@ -153,6 +159,8 @@ class Workers(Service):
         ports: Sequence[IListeningPort],
         drain_timeout: float,
         reactor: Any,
+        *,
+        notifier: Notifier | None = None,
     ) -> None:
         self.count = count
         self.arguments = list(arguments)
@@ -164,6 +172,12 @@ class Workers(Service):
         self._delays: dict[int, float] = {}
         self._stopping = False
         self._previous_sighup: Any = None
+        #: systemd's notification socket, if it started us.
+        self.notifier = notifier
+        #: READY=1 was sent: every worker came up once.
+        self._serving = False
+        #: The workers whose ``reloaded`` the current reload waits for.
+        self._reloading: set[int] = set()
         self.fds = []
         for port in self.ports:
             # The supervisor keeps the socket open but never accepts on it.
@@ -190,7 +204,7 @@ class Workers(Service):
                 protocol,
                 sys.executable,
                 worker_argv(self.arguments, self.fds),
-                env=dict(os.environ),
+                env=manager_free(os.environ),
                 childFDs=child_fds,
             )
         except OSError as e:  # out of processes, memory or descriptors: try again later
@@ -210,6 +224,7 @@ class Workers(Service):
         self._protocols.pop(number, None)
         if self._stopping:
             return
+        self.worker_reloaded(number)
         status = "exited normally" if reason.check(ProcessDone) else reason.getErrorMessage()
         self._restart_later(number, self.reactor.seconds() - protocol.started, status)
 
@@ -226,6 +241,26 @@ class Workers(Service):
         )
         self.reactor.callLater(self._delays[number], self.start_worker, number)
 
+    def worker_ready(self) -> None:
+        """A worker logged ``worker_ready``: once all are, systemd hears READY=1 (once)."""
+        ready = sum(protocol.ready for protocol in self._protocols.values())
+        if self.notifier is not None and not self._serving and ready >= self.count:
+            self._serving = True
+            self.notifier.ready(f"serving with {self.count} workers")
+
+    def worker_reloaded(self, number: int) -> None:
+        """Worker ``number`` reloaded (or ended): the reload is done when none is left."""
+        if number not in self._reloading:
+            return
+        self._reloading.discard(number)
+        if not self._reloading:
+            self._reload_done()
+
+    def _reload_done(self) -> None:
+        log.info("SIGHUP: every worker reloaded", event="reloaded")
+        if self.notifier is not None:
+            self.notifier.ready(f"serving with {self.count} workers (reloaded)")
+
     def _sighup(self, signum: int, frame: Any) -> None:
         # A signal handler runs between bytecodes: hand the work to the reactor.
         self.reactor.callFromThread(self.reload)
@@ -235,8 +270,14 @@ class Workers(Service):
 
         One still starting would die of it (the default action), yet it may
         have opened its files before they changed (the access log before
-        logrotate renamed it, certificates before their renewal).
+        logrotate renamed it, certificates before their renewal). The
+        reload is done when each has logged ``reloaded`` (or ended).
         """
+        if self.notifier is not None:
+            self.notifier.reloading(f"reloading {len(self._protocols)} workers (SIGHUP)")
+        self._reloading = set(self._protocols)
+        if not self._reloading:
+            self._reload_done()
         for protocol in list(self._protocols.values()):
             if protocol.ready:
                 _signal(protocol, signal.SIGHUP)
@@ -252,6 +293,11 @@ class Workers(Service):
         """SIGTERM every worker, wait for their drains (bounded), then close the listeners."""
         super().stopService()  # type: ignore[no-untyped-call]
         self._stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping(
+                f"draining {len(self._protocols)} workers for up to {self.drain_timeout:g} s",
+                self.drain_timeout + STOP_MARGIN,
+            )
         if self._previous_sighup is not None:
             signal.signal(signal.SIGHUP, self._previous_sighup)
             self._previous_sighup = None

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     from tunnelkit.app.build import build_service, prepare
 
     assert config.settings is not None
-    service = build_service(prepare(config.settings, reactor))
+    service = build_service(prepare(config.settings, reactor, adopting=True))
     for listening, fd in zip(service.listeners, fds, strict=True):
         factory = listening.factory()
         service.add_port(listening, factory, adopt(reactor, fd, factory))
