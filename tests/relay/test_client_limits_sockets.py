@@ -10,6 +10,7 @@ interval; the other clients relay SHA-256-checked payloads meanwhile.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -41,9 +42,7 @@ Inline = Generator[Deferred[Any], Any, None]
 
 def connect_from(source: str, address: str) -> Any:
     """A blocking client socket bound to loopback address ``source``, connected to ``address``."""
-    import socket
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
     sock.settimeout(IO_TIMEOUT)
     try:
         sock.bind((source, 0))
@@ -90,9 +89,9 @@ def opened_and_closed(sources: list[str], address: str) -> None:
 class LimitsCase(LoopbackTestCase):
     """A forwarder to a hashing echo backend, and how to read its counters, table and log lines."""
 
-    def forwarder(self, *args: str) -> Forwarder:
+    def forwarder(self, *args: str, listen: str = "127.0.0.1:0") -> Forwarder:
         self.backend = self.serve(hashing_echo)
-        return self.forward("--to", self.backend.address, "--no-access-log", *args)
+        return self.forward("--to", self.backend.address, "--no-access-log", *args, listen=listen)
 
     def lines(self) -> list[LogEvent]:
         """The client_limited events logged from now until the test ends."""
@@ -163,6 +162,18 @@ class ClientLimitsTests(LimitsCase):
         counters = yield self.settled(fwd, lambda c: c.active == 1)
         assert (counters.accepted, counters.refused_client_connections) == (4, 1)
         assert counters.refused_client_rate == 0
+
+    @inlineCallbacks
+    def test_an_ipv6_client_is_its_address(self) -> Inline:
+        """On an IPv6 listener, ::1's second live tunnel is refused at --max-conn-per-client 1."""
+        fwd = self.forwarder("--max-conn-per-client", "1", listen="tcp6:0:interface=\\:\\:1")
+        held = yield deferToThread(joined, "::1", fwd.address)
+        self.addCleanup(held.close)
+        data, _ = yield deferToThread(refused, "::1", fwd.address)
+        assert data == b""
+        assert (yield deferToThread(echoes, held))
+        counters = yield self.settled(fwd, lambda c: c.active == 0)
+        assert (counters.accepted, counters.refused_client_connections) == (1, 1)
 
     @inlineCallbacks
     def test_new_connections_per_client(self) -> Inline:
