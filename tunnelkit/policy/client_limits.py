@@ -211,9 +211,9 @@ def log_limited(
 ) -> None:
     """The ``client_limited`` line, on either plane: at most one per client per LOG_INTERVAL."""
     what = (
-        f"{limits.max_conn} tunnels open (--max-conn-per-client)"
+        f"--max-conn-per-client {limits.max_conn} reached"
         if refusal == "connections"
-        else f"over {limits.rate:g} connections/s (--rate-per-client, burst {limits.burst})"
+        else f"--rate-per-client {limits.rate:g}/s exceeded (burst {limits.burst})"
     )
     log.info(
         "client {client} refused: {what}; {refused} refused since the last line about it",
