@@ -122,7 +122,7 @@ class _Client:
 class ClientTable:
     """One listener's clients: their live tunnels and token buckets, in bounded memory.
 
-    ``clock`` is the reactor's ``seconds``. Clients with live tunnels are in
+    ``clock`` tells the time (the reactor; a ``Clock`` in tests). Clients with live tunnels are in
     :attr:`_clients` only; idle ones are also in :attr:`_idle`, least
     recently seen first, which is what is forgotten first.
     """
@@ -157,7 +157,7 @@ class ClientTable:
         if refusal is None:
             client.active += 1
         else:
-            self._refused(client, key, peer, refusal, now)
+            self._refused(client, peer, refusal, now)
         self._settle(key, client, now)
         return refusal
 
@@ -197,7 +197,7 @@ class ClientTable:
         refilled = client.tokens + (now - client.stamp) * limits.rate
         return not limits.rate or refilled >= limits.burst
 
-    def _refused(self, client: _Client, key: str, peer: str, refusal: Refusal, now: float) -> None:
+    def _refused(self, client: _Client, peer: str, refusal: Refusal, now: float) -> None:
         """Count the refusal; log it unless this client was logged less than LOG_INTERVAL ago."""
         client.refused += 1
         if now - client.logged_at < LOG_INTERVAL:
