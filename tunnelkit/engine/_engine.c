@@ -710,13 +710,13 @@ static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
 /* -- ending ---------------------------------------------------------------- */
 
 static void count_out(tunnel_t *t);
-static void limit_release(struct client_table *ct, const struct sockaddr_storage *ss);
+static void limit_release(struct client_table *ct, const struct sockaddr_storage *ss, double t);
 
 static void end_tunnel(Engine *e, tunnel_t *t) {
     count_out(t);
     if (t->limited) {
         t->limited = 0;
-        limit_release(t->profile->clients, &t->peer);
+        limit_release(t->profile->clients, &t->peer, now());
     }
     for (int s = 0; s < 2; s++) {
         unwatch_close(e, t, s, 0);
@@ -1877,8 +1877,8 @@ static int limit_admit(ClientTable *ct, const struct sockaddr_storage *ss, doubl
     return why;
 }
 
-/* A tunnel counted by limit_admit ended. */
-static void limit_release(ClientTable *ct, const struct sockaddr_storage *ss) {
+/* A tunnel counted by limit_admit ended (at time t). */
+static void limit_release(ClientTable *ct, const struct sockaddr_storage *ss, double t) {
     unsigned char addr[16];
     if (!limit_key(ss, addr))
         return;
@@ -1886,7 +1886,51 @@ static void limit_release(ClientTable *ct, const struct sockaddr_storage *ss) {
     if (c == NULL || c->active <= 0)
         return;
     c->active--;
-    limit_settle(ct, c, now());
+    limit_settle(ct, c, t);
+}
+
+/* A packed IPv4 or IPv6 address (4 or 16 bytes) as a peer, for admit() and release(). */
+static int packed_peer(PyObject *packed, struct sockaddr_storage *ss) {
+    char *bytes;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(packed, &bytes, &size) < 0)
+        return -1;
+    memset(ss, 0, sizeof *ss);
+    if (size == 4) {
+        ss->ss_family = AF_INET;
+        memcpy(&((struct sockaddr_in *)ss)->sin_addr, bytes, 4);
+    } else if (size == 16) {
+        ss->ss_family = AF_INET6;
+        memcpy(&((struct sockaddr_in6 *)ss)->sin6_addr, bytes, 16);
+    } else {
+        PyErr_SetString(PyExc_ValueError, "a packed address is 4 or 16 bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* The table's rules without a socket, on the caller's clock: the test that
+ * holds them to tunnelkit/policy/client_limits.py's runs both on one script. */
+static PyObject *ClientTable_admit(ClientTable *ct, PyObject *args) {
+    PyObject *packed;
+    double t;
+    unsigned long log;
+    struct sockaddr_storage ss;
+    if (!PyArg_ParseTuple(args, "Sd", &packed, &t) || packed_peer(packed, &ss) < 0)
+        return NULL;
+    int why = limit_admit(ct, &ss, t, &log);
+    return why <= LIMIT_OK ? Py_BuildValue("(Ok)", Py_None, log)
+                           : Py_BuildValue("(sk)", LIMIT_NAMES[why], log);
+}
+
+static PyObject *ClientTable_release(ClientTable *ct, PyObject *args) {
+    PyObject *packed;
+    double t;
+    struct sockaddr_storage ss;
+    if (!PyArg_ParseTuple(args, "Sd", &packed, &t) || packed_peer(packed, &ss) < 0)
+        return NULL;
+    limit_release(ct, &ss, t);
+    Py_RETURN_NONE;
 }
 
 static PyObject *ClientTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
@@ -1950,6 +1994,14 @@ static PyObject *ClientTable_get_limits(ClientTable *ct, void *Py_UNUSED(closure
 
 static PySequenceMethods ClientTable_sequence = {.sq_length = (lenfunc)ClientTable_len};
 
+static PyMethodDef ClientTable_methods[] = {
+    {"admit", (PyCFunction)ClientTable_admit, METH_VARARGS,
+     "admit(packed address, now): (None or 'connections' or 'rate', refusals to log now or 0), as an accept at time now."},
+    {"release", (PyCFunction)ClientTable_release, METH_VARARGS,
+     "release(packed address, now): a tunnel admitted for that address ended at time now."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyGetSetDef ClientTable_getset[] = {
     {"limits", (getter)ClientTable_get_limits, NULL, "(max_conn, rate, burst).", NULL},
     {NULL},
@@ -1963,6 +2015,7 @@ static PyTypeObject ClientTableType = {
     .tp_new = ClientTable_new,
     .tp_dealloc = (destructor)ClientTable_dealloc,
     .tp_as_sequence = &ClientTable_sequence,
+    .tp_methods = ClientTable_methods,
     .tp_getset = ClientTable_getset,
 };
 
@@ -2061,7 +2114,7 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
             slot->counters[C_REFUSED_CONNECTION_LIMIT]++;
         }
         if (limited == LIMIT_OK)
-            limit_release(p->clients, ss);
+            limit_release(p->clients, ss, started);
         Py_DECREF(p);
         close(fd);
         return;
