@@ -32,6 +32,9 @@ from pathlib import Path
 import procs
 from peers import twistd_argv
 
+#: Linux's socket option (not in Python's socket module before 3.12).
+IP_BIND_ADDRESS_NO_PORT = 24
+
 ROWS: dict[str, tuple[tuple[str, ...], bool]] = {
     "off": ((), False),
     "on, one address": (("--max-conn-per-client", "1000", "--rate-per-client", "1000000"), False),
@@ -56,6 +59,9 @@ def connections(port: int, count: int, spread: bool, start: int) -> None:
     for i in range(start, start + count):
         with socket.socket() as sock:
             sock.settimeout(10)
+            # The port is picked at connect(), which may reuse one in TIME_WAIT
+            # (bind() alone would run out of ports from one address).
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source(i, spread), 0))
             sock.connect(("127.0.0.1", port))
             sock.sendall(b"x")
