@@ -83,6 +83,7 @@ from tunnelkit.modes.forward import ForwardMode
 from tunnelkit.modes.proxy_route import ProxySettings
 from tunnelkit.modes.sni import SniMode, SniSettings
 from tunnelkit.modes.socks5 import Socks5Mode
+from tunnelkit.policy.client_limits import ClientTable
 from tunnelkit.policy.sni_routes import RouteMatch, SniRoutes
 from tunnelkit.proxy_protocol.accept import AcceptProxyHeader
 from tunnelkit.proxy_protocol.send import HeaderSender
@@ -813,6 +814,9 @@ def _listener_factories(
     # An auto listener terminates TLS only for the clients that begin with a ClientHello.
     tls = listener.tls if settings.mode != "auto" else None
     client_leg = _handshake_leg(tls) if tls is not None else None
+    limits = settings.client_limits
+    # One table per listener, whatever its endpoints (and the engine's for its profiles).
+    clients = ClientTable(limits, reactor, settings.name) if limits is not None else None
 
     def make_factory(name: str) -> IProtocolFactory:
         factory = TunnelFactory(
@@ -830,9 +834,12 @@ def _listener_factories(
             client_leg=client_leg,
             proxies=settings.trusted_proxies,
             proxy_header=HeaderSender(settings.proxy_protocol) if settings.proxy_protocol else None,
+            client_limits=clients,
         )
         accept = (
-            AcceptProxyHeader(settings.header_timeout, factory.client_allowed)
+            AcceptProxyHeader(
+                settings.header_timeout, factory.client_allowed, factory.limit_carried
+            )
             if settings.trusted_proxies is not None
             else None
         )
@@ -865,6 +872,7 @@ def _listener_factories(
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
             proxy_protocol=settings.proxy_protocol,
+            clients=relay.client_table(limits) if limits is not None else None,
         )
     return make_factory, make_profile, group, routed
 

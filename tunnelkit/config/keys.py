@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from tunnelkit.backends import balance
+from tunnelkit.policy import client_limits
 from tunnelkit.relay.socket_options import DEFAULT_READ_SIZE
 
 
@@ -108,6 +109,7 @@ WHOLE_SECONDS = _number(int, 1, "a positive whole number of seconds")
 COUNT = _number(int, 1, "a positive whole number")
 BYTES = _number(int, 1, "a positive whole number of bytes")
 TEXT = Kind("a non-empty string", _text, _text)
+RATE = Kind("a positive rate: N, N/s or N/m", client_limits.parse_rate, client_limits.parse_rate)
 FLAG = Kind("true or false", lambda text: True, _boolean)
 
 
@@ -174,6 +176,9 @@ def _keys() -> Sequence[Key]:
         # -- who may connect, and where to
         _many("allow-client", L, "Only clients from this address or CIDR may connect (repeatable)"),
         _many("deny-client", L, "Clients from this address or CIDR are closed at once (repeatable)"),
+        Key("max-conn-per-client", L, COUNT, None, "Tunnels one client address may have open at once on this listener; its next connections are closed at once (default: no limit; see docs/limits.md)"),
+        Key("rate-per-client", L, RATE, None, "New connections one client address may open: N or N/s per second, N/m per minute (a token bucket; connections beyond it are closed at once; default: no limit)"),
+        Key("rate-burst", L, COUNT, None, "With --rate-per-client: connections a client may open at once before the rate applies (default: one second's worth, at least 1)"),
         _many("allow-dest", L, "connect, socks5 and auto modes: allow targets matching CIDR, NAME or *.DOMAIN, optionally :PORT[-PORT] (repeatable; overrides the refusal of private addresses)"),
         _many("deny-dest", L, "connect, socks5 and auto modes: refuse targets matching this rule (repeatable; beats --allow-dest)"),
         _many("allow-port", L, "connect, socks5 and auto modes: only these target ports, PORT or PORT-PORT (repeatable; default: all)"),

@@ -33,6 +33,7 @@ from tunnelkit.config.addresses import (
     tls_host_port,
 )
 from tunnelkit.config.keys import KEYS, BadValue, Key, Scope
+from tunnelkit.policy.client_limits import ClientLimits
 from tunnelkit.policy.sni_routes import RouteMatch, parse_route
 from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
 from tunnelkit.proxy_protocol.build import header as proxy_header
@@ -215,6 +216,8 @@ class ListenerSettings:
     #: The upstream proxies every backend is reached through, the first connected to
     #: directly and each next one through the one before (docs/via.md).
     via: tuple[Via, ...] = ()
+    #: ``max-conn-per-client``, ``rate-per-client``, ``rate-burst``; ``None``: no per-client limit.
+    client_limits: ClientLimits | None = None
 
 
 @attrs.frozen
@@ -346,6 +349,7 @@ def build_listener(
     tls = _server_tls(r)
     backend_tls = _backend_tls(r, backends, via)
     health = _health(r)
+    client_limits = _client_limits(r)
     proxy_protocol, trusted_proxies = _proxy_protocol(r, backends)
     if health is not None and proxy_protocol:
         # A backend that wants the header wants it from checks too: one that
@@ -400,6 +404,7 @@ def build_listener(
         proxy_protocol=proxy_protocol,
         trusted_proxies=trusted_proxies,
         via=via,
+        client_limits=client_limits,
     )
 
 
@@ -525,6 +530,14 @@ def _proxy_protocol(r: _Reader, backends: Sequence[BackendSpec]) -> tuple[int, C
 def _tls_endpoint(address: HostPort | str) -> bool:
     """A Twisted client endpoint string that speaks TLS (``ssl:``, Twisted's own ``tls:``)."""
     return isinstance(address, str) and address.lower().startswith(("ssl:", "tls:"))
+
+
+def _client_limits(r: _Reader) -> ClientLimits | None:
+    if r.given("rate-burst") and not r.given("rate-per-client"):
+        r.problem(("rate-burst",), "{rate-burst} needs {rate-per-client}")
+    return ClientLimits.from_options(
+        r["max-conn-per-client"], r["rate-per-client"], r["rate-burst"]
+    )
 
 
 def _health(r: _Reader) -> HealthSettings | None:

@@ -58,6 +58,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <time.h>
@@ -209,6 +210,7 @@ typedef struct tunnel {
     unsigned read_wants_write : 1;  /* SSL_read must be retried once the client is writable */
     unsigned write_pending : 1;     /* an SSL_write waits to be retried: no SSL_read meanwhile */
     unsigned counted : 1;           /* counted in its backend's active (see count_out) */
+    unsigned limited : 1;           /* counted in its profile's ClientTable (see limit_release) */
     uint32_t owed;     /* bytes the closing sides still had to take at the last grace check */
     /* Allocated when first needed, to keep an idle tunnel small. */
     char *reason;
@@ -245,6 +247,7 @@ typedef struct profile {
     int nodelay, keepalive, sndbuf, rcvbuf, mss;
     Pool *pool;
     PyObject *client_check; /* callable(host, port, listener_id) -> bool, or NULL */
+    struct client_table *clients; /* per-client limits, or NULL */
     tls_api_t tls;        /* set when tls_new is */
     PyObject *tls_new;    /* callable(fd) -> (SSL address, pyOpenSSL Connection), or NULL */
     double tls_timeout;   /* --tls-handshake-timeout */
@@ -260,6 +263,8 @@ enum {
     C_REFUSED_CLIENT_POLICY,
     C_REFUSED_CONNECTION_LIMIT,
     C_REFUSED_OUT_OF_FDS,
+    C_REFUSED_CLIENT_CONNECTIONS,
+    C_REFUSED_CLIENT_RATE,
     C_ACTIVE,
     C_BYTES_UP,
     C_BYTES_DOWN,
@@ -269,8 +274,9 @@ enum {
 };
 static const char *COUNTER_NAMES[N_COUNTERS] = {
     "accepted",         "refused_client_policy", "refused_connection_limit",
-    "refused_out_of_fds", "active",              "bytes_up",
-    "bytes_down",       "connect_failures",      "tls_failures",
+    "refused_out_of_fds", "refused_client_connections", "refused_client_rate",
+    "active",           "bytes_up",              "bytes_down",
+    "connect_failures", "tls_failures",
 };
 
 /* A listener index: its profile for new tunnels and its counters. */
@@ -704,9 +710,14 @@ static void unwatch_close(Engine *e, tunnel_t *t, int side, int abortive) {
 /* -- ending ---------------------------------------------------------------- */
 
 static void count_out(tunnel_t *t);
+static void limit_release(struct client_table *ct, const struct sockaddr_storage *ss, double t);
 
 static void end_tunnel(Engine *e, tunnel_t *t) {
     count_out(t);
+    if (t->limited) {
+        t->limited = 0;
+        limit_release(t->profile->clients, &t->peer, now());
+    }
     for (int s = 0; s < 2; s++) {
         unwatch_close(e, t, s, 0);
         free(t->dir[s].buf);
@@ -1707,6 +1718,307 @@ static void tls_start(Engine *e, tunnel_t *t) {
     end_tunnel(e, t);
 }
 
+/* -- per-client limits -----------------------------------------------------------
+ *
+ * --max-conn-per-client and --rate-per-client with --rate-burst, by the
+ * rules of tunnelkit/policy/client_limits.py (which documents them): a
+ * client is its IP address (IPv4-mapped IPv6 as IPv4, no /64 grouping), a
+ * connection the bucket lets through takes a token, live tunnels are
+ * counted until their end. A ClientTable is a listener's, shared by the
+ * profiles made for it (so by their tunnels), and looked up per accept in
+ * a hash table keyed with a random seed; no Python runs per connection.
+ * Memory stays bounded: an idle client (no live tunnel) whose bucket is full
+ * again is forgotten, and beyond `tracked` idle clients the least recently
+ * seen are forgotten first; clients with live tunnels are at most the
+ * engine's max_tunnels. */
+
+enum { LIMIT_UNTRACKED = -1, LIMIT_OK = 0, LIMIT_CONNECTIONS, LIMIT_RATE };
+static const char *LIMIT_NAMES[] = {"", "connections", "rate"};
+
+typedef struct client {
+    struct client *chain;       /* the next client in its hash bucket */
+    struct client *prev, *next; /* in the idle list (oldest first), while idle */
+    unsigned char addr[16];     /* IPv6, or IPv4-mapped */
+    long active;                /* live tunnels */
+    double tokens, stamp;       /* the bucket, as of stamp */
+    double logged_at;           /* the last client_limited line about it (-1: none) */
+    unsigned long refused;      /* refusals since that line */
+} client_t;
+
+typedef struct client_table {
+    PyObject_HEAD
+    long max_conn;  /* 0: no concurrency limit */
+    double rate;    /* tokens per second; 0: no rate limit */
+    long burst;
+    long tracked;   /* idle clients kept at most */
+    double log_interval;
+    uint64_t seed;
+    size_t mask;    /* buckets - 1 */
+    client_t **buckets;
+    client_t idle;  /* circular list head: idle.next is the oldest idle client */
+    long n;         /* clients remembered */
+    long n_idle;
+} ClientTable;
+
+/* The client's address as 16 bytes; 0 for a peer that is not limited (UNIX). */
+static int limit_key(const struct sockaddr_storage *ss, unsigned char out[16]) {
+    if (ss->ss_family == AF_INET) {
+        static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        memcpy(out, mapped, 12);
+        memcpy(out + 12, &((const struct sockaddr_in *)ss)->sin_addr, 4);
+        return 1;
+    }
+    if (ss->ss_family == AF_INET6) {
+        memcpy(out, &((const struct sockaddr_in6 *)ss)->sin6_addr, 16);
+        return 1;
+    }
+    return 0;
+}
+
+/* Keyed by the table's random seed: chosen source addresses cannot pile
+ * into one bucket without knowing it. */
+static client_t **limit_bucket(ClientTable *ct, const unsigned char addr[16]) {
+    uint64_t hi, lo;
+    memcpy(&hi, addr, 8);
+    memcpy(&lo, addr + 8, 8);
+    return &ct->buckets[mix64(mix64(ct->seed ^ hi) ^ lo) & ct->mask];
+}
+
+/* Where the client of addr is linked in its bucket (*link is NULL if it is not there). */
+static client_t **limit_find(ClientTable *ct, const unsigned char addr[16]) {
+    client_t **link = limit_bucket(ct, addr);
+    while (*link != NULL && memcmp((*link)->addr, addr, 16) != 0)
+        link = &(*link)->chain;
+    return link;
+}
+
+static void idle_unlink(ClientTable *ct, client_t *c) {
+    c->prev->next = c->next;
+    c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+    ct->n_idle--;
+}
+
+/* Forgetting an idle client changes nothing once its bucket is full again. */
+static int limit_as_new(const ClientTable *ct, const client_t *c, double t) {
+    return ct->rate <= 0 || c->tokens + (t - c->stamp) * ct->rate >= (double)ct->burst;
+}
+
+/* An idle client goes last in line to be forgotten; the first in line go
+ * while they are as good as new or too many. */
+static void limit_settle(ClientTable *ct, client_t *c, double t) {
+    if (c->active > 0)
+        return;
+    c->prev = ct->idle.prev;
+    c->next = &ct->idle;
+    ct->idle.prev->next = c;
+    ct->idle.prev = c;
+    ct->n_idle++;
+    while (ct->n_idle > 0) {
+        client_t *oldest = ct->idle.next;
+        if (ct->n_idle <= ct->tracked && !limit_as_new(ct, oldest, t))
+            break;
+        idle_unlink(ct, oldest);
+        client_t **link = limit_find(ct, oldest->addr);
+        *link = oldest->chain;
+        free(oldest);
+        ct->n--;
+    }
+}
+
+/* Take a slot for a new tunnel of this client, or say why not. *log is set
+ * to the refusals to report when a client_limited line is due (else 0). A
+ * client the table has no memory for is let in untracked. */
+static int limit_admit(ClientTable *ct, const struct sockaddr_storage *ss, double t,
+                       unsigned long *log) {
+    unsigned char addr[16];
+    *log = 0;
+    if (!limit_key(ss, addr))
+        return LIMIT_UNTRACKED;
+    client_t **link = limit_find(ct, addr);
+    client_t *c = *link;
+    if (c == NULL) {
+        c = calloc(1, sizeof *c);
+        if (c == NULL)
+            return LIMIT_UNTRACKED;
+        memcpy(c->addr, addr, 16);
+        c->tokens = (double)ct->burst;
+        c->stamp = t;
+        c->logged_at = -1;
+        *link = c;
+        ct->n++;
+    } else if (c->prev != NULL) {
+        idle_unlink(ct, c);
+    }
+    int why = LIMIT_OK;
+    if (ct->rate > 0) {
+        c->tokens += (t - c->stamp) * ct->rate;
+        if (c->tokens > (double)ct->burst)
+            c->tokens = (double)ct->burst;
+        c->stamp = t;
+        if (c->tokens < 1)
+            why = LIMIT_RATE;
+        else
+            c->tokens -= 1;
+    }
+    if (why == LIMIT_OK && ct->max_conn > 0 && c->active >= ct->max_conn)
+        why = LIMIT_CONNECTIONS;
+    if (why == LIMIT_OK) {
+        c->active++;
+    } else {
+        c->refused++;
+        if (c->logged_at < 0 || t - c->logged_at >= ct->log_interval) {
+            *log = c->refused;
+            c->logged_at = t;
+            c->refused = 0;
+        }
+    }
+    limit_settle(ct, c, t);
+    return why;
+}
+
+/* A tunnel counted by limit_admit ended (at time t). */
+static void limit_release(ClientTable *ct, const struct sockaddr_storage *ss, double t) {
+    unsigned char addr[16];
+    if (!limit_key(ss, addr))
+        return;
+    client_t *c = *limit_find(ct, addr);
+    if (c == NULL || c->active <= 0)
+        return;
+    c->active--;
+    limit_settle(ct, c, t);
+}
+
+/* A packed IPv4 or IPv6 address (4 or 16 bytes) as a peer, for admit() and release(). */
+static int packed_peer(PyObject *packed, struct sockaddr_storage *ss) {
+    char *bytes;
+    Py_ssize_t size;
+    if (PyBytes_AsStringAndSize(packed, &bytes, &size) < 0)
+        return -1;
+    memset(ss, 0, sizeof *ss);
+    if (size == 4) {
+        ss->ss_family = AF_INET;
+        memcpy(&((struct sockaddr_in *)ss)->sin_addr, bytes, 4);
+    } else if (size == 16) {
+        ss->ss_family = AF_INET6;
+        memcpy(&((struct sockaddr_in6 *)ss)->sin6_addr, bytes, 16);
+    } else {
+        PyErr_SetString(PyExc_ValueError, "a packed address is 4 or 16 bytes");
+        return -1;
+    }
+    return 0;
+}
+
+/* The table's rules without a socket, on the caller's clock: the test that
+ * holds them to tunnelkit/policy/client_limits.py's runs both on one script. */
+static PyObject *ClientTable_admit(ClientTable *ct, PyObject *args) {
+    PyObject *packed;
+    double t;
+    unsigned long log;
+    struct sockaddr_storage ss;
+    if (!PyArg_ParseTuple(args, "Sd", &packed, &t) || packed_peer(packed, &ss) < 0)
+        return NULL;
+    int why = limit_admit(ct, &ss, t, &log);
+    return why <= LIMIT_OK ? Py_BuildValue("(Ok)", Py_None, log)
+                           : Py_BuildValue("(sk)", LIMIT_NAMES[why], log);
+}
+
+static PyObject *ClientTable_release(ClientTable *ct, PyObject *args) {
+    PyObject *packed;
+    double t;
+    struct sockaddr_storage ss;
+    if (!PyArg_ParseTuple(args, "Sd", &packed, &t) || packed_peer(packed, &ss) < 0)
+        return NULL;
+    limit_release(ct, &ss, t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ClientTable_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"max_conn", "rate", "burst", "tracked", "log_interval", NULL};
+    long max_conn = 0, burst = 0, tracked = 16384;
+    double rate = 0, log_interval = 10.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|$ldlld", kwlist, &max_conn, &rate, &burst,
+                                     &tracked, &log_interval))
+        return NULL;
+    const char *why = max_conn < 0 ? "max_conn must be 0 (no limit) or positive"
+                      : !(rate >= 0) || !isfinite(rate) ? "rate must be 0 (no limit) or positive"
+                      : rate > 0 && burst < 1 ? "burst must be at least 1 with a rate"
+                      : tracked < 1 ? "tracked must be positive"
+                      : !(log_interval >= 0) ? "log_interval must be 0 or positive"
+                      : NULL;
+    if (why != NULL) {
+        PyErr_SetString(PyExc_ValueError, why);
+        return NULL;
+    }
+    ClientTable *ct = (ClientTable *)type->tp_alloc(type, 0);
+    if (ct == NULL)
+        return NULL;
+    size_t buckets = 64;
+    while (buckets < (size_t)tracked && buckets < ((size_t)1 << 20))
+        buckets <<= 1;
+    ct->buckets = calloc(buckets, sizeof *ct->buckets);
+    if (ct->buckets == NULL) {
+        Py_DECREF(ct);
+        return PyErr_NoMemory();
+    }
+    ct->mask = buckets - 1;
+    ct->max_conn = max_conn;
+    ct->rate = rate;
+    ct->burst = burst;
+    ct->tracked = tracked;
+    ct->log_interval = log_interval;
+    ct->idle.prev = ct->idle.next = &ct->idle;
+    if (getrandom(&ct->seed, sizeof ct->seed, GRND_NONBLOCK) != sizeof ct->seed)
+        ct->seed = mix64((uint64_t)(uintptr_t)ct ^ (uint64_t)(now() * 1e9));
+    return (PyObject *)ct;
+}
+
+static void ClientTable_dealloc(ClientTable *ct) {
+    for (size_t i = 0; ct->buckets != NULL && i <= ct->mask; i++) {
+        client_t *c = ct->buckets[i];
+        while (c != NULL) {
+            client_t *chain = c->chain;
+            free(c);
+            c = chain;
+        }
+    }
+    free(ct->buckets);
+    Py_TYPE(ct)->tp_free((PyObject *)ct);
+}
+
+static Py_ssize_t ClientTable_len(ClientTable *ct) { return ct->n; }
+
+static PyObject *ClientTable_get_limits(ClientTable *ct, void *Py_UNUSED(closure)) {
+    return Py_BuildValue("(ldl)", ct->max_conn, ct->rate, ct->burst);
+}
+
+static PySequenceMethods ClientTable_sequence = {.sq_length = (lenfunc)ClientTable_len};
+
+static PyMethodDef ClientTable_methods[] = {
+    {"admit", (PyCFunction)ClientTable_admit, METH_VARARGS,
+     "admit(packed address, now): (None or 'connections' or 'rate', refusals to log now or 0), as an accept at time now."},
+    {"release", (PyCFunction)ClientTable_release, METH_VARARGS,
+     "release(packed address, now): a tunnel admitted for that address ended at time now."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ClientTable_getset[] = {
+    {"limits", (getter)ClientTable_get_limits, NULL, "(max_conn, rate, burst).", NULL},
+    {NULL},
+};
+
+static PyTypeObject ClientTableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tunnelkit.engine._engine.ClientTable",
+    .tp_basicsize = sizeof(ClientTable),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A listener's per-client limits and the clients it remembers (len: how many).",
+    .tp_new = ClientTable_new,
+    .tp_dealloc = (destructor)ClientTable_dealloc,
+    .tp_as_sequence = &ClientTable_sequence,
+    .tp_methods = ClientTable_methods,
+    .tp_getset = ClientTable_getset,
+};
+
 /* -- accepting -------------------------------------------------------------- */
 
 /* Queue a notice for Python; allocation failures only lose the notice. */
@@ -1750,9 +2062,27 @@ static int client_allowed(Profile *p, int id, const struct sockaddr_storage *ss)
     return allowed == 1;
 }
 
-/* The client policy first, then the cap, as on Twisted's path (a refused
- * client is logged as such even when the proxy is full). The new tunnel
- * keeps the listener's profile of this moment. */
+/* The profile's per-client limits: LIMIT_OK (counted: release it),
+ * LIMIT_UNTRACKED (let in uncounted), or refused: counted, and said in a
+ * client_limited notice at most once per client per log interval. */
+static int client_limited(Engine *e, Profile *p, int id, const struct sockaddr_storage *ss,
+                          socklen_t len, double t) {
+    if (p->clients == NULL)
+        return LIMIT_UNTRACKED;
+    unsigned long log;
+    int why = limit_admit(p->clients, ss, t, &log);
+    if (why <= LIMIT_OK)
+        return why;
+    e->slots[id].counters[why == LIMIT_RATE ? C_REFUSED_CLIENT_RATE : C_REFUSED_CLIENT_CONNECTIONS]++;
+    if (log > 0)
+        notice(e, Py_BuildValue("(siNsOk)", "client_limited", id, describe(ss, len),
+                                LIMIT_NAMES[why], (PyObject *)p->clients, log));
+    return why;
+}
+
+/* The client policy first, then the per-client limits, then the cap, as on
+ * Twisted's path (a refused client is logged as such even when the proxy is
+ * full). The new tunnel keeps the listener's profile of this moment. */
 static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss, socklen_t len) {
     slot_t *slot = &e->slots[l->id];
     Profile *p = slot->profile;
@@ -1767,22 +2097,29 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
         close(fd);
         return;
     }
-    if (e->active >= e->max_tunnels) {
-        if (!e->warned_full) {
-            e->warned_full = 1;
-            notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
-        }
-        slot->counters[C_REFUSED_CONNECTION_LIMIT]++;
+    double started = now();
+    int limited = client_limited(e, p, l->id, ss, len, started);
+    if (limited > LIMIT_OK) {
         Py_DECREF(p);
         close(fd);
         return;
     }
-    tunnel_t *t = calloc(1, sizeof *t);
+    tunnel_t *t = e->active < e->max_tunnels ? calloc(1, sizeof *t) : NULL;
     if (t == NULL) {
+        if (e->active >= e->max_tunnels) {
+            if (!e->warned_full) {
+                e->warned_full = 1;
+                notice(e, Py_BuildValue("(sl)", "connection_limit", e->max_tunnels));
+            }
+            slot->counters[C_REFUSED_CONNECTION_LIMIT]++;
+        }
+        if (limited == LIMIT_OK)
+            limit_release(p->clients, ss, started);
         Py_DECREF(p);
         close(fd);
         return;
     }
+    t->limited = limited == LIMIT_OK;
     e->active++;
     slot->counters[C_ACCEPTED]++;
     slot->counters[C_ACTIVE]++;
@@ -1794,7 +2131,7 @@ static void admit(Engine *e, listener_t *l, int fd, struct sockaddr_storage *ss,
         t->dir[s].pipe_r = t->dir[s].pipe_w = -1;
     t->listener_id = l->id;
     t->backend_index = -1;
-    t->started = now();
+    t->started = started;
     t->last_moved = t->started;
     memcpy(&t->peer, ss, len);
     t->peer_len = len;
@@ -2838,8 +3175,9 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"backends", "read_size", "bulk_read", "splice", "idle", "fin",
                              "grace", "connect_timeout", "half_close", "log_records", "nodelay",
                              "keepalive", "sndbuf", "rcvbuf", "mss", "client_check", "tls",
-                             "context", "proxy_protocol", "proxy_tlvs", NULL};
+                             "context", "proxy_protocol", "proxy_tlvs", "clients", NULL};
     PyObject *backends, *check = Py_None, *tls = Py_None, *context = Py_None, *tlvs = Py_None;
+    PyObject *clients = Py_None;
     Py_ssize_t read_size, bulk_read;
     const char *splice;
     Profile *p = (Profile *)type->tp_alloc(type, 0);
@@ -2847,11 +3185,11 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     p->keepalive = p->sndbuf = p->rcvbuf = p->mss = -1;
     p->nodelay = p->half_close = p->log_records = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnsdddd|$pppiiiiOOOiO", kwlist, &backends,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onnsdddd|$pppiiiiOOOiOO", kwlist, &backends,
                                      &read_size, &bulk_read, &splice, &p->idle, &p->fin, &p->grace,
                                      &p->connect_timeout, &p->half_close, &p->log_records,
                                      &p->nodelay, &p->keepalive, &p->sndbuf, &p->rcvbuf, &p->mss,
-                                     &check, &tls, &context, &p->proxy_protocol, &tlvs) ||
+                                     &check, &tls, &context, &p->proxy_protocol, &tlvs, &clients) ||
         check_profile(p, read_size, bulk_read, splice) < 0)
         goto fail;
     /* A sequence of backends as before: an ordered pool that tries each once. */
@@ -2874,6 +3212,11 @@ static PyObject *Profile_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "proxy_tlvs must be callable or None");
         goto fail;
     }
+    if (clients != Py_None && !PyObject_TypeCheck(clients, &ClientTableType)) {
+        PyErr_SetString(PyExc_TypeError, "clients must be a ClientTable or None");
+        goto fail;
+    }
+    p->clients = clients != Py_None ? (ClientTable *)Py_NewRef(clients) : NULL;
     p->proxy_tlvs = tlvs != Py_None ? Py_NewRef(tlvs) : NULL;
     p->client_check = check != Py_None ? Py_NewRef(check) : NULL;
     p->context = Py_NewRef(context);
@@ -2906,6 +3249,7 @@ static void Profile_dealloc(Profile *p) {
     PyObject_GC_UnTrack(p);
     Profile_clear(p);
     Py_XDECREF(p->pool);
+    Py_XDECREF(p->clients);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
@@ -2921,10 +3265,15 @@ static PyObject *Profile_get_pool(Profile *p, void *Py_UNUSED(closure)) {
     return Py_NewRef((PyObject *)p->pool);
 }
 
+static PyObject *Profile_get_clients(Profile *p, void *Py_UNUSED(closure)) {
+    return Py_NewRef(p->clients != NULL ? (PyObject *)p->clients : Py_None);
+}
+
 static PyGetSetDef Profile_getset[] = {
     {"context", (getter)Profile_get_context, NULL, "The context object given at creation.", NULL},
     {"backends", (getter)Profile_get_backends, NULL, "The backends' names, in order.", NULL},
     {"pool", (getter)Profile_get_pool, NULL, "The backends' Pool.", NULL},
+    {"clients", (getter)Profile_get_clients, NULL, "The per-client limits' ClientTable, or None.", NULL},
     {NULL},
 };
 
@@ -2982,7 +3331,7 @@ static int add_type(PyObject *m, const char *name, PyTypeObject *type) {
 
 PyMODINIT_FUNC PyInit__engine(void) {
     if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&ProfileType) < 0 ||
-        PyType_Ready(&PoolType) < 0)
+        PyType_Ready(&PoolType) < 0 || PyType_Ready(&ClientTableType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&engine_module);
     if (m == NULL)
@@ -2998,7 +3347,7 @@ PyMODINIT_FUNC PyInit__engine(void) {
         add_names(m, "COUNTERS", COUNTER_NAMES, N_COUNTERS) < 0 ||
         add_names(m, "BALANCES", BALANCE_NAMES, N_BALANCES) < 0 ||
         add_type(m, "Engine", &EngineType) < 0 || add_type(m, "Profile", &ProfileType) < 0 ||
-        add_type(m, "Pool", &PoolType) < 0) {
+        add_type(m, "Pool", &PoolType) < 0 || add_type(m, "ClientTable", &ClientTableType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

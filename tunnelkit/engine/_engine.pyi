@@ -50,6 +50,25 @@ class Pool:
     def set(self, index: int, *, up: bool | None = None, weight: int | None = None) -> None: ...
     def states(self) -> tuple[BackendState, ...]: ...
 
+class ClientTable:
+    """A listener's per-client limits and the clients it remembers (``len``), shared by its profiles."""
+
+    # (max_conn, rate, burst), as given.
+    limits: tuple[int, float, int]
+    def __init__(
+        self,
+        *,
+        max_conn: int = 0,
+        rate: float = 0.0,
+        burst: int = 0,
+        tracked: int = 16384,
+        log_interval: float = 10.0,
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    # Without a socket, on the caller's clock (tests): the verdict and the refusals to log now.
+    def admit(self, packed: bytes, now: float) -> tuple[str | None, int]: ...
+    def release(self, packed: bytes, now: float) -> None: ...
+
 Record = tuple[
     int,
     str,
@@ -74,6 +93,7 @@ class Profile:
     context: Any
     backends: tuple[str, ...]
     pool: Pool
+    clients: ClientTable | None
     def __init__(
         self,
         backends: Pool | Sequence[Backend],
@@ -97,6 +117,7 @@ class Profile:
         context: Any = None,
         proxy_protocol: int = 0,
         proxy_tlvs: Callable[[Any], bytes] | None = None,
+        clients: ClientTable | None = None,
     ) -> None: ...
 
 class Engine:

@@ -46,6 +46,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tunnelkit.config.model import Timeouts
+from tunnelkit.policy import client_limits
 from tunnelkit.relay.counters import ListenerCounters
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from tunnelkit.backends.group import Backend, BackendGroup
     from tunnelkit.engine._engine import Profile, Record
     from tunnelkit.engine.tls import EngineTLS
+    from tunnelkit.policy.client_limits import ClientLimits
     from tunnelkit.relay.factory import TunnelFactory
     from tunnelkit.relay.socket_options import SocketOptions
 
@@ -247,6 +249,7 @@ class NativeRelay:
         restricts_clients: bool,
         tls: EngineTLS | None = None,
         proxy_protocol: int = 0,
+        clients: Any = None,
     ) -> Profile:
         """How one listener's tunnels are served, for :meth:`start` or :meth:`set_profile`.
 
@@ -256,7 +259,8 @@ class NativeRelay:
         certificates (its factory is then the TLS wrapper of its mode's);
         ``proxy_protocol`` (1 or 2) writes a PROXY header to each backend
         before any payload, built in C, with the TLVs of a terminated TLS
-        connection asked of Python for version 2 (:mod:`tunnelkit.proxy_protocol.tls`).
+        connection asked of Python for version 2 (:mod:`tunnelkit.proxy_protocol.tls`);
+        ``clients`` is the listener's per-client limits (:meth:`client_table`).
         """
         options = socket_options
         profile: Profile = _engine.Profile(
@@ -280,8 +284,20 @@ class NativeRelay:
             context=tls,
             proxy_protocol=proxy_protocol,
             proxy_tlvs=_proxy_tlvs() if tls is not None and proxy_protocol == 2 else None,
+            clients=clients,
         )
         return profile
+
+    @staticmethod
+    def client_table(limits: ClientLimits) -> Any:
+        """A listener's per-client limits in C, for each :meth:`profile` made for it (they share its clients)."""
+        return _engine.ClientTable(
+            max_conn=limits.max_conn,
+            rate=limits.rate,
+            burst=limits.burst,
+            tracked=client_limits.TRACKED,
+            log_interval=client_limits.LOG_INTERVAL,
+        )
 
     def _pool(self, group: BackendGroup) -> Any:
         """The engine's copy of ``group``: it picks there, and ``group`` feeds it what Python learns.
@@ -486,9 +502,14 @@ class NativeRelay:
             fields["reason"] = _tls_details(profile.context, tls, kind, fields["reason"], details)
         factory.tunnel_log(TunnelRecord(**fields, details=details), factory.listener)
 
-    def _notice(self, name: str, value: int) -> None:
-        """A notice of the engine, said in the log once per burst."""
-        if name == "connection_limit":
+    def _notice(self, name: str, *values: Any) -> None:
+        """A notice of the engine, said in the log once per burst (per client, for its limits)."""
+        if name == "client_limited":
+            index, client, refusal, table, refused = values
+            limits = client_limits.ClientLimits(*table.limits)
+            listener = self._factories[index].listener
+            client_limits.log_limited(listener, client, refusal, limits, refused)
+        elif name == "connection_limit":
             self.registry.engine_full()
         elif name == "accept_failed":
             log.warn(

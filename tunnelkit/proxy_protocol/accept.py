@@ -7,7 +7,8 @@ proxy the header is required, first, whole within the listener's header
 deadline (shared with what the mode reads next: :func:`time_left`), and
 strictly valid (:mod:`.parse`); on a listener that terminates TLS it is read
 in clear before the handshake. The client address it carries then stands
-for the socket's: the client policy is applied to it here, and balancing,
+for the socket's: the client policy and the per-client limits
+(:mod:`tunnelkit.policy.client_limits`) are applied to it here, and balancing,
 the record and an onward PROXY header use it (``Tunnel.peer_override``, and
 the destination it carries ``Tunnel.host_override``, as HAProxy passes both on);
 the record keeps the proxy's own address as ``proxied_by``. A ``LOCAL``
@@ -41,9 +42,16 @@ class AcceptProxyHeader:
     (:meth:`before_tls`), so a refused client gets no handshake at all.
     """
 
-    def __init__(self, header_timeout: float, client_allowed: Callable[[IAddress], bool]) -> None:
+    def __init__(
+        self,
+        header_timeout: float,
+        client_allowed: Callable[[IAddress], bool],
+        limit: Callable[[Tunnel], Refused | None] | None = None,
+    ) -> None:
         self.header_timeout = header_timeout
         self.client_allowed = client_allowed
+        #: The listener's per-client limits, asked of the tunnel once its client is the carried one.
+        self.limit = limit
 
     def __call__(self, tunnel: Tunnel) -> Deferred[None]:
         return _Preamble(self, tunnel).done
@@ -83,7 +91,7 @@ class _Reading:
         tunnel.peer_override, tunnel.host_override = carried, host
         if not self.accept.client_allowed(carried):
             return Refused("client refused by the client policy", CloseKind.ERROR, status=403)
-        return None
+        return self.accept.limit(tunnel) if self.accept.limit is not None else None
 
     def timed_out(self) -> None:
         timeout = self.accept.header_timeout

@@ -22,7 +22,9 @@ class ListenerCounters:
     and then its bytes, and whether it failed to connect or to handshake.
     """
 
-    #: Clients admitted: past the client policy and the connection cap, a tunnel began.
+    #: Clients admitted: past the client policy, the per-client limits and the connection
+    #: cap, a tunnel began (with ``--accept-proxy-protocol``, the limits apply to the
+    #: address the header carries, after this count: such a refusal is counted in both).
     accepted: int = 0
     #: Clients closed at once because ``--allow-client``/``--deny-client`` refused them.
     refused_client_policy: int = 0
@@ -31,6 +33,11 @@ class ListenerCounters:
     #: Clients accepted with the reserved descriptor and closed at once, for want of one
     #: (the engine only: Twisted's port closes those without telling the factory).
     refused_out_of_fds: int = 0
+    #: Clients closed at once because their address had ``--max-conn-per-client``
+    #: tunnels live on this listener (:mod:`tunnelkit.policy.client_limits`).
+    refused_client_connections: int = 0
+    #: Clients closed at once because their address's ``--rate-per-client`` bucket was empty.
+    refused_client_rate: int = 0
     #: Tunnels live now: accepted and not yet ended.
     active: int = 0
     #: Bytes relayed from clients to backends by the tunnels that ended (as their records say).

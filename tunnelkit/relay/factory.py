@@ -1,7 +1,7 @@
 """What every listener does with a new client, whatever its mode: the admit and record phases.
 
 A :class:`TunnelFactory` admits or refuses the client (client policy, the
-connection cap), makes its :class:`Tunnel`, runs it through its mode's
+per-client limits, the connection cap), makes its :class:`Tunnel`, runs it through its mode's
 phases (:class:`~tunnelkit.relay.phases.Connection`) once the client is
 connected, and logs the record when it ends; it counts each of those steps
 in its :attr:`TunnelFactory.counters`. Modes only say how the backend is
@@ -21,13 +21,14 @@ from twisted.logger import Logger
 
 from tunnelkit.config.model import Timeouts
 from tunnelkit.logs.tunnel_log import log_tunnel_closed
+from tunnelkit.policy.client_limits import ClientTable, client_key
 from tunnelkit.policy.targets import ClientPolicy
 from tunnelkit.relay.counters import ListenerCounters
 from tunnelkit.relay.idle_watch import IdleWatch
-from tunnelkit.relay.phases import Connection, Mode, Preamble
+from tunnelkit.relay.phases import Connection, Mode, Preamble, Refused
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.splice import PipePool
-from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
+from tunnelkit.relay.tunnel import CloseKind, Leg, Tunnel, TunnelRecord, describe
 
 log = Logger(namespace="tunnelkit.listener")
 
@@ -55,8 +56,11 @@ class TunnelFactory(Factory):
         preamble: Preamble | None = None,
         proxies: ClientPolicy | None = None,
         proxy_header: Callable[[Tunnel], bytes] | None = None,
+        client_limits: ClientTable | None = None,
     ) -> None:
         self.mode = mode
+        #: The listener's per-client limits (shared by its endpoints' factories), if any.
+        self.client_limits = client_limits
         #: What is read before the mode's identify phase (a PROXY header), if anything.
         self.preamble = preamble
         #: ``--trusted-proxies``: the only IP peers admitted; the client policy
@@ -98,8 +102,11 @@ class TunnelFactory(Factory):
             idle_watch=self.idle_watch,
             pipes=self.pipes,
         )
+        if self.proxies is None and not self._within_limits(tunnel, addr):
+            return None
         if not self.registry.admit(tunnel):
             counters.refused_connection_limit += 1
+            self._release(tunnel)
             return self.overloaded()
         counters.accepted += 1
         counters.active += 1
@@ -137,6 +144,36 @@ class TunnelFactory(Factory):
         )
         return False
 
+    def limit_carried(self, tunnel: Tunnel) -> Refused | None:
+        """The per-client limits for the client a trusted proxy's PROXY header named (``--accept-proxy-protocol``)."""
+        if self._within_limits(tunnel, tunnel.client_peer()):
+            return None
+        return Refused("client over its per-client limit", CloseKind.ERROR, status=429)
+
+    def _within_limits(self, tunnel: Tunnel, peer: IAddress | None) -> bool:
+        """Take a slot for ``tunnel`` in the per-client limits, or count the refusal."""
+        table = self.client_limits
+        key = client_key(peer) if table is not None else None
+        if key is None:
+            return True
+        assert table is not None
+        refusal = table.admit(key, describe(peer))
+        if refusal is None:
+            tunnel.client_key = key
+            return True
+        if refusal == "rate":
+            self.counters.refused_client_rate += 1
+        else:
+            self.counters.refused_client_connections += 1
+        return False
+
+    def _release(self, tunnel: Tunnel) -> None:
+        key = tunnel.client_key
+        if key is not None:
+            tunnel.client_key = None
+            assert self.client_limits is not None
+            self.client_limits.release(key)
+
     def overloaded(self) -> Protocol | None:
         """What a client gets when the connection cap is reached: the mode says."""
         return self.mode.overloaded()
@@ -155,6 +192,7 @@ class TunnelFactory(Factory):
         counters.bytes_down += record.bytes_down
         counters.connect_failures += tunnel.connect_failed
         counters.tls_failures += tunnel.client.handshake_failed
+        self._release(tunnel)
         dialed = tunnel.dialed
         if dialed is not None:
             tunnel.dialed = None

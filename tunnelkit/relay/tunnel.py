@@ -253,6 +253,9 @@ class Tunnel:
     peer_override: Any = None
     #: The address the client connected to, as that header said it (set with ``peer_override``).
     host_override: Any = None
+    #: The client address its listener's per-client limits count this tunnel under
+    #: (set on the instance then), released when it ends.
+    client_key: str | None = None
     #: Makes the PROXY header written to the backend before any byte of the
     #: client's (``--proxy-protocol``; set on the instance then).
     proxy_header: Callable[[Tunnel], bytes] | None = None
