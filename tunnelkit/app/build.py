@@ -49,6 +49,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
+from tunnelkit.admin.observe import ListenerView, Observer, ProcessSource
+from tunnelkit.admin.token import load_token
 from tunnelkit.app import resolving
 from tunnelkit.app.service import (
     ListenError,
@@ -93,6 +95,7 @@ from tunnelkit.relay.tcp_tuning import tuned_reactor
 from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
 
 if TYPE_CHECKING:
+    from tunnelkit.admin.site import Source
     from tunnelkit.engine.tls import EngineTLS
     from tunnelkit.logs.access_file import AccessLogFile
     from tunnelkit.policy.htpasswd import Htpasswd
@@ -154,6 +157,8 @@ class Prepared:
     listeners: tuple[Listener, ...]
     access_log: AccessLogFile | None
     reactor: Any
+    #: ``admin-token``'s token (never logged).
+    admin_token: bytes | None = None
 
     def close(self) -> None:
         """Let go of what was opened (``--check``; a worker's supervisor)."""
@@ -205,11 +210,17 @@ def prepare(settings: Settings, reactor: Any) -> Prepared:
             problems.append(
                 Problem(("access-log",), f"{{access-log}} {settings.access_log}: {e.strerror or e}")
             )
+    admin_token = None
+    if settings.admin_token is not None:
+        try:
+            admin_token = load_token(settings.admin_token)
+        except ValueError as e:
+            problems.append(Problem(("admin-token",), str(e)))
     if problems:
         raise ConfigError(
             problems, "" if settings.source == "the command line" else settings.source
         )
-    return Prepared(settings, tuple(listeners), access_log, reactor)
+    return Prepared(settings, tuple(listeners), access_log, reactor, admin_token)
 
 
 def _load_listener(
@@ -613,6 +624,7 @@ def build_service(prepared: Prepared) -> TunnelService:
     listening = []
     groups: list[BackendGroup] = []
     monitors: list[Monitor] = []
+    observer = Observer()
     for listener in prepared.listeners:
         make_factory, make_profile, group, routed = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
@@ -631,6 +643,15 @@ def build_service(prepared: Prepared) -> TunnelService:
                 else None
             )
             monitors += _monitors(prepared, listener, group, swap)
+        view = ListenerView(
+            listener.settings.name,
+            ([("", group)] if group is not None else [])
+            + [(str(route.match), each) for route, each in routed],
+            profile,
+            timed=settings.admin is not None,
+        )
+        observer.views.append(view)
+        make_factory = view.factory(make_factory)
         listening += [
             Listening(name, endpoint, make_factory, listener.settings.socket_options, profile)
             for name, endpoint in listener.endpoints
@@ -666,7 +687,9 @@ def build_service(prepared: Prepared) -> TunnelService:
         on_stopped=stopped,
         native=relay,
         monitors=monitors,
+        observer=observer,
     )
+    observer.service = service
     return service
 
 
@@ -843,7 +866,8 @@ def _listener_factories(
             socket_options=options,
             splice=settings.splice if splice.AVAILABLE else "off",
             bulk_read=min(splice.BULK_READ, options.read_size),
-            log_records=settings.access_log,
+            # --admin times every tunnel from its record, also unlogged.
+            log_records=settings.access_log or prepared.settings.admin is not None,
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
             proxy_protocol=settings.proxy_protocol,
@@ -919,16 +943,28 @@ def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> 
         tunnels.listen()
     except ListenError as e:
         raise ConfigError([Problem((), str(e))]) from None
-    top = MultiService()
+    main: IService = tunnels
+    assert tunnels.observer is not None
+    source: Source = ProcessSource(tunnels.observer)
     if settings.workers > 1:
         from tunnelkit.app.supervisor import Workers
 
         # Opened only to check the path: each worker opens and writes its own.
         prepared.close()
-        workers = Workers(
-            settings.workers, arguments, tunnels.ports, settings.drain_timeout, reactor
+        main = source = Workers(
+            settings.workers,
+            arguments,
+            tunnels.ports,
+            settings.drain_timeout,
+            reactor,
+            scraped=settings.admin is not None,
         )
-        workers.setServiceParent(top)  # type: ignore[no-untyped-call]
-    else:
-        tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
-    return top
+    if settings.admin is None:
+        top = MultiService()
+        main.setServiceParent(top)
+        return top
+    # Loaded only when used (twisted.web, prometheus_client). A refusal
+    # ends the command, which closes the listeners too.
+    from tunnelkit.admin.service import serve
+
+    return serve(settings.admin, main, source, prepared.admin_token, reactor)
