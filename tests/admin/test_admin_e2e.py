@@ -77,11 +77,12 @@ def test_the_supervisor_serves_the_sum_of_its_workers(
         served = {e["worker"] for e in json_events(tk.stdout) if e.get("event") == "tunnel_closed"}
         os.kill(workers[0], signal.SIGKILL)
         event(tk, "worker_exited")
+        # Until its replacement is ready (a second or so later), one worker answers.
         status, _, body = fetch(base + "/readyz")
-        assert (status, body) == (503, b"1 of 2 workers answered\n")
+        assert (status, body) in {(503, b"1 of 2 workers answered\n"), (200, b"ready\n")}
         after = samples(base)
-        assert value(after, "tunnelkit_processes") == 1
-        # The killed worker's counts stay in the sum: no counter goes back.
+        # The killed worker's counts stay in the sum (its replacement starts from 0):
+        # no counter goes back.
         for direction in ("up", "down"):
             total = value(after, "tunnelkit_bytes_total", listener=LISTENER, direction=direction)
             assert total == sum(sizes), (direction, served)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from itertools import accumulate
 
+import attrs
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -23,12 +24,14 @@ from prometheus_client.core import (
 )
 
 from tunnelkit.admin.snapshot import DURATION_BUCKETS, ListenerSnapshot, Snapshot
+from tunnelkit.relay.counters import ListenerCounters
 
-#: The reasons a client is refused, as ``reason`` labels, and their counter in ListenerCounters.
+#: The reasons a client is refused, as ``reason`` labels, and their counter in ListenerCounters:
+#: every ``refused_REASON`` field (a counter added there is exported with no change here).
 REFUSALS = {
-    "client_policy": "refused_client_policy",
-    "connection_limit": "refused_connection_limit",
-    "out_of_fds": "refused_out_of_fds",
+    field.name.removeprefix("refused_"): field.name
+    for field in attrs.fields(ListenerCounters)
+    if field.name.startswith("refused_")
 }
 
 #: Per listener: (name, help, ListenerCounters field) of the plain counters.

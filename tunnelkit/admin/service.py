@@ -30,7 +30,7 @@ log = Logger(namespace="tunnelkit.admin")
 
 def listen(description: str, source: Source, token: bytes | None, reactor: Any) -> IListeningPort:
     """Listen on the admin endpoint now; :class:`ConfigError` if it cannot, or may not."""
-    site = AdminSite(AdminResource(source, token))  # type: ignore[no-untyped-call]
+    site = AdminSite(AdminResource(source, token))
     outcome: list[Any] = []
     try:
         endpoint = serverFromString(reactor, description)

@@ -38,6 +38,9 @@ STATUS_POLICY = (
 
 TEXT = b"text/plain; charset=utf-8"
 
+#: Seconds an idle admin connection is kept (longer than any scrape interval).
+IDLE_TIMEOUT = 300
+
 
 class Source(Protocol):
     """Where the admin endpoint's answers come from: one process, or a supervisor's workers."""
@@ -165,9 +168,15 @@ ANSWERS: dict[bytes, _Answer] = {
 
 
 class AdminSite(server.Site):
-    """The admin endpoint's site: no access log line per request (a scrape every few seconds)."""
+    """The admin endpoint's site: no access log line per request (a scrape every few seconds).
+
+    An idle connection is closed after :data:`IDLE_TIMEOUT` (Twisted's default is 12 hours).
+    """
 
     noisy = False
+
+    def __init__(self, root: resource.Resource) -> None:
+        super().__init__(root, timeout=IDLE_TIMEOUT)  # type: ignore[no-untyped-call]
 
     def log(self, request: http.Request) -> None:
         """Scrapes and probes are not logged."""
