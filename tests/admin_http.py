@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from processes import Process, json_events
 from prometheus_client.parser import text_string_to_metric_families
 
 #: Timeout of one admin request.
@@ -37,6 +38,16 @@ def fetch(
     except urllib.error.HTTPError as e:
         with e:
             return e.code, e.headers, e.read()
+
+
+def admin_base(process: Process) -> str:
+    """``http://HOST:PORT`` of a ``twistd`` process's admin endpoint, once its JSON log says it listens."""
+
+    def said(text: str) -> str | None:
+        found = [e for e in json_events(text) if e.get("event") == "admin_listening"]
+        return "http://" + found[0]["address"] if found else None
+
+    return process.wait_for(said, "the admin endpoint")
 
 
 def samples(base: str, **auth: str) -> dict[Key, float]:

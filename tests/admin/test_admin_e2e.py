@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from admin_http import fetch, samples, value
+from admin_http import admin_base, fetch, samples, value
 from loopback import Serve, echo, echo_through, sha256
 from planes import Plane, on_each_plane
 from processes import Process, json_events, run, twistd, twistd_argv, wait_until
@@ -54,7 +54,7 @@ def test_the_supervisor_serves_the_sum_of_its_workers(
     argv += ("--admin", "127.0.0.1:0", "--drain-timeout", "2")
     with twistd(*argv, cwd=tmp_path, twistd_options=JSON_LOG, plane=plane) as tk:
         [address] = tk.wait_listening()
-        base = "http://" + event(tk, "admin_listening")[0]["address"]
+        base = admin_base(tk)
         workers = {e["worker"]: e["pid"] for e in event(tk, "worker_ready", 2)}
         wait_until(lambda: fetch(base + "/readyz")[0] == 200, "both workers answer")
         sizes = [(i * 7919) % 300_000 + 1 for i in range(30)]
@@ -67,6 +67,7 @@ def test_the_supervisor_serves_the_sum_of_its_workers(
 
         found = wait_until(settled, "every tunnel counted")
         assert value(found, "tunnelkit_processes") == 2
+        assert value(found, "tunnelkit_process_resident_memory_bytes") > 0
         for direction in ("up", "down"):
             total = value(found, "tunnelkit_bytes_total", listener=LISTENER, direction=direction)
             assert total == sum(sizes), direction

@@ -114,6 +114,10 @@ class MetricsTests(LoopbackTestCase):
         refused = {"listener": listener, "reason": "connection_limit"}
         assert value(found, "tunnelkit_connections_refused_total", **refused) == 0
         assert value(found, "tunnelkit_ready") == 1
+        # The forwarders of tests/loopback.py are given --max-connections 4096.
+        assert value(found, "tunnelkit_connections_max") == 4096
+        assert value(found, "tunnelkit_process_open_fds") > 0
+        assert value(found, "tunnelkit_process_cpu_seconds_total") > 0
 
     @inlineCallbacks
     def test_readyz_fails_when_every_backend_is_down(self) -> Inline:

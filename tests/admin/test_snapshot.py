@@ -12,6 +12,7 @@ from tunnelkit.admin.snapshot import (
     BackendSnapshot,
     DurationHistogram,
     ListenerSnapshot,
+    ProcessSnapshot,
     Snapshot,
     durations,
     merge,
@@ -77,9 +78,11 @@ def test_the_supervisor_adds_its_workers_up() -> None:
 
 def test_a_worker_that_ended_keeps_its_counts_but_not_its_live_state() -> None:
     """Its counters stay in the sums; its live tunnels and its view of health do not."""
-    gone = retired(worker(backend(up=False, ejected=True)))
-    live = worker(backend())
+    used = ProcessSnapshot(cpu_seconds=2.5, resident_bytes=1 << 20, open_fds=9, max_tunnels=100)
+    gone = retired(attrs.evolve(worker(backend(up=False, ejected=True)), process=used))
+    live = attrs.evolve(worker(backend()), process=used)
     total = merge([live, gone], listening=True, expected=1)
+    assert total.process == attrs.evolve(used, cpu_seconds=5.0)
     [listener] = total.listeners
     assert listener.counters.accepted == 10 and listener.counters.active == 1
     [one] = listener.backends

@@ -16,9 +16,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from admin_http import fetch
+from admin_http import admin_base, fetch
 from loopback import Serve, assert_echoes, echo, refusing_address
-from processes import json_events, need, twistd, wait_until
+from processes import need, twistd, wait_until
 
 JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
 #: Longest run of one Chromium command.
@@ -86,8 +86,7 @@ def test_the_status_page_renders_listeners_and_backends(tmp_path: Path, serve: S
         argv += ("--health-interval", "0.1", "--fall", "1", "--admin", "127.0.0.1:0")
         with twistd(*argv, cwd=tmp_path, twistd_options=JSON_LOG) as tk:
             [address] = tk.wait_listening()
-            admin = [e for e in json_events(tk.stdout) if e.get("event") == "admin_listening"]
-            base = "http://" + admin[0]["address"]
+            base = admin_base(tk)
             wait_until(lambda: b'"up": false' in fetch(base + "/status.json")[2], "a backend down")
             for _ in range(3):
                 assert_echoes(address, 256 * 1024)

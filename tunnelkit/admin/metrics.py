@@ -61,9 +61,37 @@ class SnapshotCollector:
             [],
             [([], snapshot.processes)],
         )
+        yield from self._process(snapshot)
         listeners = snapshot.listeners
         yield from self._listeners(listeners)
         yield from self._backends(listeners)
+
+    def _process(self, snapshot: Snapshot) -> Iterator[Metric]:
+        used = snapshot.process
+        yield _gauge(
+            "connections_max",
+            "The most tunnels at once (--max-connections, or the descriptor limit's room), all listeners",
+            [],
+            [([], used.max_tunnels)],
+        )
+        yield _counter(
+            "process_cpu_seconds",
+            "CPU time (user and system) of the processes relaying tunnels",
+            [],
+            [([], used.cpu_seconds)],
+        )
+        yield _gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of the processes relaying tunnels",
+            [],
+            [([], used.resident_bytes)],
+        )
+        yield _gauge(
+            "process_open_fds",
+            "Open file descriptors of the processes relaying tunnels",
+            [],
+            [([], used.open_fds)],
+        )
 
     def _listeners(self, listeners: tuple[ListenerSnapshot, ...]) -> Iterator[Metric]:
         for name, text, field in LISTENER_COUNTERS:

@@ -11,6 +11,7 @@ does not make the process count more.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from tunnelkit.admin.snapshot import (
     BackendSnapshot,
     DurationHistogram,
     ListenerSnapshot,
+    ProcessSnapshot,
     Snapshot,
     durations,
 )
@@ -164,4 +166,17 @@ class Observer:
         return Snapshot(
             listening=self.accepting(),
             listeners=tuple(view.snapshot(service) for view in self.views),
+            process=usage(service.registry.max_tunnels),
         )
+
+
+def usage(max_tunnels: int) -> ProcessSnapshot:
+    """This process's CPU time, memory and descriptors now (Linux's /proc; 0 where it is missing)."""
+    times = os.times()
+    try:
+        with open("/proc/self/statm") as statm:
+            resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        descriptors = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        resident = descriptors = 0
+    return ProcessSnapshot(times.user + times.system, resident, descriptors, max_tunnels)

@@ -88,6 +88,22 @@ class ListenerSnapshot:
 
 
 @attrs.frozen
+class ProcessSnapshot:
+    """What the processes relaying the tunnels use (the workers', added up)."""
+
+    #: CPU time, user and system, since each started.
+    cpu_seconds: float = 0.0
+    resident_bytes: int = 0
+    open_fds: int = 0
+    #: The most tunnels at once: ``--max-connections``, or what the descriptor limit allows.
+    max_tunnels: int = 0
+
+    def __add__(self, other: ProcessSnapshot) -> ProcessSnapshot:
+        mine, theirs = attrs.astuple(self), attrs.astuple(other)
+        return ProcessSnapshot(*(a + b for a, b in zip(mine, theirs, strict=True)))
+
+
+@attrs.frozen
 class Snapshot:
     """The whole process (or every worker) now."""
 
@@ -97,6 +113,7 @@ class Snapshot:
     #: Processes that answered, and that should have (``--workers N``; 1 without).
     processes: int = 1
     expected: int = 1
+    process: ProcessSnapshot = ProcessSnapshot()
 
     @property
     def ready(self) -> bool:
@@ -136,7 +153,13 @@ class Snapshot:
             )
             for listener in data["listeners"]
         )
-        return cls(data["listening"], listeners, data["processes"], data["expected"])
+        return cls(
+            data["listening"],
+            listeners,
+            data["processes"],
+            data["expected"],
+            ProcessSnapshot(**data["process"]),
+        )
 
 
 def retired(snapshot: Snapshot) -> Snapshot:
@@ -156,7 +179,9 @@ def retired(snapshot: Snapshot) -> Snapshot:
         )
         for listener in snapshot.listeners
     )
-    return attrs.evolve(snapshot, listeners=listeners, processes=0, expected=0)
+    # Its CPU time was spent; its memory, descriptors and room for tunnels are gone.
+    process = ProcessSnapshot(cpu_seconds=snapshot.process.cpu_seconds)
+    return attrs.evolve(snapshot, listeners=listeners, processes=0, expected=0, process=process)
 
 
 def merge(snapshots: Sequence[Snapshot], *, listening: bool, expected: int) -> Snapshot:
@@ -172,7 +197,8 @@ def merge(snapshots: Sequence[Snapshot], *, listening: bool, expected: int) -> S
             seen = listeners.get(listener.name)
             listeners[listener.name] = listener if seen is None else _add(seen, listener)
     processes = sum(snapshot.processes for snapshot in snapshots)
-    return Snapshot(listening, tuple(listeners.values()), processes, expected)
+    used = sum((snapshot.process for snapshot in snapshots), ProcessSnapshot())
+    return Snapshot(listening, tuple(listeners.values()), processes, expected, used)
 
 
 def _add(one: ListenerSnapshot, other: ListenerSnapshot) -> ListenerSnapshot:
