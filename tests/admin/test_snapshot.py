@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from tunnelkit.admin.metrics import render
@@ -94,10 +97,21 @@ def test_a_worker_that_ended_keeps_its_counts_but_not_its_live_state() -> None:
 
 def test_the_histogram_is_cumulative_in_prometheus_text() -> None:
     snapshot = worker(backend(), seconds=(0.001, 0.2, 0.2, 7200.0))
-    families = {f.name: f for f in text_string_to_metric_families(render(snapshot).decode())}
+    text, content_type = render(snapshot)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(text.decode())}
     samples = families["tunnelkit_tunnel_duration_seconds"].samples
     buckets = {s.labels["le"]: s.value for s in samples if s.name.endswith("_bucket")}
     assert (buckets["0.005"], buckets["0.5"], buckets["3600"], buckets["+Inf"]) == (1, 3, 3, 4)
     [count] = [s.value for s in samples if s.name.endswith("_count")]
     assert count == 4
-    assert attrs.asdict(snapshot)["listeners"][0]["name"] == "web"
+
+
+def test_openmetrics_when_asked() -> None:
+    """A scraper that accepts OpenMetrics (Prometheus does) gets it, with its ``# EOF``."""
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    text, content_type = render(worker(backend()), accept)
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    families = {f.name: f for f in openmetrics_families(text.decode())}
+    [accepted] = families["tunnelkit_connections_accepted"].samples
+    assert (accepted.name, accepted.value) == ("tunnelkit_connections_accepted_total", 5)

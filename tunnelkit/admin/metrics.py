@@ -15,13 +15,14 @@ from collections.abc import Iterable, Iterator
 from itertools import accumulate
 
 import attrs
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import choose_encoder
 
 from tunnelkit.admin.snapshot import DURATION_BUCKETS, ListenerSnapshot, Snapshot
 from tunnelkit.relay.counters import ListenerCounters
@@ -186,8 +187,13 @@ def _counter(
     return family
 
 
-def render(snapshot: Snapshot) -> bytes:
-    """The snapshot in Prometheus' text exposition format (version 0.0.4)."""
+def render(snapshot: Snapshot, accept: str = "") -> tuple[bytes, str]:
+    """The snapshot in the format a scraper's ``Accept`` header asks for, and its content type.
+
+    Prometheus' text format (version 0.0.4) unless OpenMetrics is asked for,
+    as prometheus_client's own handler negotiates it.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot))
-    return generate_latest(registry)
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

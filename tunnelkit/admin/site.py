@@ -15,7 +15,6 @@ import json
 from importlib import resources
 from typing import Protocol
 
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -145,8 +144,10 @@ def _text(request: Request, code: int, text: str) -> bytes:
 
 
 def _metrics(request: Request, snapshot: Snapshot) -> bytes:
-    request.setHeader(b"content-type", CONTENT_TYPE_PLAIN_0_0_4.encode())
-    return metrics.render(snapshot)
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1")
+    body, content_type = metrics.render(snapshot, accept)
+    request.setHeader(b"content-type", content_type.encode())
+    return body
 
 
 def _readyz(request: Request, snapshot: Snapshot) -> bytes:
