@@ -8,12 +8,16 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 
+from tunnelkit.admin.history import PERIOD, POINTS, History
 from tunnelkit.admin.metrics import render
 from tunnelkit.admin.snapshot import (
     DURATION_BUCKETS,
     BackendSnapshot,
     DurationHistogram,
+    DurationSnapshot,
     ListenerSnapshot,
     ProcessSnapshot,
     Snapshot,
@@ -115,3 +119,35 @@ def test_openmetrics_when_asked() -> None:
     families = {f.name: f for f in openmetrics_families(text.decode())}
     [accepted] = families["tunnelkit_connections_accepted"].samples
     assert (accepted.name, accepted.value) == ("tunnelkit_connections_accepted_total", 5)
+
+
+class Snapshots:
+    """A source whose snapshots the test sets: one listener's bytes and live tunnels."""
+
+    def __init__(self) -> None:
+        self.bytes = self.active = 0
+
+    def accepting(self) -> bool:
+        return True
+
+    def snapshot(self) -> Deferred[Snapshot]:
+        counters = ListenerCounters(active=self.active, bytes_up=self.bytes, bytes_down=self.bytes)
+        listener = ListenerSnapshot("web", "engine", counters, DurationSnapshot(), ())
+        return succeed(Snapshot(True, (listener,)))
+
+
+def test_the_history_keeps_the_last_minutes() -> None:
+    """A sample at start and every period; the oldest go once there are POINTS."""
+    clock, source = Clock(), Snapshots()
+    history = History(source, clock)
+    history.startService()
+    for step in range(1, POINTS + 5):
+        source.bytes, source.active = step * 100, step % 3
+        clock.advance(PERIOD)
+    history.stopService()
+    clock.advance(PERIOD)
+    samples = history.to_json()["listeners"]["web"]
+    assert len(samples) == POINTS
+    assert samples[-1] == ((POINTS + 4) * PERIOD, (POINTS + 4) * 200, (POINTS + 4) % 3)
+    assert samples[0][0] == 5 * PERIOD
+    assert not clock.getDelayedCalls()

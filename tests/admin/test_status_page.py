@@ -113,3 +113,4 @@ def test_the_status_page_renders_listeners_and_backends(tmp_path: Path, serve: S
     health = {cells[2]: cells[3] for cells in backends}
     assert health == {backend.address: "up", dead: "down"}, backends
     assert rows.state == "ready"
+    assert dom.stdout.count('<svg class="spark"') == 1  # the listener's traffic

@@ -10,6 +10,7 @@ the service it watches has stopped.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, MultiService
@@ -20,6 +21,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tunnelkit.admin.history import History
 from tunnelkit.admin.site import AdminResource, AdminSite, Source
 from tunnelkit.app.service import claim_unix_lock
 from tunnelkit.config.model import ConfigError, Problem
@@ -28,9 +30,15 @@ from tunnelkit.relay.tunnel import describe
 log = Logger(namespace="tunnelkit.admin")
 
 
-def listen(description: str, source: Source, token: bytes | None, reactor: Any) -> IListeningPort:
+def listen(
+    description: str,
+    source: Source,
+    token: bytes | None,
+    reactor: Any,
+    history: Callable[[], dict[str, Any]] = dict,
+) -> IListeningPort:
     """Listen on the admin endpoint now; :class:`ConfigError` if it cannot, or may not."""
-    site = AdminSite(AdminResource(source, token))
+    site = AdminSite(AdminResource(source, token, history))
     outcome: list[Any] = []
     try:
         endpoint = serverFromString(reactor, description)
@@ -72,8 +80,11 @@ def _local(address: Any) -> bool:
 def serve(
     description: str, main: IService, source: Source, token: bytes | None, reactor: Any
 ) -> AdminService:
-    """``main`` with the admin endpoint beside it, listening now (see :func:`listen`)."""
-    return AdminService(main, listen(description, source, token, reactor))
+    """``main`` with the admin endpoint beside it, listening now (see :func:`listen`), and its history."""
+    history = History(source, reactor)
+    service = AdminService(main, listen(description, source, token, reactor, history.to_json))
+    history.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return service
 
 
 class AdminService(MultiService):

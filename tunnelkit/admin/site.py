@@ -12,8 +12,9 @@ import base64
 import binascii
 import hmac
 import json
+from collections.abc import Callable
 from importlib import resources
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -64,10 +65,17 @@ class AdminResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, source: Source, token: bytes | None = None) -> None:
+    def __init__(
+        self,
+        source: Source,
+        token: bytes | None = None,
+        history: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.source = source
         self.token = token
+        #: Each listener's recent samples, for the status page (``History.to_json``).
+        self.history = history
 
     def render_GET(self, request: Request) -> bytes | int:
         request.setHeader(b"cache-control", b"no-store")
@@ -98,7 +106,7 @@ class AdminResource(resource.Resource):
         def write(snapshot: Snapshot) -> None:
             if gone:
                 return
-            body = answer(request, snapshot)
+            body = answer(self, request, snapshot)
             request.setHeader(b"content-length", b"%d" % len(body))
             request.write(body)
             request.finish()
@@ -127,7 +135,7 @@ class AdminResource(resource.Resource):
 
 
 class _Answer(Protocol):
-    def __call__(self, request: Request, snapshot: Snapshot) -> bytes: ...
+    def __call__(self, site: AdminResource, request: Request, snapshot: Snapshot) -> bytes: ...
 
 
 def _refuse(request: Request) -> bytes:
@@ -143,21 +151,22 @@ def _text(request: Request, code: int, text: str) -> bytes:
     return text.encode() + b"\n"
 
 
-def _metrics(request: Request, snapshot: Snapshot) -> bytes:
+def _metrics(site: AdminResource, request: Request, snapshot: Snapshot) -> bytes:
     accept = (request.getHeader(b"accept") or b"").decode("latin-1")
     body, content_type = metrics.render(snapshot, accept)
     request.setHeader(b"content-type", content_type.encode())
     return body
 
 
-def _readyz(request: Request, snapshot: Snapshot) -> bytes:
+def _readyz(site: AdminResource, request: Request, snapshot: Snapshot) -> bytes:
     reasons = snapshot.unready()
     return _text(request, 503 if reasons else 200, "\n".join(reasons) or "ready")
 
 
-def _status_json(request: Request, snapshot: Snapshot) -> bytes:
+def _status_json(site: AdminResource, request: Request, snapshot: Snapshot) -> bytes:
     request.setHeader(b"content-type", b"application/json")
-    return json.dumps(snapshot.to_json() | {"unready": snapshot.unready()}).encode()
+    extra = {"unready": snapshot.unready(), "history": site.history()}
+    return json.dumps(snapshot.to_json() | extra).encode()
 
 
 #: The paths answered from a snapshot.
