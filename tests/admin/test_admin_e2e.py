@@ -98,3 +98,19 @@ def test_an_admin_endpoint_beyond_loopback_is_refused_at_start(tmp_path: Path) -
     assert "tunnelkit: error: --admin listens on 0.0.0.0:" in done.stdout, done.stdout
     assert "give --admin-token FILE" in done.stdout
     assert "Traceback" not in done.stdout
+
+
+def test_the_token_file_guards_every_path_and_is_never_logged(tmp_path: Path, serve: Serve) -> None:
+    """--admin-token FILE: 401 without the token, 200 with it (bearer); the token appears in no log line."""
+    token = "tk-" + os.urandom(12).hex()
+    (tmp_path / "admin.token").write_text(token + "\n")
+    backend = serve(echo)
+    argv = ("--listen", LISTENER, "--to", backend.address, "--admin", "127.0.0.1:0")
+    argv += ("--admin-token", str(tmp_path / "admin.token"))
+    with twistd(*argv, cwd=tmp_path, twistd_options=JSON_LOG) as tk:
+        base = admin_base(tk)
+        for path in ("/healthz", "/readyz", "/metrics", "/status", "/status.json"):
+            assert fetch(base + path)[0] == 401, path
+            assert fetch(base + path, token=token)[0] == 200, path
+        tk.stop()
+    assert token not in tk.output
