@@ -42,6 +42,14 @@ def test_admin_problems() -> None:
     assert problem.message.startswith("--admin: no address before the port"), problem
 
 
+def test_an_unknown_endpoint_type_is_found_before_listening() -> None:
+    """``--check`` (which runs ``prepare``) reports it, as for ``--listen``."""
+    with pytest.raises(ConfigError) as caught:
+        prepare(_flags(admin="htpp:9100"), MemoryReactor())
+    [problem] = caught.value.problems
+    assert problem.as_flag({}) == "--admin: 'htpp' is not an endpoint type"
+
+
 @pytest.mark.parametrize(
     ("content", "error"),
     [(None, "No such file or directory"), (b" \n", "is empty")],

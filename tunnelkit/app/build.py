@@ -210,6 +210,9 @@ def prepare(settings: Settings, reactor: Any) -> Prepared:
             problems.append(
                 Problem(("access-log",), f"{{access-log}} {settings.access_log}: {e.strerror or e}")
             )
+    admin_kind = settings.admin.partition(":")[0].lower() if settings.admin else None
+    if admin_kind is not None and admin_kind not in server_endpoint_types():
+        problems.append(Problem(("admin",), f"{{admin}}: {admin_kind!r} is not an endpoint type"))
     admin_token = None
     if settings.admin_token is not None:
         try:
