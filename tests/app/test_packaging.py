@@ -87,6 +87,8 @@ def test_wheel_ships_only_the_plugin_file_under_twisted(wheel: Path) -> None:
     assert {"tunnelkit/__init__.py", "tunnelkit/cli/plugin.py", "tunnelkit/cli/command.py"} <= set(
         names
     )
+    # Read at run time: the status page of --admin is a file of its own.
+    assert "tunnelkit/admin/status.html" in names
     assert re.search(r"^tunnelkit = tunnelkit\.cli\.command:main$", scripts, re.MULTILINE), scripts
 
 

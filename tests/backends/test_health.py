@@ -87,6 +87,8 @@ class Target:
         self.endpoints = [Endpoint(self.clock) for _ in range(count)]
         self.backends = tuple(Backend(f"b{i}", ep) for i, ep in enumerate(self.endpoints))
         self.marks: list[tuple[int, bool, str]] = []
+        #: Every check's outcome, as the checker told the target.
+        self.outcomes: list[tuple[int, bool]] = []
         self.events: list[LogEvent] = []
         self.log = Logger(observer=self.events.append)
         #: The backends down when a checker starts.
@@ -97,6 +99,9 @@ class Target:
 
     def mark(self, index: int, up: bool, reason: str) -> None:
         self.marks.append((index, up, reason))
+
+    def checked(self, index: int, passed: bool) -> None:
+        self.outcomes.append((index, passed))
 
     def checks(self) -> list[tuple[bool, str]]:
         return [(e["passed"], e["why"]) for e in self.events if e.get("event") == "health_check"]
@@ -148,6 +153,16 @@ class RiseFallTests(SynchronousTestCase):
         run_checks(target, 10)
         self.assertEqual(len(target.checks()), 10)
         self.assertEqual([up for _, up, _ in target.marks], [False])
+
+    def test_every_outcome_is_told_for_the_counts(self) -> None:
+        """Each check's outcome reaches the target, changes or not (``/metrics`` counts the failures)."""
+        target = Target()
+        checker(target)
+        run_checks(target, 1)
+        target.endpoints[0].accept()
+        target.endpoints[0].refuse = ConnectionRefusedError()
+        run_checks(target, 2)
+        self.assertEqual(target.outcomes, [(0, True), (0, False), (0, False)])
 
     def test_up_after_rise_passes_once(self) -> None:
         """Two passes in a row bring a down backend back; more passes mark nothing more."""

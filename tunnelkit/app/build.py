@@ -50,6 +50,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
+from tunnelkit.admin.observe import ListenerView, Observer, ProcessSource
+from tunnelkit.admin.token import load_token
 from tunnelkit.app import resolving, systemd
 from tunnelkit.app.service import (
     ListenError,
@@ -96,6 +98,7 @@ from tunnelkit.relay.tcp_tuning import tuned_reactor
 from tunnelkit.relay.tunnel import Leg, Tunnel, TunnelRecord
 
 if TYPE_CHECKING:
+    from tunnelkit.admin.site import Source
     from tunnelkit.engine.tls import EngineTLS
     from tunnelkit.logs.access_file import AccessLogFile
     from tunnelkit.policy.htpasswd import Htpasswd
@@ -157,6 +160,8 @@ class Prepared:
     listeners: tuple[Listener, ...]
     access_log: AccessLogFile | None
     reactor: Any
+    #: ``admin-token``'s token (never logged).
+    admin_token: bytes | None = None
 
     def close(self) -> None:
         """Let go of what was opened (``--check``; a worker's supervisor)."""
@@ -212,11 +217,20 @@ def prepare(settings: Settings, reactor: Any, *, adopting: bool = False) -> Prep
             problems.append(
                 Problem(("access-log",), f"{{access-log}} {settings.access_log}: {e.strerror or e}")
             )
+    admin_kind = settings.admin.partition(":")[0].lower() if settings.admin else None
+    if admin_kind is not None and admin_kind not in server_endpoint_types():
+        problems.append(Problem(("admin",), f"{{admin}}: {admin_kind!r} is not an endpoint type"))
+    admin_token = None
+    if settings.admin_token is not None:
+        try:
+            admin_token = load_token(settings.admin_token)
+        except ValueError as e:
+            problems.append(Problem(("admin-token",), str(e)))
     if problems:
         raise ConfigError(
             problems, "" if settings.source == "the command line" else settings.source
         )
-    return Prepared(settings, tuple(listeners), access_log, reactor)
+    return Prepared(settings, tuple(listeners), access_log, reactor, admin_token)
 
 
 def _load_listener(
@@ -632,6 +646,7 @@ def build_service(prepared: Prepared) -> TunnelService:
     listening = []
     groups: list[BackendGroup] = []
     monitors: list[Monitor] = []
+    observer = Observer()
     for listener in prepared.listeners:
         make_factory, make_profile, group, routed = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
@@ -650,6 +665,15 @@ def build_service(prepared: Prepared) -> TunnelService:
                 else None
             )
             monitors += _monitors(prepared, listener, group, swap)
+        view = ListenerView(
+            listener.settings.name,
+            ([("", group)] if group is not None else [])
+            + [(str(route.match), each) for route, each in routed],
+            profile,
+            timed=settings.admin is not None,
+        )
+        observer.views.append(view)
+        make_factory = view.factory(make_factory)
         listening += [
             Listening(name, endpoint, make_factory, listener.settings.socket_options, profile)
             for name, endpoint in listener.endpoints
@@ -685,7 +709,9 @@ def build_service(prepared: Prepared) -> TunnelService:
         on_stopped=stopped,
         native=relay,
         monitors=monitors,
+        observer=observer,
     )
+    observer.service = service
     return service
 
 
@@ -868,7 +894,8 @@ def _listener_factories(
             socket_options=options,
             splice=settings.splice if splice.AVAILABLE else "off",
             bulk_read=min(splice.BULK_READ, options.read_size),
-            log_records=settings.access_log,
+            # --admin times every tunnel from its record, also unlogged.
+            log_records=settings.access_log or prepared.settings.admin is not None,
             restricts_clients=settings.clients.restricts,
             tls=_engine_tls(tls) if tls is not None else None,
             proxy_protocol=settings.proxy_protocol,
@@ -945,26 +972,35 @@ def make_service(settings: Settings, reactor: Any, arguments: Sequence[str]) -> 
         tunnels.listen()
     except ListenError as e:
         raise ConfigError([Problem((), str(e))]) from None
-    top = MultiService()
     # The process systemd watches (this one, never a worker) tells it how it is doing.
     notifier = systemd.Notifier.from_environment()
+    main: IService = tunnels
+    assert tunnels.observer is not None
+    source: Source = ProcessSource(tunnels.observer)
     if settings.workers > 1:
         from tunnelkit.app.supervisor import Workers
 
         # Opened only to check the path: each worker opens and writes its own.
         prepared.close()
-        workers = Workers(
+        main = source = Workers(
             settings.workers,
             arguments,
             tunnels.ports,
             settings.drain_timeout,
             reactor,
             notifier=notifier,
+            scraped=settings.admin is not None,
         )
-        workers.setServiceParent(top)  # type: ignore[no-untyped-call]
     else:
         tunnels.notifier = notifier
-        tunnels.setServiceParent(top)  # type: ignore[no-untyped-call]
     if notifier is not None:
         reactor.callWhenRunning(notifier.start_watchdog, reactor)
-    return top
+    if settings.admin is None:
+        top = MultiService()
+        main.setServiceParent(top)
+        return top
+    # Loaded only when used (twisted.web, prometheus_client). A refusal
+    # ends the command, which closes the listeners too.
+    from tunnelkit.admin.service import serve
+
+    return serve(settings.admin, main, source, prepared.admin_token, reactor)

@@ -35,6 +35,7 @@ from tunnelkit.relay.socket_options import SocketOptions
 from tunnelkit.relay.tunnel import describe
 
 if TYPE_CHECKING:
+    from tunnelkit.admin.observe import Observer
     from tunnelkit.app.systemd import Notifier
     from tunnelkit.engine.driver import NativeRelay
 
@@ -140,8 +141,11 @@ class TunnelService(Service):
         on_stopped: Callable[[], object] | None = None,
         native: NativeRelay | None = None,
         monitors: Sequence[Monitor] = (),
+        observer: Observer | None = None,
     ) -> None:
         self.listeners = list(listeners)
+        #: What ``--admin`` reads of this service (its listeners' counters and backends).
+        self.observer = observer
         self.monitors = list(monitors)
         self.registry = registry
         self.drain_timeout = drain_timeout

@@ -36,6 +36,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
@@ -46,6 +47,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
+from tunnelkit.admin.snapshot import Snapshot
+from tunnelkit.admin.workers import Channel, Scrapes
 from tunnelkit.app.service import STOP_MARGIN, claim_unix_lock
 from tunnelkit.app.systemd import Notifier, manager_free
 
@@ -89,6 +92,15 @@ class _WorkerProtocol(ProcessProtocol):
         self.reload_pending = False
         self.ended: Deferred[None] = Deferred()
         self._partial = b""
+        #: Its scrape pipes, with ``--admin``.
+        self.scrapes: Channel | None = None
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        scrapes = self.supervisor.scrapes
+        if scrapes is not None and self.scrapes is not None and childFD == scrapes.answers:
+            self.scrapes.received(data)
+        else:
+            super().childDataReceived(childFD, data)
 
     def outReceived(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
@@ -161,6 +173,7 @@ class Workers(Service):
         reactor: Any,
         *,
         notifier: Notifier | None = None,
+        scraped: bool = False,
     ) -> None:
         self.count = count
         self.arguments = list(arguments)
@@ -183,6 +196,8 @@ class Workers(Service):
             # The supervisor keeps the socket open but never accepts on it.
             port.stopReading()  # type: ignore[attr-defined]
             self.fds.append(port.fileno())  # type: ignore[attr-defined]
+        #: With ``--admin``: the workers' scrape pipes (tunnelkit.admin.workers).
+        self.scrapes = Scrapes(reactor, self.fds, count) if scraped else None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -199,12 +214,19 @@ class Workers(Service):
         protocol = _WorkerProtocol(self, number)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         child_fds.update({fd: fd for fd in self.fds})
+        env = manager_free(os.environ)
+        if self.scrapes is not None:
+            child_fds.update(self.scrapes.child_fds())
+            env.update(self.scrapes.environment())
+            protocol.scrapes = Channel(
+                self.reactor, partial(_write, protocol, self.scrapes.requests)
+            )
         try:
             process = self.reactor.spawnProcess(
                 protocol,
                 sys.executable,
                 worker_argv(self.arguments, self.fds),
-                env=manager_free(os.environ),
+                env=env,
                 childFDs=child_fds,
             )
         except OSError as e:  # out of processes, memory or descriptors: try again later
@@ -222,6 +244,8 @@ class Workers(Service):
     def worker_ended(self, protocol: _WorkerProtocol, reason: Failure) -> None:
         number = protocol.number
         self._protocols.pop(number, None)
+        if self.scrapes is not None and protocol.scrapes is not None:
+            self.scrapes.retire(protocol.scrapes)
         if self._stopping:
             return
         self.worker_reloaded(number)
@@ -284,6 +308,18 @@ class Workers(Service):
             else:
                 protocol.reload_pending = True
 
+    def accepting(self) -> bool:
+        """Started and not stopping (``/healthz``)."""
+        return bool(self.running) and not self._stopping
+
+    def snapshot(self) -> Deferred[Snapshot]:
+        """Every ready worker's numbers now, added up (``--admin``)."""
+        assert self.scrapes is not None
+        channels = [
+            p.scrapes for p in self._protocols.values() if p.ready and p.scrapes is not None
+        ]
+        return self.scrapes.snapshot(channels, self.accepting())
+
     def signal_all(self, signum: int) -> None:
         """Send ``signum`` to every live worker."""
         for protocol in list(self._protocols.values()):
@@ -321,6 +357,14 @@ class Workers(Service):
 
         done: Deferred[Any] = gatherResults(ended)
         return done.addCallback(all_ended)
+
+
+def _write(protocol: _WorkerProtocol, fd: int, data: bytes) -> None:
+    # One that ended meanwhile has its processEnded on the way.
+    process = protocol.transport
+    if process is not None:
+        with contextlib.suppress(OSError, ProcessExitedAlready):
+            process.writeToChild(fd, data)
 
 
 def _signal(protocol: _WorkerProtocol, signum: int) -> None:

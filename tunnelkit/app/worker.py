@@ -65,6 +65,10 @@ def main(argv: list[str]) -> None:
     for listening, fd in zip(service.listeners, fds, strict=True):
         factory = listening.factory()
         service.add_port(listening, factory, adopt(reactor, fd, factory))
+    if service.observer is not None:
+        from tunnelkit.admin.workers import answer_scrapes
+
+        answer_scrapes(reactor, service.observer)
 
     def orphaned() -> None:
         if os.getppid() != supervisor:

@@ -149,6 +149,11 @@ class BackendState:
     up_since: float = 0.0
     #: Its live tunnels, kept only with ``close_on_down``.
     tunnels: set[Tunnel] = attrs.field(factory=set)
+    #: Since it joined the group (for ``/metrics``): connects that succeeded and
+    #: failed (on Twisted's plane; the engine's pool counts its own), failed health checks.
+    connections: int = 0
+    connect_failures: int = 0
+    health_failures: int = 0
 
 
 class BackendGroup:
@@ -260,6 +265,7 @@ class BackendGroup:
 
     def connected(self, state: BackendState) -> None:
         """An attempt connected: the backend's failures are forgiven, and an ejection ends."""
+        state.connections += 1
         state.failures = 0
         if state.ejections:
             state.ejections = 0
@@ -270,6 +276,7 @@ class BackendGroup:
         """An attempt failed: count it, and eject the backend after ``eject_after`` in a row."""
         state.load.active -= 1
         state.failures += 1
+        state.connect_failures += 1
         settings = self.balancing
         if not settings.eject_after or state.failures < settings.eject_after:
             return
@@ -303,6 +310,10 @@ class BackendGroup:
     def is_up(self, index: int) -> bool:
         """Whether the health checks last said backend ``index`` is up."""
         return self.states[index].up
+
+    def checked(self, index: int, passed: bool) -> None:
+        """A health check of backend ``index`` ended: a failure is counted."""
+        self.states[index].health_failures += not passed
 
     def mark(self, index: int, up: bool, reason: str) -> None:
         """The health checks changed their mind about a backend: log it once and act on it."""

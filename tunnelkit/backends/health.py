@@ -108,6 +108,10 @@ class HealthTarget(Protocol):
         """``backends[index]`` went down or came back, for ``reason``; called on changes only."""
         ...
 
+    def checked(self, index: int, passed: bool) -> None:
+        """A check of ``backends[index]`` ended: every outcome, for the counts (``/metrics``)."""
+        ...
+
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
@@ -237,6 +241,7 @@ class _Monitor:
             duration=checker.target.clock.seconds() - self.started,
         )
         if not self.stopped:
+            checker.target.checked(self.index, passed)
             self._count(passed, why)
 
     def _count(self, passed: bool, why: str) -> None:

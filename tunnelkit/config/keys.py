@@ -230,6 +230,9 @@ def _keys() -> Sequence[Key]:
         Key("access-log", P, TEXT, None, "Write the tunnel_closed records to this file instead of twistd's log (reopened on SIGHUP); see docs/logging.md"),
         Key("access-log-format", P, _choice("text", "json"), None, "Lines of --access-log: text (the default) or json"),
         _switch("no-write-through", P, "Always queue writes in Twisted (diagnostics; slower): see docs/performance.md"),
+        # -- the admin endpoint (docs/admin.md)
+        Key("admin", P, TEXT, None, "Serve /metrics (Prometheus), /healthz, /readyz and the /status page on this endpoint, e.g. 127.0.0.1:9100 (loopback only unless --admin-token is given)"),
+        Key("admin-token", P, TEXT, None, "A file holding the bearer token every --admin request must present (Authorization: Bearer TOKEN); needed to serve --admin beyond loopback"),
     )  # fmt: skip
 
 

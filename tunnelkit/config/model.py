@@ -231,6 +231,10 @@ class Settings:
     access_log: str | None = None
     access_log_format: str = "text"
     write_through: bool = True
+    #: ``admin``: the admin endpoint's string (docs/admin.md); ``None``: no admin endpoint.
+    admin: str | None = None
+    #: ``admin-token``: the file of the admin endpoint's bearer token.
+    admin_token: str | None = None
     #: Where the settings came from: a file's path, or "the command line".
     source: str = "the command line"
 
@@ -689,6 +693,14 @@ def build_settings(
     r = _Reader(process, (), problems, Scope.PROCESS)
     if r["access-log-format"] is not None and r["access-log"] is None:
         r.problem(("access-log-format",), "{access-log-format} needs {access-log}")
+    if r["admin-token"] is not None and r["admin"] is None:
+        r.problem(("admin-token",), "{admin-token} needs {admin}")
+    admin = None
+    if r["admin"] is not None:
+        try:
+            admin = listen_description(r["admin"])
+        except AddressError as e:
+            r.problem(("admin",), str(e))
     if not listeners:
         problems.append(Problem((listener_path,), "no listener: add a [[listener]] table"))
     built = []
@@ -712,6 +724,8 @@ def build_settings(
         access_log=r["access-log"],
         access_log_format=r["access-log-format"] or "text",
         write_through=not r["no-write-through"],
+        admin=admin,
+        admin_token=r["admin-token"],
         source=source,
     )
 
