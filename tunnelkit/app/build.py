@@ -98,6 +98,7 @@ if TYPE_CHECKING:
     from tunnelkit.policy.htpasswd import Htpasswd
     from tunnelkit.tls.backend import BackendTLS
     from tunnelkit.tls.server import ServerTLS
+    from tunnelkit.udp.sessions import UdpBackend
 
 log = Logger(namespace="tunnelkit.tap")
 
@@ -144,6 +145,8 @@ class Listener:
     why_twisted: str | None
     #: sni mode: the routes' backends.
     routes: tuple[LoadedRoute, ...] = ()
+    #: A ``udp:`` listener's backends (tunnelkit.udp), names resolved at start.
+    udp_backends: tuple[UdpBackend, ...] = ()
 
 
 @attrs.frozen
@@ -215,6 +218,10 @@ def prepare(settings: Settings, reactor: Any) -> Prepared:
 def _load_listener(
     listener: ListenerSettings, settings: Settings, reactor: Any, problems: _Problems
 ) -> Listener | None:
+    if listener.udp is not None:
+        from tunnelkit.udp import build as udp
+
+        return udp.load(listener, settings, reactor, problems)
     if listener.splice == "on" and not splice.AVAILABLE:
         problems.add(("splice",), "{splice} on: this system has no splice(2) (Linux only)")
     tls, backend_tls = _load_tls(listener, problems)
@@ -614,6 +621,11 @@ def build_service(prepared: Prepared) -> TunnelService:
     groups: list[BackendGroup] = []
     monitors: list[Monitor] = []
     for listener in prepared.listeners:
+        if listener.settings.udp is not None:
+            from tunnelkit.udp import build as udp
+
+            listening += udp.listening(reactor, listener, registry)
+            continue
         make_factory, make_profile, group, routed = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
         )

@@ -1,0 +1,128 @@
+"""The sockets of UDP forwarding: the listening socket, and a connected one per session.
+
+Thin protocols around :class:`~tunnelkit.udp.sessions.SessionTable`: the
+listening socket hands each datagram and its sender's address to the
+table, and sends the backend's replies back from the listening address;
+each session's socket is connected to its backend, so the kernel accepts
+only that backend's datagrams on it and reports ICMP port unreachable as
+``ECONNREFUSED`` (Twisted's ``connectionRefused``). Datagrams are read
+whole (up to 64 KiB, larger than any UDP payload) and sent one ``send``
+each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import DatagramProtocol
+
+from tunnelkit.udp.sessions import Address, Oversized, Session, SessionTable
+
+#: recvfrom's buffer: no UDP payload is larger, so none is ever truncated.
+MAX_DATAGRAM = 65536
+
+
+class BackendProtocol(DatagramProtocol):
+    """A session's connected socket towards its backend."""
+
+    #: No "starting on"/"stopping" lines per session: the record says it.
+    noisy = False
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.session.from_backend(datagram)
+
+    def connectionRefused(self) -> None:
+        self.session.refused()
+
+    def send(self, datagram: bytes) -> None:
+        try:
+            self.transport.write(datagram)  # type: ignore[union-attr, call-arg]
+        except MessageLengthError:
+            raise Oversized() from None
+
+    def close(self) -> None:
+        self.transport.stopListening()  # type: ignore[union-attr]
+
+
+def backend_opener(reactor: Any) -> Callable[[Session], BackendProtocol]:
+    """Opens a session's socket: bound to an ephemeral port, connected to its backend."""
+
+    def open_backend(session: Session) -> BackendProtocol:
+        backend = session.backend
+        protocol = BackendProtocol(session)
+        interface = "::" if ":" in backend.host else ""
+        port = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM)
+        try:
+            port.connect(backend.host, backend.port)
+        except Exception:
+            port.stopListening()
+            raise
+        return protocol
+
+    return open_backend
+
+
+class ListeningProtocol(DatagramProtocol):
+    """A ``udp:`` listening socket: datagrams to the session table, replies back to clients."""
+
+    #: The service's ``listening`` line says it.
+    noisy = False
+
+    def __init__(
+        self, make_table: Callable[[Callable[[bytes, Address], None]], SessionTable]
+    ) -> None:
+        self.table = make_table(self.reply)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.table.datagram(datagram, addr)
+
+    def reply(self, datagram: bytes, client: Address) -> None:
+        try:
+            self.transport.write(datagram, client)  # type: ignore[union-attr]
+        except MessageLengthError:
+            raise Oversized() from None
+
+
+class UdpPort:
+    """A listening UDP port as the service sees a listener's: its address, and a stop that ends its sessions."""
+
+    def __init__(self, port: Any, protocol: ListeningProtocol) -> None:
+        self.port = port
+        self.protocol = protocol
+
+    def getHost(self) -> IAddress:
+        host: IAddress = self.port.getHost()
+        return host
+
+    def startListening(self) -> None:
+        """Listening starts when the port is made."""
+
+    def stopListening(self) -> Deferred[None] | None:
+        self.protocol.table.end_all("shutdown")
+        stopped: Deferred[None] | None = self.port.stopListening()
+        return stopped
+
+
+class UdpEndpoint:
+    """``listen(protocol)`` on one UDP address, as :class:`~tunnelkit.app.service.TunnelService` calls it."""
+
+    def __init__(self, reactor: Any, interface: str, port: int) -> None:
+        self.reactor = reactor
+        self.interface = interface
+        self.port = port
+
+    def listen(self, protocol: ListeningProtocol) -> Deferred[UdpPort]:
+        try:
+            port = self.reactor.listenUDP(
+                self.port, protocol, interface=self.interface, maxPacketSize=MAX_DATAGRAM
+            )
+        except Exception as e:
+            return fail(e)
+        return succeed(UdpPort(port, protocol))
