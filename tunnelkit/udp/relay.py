@@ -12,6 +12,9 @@ each.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -34,12 +37,31 @@ class BackendProtocol(DatagramProtocol):
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.closing = False
+        #: The port, kept: Twisted forgets ``transport`` before ``stopProtocol``.
+        self.port: Any = None
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         self.session.from_backend(datagram)
 
     def connectionRefused(self) -> None:
+        """ICMP port unreachable, read as ``ECONNREFUSED`` (reactors that poll for reading)."""
         self.session.refused()
+
+    def stopProtocol(self) -> None:
+        """The socket closed: by the session, or by an epoll reactor on the ICMP error.
+
+        An epoll reactor sees the pending ICMP error as ``EPOLLERR`` without
+        ``EPOLLIN`` and closes the port as lost, never reading the error; the
+        socket is still open here, so ``SO_ERROR`` tells what it was.
+        """
+        if self.closing:
+            return
+        error = self.port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error == errno.ECONNREFUSED:
+            self.session.refused()
+        else:
+            self.session.end(f"backend socket lost: {os.strerror(error) if error else 'closed'}")
 
     def send(self, datagram: bytes) -> None:
         try:
@@ -48,7 +70,8 @@ class BackendProtocol(DatagramProtocol):
             raise Oversized() from None
 
     def close(self) -> None:
-        self.transport.stopListening()  # type: ignore[union-attr]
+        self.closing = True
+        self.port.stopListening()
 
 
 def backend_opener(reactor: Any) -> Callable[[Session], BackendProtocol]:
@@ -59,6 +82,7 @@ def backend_opener(reactor: Any) -> Callable[[Session], BackendProtocol]:
         protocol = BackendProtocol(session)
         interface = "::" if ":" in backend.host else ""
         port = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM)
+        protocol.port = port
         try:
             port.connect(backend.host, backend.port)
         except Exception:
