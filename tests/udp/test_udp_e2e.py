@@ -1,0 +1,116 @@
+"""UDP forwarding end to end: ``twistd -n tunnelkit`` with real clients (dig, socat) and servers (dnsmasq)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from processes import assert_clean_stop, json_events, need, run, start, twistd
+
+JSON_LOG = ("--logger", "tunnelkit.json_log.observer")
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def dnsmasq(tmp_path: Path) -> Iterator[int]:
+    """dnsmasq on 127.0.0.1 serving two local records (and nothing upstream); its port."""
+    port = _free_udp_port()
+    argv = [need("dnsmasq"), "-k", "--conf-file=/dev/null", f"--port={port}"]
+    argv += ["--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts"]
+    argv += ["--pid-file=", "--log-facility=-", "--log-queries"]
+    argv += [
+        "--host-record=www.test.example,192.0.2.53",
+        "--host-record=db.test.example,192.0.2.54",
+    ]
+    with start(argv, tmp_path) as server:
+        server.wait_for(lambda text: "started" in text, "dnsmasq started")
+        yield port
+
+
+@pytest.fixture
+def echo() -> Iterator[int]:
+    """A UDP echo server on 127.0.0.1 in a thread; its port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                datagram, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            sock.sendto(datagram, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    sock.close()
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    return [e for e in json_events(text) if e.get("event") == "udp_session_closed"]
+
+
+def test_dig_through_tunnelkit_to_dnsmasq(tmp_path: Path, dnsmasq: int) -> None:
+    """dig asks dnsmasq through a udp: listener with --udp-replies 1: right answers, one record per query."""
+    dig = need("dig")
+    process = twistd(
+        "--listen", "udp:127.0.0.1:0", "--to", f"udp:127.0.0.1:{dnsmasq}", "--udp-replies", "1",
+        cwd=tmp_path, twistd_options=JSON_LOG,
+    )  # fmt: skip
+    with process:
+        [address] = process.wait_listening()
+        port = address.rpartition(":")[2]
+        for name, expected in (("www", "192.0.2.53"), ("db", "192.0.2.54")):
+            answer = run([dig, "+short", "+time=5", "+tries=1", "-p", port, "@127.0.0.1", f"{name}.test.example"], tmp_path)  # fmt: skip
+            assert answer.stdout.split() == [expected], answer.stdout
+        records = process.wait_for(
+            lambda text: len(_records(text)) >= 2 and _records(text), "2 records"
+        )
+        assert [r["reason"] for r in records] == ["1 reply", "1 reply"]
+        assert all((r["datagrams_up"], r["datagrams_down"]) == (1, 1) for r in records)
+        assert_clean_stop(process, process.stop())
+
+
+def test_socat_clients_to_an_echo_backend(tmp_path: Path, echo: int) -> None:
+    """socat clients, one after another, each get their own random datagram back (SHA-256), then the records."""
+    socat = need("socat")
+    process = twistd(
+        "--listen", "udp:127.0.0.1:0", "--to", f"udp:127.0.0.1:{echo}",
+        cwd=tmp_path, twistd_options=JSON_LOG,
+    )  # fmt: skip
+    with process:
+        [address] = process.wait_listening()
+        for size in (1, 1400, 8000):
+            payload = os.urandom(size).hex().encode()[:size]
+            # -t 1: after its stdin ends, socat waits up to a second for the reply.
+            argv = [socat, "-t", "1", "-b", "65536", "-", f"UDP:{address}"]
+            done = _run_bytes(argv, payload, tmp_path)
+            assert hashlib.sha256(done).hexdigest() == hashlib.sha256(payload).hexdigest()
+        assert_clean_stop(process, process.stop())
+        records = _records(process.output)
+        assert sorted(r["bytes_up"] for r in records) == [1, 1400, 8000]
+        assert {r["reason"] for r in records} <= {"shutdown", "idle timeout"}
+
+
+def _run_bytes(argv: list[str], stdin: bytes, cwd: Path) -> bytes:
+    """Run ``argv`` with ``stdin``; return its stdout once it exits."""
+    done = subprocess.run(argv, input=stdin, capture_output=True, cwd=cwd, timeout=20, check=False)
+    return done.stdout
