@@ -114,3 +114,34 @@ def _run_bytes(argv: list[str], stdin: bytes, cwd: Path) -> bytes:
     """Run ``argv`` with ``stdin``; return its stdout once it exits."""
     done = subprocess.run(argv, input=stdin, capture_output=True, cwd=cwd, timeout=20, check=False)
     return done.stdout
+
+
+def test_workers_share_the_port_and_keep_each_client_in_one_worker(
+    tmp_path: Path, echo: int
+) -> None:
+    """--workers 2: clients are spread over both workers, and each client's datagrams stay in one session of one worker."""
+    process = twistd(
+        "--listen", "udp:127.0.0.1:0", "--to", f"udp:127.0.0.1:{echo}", "--workers", "2",
+        cwd=tmp_path, twistd_options=JSON_LOG,
+    )  # fmt: skip
+    with process:
+        [address] = process.wait_listening()
+        process.wait_for(lambda text: text.count('"worker_ready"') >= 2, "2 workers ready")
+        host, _, port = address.rpartition(":")
+        clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(16)]
+        try:
+            for round_ in range(5):
+                for index, client in enumerate(clients):
+                    client.settimeout(5)
+                    datagram = b"%d:%d" % (index, round_)
+                    client.sendto(datagram, (host, int(port)))
+                    assert client.recvfrom(100) == (datagram, (host, int(port)))
+            names = sorted(f"127.0.0.1:{c.getsockname()[1]}" for c in clients)
+        finally:
+            for client in clients:
+                client.close()
+        assert_clean_stop(process, process.stop())
+        records = _records(process.output)
+        assert sorted(r["client"] for r in records) == names  # one session per client
+        assert all(r["datagrams_up"] == 5 for r in records)
+        assert {r["worker"] for r in records} == {0, 1}

@@ -41,8 +41,6 @@ def load(
     from tunnelkit.app.build import Listener
 
     assert listener.udp is not None
-    if settings.workers > 1:
-        problems.add(("listen",), "udp: listeners run in one process: not with {workers} yet")
     backends: list[UdpBackend] = []
     for index, spec in enumerate(listener.backends):
         address = spec.address
@@ -58,7 +56,7 @@ def load(
     if problems.found:
         return None
     endpoints = tuple(
-        (text, cast(IStreamServerEndpoint, UdpEndpoint(reactor, host, port)))
+        (text, cast(IStreamServerEndpoint, UdpEndpoint(reactor, host, port, settings.workers)))
         for text, (host, port) in zip(listener.listen, listener.udp.addresses, strict=True)
     )
     return Listener(

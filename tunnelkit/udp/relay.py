@@ -115,38 +115,98 @@ class ListeningProtocol(DatagramProtocol):
 
 
 class UdpPort:
-    """A listening UDP port as the service sees a listener's: its address, and a stop that ends its sessions."""
+    """A listening UDP port as the service sees a listener's: its address, and a stop that ends its sessions.
 
-    def __init__(self, port: Any, protocol: ListeningProtocol) -> None:
+    With ``--workers N`` it holds N sockets bound to the same address with
+    ``SO_REUSEPORT``: the supervisor keeps them all open and never reads,
+    and worker ``i`` reads socket ``i``. The kernel hashes each client's
+    address to one socket of the group, and the group never changes while
+    the process runs (a worker that restarts reads the same socket, whose
+    datagrams waited meanwhile), so a client's session stays in one worker.
+    """
+
+    def __init__(
+        self, port: Any, protocol: ListeningProtocol, spares: list[socket.socket] | None = None
+    ) -> None:
         self.port = port
         self.protocol = protocol
+        #: The sockets of workers 1 to N-1 (worker 0 reads ``port``'s).
+        self.spares = spares or []
 
     def getHost(self) -> IAddress:
         host: IAddress = self.port.getHost()
         return host
+
+    def fileno(self) -> int:
+        return int(self.port.fileno())
+
+    def worker_fileno(self, number: int) -> int:
+        """The descriptor worker ``number`` reads (see the class docstring)."""
+        return self.fileno() if number == 0 else self.spares[number - 1].fileno()
+
+    def stopReading(self) -> None:
+        """The supervisor of ``--workers`` reads none of the sockets."""
+        self.port.stopReading()
 
     def startListening(self) -> None:
         """Listening starts when the port is made."""
 
     def stopListening(self) -> Deferred[None] | None:
         self.protocol.table.end_all("shutdown")
+        for spare in self.spares:
+            spare.close()
         stopped: Deferred[None] | None = self.port.stopListening()
         return stopped
 
 
 class UdpEndpoint:
-    """``listen(protocol)`` on one UDP address, as :class:`~tunnelkit.app.service.TunnelService` calls it."""
+    """``listen(protocol)`` on one UDP address, as :class:`~tunnelkit.app.service.TunnelService` calls it.
 
-    def __init__(self, reactor: Any, interface: str, port: int) -> None:
+    ``workers`` sockets are bound (``SO_REUSEPORT`` when more than one: see :class:`UdpPort`).
+    """
+
+    def __init__(self, reactor: Any, interface: str, port: int, workers: int = 1) -> None:
         self.reactor = reactor
         self.interface = interface
         self.port = port
+        self.workers = workers
 
     def listen(self, protocol: ListeningProtocol) -> Deferred[UdpPort]:
         try:
-            port = self.reactor.listenUDP(
-                self.port, protocol, interface=self.interface, maxPacketSize=MAX_DATAGRAM
-            )
-        except Exception as e:
+            sockets = self._bind()
+        except OSError as e:
             return fail(e)
-        return succeed(UdpPort(port, protocol))
+        first = sockets[0]
+        try:
+            return succeed(
+                UdpPort(adopt_udp(self.reactor, first.fileno(), protocol), protocol, sockets[1:])
+            )
+        finally:
+            first.close()  # the port reads a duplicate
+
+    def _bind(self) -> list[socket.socket]:
+        family = socket.AF_INET6 if ":" in self.interface else socket.AF_INET
+        sockets: list[socket.socket] = []
+        port = self.port
+        try:
+            for _ in range(self.workers):
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                if self.workers > 1:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((self.interface, port))
+                sock.setblocking(False)
+                port = sock.getsockname()[1]  # port 0: the others take the one given to the first
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        return sockets
+
+
+def adopt_udp(reactor: Any, fd: int, protocol: ListeningProtocol) -> Any:
+    """Read the bound UDP socket ``fd`` (a duplicate of it) with ``protocol``."""
+    probe = socket.socket(fileno=fd)
+    family = probe.family
+    probe.detach()
+    return reactor.adoptDatagramPort(fd, family, protocol, maxPacketSize=MAX_DATAGRAM)
