@@ -10,6 +10,7 @@ from typing import Any
 from loopback import Forwarder
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from udp_peers import MAX_DATAGRAM, Echo, PingPong, SessionRecords, digest
 
@@ -144,3 +145,25 @@ class UdpForwardingTests(TestCase):
         self.assertEqual(got[-1], b"0:again")
         self.assertEqual(len(client.replies), 2)
         yield forwarder.stop()
+
+    @inlineCallbacks
+    def test_sessions_log_only_their_record(self) -> Any:
+        """A session's socket logs no "starting on"/"Closed" lines of its own: its record says it all."""
+        lines: list[str] = []
+
+        def observe(event: LogEvent) -> None:
+            lines.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        forwarder, address = self.forward(
+            _udp("127.0.0.1", self.backend(Echo())), "--udp-replies", "1"
+        )
+        for _ in range(3):
+            yield self.ping(address, [b"q"]).done
+        yield self.sessions.first(3)
+        yield forwarder.stop()
+        self.assertEqual([line for line in lines if "BackendProtocol" in line], [])
+        self.assertEqual(
+            [line for line in lines if "Closed)" in line], [f"(UDP Port {address[1]} Closed)"]
+        )

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import base, udp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IAddress
@@ -74,6 +75,39 @@ class BackendProtocol(DatagramProtocol):
         self.port.stopListening()
 
 
+class SessionPort(udp.Port):
+    """A session's socket: Twisted's UDP port without its two log lines per socket.
+
+    Twisted logs "... starting on PORT" and "(UDP Port PORT Closed)" for
+    every UDP port, unconditionally: two lines per DNS query with
+    ``--udp-replies 1``, where the session's record says all of it.
+    """
+
+    def __init__(self, protocol: BackendProtocol, interface: str, reactor: Any) -> None:
+        super().__init__(0, protocol, interface, MAX_DATAGRAM, reactor)  # type: ignore[no-untyped-call]
+
+    def _bindSocket(self) -> None:
+        sock = self.createInternetSocket()
+        try:
+            sock.bind((self.interface, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self._realPortNumber = sock.getsockname()[1]
+        self.connected = 1
+        self.socket = sock
+        self.fileno = sock.fileno  # type: ignore[method-assign]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._realPortNumber = None
+        self.maxThroughput = -1
+        base.BasePort.connectionLost(self, reason)
+        self.protocol.doStop()
+        self.socket.close()
+        del self.socket
+        del self.fileno
+
+
 def backend_opener(reactor: Any) -> Callable[[Session], BackendProtocol]:
     """Opens a session's socket: bound to an ephemeral port, connected to its backend."""
 
@@ -81,7 +115,8 @@ def backend_opener(reactor: Any) -> Callable[[Session], BackendProtocol]:
         backend = session.backend
         protocol = BackendProtocol(session)
         interface = "::" if ":" in backend.host else ""
-        port = reactor.listenUDP(0, protocol, interface=interface, maxPacketSize=MAX_DATAGRAM)
+        port: Any = SessionPort(protocol, interface, reactor)
+        port.startListening()
         protocol.port = port
         try:
             port.connect(backend.host, backend.port)
