@@ -90,7 +90,7 @@ def test_dig_through_tunnelkit_to_dnsmasq(tmp_path: Path, dnsmasq: int) -> None:
 
 
 def test_socat_clients_to_an_echo_backend(tmp_path: Path, echo: int) -> None:
-    """socat clients, one after another, each get their own random datagram back (SHA-256), then the records."""
+    """Three socat clients at once each get their own random datagram back (SHA-256), then the records."""
     socat = need("socat")
     process = twistd(
         "--listen", "udp:127.0.0.1:0", "--to", f"udp:127.0.0.1:{echo}",
@@ -98,22 +98,29 @@ def test_socat_clients_to_an_echo_backend(tmp_path: Path, echo: int) -> None:
     )  # fmt: skip
     with process:
         [address] = process.wait_listening()
-        for size in (1, 1400, 8000):
-            payload = os.urandom(size).hex().encode()[:size]
-            # -t 1: after its stdin ends, socat waits up to a second for the reply.
-            argv = [socat, "-t", "1", "-b", "65536", "-", f"UDP:{address}"]
-            done = _run_bytes(argv, payload, tmp_path)
-            assert hashlib.sha256(done).hexdigest() == hashlib.sha256(payload).hexdigest()
+        payloads = [os.urandom(size).hex().encode()[:size] for size in (1, 1400, 8000)]
+        # -t 1: after its stdin ends, each socat waits up to a second for the reply.
+        argv = [socat, "-t", "1", "-b", "65536", "-", f"UDP:{address}"]
+        clients = [_start_bytes(argv, payload, tmp_path) for payload in payloads]
+        for client, payload in zip(clients, payloads, strict=True):
+            assert client.stdout is not None
+            out = client.stdout.read()  # to EOF: socat exits a second after its stdin ended
+            client.stdout.close()
+            assert client.wait(20) == 0
+            assert hashlib.sha256(out).hexdigest() == hashlib.sha256(payload).hexdigest()
         assert_clean_stop(process, process.stop())
         records = _records(process.output)
         assert sorted(r["bytes_up"] for r in records) == [1, 1400, 8000]
         assert {r["reason"] for r in records} <= {"shutdown", "idle timeout"}
 
 
-def _run_bytes(argv: list[str], stdin: bytes, cwd: Path) -> bytes:
-    """Run ``argv`` with ``stdin``; return its stdout once it exits."""
-    done = subprocess.run(argv, input=stdin, capture_output=True, cwd=cwd, timeout=20, check=False)
-    return done.stdout
+def _start_bytes(argv: list[str], stdin: bytes, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with ``stdin`` written and closed."""
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=cwd)
+    assert process.stdin is not None
+    process.stdin.write(stdin)
+    process.stdin.close()
+    return process
 
 
 def test_workers_share_the_port_and_keep_each_client_in_one_worker(

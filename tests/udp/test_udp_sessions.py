@@ -265,3 +265,33 @@ def test_source_buckets_are_pruned_under_spoofed_addresses() -> None:
         clock.advance(1)
     assert len(limits._buckets) < PRUNE_AT
     assert client_key("10.0.0.1") != client_key("10.0.0.2")
+
+
+def test_backends_down_and_backups() -> None:
+    """Backends the health checks took down get no session; backups only while no primary is up; none up refuses."""
+    backends = (
+        UdpBackend("a", "10.0.0.1", 53),
+        UdpBackend("b", "10.0.0.2", 53),
+        UdpBackend("spare", "10.0.0.3", 53, backup=True),
+    )
+    choice = BackendChoice(backends, "round-robin")
+    assert {choice.pick("192.0.2.1") for _ in range(4)} == {0, 1}
+    choice.set_up(0, False)
+    assert {choice.pick("192.0.2.1") for _ in range(4)} == {1}
+    choice.set_up(1, False)
+    assert {choice.pick("192.0.2.1") for _ in range(4)} == {2}
+    choice.set_up(2, False)
+    assert choice.pick("192.0.2.1") is None
+    choice.set_up(0, True)
+    assert choice.pick("192.0.2.1") == 0
+
+
+def test_no_backend_up_refuses_and_gives_back_the_source_slot() -> None:
+    """With every backend down a datagram opens nothing, and the client's per-source slot is not used up."""
+    h = harness(sessions_per_source=1)
+    h.table.choice.set_up(0, False)
+    h.table.datagram(b"x", CLIENT)
+    assert h.table.counters.refused == {"no_backend": 1}
+    h.table.choice.set_up(0, True)
+    h.table.datagram(b"x", CLIENT)
+    assert len(h.sockets) == 1

@@ -9,7 +9,7 @@ from typing import Any
 
 from loopback import Forwarder
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from udp_peers import MAX_DATAGRAM, Echo, PingPong, SessionRecords, digest
@@ -167,3 +167,31 @@ class UdpForwardingTests(TestCase):
         self.assertEqual(
             [line for line in lines if "Closed)" in line], [f"(UDP Port {address[1]} Closed)"]
         )
+
+    @inlineCallbacks
+    def test_health_checks_take_a_silent_port_out(self) -> Any:
+        """--health-send/--health-expect: a backend port nothing listens on is marked down (ICMP), and every session goes to the one that answers."""
+        down: Deferred[LogEvent] = Deferred()
+
+        def observe(event: LogEvent) -> None:
+            if event.get("event") == "backend_down" and not down.called:
+                down.callback(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        echo = Echo()
+        live = _udp("127.0.0.1", self.backend(echo))
+        dead = _udp("127.0.0.1", _closed_port("127.0.0.1"))
+        forwarder, address = self.forward(
+            live, "--to", dead, "--health-interval", "0.05", "--health-send", "ping",
+            "--health-expect", "ping", "--fall", "1", "--udp-session-rate", "100",
+        )  # fmt: skip
+        event = yield down
+        self.assertEqual(event["backend"], dead)
+        self.assertIn("ICMP port unreachable", event["reason"])
+        clients = [self.ping(address, [b"hello %d" % i]) for i in range(8)]
+        replies = yield gatherResults([c.done for c in clients])
+        self.assertEqual(replies, [[b"hello %d" % i] for i in range(8)])
+        yield forwarder.stop()
+        records = yield self.sessions.first(8)
+        self.assertEqual({r["backend"] for r in records}, {live})

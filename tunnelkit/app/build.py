@@ -624,7 +624,9 @@ def build_service(prepared: Prepared) -> TunnelService:
         if listener.settings.udp is not None:
             from tunnelkit.udp import build as udp
 
-            listening += udp.listening(reactor, listener, registry)
+            udp_ports, udp_checks = udp.listening(reactor, listener, registry)
+            listening += udp_ports
+            monitors += udp_checks
             continue
         make_factory, make_profile, group, routed = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes

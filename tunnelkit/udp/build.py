@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-from tunnelkit.app.service import Listening
+from tunnelkit.app.service import Listening, Monitor
 from tunnelkit.backends import resolver
+from tunnelkit.backends.health import HealthChecker
 from tunnelkit.config.addresses import HostPort
 from tunnelkit.config.model import ListenerSettings, Settings
 from tunnelkit.relay.registry import TunnelRegistry
 from tunnelkit.relay.socket_options import SocketOptions
+from tunnelkit.udp.health import UdpHealthTarget
 from tunnelkit.udp.relay import ListeningProtocol, UdpEndpoint, backend_opener
 from tunnelkit.udp.sessions import (
     BackendChoice,
@@ -52,7 +54,7 @@ def load(
             continue
         for ip in found:
             name = spec.text if len(found) == 1 else f"{spec.text} ({ip})"
-            backends.append(UdpBackend(name, str(ip), address.port, spec.weight))
+            backends.append(UdpBackend(name, str(ip), address.port, spec.weight, spec.backup))
     if problems.found:
         return None
     endpoints = tuple(
@@ -64,8 +66,10 @@ def load(
     )
 
 
-def listening(reactor: Any, listener: Listener, registry: TunnelRegistry) -> list[Listening]:
-    """What the service listens on for ``listener``: one session table per socket."""
+def listening(
+    reactor: Any, listener: Listener, registry: TunnelRegistry
+) -> tuple[list[Listening], list[Monitor]]:
+    """What the service listens on for ``listener`` (one session table per socket), and its health checks."""
     settings = listener.settings
     udp = settings.udp
     assert udp is not None
@@ -89,7 +93,11 @@ def listening(reactor: Any, listener: Listener, registry: TunnelRegistry) -> lis
             )
         )
 
-    return [
+    ports = [
         Listening(name, endpoint, make_protocol, SocketOptions(), None)  # type: ignore[arg-type]
         for name, endpoint in listener.endpoints
     ]
+    if settings.health is None:
+        return ports, []
+    target = UdpHealthTarget(choice, reactor, settings.name)
+    return ports, [HealthChecker(target, settings.health)]

@@ -22,6 +22,7 @@ from tunnelkit.config.model import (
     Path,
     Timeouts,
     _backend_options,
+    _health,
     _policies,
     _Reader,
 )
@@ -32,7 +33,18 @@ from tunnelkit.udp.settings import UdpSettings
 UDP_ONLY = ("udp-idle-timeout", "udp-replies", "udp-sessions-per-source", "udp-session-rate")
 #: Every key a UDP listener takes.
 UDP_KEYS = frozenset(
-    {"listen", "to", "mode", "balance", "allow-client", "deny-client", "no-access-log", "engine"}
+    {
+        "listen",
+        "to",
+        "backup",
+        "mode",
+        "balance",
+        "allow-client",
+        "deny-client",
+        "no-access-log",
+        "engine",
+    }
+    | {"health-interval", "health-timeout", "health-send", "health-expect", "rise", "fall"}
     | set(UDP_ONLY)
 )
 
@@ -61,6 +73,13 @@ def udp_listener(r: _Reader, *, name: str, path: Path, before: int) -> ListenerS
         r.problem(("to",), "{to} is required (e.g. udp:127.0.0.1:53)")
     backends = _backends(r)
     clients, targets = _policies(r)
+    health = _health(r)
+    if health is not None and (health.send is None or health.expect is None):
+        r.problem(
+            ("health-interval",),
+            "{health-interval} on a udp: listener needs {health-send} and {health-expect}:"
+            " a UDP backend says nothing unless asked",
+        )
     if len(r.problems) > before:
         return None
     return ListenerSettings(
@@ -83,6 +102,7 @@ def udp_listener(r: _Reader, *, name: str, path: Path, before: int) -> ListenerS
         tls=None,
         backend_tls=None,
         balancing=Balancing(strategy=r["balance"]),
+        health=health,
         udp=UdpSettings(
             addresses=addresses,
             idle_timeout=r["udp-idle-timeout"],
@@ -108,16 +128,18 @@ def _addresses(r: _Reader) -> tuple[tuple[str, int], ...]:
 
 def _backends(r: _Reader) -> tuple[BackendSpec, ...]:
     specs = []
-    for index, written in enumerate(r["to"]):
+    given = [("to", index, text) for index, text in enumerate(r["to"])]
+    given += [("backup", index, text) for index, text in enumerate(r["backup"])]
+    for key, index, written in given:
         try:
             text, weight, backup = _backend_options(written)
             if not is_udp(text):
                 raise ValueError(f"{text!r}: a udp: listener forwards to udp:HOST:PORT")
-            if backup:
-                raise ValueError("backup: UDP backends have no health checks yet, so no failover")
             address = udp_backend_address(text)
         except (AddressError, ValueError) as e:
-            r.problem(("to", index), str(e))
+            r.problem((key, index), str(e))
             continue
-        specs.append(BackendSpec(text, address, False, weight))
+        specs.append(BackendSpec(text, address, False, weight, backup or key == "backup"))
+    if specs and all(spec.backup for spec in specs):
+        r.problem(("backup",), "{backup} needs a {to} backend that is not a backup")
     return tuple(specs)

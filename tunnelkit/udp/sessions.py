@@ -54,6 +54,8 @@ class UdpBackend:
     host: str
     port: int
     weight: int = 1
+    #: Takes sessions only while every other backend is down (health checks).
+    backup: bool = False
 
 
 class BackendChoice:
@@ -61,6 +63,8 @@ class BackendChoice:
 
     A session counts as one connection of its backend while it lives, so
     least-conn sees sessions; source-hash keeps a client address on one backend.
+    Backends the health checks took down are left out, and backups take
+    sessions only while no other backend is up.
     """
 
     def __init__(self, backends: tuple[UdpBackend, ...], strategy: str) -> None:
@@ -70,9 +74,24 @@ class BackendChoice:
             balance.Load(b.weight * balance.WEIGHT_SCALE, balance.fnv1a64(b.name.encode()))
             for b in backends
         ]
-        self._candidates = [i for i, b in enumerate(backends) if b.weight > 0]
+        #: The backends the health checks took down.
+        self.down: set[int] = set()
+        self._candidates = self._choose()
 
-    def pick(self, client_host: str) -> int:
+    def _choose(self) -> list[int]:
+        up = [i for i, b in enumerate(self.backends) if b.weight > 0 and i not in self.down]
+        primaries = [i for i in up if not self.backends[i].backup]
+        return primaries or up
+
+    def set_up(self, index: int, up: bool) -> None:
+        """The health checks' verdict on backend ``index``."""
+        (self.down.discard if up else self.down.add)(index)
+        self._candidates = self._choose()
+
+    def pick(self, client_host: str) -> int | None:
+        """A backend for a new session of ``client_host``; ``None`` when every backend is down."""
+        if not self._candidates:
+            return None
         index = self.strategy.pick(self.loads, self._candidates, balance.client_key(client_host))
         self.loads[index].active += 1
         return index
@@ -88,7 +107,7 @@ class UdpCounters:
     sessions: int = 0
     active: int = 0
     #: Datagrams that opened no session, by reason (``client_policy``,
-    #: ``connection_limit``, ``sessions_per_source``, ``session_rate``, ``socket``).
+    #: ``connection_limit``, ``sessions_per_source``, ``session_rate``, ``no_backend``, ``socket``).
     refused: dict[str, int] = attrs.field(factory=dict)
     datagrams_up: int = 0
     datagrams_down: int = 0
@@ -295,6 +314,10 @@ class SessionTable:
             self.counters.refuse(why)
             return None
         index = self.choice.pick(host)
+        if index is None:
+            self.limits.released(host)
+            self.counters.refuse("no_backend")
+            return None
         session = Session(self, client, index)
         # The registry holds tunnels and sessions alike: it only counts them and calls abort().
         if not self.registry.admit(cast(Tunnel, session)):
