@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import attrs
 import pytest
 from twisted.internet.testing import Clock
@@ -295,3 +297,29 @@ def test_no_backend_up_refuses_and_gives_back_the_source_slot() -> None:
     h.table.choice.set_up(0, True)
     h.table.datagram(b"x", CLIENT)
     assert len(h.sockets) == 1
+
+
+def test_an_icmp_error_learnt_while_sending_ends_the_session_once() -> None:
+    """A send that reports the backend's refusal (Twisted calls connectionRefused from write) ends the session; nothing is counted as sent."""
+    h = harness()
+    h.table.datagram(b"first", CLIENT)
+    socket = h.socket_of(CLIENT)
+    socket.send = lambda datagram: socket.session.refused()  # type: ignore[method-assign]
+    h.table.datagram(b"second", CLIENT)
+    [record] = h.records
+    assert (record.reason, record.datagrams_up) == ("backend refused (ICMP port unreachable)", 1)
+
+
+def test_a_full_send_buffer_loses_the_datagram_only() -> None:
+    """ENOBUFS/EAGAIN on a send drops that datagram, as UDP may; the session goes on."""
+    h = harness()
+    h.table.datagram(b"first", CLIENT)
+    socket = h.socket_of(CLIENT)
+
+    def full(datagram: bytes) -> None:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    socket.send = full  # type: ignore[method-assign]
+    h.table.datagram(b"second", CLIENT)
+    assert CLIENT in h.table.sessions and h.records == []
+    assert h.table.sessions[CLIENT].up == [1, 5]

@@ -13,6 +13,7 @@ plain callables, so tests need no sockets.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -149,6 +150,10 @@ def log_session_closed(record: SessionRecord, listener: str) -> None:
     )
 
 
+#: Send errors that lose one datagram (a full buffer), as UDP may, and end nothing.
+_LOST = frozenset({errno.EAGAIN, errno.ENOBUFS})
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -182,9 +187,11 @@ class Session:
             self._dropped(len(datagram), "to the backend")
             return
         except OSError as e:
-            self.end(f"send to the backend failed: {e.strerror or e}")
+            if e.errno not in _LOST:
+                self.end(f"send to the backend failed: {e.strerror or e}")
             return
-        self._count(self.up, datagram, "datagrams_up", "bytes_up")
+        if not self.ended:  # a send can learn of an ICMP error, which ends the session
+            self._count(self.up, datagram, "datagrams_up", "bytes_up")
 
     def from_backend(self, datagram: bytes) -> None:
         if self.ended:
