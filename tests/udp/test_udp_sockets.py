@@ -10,6 +10,7 @@ from typing import Any
 from loopback import Forwarder
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from udp_peers import MAX_DATAGRAM, Echo, PingPong, SessionRecords, digest
@@ -195,3 +196,27 @@ class UdpForwardingTests(TestCase):
         yield forwarder.stop()
         records = yield self.sessions.first(8)
         self.assertEqual({r["backend"] for r in records}, {live})
+
+    @inlineCallbacks
+    def test_a_flood_of_source_ports_opens_at_most_the_per_source_cap(self) -> Any:
+        """A hundred source ports of one address: ten sessions (ten backend sockets), the rest counted and dropped."""
+        echo = Echo()
+        forwarder, address = self.forward(
+            _udp("127.0.0.1", self.backend(echo)), "--udp-sessions-per-source", "10"
+        )
+        [table] = [p.protocol.table for p in forwarder.service.ports]  # type: ignore[attr-defined]
+        flood = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(100)]
+        try:
+            for sock in flood:
+                sock.sendto(b"x", address)
+            for _ in range(500):  # bounded: until every datagram was admitted or refused
+                if table.counters.sessions + sum(table.counters.refused.values()) >= 100:
+                    break
+                yield deferLater(reactor, 0.01, lambda: None)
+        finally:
+            for sock in flood:
+                sock.close()
+        self.assertEqual(table.counters.sessions, 10)
+        self.assertEqual(table.counters.refused, {"sessions_per_source": 90})
+        self.assertEqual(len(table.sessions), 10)
+        yield forwarder.stop()
