@@ -104,6 +104,7 @@ if TYPE_CHECKING:
     from tunnelkit.policy.htpasswd import Htpasswd
     from tunnelkit.tls.backend import BackendTLS
     from tunnelkit.tls.server import ServerTLS
+    from tunnelkit.udp.sessions import UdpBackend
 
 log = Logger(namespace="tunnelkit.tap")
 
@@ -150,6 +151,8 @@ class Listener:
     why_twisted: str | None
     #: sni mode: the routes' backends.
     routes: tuple[LoadedRoute, ...] = ()
+    #: A ``udp:`` listener's backends (tunnelkit.udp), names resolved at start.
+    udp_backends: tuple[UdpBackend, ...] = ()
 
 
 @attrs.frozen
@@ -240,6 +243,10 @@ def _load_listener(
     problems: _Problems,
     adopting: bool = False,
 ) -> Listener | None:
+    if listener.udp is not None:
+        from tunnelkit.udp import build as udp
+
+        return udp.load(listener, settings, reactor, problems)
     if listener.splice == "on" and not splice.AVAILABLE:
         problems.add(("splice",), "{splice} on: this system has no splice(2) (Linux only)")
     tls, backend_tls = _load_tls(listener, problems)
@@ -648,6 +655,13 @@ def build_service(prepared: Prepared) -> TunnelService:
     monitors: list[Monitor] = []
     observer = Observer()
     for listener in prepared.listeners:
+        if listener.settings.udp is not None:
+            from tunnelkit.udp import build as udp
+
+            udp_ports, udp_checks = udp.listening(reactor, listener, registry)
+            listening += udp_ports
+            monitors += udp_checks
+            continue
         make_factory, make_profile, group, routed = _listener_factories(
             prepared, listener, registry=registry, tunnel_log=tunnel_log, relay=relay, pipes=pipes
         )

@@ -161,6 +161,12 @@ def tag_worker(event: dict[str, Any], number: int) -> None:
     event["log_system"] = f"{system} worker {number}"
 
 
+def _worker_fd(port: IListeningPort, fd: int, number: int) -> int:
+    """The descriptor worker ``number`` gets at ``fd``: the port's, or its own socket of a UDP listener (tunnelkit.udp.relay)."""
+    own = getattr(port, "worker_fileno", None)
+    return fd if own is None else int(own(number))
+
+
 class Workers(Service):
     """Starts, watches and stops the worker processes (see the module docstring)."""
 
@@ -213,7 +219,12 @@ class Workers(Service):
             return
         protocol = _WorkerProtocol(self, number)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
-        child_fds.update({fd: fd for fd in self.fds})
+        child_fds.update(
+            {
+                fd: _worker_fd(port, fd, number)
+                for port, fd in zip(self.ports, self.fds, strict=True)
+            }
+        )
         env = manager_free(os.environ)
         if self.scrapes is not None:
             child_fds.update(self.scrapes.child_fds())

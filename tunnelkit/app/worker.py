@@ -32,7 +32,12 @@ def adopt(reactor: Any, fd: int, factory: Any) -> Any:
     probe = socket.socket(fileno=fd)
     family = probe.family
     probe.detach()
-    if family == socket.AF_UNIX:
+    port: Any
+    if probe.type == socket.SOCK_DGRAM:
+        from tunnelkit.udp.relay import UdpPort, adopt_udp
+
+        port = UdpPort(adopt_udp(reactor, fd, factory), factory)
+    elif family == socket.AF_UNIX:
         from tunnelkit.app.shared_port import SharedUNIXPort
 
         port = SharedUNIXPort.adopt(reactor, fd, factory)

@@ -166,3 +166,45 @@ def tls_host_port(text: str) -> HostPort | None:
     except AddressError:
         return None
     return address if isinstance(address, HostPort) else None
+
+
+#: The prefix of UDP listen and backend addresses (``udp:5353``, ``udp:10.0.0.2:53``).
+UDP_PREFIX = "udp:"
+
+
+def is_udp(text: str) -> bool:
+    """Whether a ``listen`` or ``to`` value is a UDP one (``udp:...``)."""
+    return text.strip()[: len(UDP_PREFIX)].lower() == UDP_PREFIX
+
+
+def udp_listen_address(text: str) -> tuple[str, int]:
+    """``udp:PORT`` (all IPv4 interfaces), ``udp:HOST:PORT`` or ``udp:[V6]:PORT`` as (interface, port).
+
+    The same short forms as TCP listeners, behind ``udp:``; ``localhost``
+    means 127.0.0.1. Raises :class:`AddressError`.
+    """
+    rest = text.strip()[len(UDP_PREFIX) :]
+    if m := _BARE_PORT.match(rest):
+        return "0.0.0.0", _port(m["port"], allow_zero=True)
+    if m := _V6.match(rest):
+        host = m["host"]
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise AddressError(f"{host!r} is not an IPv6 address") from None
+        return host, _port(m["port"], allow_zero=True)
+    if m := _HOST_PORT.match(rest):
+        host = "127.0.0.1" if m["host"] == "localhost" else m["host"]
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise AddressError(f"{host!r} is not an IPv4 address (IPv6: udp:[V6]:PORT)") from None
+        return host, _port(m["port"], allow_zero=True)
+    raise AddressError(f"{text!r}: give udp:PORT, udp:ADDR:PORT or udp:[V6ADDR]:PORT")
+
+
+def udp_backend_address(text: str) -> HostPort:
+    """``udp:HOST:PORT`` or ``udp:[V6]:PORT`` as a host (a name or an address) and port."""
+    address = backend_address(text.strip()[len(UDP_PREFIX) :], frozenset())
+    assert isinstance(address, HostPort)  # no endpoint type is allowed
+    return address

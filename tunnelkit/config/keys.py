@@ -223,6 +223,11 @@ def _keys() -> Sequence[Key]:
         _switch("backend-insecure", L, "Do not verify backend certificates (warns: traffic can be read and changed)"),
         # -- upstream proxies (docs/via.md)
         _many("via", L, "Reach every backend through this proxy: http://[USER:PASS@]HOST:PORT (CONNECT), https://... (TLS to the proxy) or socks5://[USER:PASS@]HOST:PORT; backend names are resolved by the proxy (repeatable: a chain, each proxy reached through the one before)"),
+        # -- UDP listeners (docs/udp.md)
+        Key("udp-idle-timeout", L, POSITIVE_SECONDS, 60.0, "udp: listeners: end a client's session after this many seconds without a datagram either way"),
+        Key("udp-replies", L, COUNT, None, "udp: listeners: end a session after this many datagrams from the backend (1 for DNS-style request and reply; default: only the idle timeout ends it)"),
+        Key("udp-sessions-per-source", L, COUNT, 64, "udp: listeners: most sessions one client address (all its ports) may have at once"),
+        Key("udp-session-rate", L, COUNT, 20, "udp: listeners: new sessions per second one client address may open (a burst of as many); more are dropped"),
         # -- the process
         Key("workers", P, _number(int, 1, f"a whole number from 1 to {MAX_WORKERS}", MAX_WORKERS), 1, "Processes accepting on the listeners (one core each), supervised by this one"),
         Key("max-connections", P, COUNT, None, "Most tunnels at once (default: what the file-descriptor limit allows)"),

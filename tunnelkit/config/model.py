@@ -29,6 +29,7 @@ from tunnelkit.config.addresses import (
     AddressError,
     HostPort,
     backend_address,
+    is_udp,
     listen_description,
     tls_host_port,
 )
@@ -38,6 +39,7 @@ from tunnelkit.policy.sni_routes import RouteMatch, parse_route
 from tunnelkit.policy.targets import ClientPolicy, RuleError, TargetPolicy
 from tunnelkit.proxy_protocol.build import header as proxy_header
 from tunnelkit.relay.socket_options import SocketOptions
+from tunnelkit.udp.settings import UdpSettings
 
 #: A key path: ``("listener", 2, "to", 0)`` is ``listener[2].to[0]``.
 Path = tuple[str | int, ...]
@@ -218,6 +220,8 @@ class ListenerSettings:
     via: tuple[Via, ...] = ()
     #: ``max-conn-per-client``, ``rate-per-client``, ``rate-burst``; ``None``: no per-client limit.
     client_limits: ClientLimits | None = None
+    #: A ``udp:`` listener's own settings (docs/udp.md); ``None``: a TCP listener.
+    udp: UdpSettings | None = None
 
 
 @attrs.frozen
@@ -323,6 +327,9 @@ def build_listener(
     r = _Reader(values, path, problems, Scope.LISTENER)
     if not r["listen"]:
         r.problem(("listen",), "{listen} is required (e.g. 8888)")
+    from tunnelkit.udp.config import tcp_only_checks
+
+    tcp_only_checks(r)
     endpoints = []
     for index, text in enumerate(r["listen"]):
         try:
@@ -705,7 +712,8 @@ def build_settings(
         problems.append(Problem((listener_path,), "no listener: add a [[listener]] table"))
     built = []
     for index, values in enumerate(listeners):
-        listener = build_listener(
+        udp = any(is_udp(text) for text in values.get("listen", ()))
+        listener = (udp_listener if udp else build_listener)(
             values,
             name=f"{listener_path}[{index}]",
             path=(listener_path, index),
@@ -756,3 +764,19 @@ def from_flags(values: Mapping[str, Any], endpoint_types: frozenset[str]) -> Set
         raise ConfigError([Problem((), p.as_flag(given)) for p in e.problems]) from None
     [built] = settings.listeners
     return attrs.evolve(settings, listeners=(attrs.evolve(built, name=first),))
+
+
+def udp_listener(
+    values: Mapping[str, Any],
+    *,
+    name: str,
+    path: Path,
+    problems: list[Problem],
+    endpoint_types: frozenset[str],
+) -> ListenerSettings | None:
+    """A listener whose ``listen`` values are ``udp:`` ones (:mod:`tunnelkit.udp.config`)."""
+    from tunnelkit.udp import config
+
+    before = len(problems)
+    r = _Reader(values, path, problems, Scope.LISTENER)
+    return config.udp_listener(r, name=name, path=path, before=before)
