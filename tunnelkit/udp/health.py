@@ -109,8 +109,15 @@ class UdpHealthTarget:
             for b in choice.backends
         )
 
+        #: Failed checks per backend (the admin's metrics do not show UDP listeners yet).
+        self.health_failures = [0] * len(self.backends)
+
     def is_up(self, index: int) -> bool:
         return index not in self.choice.down
+
+    def checked(self, index: int, passed: bool) -> None:
+        """A health check of backend ``index`` ended: a failure is counted."""
+        self.health_failures[index] += not passed
 
     def mark(self, index: int, up: bool, reason: str) -> None:
         """Take a backend out of (or back into) the choice for new sessions; live ones go on."""
