@@ -24,10 +24,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from planes import Plane
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
@@ -719,6 +720,29 @@ class Forwarder:
             return result
 
         return stopped.addBoth(done)
+
+
+_T = TypeVar("_T")
+
+
+def settled(read: Callable[[], _T], check: Callable[[_T], bool]) -> Deferred[_T]:
+    """Fires with ``read()`` once ``check`` holds for it (polled every 20 ms; fails after IO_TIMEOUT).
+
+    For what a process counts as connections end (counters, tables), which
+    the test sees only some moments later.
+    """
+    from twisted.internet import reactor
+
+    @inlineCallbacks
+    def poll() -> Any:
+        for _ in range(int(IO_TIMEOUT / 0.02)):
+            value = read()
+            if check(value):
+                return value
+            yield deferLater(reactor, 0.02, lambda: None)
+        raise AssertionError(f"it did not settle: {read()}")
+
+    return poll()
 
 
 def proxy_sockets(tunnel: Tunnel) -> tuple[socket.socket, socket.socket]:

@@ -23,13 +23,12 @@ from loopback import (
     hashing_echo,
     recv_exactly,
     recv_outcome,
+    settled,
     sha256,
     split_address,
 )
 from planes import TWISTED, on_each_plane, on_planes
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent, globalLogPublisher
 
@@ -122,17 +121,7 @@ class LimitsCase(LoopbackTestCase):
         self, fwd: Forwarder, check: Callable[[ListenerCounters], bool]
     ) -> Deferred[ListenerCounters]:
         """Fires with the counters once ``check`` holds for them (polled; bounded)."""
-
-        @inlineCallbacks
-        def poll() -> Inline:
-            for _ in range(int(IO_TIMEOUT / 0.02)):
-                counters = self.counters(fwd)
-                if check(counters):
-                    return counters
-                yield deferLater(reactor, 0.02, lambda: None)
-            raise AssertionError(f"the counters did not settle: {self.counters(fwd)}")
-
-        return poll()
+        return settled(lambda: self.counters(fwd), check)
 
 
 @on_each_plane

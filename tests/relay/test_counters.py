@@ -33,12 +33,11 @@ from loopback import (
     recv_exactly,
     recv_outcome,
     refusing_address,
+    settled,
     sha256,
     split_address,
 )
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tunnelkit.relay.counters import ListenerCounters
@@ -99,17 +98,7 @@ class NativeCountersTests(LoopbackTestCase):
         self, fwd: Forwarder, check: Callable[[ListenerCounters], bool]
     ) -> Deferred[ListenerCounters]:
         """Fires with the counters once ``check`` holds for them (polled; bounded)."""
-
-        @inlineCallbacks
-        def poll() -> Inline:
-            for _ in range(int(IO_TIMEOUT / 0.02)):
-                counters = self.counters(fwd)
-                if check(counters):
-                    return counters
-                yield deferLater(reactor, 0.02, lambda: None)
-            raise AssertionError(f"the counters did not settle: {self.counters(fwd)}")
-
-        return poll()
+        return settled(lambda: self.counters(fwd), check)
 
     @inlineCallbacks
     def test_admission_and_bytes(self) -> Inline:
