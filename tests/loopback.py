@@ -129,6 +129,19 @@ def connect(address: str, timeout: float = IO_TIMEOUT) -> socket.socket:
     return sock
 
 
+def connect_from(source: str, address: str, timeout: float = IO_TIMEOUT) -> socket.socket:
+    """A blocking client socket bound to loopback address ``source`` (127.0.0.2, ::1 ...), connected to ``address``."""
+    sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
+    sock.settimeout(timeout)
+    try:
+        sock.bind((source, 0))
+        sock.connect(split_address(address))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def recv_exactly(sock: socket.socket, size: int) -> bytes:
     """``size`` bytes, or fewer if EOF comes first."""
     chunks = []

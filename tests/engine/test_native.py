@@ -26,6 +26,7 @@ from loopback import (
     LoopbackTestCase,
     MiB,
     connect,
+    connect_from,
     digest_then_reply,
     echo,
     exchange,
@@ -36,7 +37,6 @@ from loopback import (
     refusing_address,
     sha256,
     silent_listener,
-    split_address,
 )
 from planes import ENGINE, on_each_plane, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -52,19 +52,6 @@ Inline = Generator[Deferred[Any], Any, None]
 
 #: How long a refused client may wait for the proxy to close it.
 CLOSE_TIMEOUT = 5.0
-
-
-def connect_from(source: str, address: str, timeout: float = IO_TIMEOUT) -> socket.socket:
-    """A blocking client socket bound to loopback address ``source``, connected to ``address``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.bind((source, 0))
-        sock.connect(split_address(address))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def refused_client(address: str) -> tuple[int, bytes, str]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import attrs
 import pytest
 from loopback import ThreadedServer, connect, echo, recv_exactly
 from processes import assert_clean_stop, tunnel_closed_events, twistd
+from records import a_record
 from twisted.logger import (
     FileLogObserver,
     LogEvent,
@@ -25,26 +27,16 @@ from twisted.logger import (
 
 from tunnelkit.logs.tunnel_log import TunnelLog, emit_events, log_tunnel_closed
 from tunnelkit.logs.twistd_text import TwistdText, text_file
-from tunnelkit.relay.tunnel import CloseKind, Side, TunnelRecord
+from tunnelkit.relay.tunnel import TunnelRecord
 
 #: A fixed moment in the middle of a second, so the two renderings agree on it.
 NOW = 1_796_000_000.25
 
 
 def record(reason: str = "client closed", client: str = "127.0.0.1:50000") -> TunnelRecord:
-    return TunnelRecord(
-        client=client,
-        backend="127.0.0.1:8080",
-        backend_address="127.0.0.1:8080",
-        attempts=1,
-        bytes_up=100,
-        bytes_down=1100,
-        duration=0.0012,
-        connect_time=0.0002,
-        closed_by=Side.CLIENT,
-        close_kind=CloseKind.FIN,
-        reason=reason,
-        details={"mode": "connect", "target": "example.org:443"},
+    """A record with mode fields, which the line does not show but the events carry."""
+    return attrs.evolve(
+        a_record(client, reason), details={"mode": "connect", "target": "example.org:443"}
     )
 
 

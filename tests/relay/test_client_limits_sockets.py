@@ -10,22 +10,20 @@ interval; the other clients relay SHA-256-checked payloads meanwhile.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Generator
 from typing import Any
 
 import attrs
 from loopback import (
-    IO_TIMEOUT,
     Forwarder,
     LoopbackTestCase,
+    connect_from,
     exchange,
     hashing_echo,
     recv_exactly,
     recv_outcome,
     settled,
     sha256,
-    split_address,
 )
 from planes import TWISTED, on_each_plane, on_planes
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -37,19 +35,6 @@ from tunnelkit.proxy_protocol.build import v1
 from tunnelkit.relay.counters import ListenerCounters
 
 Inline = Generator[Deferred[Any], Any, None]
-
-
-def connect_from(source: str, address: str) -> Any:
-    """A blocking client socket bound to loopback address ``source``, connected to ``address``."""
-    sock = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
-    sock.settimeout(IO_TIMEOUT)
-    try:
-        sock.bind((source, 0))
-        sock.connect(split_address(address))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def joined(source: str, address: str) -> Any:

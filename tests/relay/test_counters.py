@@ -23,11 +23,11 @@ import pytest
 import trustme
 from certs import write_pair
 from loopback import (
-    IO_TIMEOUT,
     Forwarder,
     LoopbackTestCase,
     MiB,
     connect,
+    connect_from,
     exchange,
     hashing_echo,
     recv_exactly,
@@ -35,7 +35,6 @@ from loopback import (
     refusing_address,
     settled,
     sha256,
-    split_address,
 )
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThread
@@ -43,15 +42,6 @@ from twisted.internet.threads import deferToThread
 from tunnelkit.relay.counters import ListenerCounters
 
 Inline = Generator[Deferred[Any], Any, None]
-
-
-def connect_from(source: str, address: str) -> socket.socket:
-    """A client socket bound to loopback address ``source``, connected to ``address``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(IO_TIMEOUT)
-    sock.bind((source, 0))
-    sock.connect(split_address(address))
-    return sock
 
 
 def turned_away(source: str, address: str, send: bytes = b"") -> tuple[bytes, str]:
