@@ -30,7 +30,13 @@ from loopback import (
 )
 from processes import Proxy, need, run, running_proxy
 from python_socks.sync import Proxy as SocksProxy
-from tls_clients import client_context, leaf_der, served_certificate, server_context
+from tls_clients import (
+    client_context,
+    leaf_der,
+    served_certificate,
+    server_context,
+    tls_connect,
+)
 
 BANNER = b"220 backend speaks first\r\n"
 
@@ -153,6 +159,25 @@ def test_one_port_serves_every_client_at_once(
     assert results["plain"] == (BANNER, sha256(payload))
     assert auto_proxy.closed("the https proxy client", mode="connect", tls_version="TLSv1.3")
     assert auto_proxy.closed("the SOCKS5 client", mode="socks5")
+
+
+def test_socks5_inside_tls(
+    auto_proxy: Proxy, pki: tuple[trustme.CA, Path], other: ThreadedServer, tmp_path: Path
+) -> None:
+    """A TLS client speaking SOCKS5 inside: terminated, peeked at again, served by SOCKS5."""
+    host, port = other.address.rsplit(":", 1)
+    request = b"\x05\x01\x00\x01" + socket.inet_aton(host) + int(port).to_bytes(2, "big")
+    context = client_context(write_ca(pki[0], tmp_path))
+    with tls_connect(auto_proxy.address, context, "localhost") as tls:
+        tls.sendall(b"\x05\x01\x00")
+        assert recv_exactly(tls, 2) == b"\x05\x00"
+        tls.sendall(request)
+        assert recv_exactly(tls, 10)[:2] == b"\x05\x00"
+        assert recv_exactly(tls, len(BANNER)) == BANNER
+        tls.sendall(b"inside")
+        assert recv_exactly(tls, 6) == b"inside"
+    closed = auto_proxy.closed("the SOCKS5-in-TLS client", mode="socks5", tls_version="TLSv1.3")
+    assert closed["target"] == other.address
 
 
 def test_a_silent_client_goes_to_the_default_after_the_detect_timeout(
